@@ -1,0 +1,24 @@
+# Two entry points: `make demo` (the main job, offline, on the bundled digits) and `make test` (the test suite).
+# Both create .venv and install into it first. TORCH_PIN installs the CPU build of torch before anything can pull a
+# multi-GB CUDA build; on a machine with a GPU, `make test TORCH_PIN=torch` takes your platform's default build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install test demo lint bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[dev,conversion]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

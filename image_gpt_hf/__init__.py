@@ -1,0 +1,48 @@
+"""image_gpt_hf: OpenAI's Image GPT as Hugging Face transformers models.
+
+Importing this package registers its config, models and image processor with the transformers Auto classes for
+model_type "imagegpt". transformers ships a built-in model of that name; this registration replaces it, so after
+`import image_gpt_hf`, `AutoModel.from_pretrained("openai/imagegpt-small")` builds this package's classes.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForMaskedImageModeling,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING
+
+from .configuration_imagegpt import PAPER_RESOLUTIONS, PRESETS, ImageGPTConfig
+from .modeling_imagegpt import (
+    ImageGPTForCausalImageModeling,
+    ImageGPTForImageClassification,
+    ImageGPTForMaskedImageModeling,
+    ImageGPTImageClassifierOutput,
+    ImageGPTModel,
+    ImageGPTPreTrainedModel,
+    random_bert_mask,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register("imagegpt", ImageGPTConfig, exist_ok=True)
+AutoModel.register(ImageGPTConfig, ImageGPTModel, exist_ok=True)
+AutoModelForCausalLM.register(ImageGPTConfig, ImageGPTForCausalImageModeling, exist_ok=True)
+MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING.register(ImageGPTConfig, ImageGPTForCausalImageModeling, exist_ok=True)
+AutoModelForMaskedImageModeling.register(ImageGPTConfig, ImageGPTForMaskedImageModeling, exist_ok=True)
+AutoModelForImageClassification.register(ImageGPTConfig, ImageGPTForImageClassification, exist_ok=True)
+
+__all__ = [
+    "PAPER_RESOLUTIONS",
+    "PRESETS",
+    "ImageGPTConfig",
+    "ImageGPTForCausalImageModeling",
+    "ImageGPTForImageClassification",
+    "ImageGPTForMaskedImageModeling",
+    "ImageGPTImageClassifierOutput",
+    "ImageGPTModel",
+    "ImageGPTPreTrainedModel",
+    "random_bert_mask",
+]

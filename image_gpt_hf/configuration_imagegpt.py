@@ -1,0 +1,157 @@
+"""ImageGPT configuration: the fields of transformers' ImageGPTConfig, a few additive ones, and named presets."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+# The paper's model sizes (Chen et al., 2020, table 1) plus a tiny one for tests and CPU demos. A preset is data:
+# `ImageGPTConfig.from_preset(name, n_px=...)` turns one into a config. OpenAI never said how many heads iGPT-XL had;
+# 24 heads keeps the head width at 128, as in iGPT-M, which is also what fused attention kernels run fastest.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 6, "n_embd": 128, "n_head": 4},
+    "small": {"n_layer": 24, "n_embd": 512, "n_head": 8},
+    "medium": {"n_layer": 36, "n_embd": 1024, "n_head": 8},
+    "large": {"n_layer": 48, "n_embd": 1536, "n_head": 16},
+    "xl": {"n_layer": 60, "n_embd": 3072, "n_head": 24},
+}
+PAPER_RESOLUTIONS = (32, 48, 64)
+
+
+@strict
+class ImageGPTConfig(PreTrainedConfig):
+    r"""
+    Configuration of an Image GPT model. The fields and their defaults are those of transformers' `ImageGPTConfig`
+    (the defaults describe iGPT-S at 32x32), so `config.json` files move both ways unchanged. The fields this package
+    adds only add behaviour; their defaults reproduce transformers' model exactly.
+
+    vocab_size (`int`, defaults to 513):
+        Palette size + 1. The last id is the start-of-sequence (SOS) token; the LM head predicts the palette only.
+    n_positions (`int`, defaults to 1024):
+        Sequence length the model can see, `n_px * n_px`.
+    objective (`"ar"` or `"bert"`, defaults to `"ar"`):
+        The pre-training objective. `"ar"` gives causal attention (next-pixel prediction); `"bert"` gives bidirectional
+        attention (masked-pixel prediction, as OpenAI's `-bert` checkpoints). transformers' own ImageGPT ignores this
+        field and always attends causally.
+    prepend_sos (`bool`, defaults to `False`):
+        When `True`, forward passes on full images build the model input as `[SOS, x_1, ..., x_{n-1}]` from the `n`
+        pixel ids they are given, exactly as OpenAI's code does, so `logits[:, t]` predicts `x_t` and the loss covers
+        all `n` pixels. `False` is transformers' behaviour (the input is used as given). Every forward also takes a
+        `prepend_sos` argument that overrides this; `generate()` never prepends (it starts from its own SOS).
+    classifier_layer (`int`, *optional*):
+        Which hidden state `ImageGPTForImageClassification` average-pools: an index into `hidden_states` (0 is the
+        embedding output, `n_layer` the final normed output; negative indices count from the end). `None` (default)
+        is the final normed output, as in transformers and the paper's fine-tuning.
+    gen_loss_weight (`float`, defaults to 0.0):
+        Weight `w` of the generative loss in the classification fine-tuning objective `L = L_clf + w * L_gen`
+        (the paper uses 1.0 for AR models). With `w > 0` the classification model carries an LM head.
+    feature_layer (`int`, *optional*):
+        The hidden state the `image-feature-extraction` pipeline pools by default. `None` is the middle of the
+        network (`n_layer // 2`), where the paper finds the best linear-probe features.
+    """
+
+    model_type = "imagegpt"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "max_position_embeddings": "n_positions",
+        "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+    }
+
+    # transformers' ImageGPTConfig fields, same names and defaults.
+    vocab_size: int = 512 + 1
+    n_positions: int = 32 * 32
+    n_embd: int = 512
+    n_layer: int = 24
+    n_head: int = 8
+    n_inner: int | None = None
+    activation_function: str = "quick_gelu"
+    resid_pdrop: float | int = 0.1
+    embd_pdrop: float | int = 0.1
+    attn_pdrop: float | int = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    add_cross_attention: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    # Added by this package; the defaults reproduce transformers' ImageGPT.
+    objective: Literal["ar", "bert"] = "ar"
+    prepend_sos: bool = False
+    classifier_layer: int | None = None
+    gen_loss_weight: float | int = 0.0
+    feature_layer: int | None = None
+
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation: reject configs no model can be built from."""
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.vocab_size < 2:
+            raise ValueError(
+                f"`vocab_size` is palette size + 1 (the SOS id) and must be at least 2, got {self.vocab_size}."
+            )
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"`n_embd` ({self.n_embd}) must be divisible by `n_head` ({self.n_head}).")
+        if self.objective not in ("ar", "bert"):
+            raise ValueError(f"`objective` must be 'ar' or 'bert', got {self.objective!r}.")
+        if self.gen_loss_weight < 0:
+            raise ValueError(f"`gen_loss_weight` must be >= 0, got {self.gen_loss_weight}.")
+        if self.prepend_sos and self.objective == "bert":
+            raise ValueError("`prepend_sos` applies to autoregressive models only, not to objective='bert'.")
+        for name in ("classifier_layer", "feature_layer"):
+            layer = getattr(self, name)
+            if layer is not None and not -(self.n_layer + 1) <= layer <= self.n_layer:
+                raise ValueError(
+                    f"`{name}`={layer} is not a hidden-state index of a {self.n_layer}-layer model "
+                    f"(valid: {-(self.n_layer + 1)} to {self.n_layer})."
+                )
+
+    @property
+    def sos_token_id(self) -> int:
+        """The start-of-sequence id: the last id of the input vocabulary."""
+        return self.vocab_size - 1
+
+    @property
+    def palette_size(self) -> int:
+        """Number of palette colors, i.e. the LM head's output size."""
+        return self.vocab_size - 1
+
+    @property
+    def n_px(self) -> int:
+        """Side of the square image the model sees (`n_positions = n_px ** 2`)."""
+        side = math.isqrt(self.n_positions)
+        if side * side != self.n_positions:
+            raise ValueError(f"n_positions={self.n_positions} is not a square; this config has no single n_px.")
+        return side
+
+    @classmethod
+    def from_preset(cls, name: str, n_px: int = 32, palette_size: int = 512, **kwargs) -> ImageGPTConfig:
+        """A config for one of the named sizes in `PRESETS` at `n_px x n_px` input (the paper used 32, 48, 64).
+
+        Any other field can be given as a keyword, e.g. `ImageGPTConfig.from_preset("small", 48, objective="bert")`.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        if not isinstance(n_px, int) or n_px < 1:
+            raise ValueError(f"`n_px` must be a positive integer, got {n_px!r}.")
+        if not isinstance(palette_size, int) or palette_size < 1:
+            raise ValueError(f"`palette_size` must be a positive integer, got {palette_size!r}.")
+        fields = {**PRESETS[name], "n_positions": n_px * n_px, "vocab_size": palette_size + 1, **kwargs}
+        return cls(**fields)
+
+
+# `save_pretrained` copies this file next to config.json and names it in `auto_map` (remote code).
+ImageGPTConfig.register_for_auto_class()
+
+__all__ = ["ImageGPTConfig", "PRESETS", "PAPER_RESOLUTIONS"]

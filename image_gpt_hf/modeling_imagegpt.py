@@ -1,0 +1,673 @@
+"""PyTorch Image GPT (Chen et al., "Generative Pretraining from Pixels", ICML 2020).
+
+One file holds the model, top to bottom in the order data flows: norm, attention, MLP, block, the decoder, and its
+three heads (causal = the paper's AR objective, masked = its BERT objective, classification = its fine-tuning).
+State-dict keys and shapes are those of transformers' ImageGPT, so checkpoints move both ways unchanged.
+
+This module is shipped as remote code by `save_pretrained`: it imports only torch, transformers and its sibling
+configuration module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MaskedLMOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_imagegpt import ImageGPTConfig
+
+logger = logging.get_logger(__name__)
+
+# The three auto classes (besides AutoConfig) a saved checkpoint names in `auto_map`, so that
+# `AutoModel*.from_pretrained(path, trust_remote_code=True)` works where this package is not installed.
+AUTO_MAP = {
+    "AutoConfig": "configuration_imagegpt.ImageGPTConfig",
+    "AutoModel": "modeling_imagegpt.ImageGPTModel",
+    "AutoModelForCausalLM": "modeling_imagegpt.ImageGPTForCausalImageModeling",
+    "AutoModelForMaskedImageModeling": "modeling_imagegpt.ImageGPTForMaskedImageModeling",
+    "AutoModelForImageClassification": "modeling_imagegpt.ImageGPTForImageClassification",
+}
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def random_bert_mask(
+    input_ids_or_shape: torch.Tensor | tuple[int, ...],
+    mask_prob: float = 0.15,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.BoolTensor:
+    """The paper's BERT mask: every position is masked independently with probability `mask_prob` (0.15).
+
+    Returns a bool tensor of the shape of `input_ids_or_shape` (True = masked), to pass as `bool_masked_pos`.
+    OpenAI's code keeps a token where `uniform > 0.15`; this is the same distribution.
+    """
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"`mask_prob` must be in [0, 1], got {mask_prob}.")
+    if isinstance(input_ids_or_shape, torch.Tensor):
+        shape, device = input_ids_or_shape.shape, device or input_ids_or_shape.device
+    else:
+        shape = tuple(input_ids_or_shape)
+    gen_device = generator.device if generator is not None else device
+    noise = torch.rand(shape, generator=generator, device=gen_device)
+    return (noise < mask_prob).to(device)
+
+
+class ImageGPTLayerNorm(nn.Module):
+    """OpenAI's iGPT norm: x * rsqrt(mean(x^2) + eps) * g. No mean subtraction and no bias (an RMSNorm)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # torch's fused kernel; it computes in float32 for half-precision inputs.
+        return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.eps)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # query (B, nh, T, hs), key/value (B, nh, S, hs); attention_mask is additive, (B, 1, T, S), or None.
+    if getattr(module, "reorder_and_upcast_attn", False):
+        # transformers' ImageGPT option for mixed precision: scores and softmax in float32.
+        attn_weights = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    else:
+        attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(value.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2)  # (B, T, nh, hs)
+    return attn_output, attn_weights
+
+
+class ImageGPTAttention(nn.Module):
+    """Multi-head self-attention with a fused q|k|v projection (Conv1D, as GPT-2), causal or bidirectional."""
+
+    def __init__(self, config: ImageGPTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.embed_dim = config.n_embd
+        self.num_heads = config.n_head
+        self.head_dim = self.embed_dim // self.num_heads
+        # Read by the sdpa/flash/flex interfaces: causal for the AR objective, bidirectional for BERT.
+        self.is_causal = config.objective == "ar"
+        self.reorder_and_upcast_attn = config.reorder_and_upcast_attn
+        self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scaling /= float(layer_idx + 1)
+
+        self.c_attn = Conv1D(3 * self.embed_dim, self.embed_dim)
+        self.c_proj = Conv1D(self.embed_dim, self.embed_dim)
+        self.attention_dropout = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, _ = hidden_states.shape
+        # (B, T, 3d) -> 3 x (B, nh, T, hs)
+        qkv = self.c_attn(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, self.embed_dim).contiguous()
+        attn_output = self.resid_dropout(self.c_proj(attn_output))
+        return attn_output, attn_weights
+
+
+class ImageGPTMLP(nn.Module):
+    def __init__(self, intermediate_size: int, config: ImageGPTConfig):
+        super().__init__()
+        self.c_fc = Conv1D(intermediate_size, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, intermediate_size)
+        self.act = ACT2FN[config.activation_function]  # quick_gelu: OpenAI's gelu2, x * sigmoid(1.702 x)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
+
+
+class ImageGPTBlock(GradientCheckpointingLayer):
+    """Pre-norm block: x = x + attn(norm(x)); x = x + mlp(norm(x))."""
+
+    def __init__(self, config: ImageGPTConfig, layer_idx: int):
+        super().__init__()
+        inner_dim = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+        self.ln_1 = ImageGPTLayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = ImageGPTAttention(config, layer_idx=layer_idx)
+        self.ln_2 = ImageGPTLayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = ImageGPTMLP(inner_dim, config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask, past_key_values, **kwargs)
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class ImageGPTPreTrainedModel(PreTrainedModel):
+    config_class = ImageGPTConfig
+    config: ImageGPTConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ImageGPTBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {
+        "hidden_states": ImageGPTBlock,
+        "attentions": OutputRecorder(ImageGPTAttention, index=1),
+    }
+    # Old checkpoints (e.g. the Hub's openai/imagegpt-*) carry the causal-mask buffers of transformers 4.
+    _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Conv1D):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+        elif isinstance(module, ImageGPTLayerNorm):
+            init.ones_(module.weight)
+        if isinstance(module, (ImageGPTAttention, ImageGPTMLP)):
+            # GPT-2's scaled init of the residual projections: 2 residual paths per block.
+            std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.c_proj.weight, mean=0.0, std=std)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the source files and a full `auto_map` for remote code."""
+        # Every head is listed, so any Auto class loads any checkpoint; the files are copied because each class is
+        # registered for its auto class at the bottom of this module.
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # ---- input checks: a clear ValueError instead of an IndexError or a device-side assert -------------------------
+
+    def _check_ids(self, name: str, ids: torch.Tensor, high: int, allow_ignore: bool = False) -> None:
+        if _is_compiling() or ids.numel() == 0:
+            return
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"`{name}` must hold integer ids, got dtype {ids.dtype}.")
+        valid = (ids >= 0) & (ids < high)
+        if allow_ignore:
+            valid |= ids == -100
+        if not bool(valid.all()):
+            bad = ids[~valid]
+            raise ValueError(
+                f"`{name}` holds ids outside [0, {high}){' (or -100, ignored)' if allow_ignore else ''}: "
+                f"min {int(bad.min())}, max {int(bad.max())}, {bad.numel()} invalid."
+            )
+
+    def _check_shape(self, name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+        if tensor is not None and tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"`{name}` has shape {tuple(tensor.shape)}, expected {tuple(shape)}.")
+
+
+class ImageGPTModel(ImageGPTPreTrainedModel):
+    """The iGPT decoder: palette-id embeddings + learned positions, `n_layer` blocks, final norm.
+
+    Attention is causal for `config.objective == "ar"` and bidirectional for `"bert"`.
+    """
+
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__(config)
+        self.embed_dim = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, self.embed_dim)
+        self.wpe = nn.Embedding(config.n_positions, self.embed_dim)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([ImageGPTBlock(config, layer_idx=i) for i in range(config.n_layer)])
+        self.ln_f = ImageGPTLayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
+    def add_sos(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`[SOS, x_1, ..., x_{n-1}]` from the pixel ids `x` (B, n): the input OpenAI's AR code builds."""
+        sos = torch.full_like(input_ids[:, :1], self.config.sos_token_id)
+        return torch.cat([sos, input_ids[:, :-1]], dim=1)
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        prepend_sos: bool | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Palette ids from `ImageGPTImageProcessor` (the SOS id, `vocab_size - 1`, starts a generated sequence).
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Positions whose input embedding is zeroed, as OpenAI's BERT objective does (see `random_bert_mask`).
+        prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
+            Build the input as `[SOS, x_1, ..., x_{n-1}]` from the pixel ids, as OpenAI's AR code does.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(
+                    f"`input_ids` must be (batch_size, sequence_length), got shape {tuple(input_ids.shape)}."
+                )
+            self._check_ids("input_ids", input_ids, self.config.vocab_size)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"`inputs_embeds` must be (batch_size, sequence_length, {self.embed_dim}), "
+                f"got shape {tuple(inputs_embeds.shape)}."
+            )
+        if prepend_sos:
+            if self.config.objective != "ar":
+                raise ValueError("`prepend_sos` applies to autoregressive models only, not to objective='bert'.")
+            if input_ids is None or past_key_values is not None:
+                raise ValueError("`prepend_sos` needs `input_ids` of whole images and no `past_key_values`.")
+            input_ids = self.add_sos(input_ids)
+
+        batch_size, seq_len = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        self._check_shape("bool_masked_pos", bool_masked_pos, (batch_size, seq_len))
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        if bool_masked_pos is not None:
+            # OpenAI's BERT: a masked token contributes nothing but its position embedding.
+            inputs_embeds = inputs_embeds * (~bool_masked_pos.bool()).unsqueeze(-1).to(inputs_embeds.dtype)
+
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if not _is_compiling() and past_seen + seq_len > self.config.n_positions:
+                raise ValueError(
+                    f"Sequence of {past_seen + seq_len} tokens ({past_seen} cached + {seq_len} new) is longer than "
+                    f"the model's n_positions={self.config.n_positions}."
+                )
+            position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_seen).unsqueeze(0)
+        elif not _is_compiling() and position_ids.numel() and int(position_ids.max()) >= self.config.n_positions:
+            raise ValueError(
+                f"`position_ids` go up to {int(position_ids.max())}, past n_positions={self.config.n_positions}."
+            )
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
+
+        if attention_mask is not None and attention_mask.dim() < 4:
+            attention_mask = attention_mask.view(batch_size, -1)
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+        }
+        if self.config.objective == "ar":
+            mask = create_causal_mask(**mask_kwargs, position_ids=position_ids)
+        else:
+            mask = create_bidirectional_mask(**mask_kwargs)
+
+        for block in self.h:
+            hidden_states = block(hidden_states, mask, past_key_values, position_ids=position_ids, **kwargs)
+        hidden_states = self.ln_f(hidden_states)
+
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+def _gen_loss_ar(logits: torch.Tensor, labels: torch.Tensor, shifted: bool) -> torch.Tensor:
+    """Mean cross-entropy of next-pixel prediction; `shifted=False` means `logits[:, t]` already predicts `labels[:, t]`."""
+    if shifted:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def _gen_loss_bert(logits: torch.Tensor, labels: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    """OpenAI's BERT loss: per image, the mean cross-entropy over its masked positions; then the mean over images.
+
+    Images with no masked position (or only ignored labels there) do not count.
+    """
+    weight = (bool_masked_pos.bool() & (labels != -100)).to(torch.float32)
+    token_loss = F.cross_entropy(
+        logits.float().transpose(1, 2), labels.masked_fill(labels == -100, 0), reduction="none"
+    )  # (B, T)
+    per_image_count = weight.sum(dim=1)
+    per_image = (token_loss * weight).sum(dim=1) / per_image_count.clamp(min=1)
+    has_mask = (per_image_count > 0).to(torch.float32)
+    return (per_image * has_mask).sum() / has_mask.sum().clamp(min=1)
+
+
+class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
+    """iGPT with its autoregressive head: next-pixel logits over the palette (`vocab_size - 1` outputs).
+
+    Generation starts from the SOS id (`config.vocab_size - 1`) and works with every `generate()` option.
+
+    OpenAI's generative loss (all `n` pixels, each predicted from its predecessors, SOS at position 0) is
+    `model(input_ids=pixel_ids, labels=pixel_ids, prepend_sos=True).loss`; without `prepend_sos` the labels are
+    shifted inside the model, as in transformers, and the first pixel is not predicted.
+    """
+
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__(config)
+        if config.objective != "ar":
+            raise ValueError(
+                "ImageGPTForCausalImageModeling needs an autoregressive config (objective='ar'); "
+                f"got objective={config.objective!r}. Use ImageGPTForMaskedImageModeling for BERT models."
+            )
+        self.transformer = ImageGPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size - 1, bias=False)
+        self.post_init()
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        # generate() feeds its own SOS; a config with prepend_sos=True must not shift the ids again.
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        model_inputs["prepend_sos"] = False
+        return model_inputs
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        prepend_sos: bool | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Palette ids in `[0, vocab_size - 1)` or -100 (ignored). Shifted inside the model (`labels = input_ids`),
+            unless `prepend_sos` is on, in which case `labels[:, t]` is the target of `logits[:, t]`.
+        prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
+            Build the input as `[SOS, x_1, ..., x_{n-1}]` from the pixel ids, as OpenAI's code does.
+        """
+        prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            prepend_sos=prepend_sos,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            self._check_shape("labels", labels, hidden_states.shape[:2])
+            self._check_ids("labels", labels, self.config.vocab_size - 1, allow_ignore=True)
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError("`labels` need logits for every position; do not combine them with `logits_to_keep`.")
+            loss = _gen_loss_ar(logits, labels, shifted=not prepend_sos)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class ImageGPTForMaskedImageModeling(ImageGPTPreTrainedModel):
+    """iGPT with its BERT head: bidirectional attention, masked-pixel logits over the palette.
+
+    `bool_masked_pos` (True = masked) zeroes those positions' input embeddings, as OpenAI's BERT code does; the loss
+    covers the masked positions only. `random_bert_mask` draws the paper's 15% mask.
+    """
+
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__(config)
+        if config.objective != "bert":
+            raise ValueError(
+                "ImageGPTForMaskedImageModeling needs a bidirectional config (objective='bert'); "
+                f"got objective={config.objective!r}. Pass objective='bert' to the config or to from_pretrained."
+            )
+        self.transformer = ImageGPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size - 1, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        r"""
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, sequence_length)`):
+            True where a pixel is masked. Required with `labels`.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            The original palette ids (usually `input_ids` itself); only masked positions count. The loss is OpenAI's:
+            per-image mean over masked positions, then mean over the batch.
+        """
+        if labels is not None and bool_masked_pos is None:
+            raise ValueError("`labels` need `bool_masked_pos`: the BERT loss covers the masked positions only.")
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            bool_masked_pos=bool_masked_pos,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            self._check_shape("labels", labels, logits.shape[:2])
+            self._check_ids("labels", labels, self.config.vocab_size - 1, allow_ignore=True)
+            loss = _gen_loss_bert(logits, labels, bool_masked_pos)
+        return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+@dataclass
+class ImageGPTImageClassifierOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): `clf_loss + config.gen_loss_weight * gen_loss` (the paper's fine-tuning
+        objective), or `clf_loss` alone when there is no generative part.
+    clf_loss (`torch.FloatTensor`, *optional*): classification loss.
+    gen_loss (`torch.FloatTensor`, *optional*): generative loss (AR or BERT, by `config.objective`).
+    logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): classification scores.
+    """
+
+    loss: torch.FloatTensor | None = None
+    clf_loss: torch.FloatTensor | None = None
+    gen_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
+    """iGPT with a linear classifier on average-pooled hidden states.
+
+    `config.classifier_layer` picks the pooled hidden state (default: the final normed output, as the paper's
+    fine-tuning). With `config.gen_loss_weight = w > 0` the model also carries the LM head and trains on the paper's
+    joint objective `L = L_clf + w * L_gen`, returning both parts (AR: next-pixel loss; BERT: masked-pixel loss over
+    `bool_masked_pos`).
+    """
+
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = ImageGPTModel(config)
+        self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
+        if config.gen_loss_weight > 0:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size - 1, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        prepend_sos: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> ImageGPTImageClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices in `[0, num_labels)` (or floats for regression / multi-label, by `config.problem_type`).
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            BERT models: positions whose input embedding is zeroed; the generative loss covers them.
+        prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
+            AR models: pool over `[SOS, x_1, ..., x_{n-1}]`, as OpenAI's code does, and score all `n` pixels.
+        """
+        prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
+        layer = self.config.classifier_layer
+        want_hidden = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            bool_masked_pos=bool_masked_pos,
+            prepend_sos=prepend_sos,
+            use_cache=False,
+            output_hidden_states=bool(want_hidden) or layer is not None,
+            **kwargs,
+        )
+        features = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            weights = attention_mask.to(features.dtype).unsqueeze(-1)
+            pooled = (features * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:
+            pooled = features.mean(dim=1)
+        logits = self.score(pooled)
+
+        loss = clf_loss = gen_loss = None
+        if labels is not None:
+            if labels.dim() == 0 or labels.shape[0] != logits.shape[0]:
+                raise ValueError(
+                    f"`labels` must have one entry per image ({logits.shape[0]}), got shape {tuple(labels.shape)}."
+                )
+            if self.config.problem_type in (None, "single_label_classification") and not labels.is_floating_point():
+                self._check_ids("labels", labels, self.num_labels)
+            clf_loss = self.loss_function(labels, logits, self.config)
+            loss = clf_loss
+            if self.config.gen_loss_weight > 0:
+                gen_loss = self._gen_loss(outputs.last_hidden_state, input_ids, bool_masked_pos, prepend_sos)
+                loss = clf_loss + self.config.gen_loss_weight * gen_loss
+
+        return ImageGPTImageClassifierOutput(
+            loss=loss,
+            clf_loss=clf_loss,
+            gen_loss=gen_loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states if want_hidden else None,
+            attentions=outputs.attentions,
+        )
+
+    def _gen_loss(self, last_hidden_state, input_ids, bool_masked_pos, prepend_sos) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError("The generative part of the loss needs `input_ids` (the targets), not `inputs_embeds`.")
+        gen_logits = self.lm_head(last_hidden_state)
+        targets = input_ids if prepend_sos or self.config.objective == "bert" else input_ids[:, 1:]
+        self._check_ids("input_ids (generative targets)", targets, self.config.vocab_size - 1)
+        if self.config.objective == "bert":
+            if bool_masked_pos is None:
+                raise ValueError(
+                    "BERT fine-tuning with gen_loss_weight > 0 needs `bool_masked_pos` (see `random_bert_mask`)."
+                )
+            return _gen_loss_bert(gen_logits, input_ids, bool_masked_pos)
+        return _gen_loss_ar(gen_logits, input_ids, shifted=not prepend_sos)
+
+
+ImageGPTModel.register_for_auto_class("AutoModel")
+ImageGPTForCausalImageModeling.register_for_auto_class("AutoModelForCausalLM")
+ImageGPTForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
+ImageGPTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "ImageGPTForCausalImageModeling",
+    "ImageGPTForImageClassification",
+    "ImageGPTForMaskedImageModeling",
+    "ImageGPTImageClassifierOutput",
+    "ImageGPTModel",
+    "ImageGPTPreTrainedModel",
+    "random_bert_mask",
+]

@@ -1,0 +1,119 @@
+import json
+
+import pytest
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import AutoConfig
+from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFImageGPTConfig
+
+import image_gpt_hf
+from image_gpt_hf import PRESETS, ImageGPTConfig
+
+# config.json of the Hub's openai/imagegpt-small, as transformers 4 wrote it (including keys transformers 5 dropped).
+OPENAI_SMALL_CONFIG = {
+    "activation_function": "quick_gelu",
+    "architectures": ["ImageGPTForCausalImageModeling"],
+    "attn_pdrop": 0.1,
+    "embd_pdrop": 0.1,
+    "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05,
+    "model_type": "imagegpt",
+    "n_embd": 512,
+    "n_head": 8,
+    "n_inner": None,
+    "n_layer": 24,
+    "n_positions": 1024,
+    "reorder_and_upcast_attn": False,
+    "resid_pdrop": 0.1,
+    "scale_attn_by_inverse_layer_idx": False,
+    "scale_attn_weights": True,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "transformers_version": "4.13.0.dev0",
+    "use_cache": True,
+    "vocab_size": 513,
+}
+
+
+def test_fields_and_defaults_match_transformers():
+    ours, theirs = ImageGPTConfig().to_dict(), HFImageGPTConfig().to_dict()
+    for key, value in theirs.items():
+        if key == "transformers_version":
+            continue
+        assert key in ours, key
+        assert ours[key] == value, key
+    added = set(ours) - set(theirs)
+    assert added == {"objective", "prepend_sos", "classifier_layer", "gen_loss_weight", "feature_layer"}
+
+
+def test_openai_hub_config_loads_unchanged(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(OPENAI_SMALL_CONFIG))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, ImageGPTConfig)
+    assert (config.n_layer, config.n_embd, config.n_head, config.n_positions) == (24, 512, 8, 1024)
+    assert config.vocab_size == 513 and config.sos_token_id == 512 and config.palette_size == 512
+    assert config.objective == "ar" and not config.prepend_sos and config.n_px == 32
+
+
+def test_our_config_loads_in_transformers(tmp_path):
+    ImageGPTConfig.from_preset("tiny", n_px=16, objective="bert").save_pretrained(tmp_path)
+    theirs = HFImageGPTConfig.from_pretrained(tmp_path)
+    assert (theirs.n_layer, theirs.n_embd, theirs.n_positions) == (6, 128, 256)
+    # The source file travels with the config, for trust_remote_code.
+    assert (tmp_path / "configuration_imagegpt.py").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoConfig"] == (
+        "configuration_imagegpt.ImageGPTConfig"
+    )
+
+
+def test_auto_config_is_ours_after_import():
+    assert image_gpt_hf.ImageGPTConfig is ImageGPTConfig
+    assert type(AutoConfig.for_model("imagegpt")) is ImageGPTConfig
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("n_px", [32, 48, 64])
+def test_presets(name, n_px):
+    config = ImageGPTConfig.from_preset(name, n_px=n_px)
+    assert config.n_positions == n_px * n_px and config.n_px == n_px
+    assert (config.n_layer, config.n_embd, config.n_head) == tuple(
+        PRESETS[name][k] for k in ("n_layer", "n_embd", "n_head")
+    )
+    assert config.n_embd % config.n_head == 0
+
+
+def test_paper_sizes():
+    assert PRESETS["small"] == {"n_layer": 24, "n_embd": 512, "n_head": 8}
+    assert PRESETS["medium"] == {"n_layer": 36, "n_embd": 1024, "n_head": 8}
+    assert PRESETS["large"] == {"n_layer": 48, "n_embd": 1536, "n_head": 16}
+    assert PRESETS["xl"]["n_layer"] == 60 and PRESETS["xl"]["n_embd"] == 3072
+
+
+def test_preset_overrides_and_palette_size():
+    config = ImageGPTConfig.from_preset("small", n_px=48, palette_size=16, objective="bert", n_layer=2)
+    assert config.vocab_size == 17 and config.objective == "bert" and config.n_layer == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_embd": 100, "n_head": 3}, "divisible"),
+        ({"objective": "gpt"}, "objective"),
+        ({"classifier_layer": 30}, "classifier_layer"),
+        ({"feature_layer": -26}, "feature_layer"),
+        ({"gen_loss_weight": -1.0}, "gen_loss_weight"),
+        ({"objective": "bert", "prepend_sos": True}, "prepend_sos"),
+        ({"vocab_size": 1}, "vocab_size"),
+    ],
+)
+def test_bad_configs_are_refused(kwargs, message):
+    with pytest.raises((ValueError, StrictDataclassClassValidationError), match=message):
+        ImageGPTConfig(**kwargs)
+
+
+def test_bad_preset_arguments():
+    with pytest.raises(ValueError, match="Unknown preset"):
+        ImageGPTConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="n_px"):
+        ImageGPTConfig.from_preset("tiny", n_px=0)
+    with pytest.raises(ValueError, match="not a square"):
+        _ = ImageGPTConfig(n_positions=1000).n_px

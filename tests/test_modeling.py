@@ -1,0 +1,444 @@
+"""The decoder and its heads: parity with transformers' ImageGPT, OpenAI's objectives, and clear errors."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForMaskedImageModeling,
+)
+from transformers.models.imagegpt import modeling_imagegpt as hf
+from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
+
+from image_gpt_hf import (
+    ImageGPTConfig,
+    ImageGPTForCausalImageModeling,
+    ImageGPTForImageClassification,
+    ImageGPTForMaskedImageModeling,
+    ImageGPTModel,
+    random_bert_mask,
+)
+
+TOL = 1e-5  # max abs difference allowed against transformers' ImageGPT in float32
+DIMS = {"vocab_size": 17, "n_positions": 64, "n_embd": 32, "n_layer": 3, "n_head": 4}
+PALETTE = DIMS["vocab_size"] - 1
+SOS = DIMS["vocab_size"] - 1
+ATTN = ["eager", "sdpa"]
+
+
+def make(cls, attn="sdpa", **kwargs):
+    return cls(ImageGPTConfig(**{**DIMS, **kwargs}, attn_implementation=attn)).eval()
+
+
+def twin(ours, hf_cls, **kwargs):
+    """transformers' model of the same class, carrying our weights."""
+    theirs = hf_cls(HFConfig(**{**DIMS, **kwargs})).eval()
+    result = theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return theirs
+
+
+def pixels(batch=3, length=64, generator_seed=1):
+    return torch.randint(0, PALETTE, (batch, length), generator=torch.Generator().manual_seed(generator_seed))
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_base_model_parity(attn):
+    ours = make(ImageGPTModel, attn)
+    theirs = twin(ours, hf.ImageGPTModel)
+    x = pixels()
+    a = ours(x, output_hidden_states=True)
+    b = theirs(x, output_hidden_states=True)
+    assert max_diff(a.last_hidden_state, b.last_hidden_state) < TOL
+    assert len(a.hidden_states) == len(b.hidden_states) == DIMS["n_layer"] + 1
+    for ha, hb in zip(a.hidden_states, b.hidden_states):
+        assert max_diff(ha, hb) < TOL
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_causal_parity_logits_hidden_states_and_loss(attn):
+    ours = make(ImageGPTForCausalImageModeling, attn)
+    theirs = twin(ours, hf.ImageGPTForCausalImageModeling)
+    x = pixels()
+    a = ours(x, labels=x, output_hidden_states=True)
+    b = theirs(x, labels=x, output_hidden_states=True)
+    assert a.logits.shape == (3, 64, PALETTE)
+    assert max_diff(a.logits, b.logits) < TOL
+    assert abs(a.loss.item() - b.loss.item()) < TOL
+    assert all(max_diff(p, q) < TOL for p, q in zip(a.hidden_states, b.hidden_states))
+
+
+def test_attentions_parity_eager():
+    ours = make(ImageGPTForCausalImageModeling, "eager")
+    theirs = twin(ours, hf.ImageGPTForCausalImageModeling)
+    x = pixels()
+    a, b = ours(x, output_attentions=True), theirs(x, output_attentions=True)
+    assert len(a.attentions) == DIMS["n_layer"]
+    for p, q in zip(a.attentions, b.attentions):
+        assert p.shape == (3, DIMS["n_head"], 64, 64) and max_diff(p, q) < TOL
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_classification_parity(attn):
+    ours = make(ImageGPTForImageClassification, attn, num_labels=5)
+    theirs = twin(ours, hf.ImageGPTForImageClassification, num_labels=5)
+    x, y = pixels(), torch.tensor([0, 3, 4])
+    a, b = ours(x, labels=y), theirs(x, labels=y)
+    assert max_diff(a.logits, b.logits) < TOL
+    assert abs(a.loss.item() - b.loss.item()) < TOL
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_eager_and_sdpa_agree(attn):
+    ours = make(ImageGPTForCausalImageModeling, attn)
+    other = make(ImageGPTForCausalImageModeling, "sdpa" if attn == "eager" else "eager")
+    other.load_state_dict(ours.state_dict())
+    x = pixels()
+    assert max_diff(ours(x).logits, other(x).logits) < TOL
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_greedy_generate_matches_transformers(attn):
+    ours = make(ImageGPTForCausalImageModeling, attn)
+    theirs = twin(ours, hf.ImageGPTForCausalImageModeling)
+    start = torch.full((2, 1), SOS)
+    a = ours.generate(start, max_length=DIMS["n_positions"] + 1, do_sample=False)
+    b = theirs.generate(start, max_length=DIMS["n_positions"] + 1, do_sample=False)
+    assert a.shape == (2, 65)
+    assert torch.equal(a, b)
+
+
+def test_kv_cache_matches_full_forward():
+    model = make(ImageGPTForCausalImageModeling)
+    x = torch.cat([torch.full((2, 1), SOS), pixels(2, 20)], dim=1)
+    full = model(x).logits
+    out = model(x[:, :12], use_cache=True)
+    step = model(x[:, 12:], past_key_values=out.past_key_values, use_cache=True)
+    assert max_diff(torch.cat([out.logits, step.logits], 1), full) < TOL
+
+
+def test_static_cache_generate_matches_dynamic():
+    model = make(ImageGPTForCausalImageModeling)
+    start = torch.full((2, 1), SOS)
+    dynamic = model.generate(start, max_length=65, do_sample=False)
+    static = model.generate(start, max_length=65, do_sample=False, cache_implementation="static")
+    assert torch.equal(dynamic, static)
+
+
+def test_sampling_options_give_palette_ids():
+    model = make(ImageGPTForCausalImageModeling)
+    start = torch.full((3, 1), SOS)
+    torch.manual_seed(0)
+    out = model.generate(start, max_length=65, do_sample=True, top_k=5, top_p=0.9, temperature=0.8)
+    assert out.shape == (3, 65)
+    assert (out[:, 1:] < PALETTE).all() and (out[:, 1:] >= 0).all()
+
+
+def test_generate_with_prepend_sos_config_is_not_shifted_twice():
+    model = make(ImageGPTForCausalImageModeling, prepend_sos=True)
+    reference = make(ImageGPTForCausalImageModeling)
+    reference.load_state_dict(model.state_dict())
+    start = torch.full((1, 1), SOS)
+    assert torch.equal(
+        model.generate(start, max_length=30, do_sample=False),
+        reference.generate(start, max_length=30, do_sample=False),
+    )
+
+
+# ------------------------------------------------------------------------------------- checkpoints, both directions
+
+
+@pytest.mark.parametrize(
+    "ours_cls, hf_cls, kwargs",
+    [
+        (ImageGPTModel, hf.ImageGPTModel, {}),
+        (ImageGPTForCausalImageModeling, hf.ImageGPTForCausalImageModeling, {}),
+        (ImageGPTForImageClassification, hf.ImageGPTForImageClassification, {"num_labels": 4}),
+    ],
+)
+def test_checkpoint_round_trip_both_ways(tmp_path, ours_cls, hf_cls, kwargs):
+    x = pixels()
+    ours = make(ours_cls, **kwargs)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = hf_cls.from_pretrained(tmp_path / "ours").eval()
+    first = lambda out: out[0]  # noqa: E731
+    assert max_diff(first(ours(x)), first(theirs(x))) < TOL
+
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = ours_cls.from_pretrained(tmp_path / "theirs").eval()
+    assert max_diff(first(back(x)), first(ours(x))) < TOL
+
+
+def test_auto_classes_build_ours(tmp_path):
+    make(ImageGPTForCausalImageModeling).save_pretrained(tmp_path / "ar")
+    make(ImageGPTForMaskedImageModeling, objective="bert").save_pretrained(tmp_path / "bert")
+    assert type(AutoModel.from_pretrained(tmp_path / "ar")) is ImageGPTModel
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "ar")) is ImageGPTForCausalImageModeling
+    assert type(AutoModelForMaskedImageModeling.from_pretrained(tmp_path / "bert")) is ImageGPTForMaskedImageModeling
+    clf = AutoModelForImageClassification.from_pretrained(tmp_path / "ar", num_labels=3)
+    assert type(clf) is ImageGPTForImageClassification and clf.score.out_features == 3
+    assert AutoModel.from_pretrained(tmp_path / "bert").config.objective == "bert"
+
+
+def test_old_checkpoint_buffers_are_ignored(tmp_path):
+    """The Hub's openai/imagegpt-* weights carry transformers 4's `attn.bias` / `attn.masked_bias` buffers."""
+    ours = make(ImageGPTForCausalImageModeling)
+    state = dict(ours.state_dict())
+    for i in range(DIMS["n_layer"]):
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64, dtype=torch.uint8))
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    ours.config.save_pretrained(tmp_path)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    loaded, info = ImageGPTForCausalImageModeling.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    x = pixels()
+    assert max_diff(loaded.eval()(x).logits, ours(x).logits) < TOL
+
+
+def test_remote_code_without_the_package(tmp_path):
+    model = make(ImageGPTForImageClassification, num_labels=3, gen_loss_weight=0.5)
+    model.save_pretrained(tmp_path)
+    assert {"configuration_imagegpt.py", "modeling_imagegpt.py"} <= set(os.listdir(tmp_path))
+    x = pixels()
+    expected = model(x).logits
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["image_gpt_hf"] = None  # importing the package is impossible in this process
+        try:
+            import image_gpt_hf
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("image_gpt_hf was importable")
+        import torch
+        from transformers import AutoModel, AutoModelForImageClassification
+        model = AutoModelForImageClassification.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert type(AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)).__name__ == "ImageGPTModel"
+        torch.save(model(torch.tensor({x.tolist()})).logits, sys.argv[1])
+        """
+    )
+    out = tmp_path / "logits.pt"
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(out)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max_diff(torch.load(out), expected) < TOL
+
+
+# --------------------------------------------------------------------------------------- OpenAI's objectives
+
+
+def test_prepend_sos_is_openai_generative_loss():
+    model = make(ImageGPTForCausalImageModeling)
+    x = pixels()
+    out = model(x, labels=x, prepend_sos=True)
+    # By hand: input [SOS, x_1..x_{n-1}], logits[:, t] predicts x_t, mean over all n pixels.
+    manual_input = torch.cat([torch.full((3, 1), SOS), x[:, :-1]], 1)
+    logits = model(manual_input).logits
+    assert max_diff(out.logits, logits) < TOL
+    expected = F.cross_entropy(logits.reshape(-1, PALETTE), x.reshape(-1))
+    assert abs(out.loss.item() - expected.item()) < TOL
+    # The config default does the same.
+    by_config = make(ImageGPTForCausalImageModeling, prepend_sos=True)
+    by_config.load_state_dict(model.state_dict())
+    assert abs(by_config(x, labels=x).loss.item() - expected.item()) < TOL
+
+
+def test_transformers_style_labels_are_shifted():
+    model = make(ImageGPTForCausalImageModeling)
+    x = pixels()
+    out = model(x, labels=x)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, PALETTE), x[:, 1:].reshape(-1))
+    assert abs(out.loss.item() - expected.item()) < TOL
+
+
+def test_causal_attention_does_not_look_ahead_and_bert_does():
+    x = pixels(1)
+    y = x.clone()
+    y[0, 40] = (y[0, 40] + 1) % PALETTE
+    ar = make(ImageGPTModel)
+    a, b = ar(x).last_hidden_state, ar(y).last_hidden_state
+    assert max_diff(a[:, :40], b[:, :40]) < TOL and max_diff(a[:, 40:], b[:, 40:]) > 1e-3
+    bert = make(ImageGPTModel, objective="bert")
+    a, b = bert(x).last_hidden_state, bert(y).last_hidden_state
+    assert max_diff(a[:, :40], b[:, :40]) > 1e-3
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_bert_masking_zeroes_embeddings_and_loss_is_openai(attn):
+    model = make(ImageGPTForMaskedImageModeling, attn, objective="bert")
+    x = pixels()
+    mask = random_bert_mask(x, generator=torch.Generator().manual_seed(3))
+    mask[2] = False  # an image with nothing masked does not count in the loss
+    out = model(x, bool_masked_pos=mask, labels=x)
+    # Zeroed input embeddings: the masked token's identity must not matter.
+    y = x.clone()
+    y[mask] = (y[mask] + 5) % PALETTE
+    assert max_diff(model(y, bool_masked_pos=mask).logits, out.logits) < TOL
+    embeds = model.transformer.wte(x) * (~mask).unsqueeze(-1)
+    assert max_diff(model(inputs_embeds=embeds).logits, out.logits) < TOL
+    # OpenAI's loss: per image, mean CE over masked positions; then mean over images.
+    ce = F.cross_entropy(out.logits.transpose(1, 2), x, reduction="none")
+    per_image = [ce[i][mask[i]].mean() for i in range(2)]
+    assert abs(out.loss.item() - torch.stack(per_image).mean().item()) < TOL
+
+
+def test_random_bert_mask_rate_and_shape():
+    mask = random_bert_mask((64, 1024), generator=torch.Generator().manual_seed(0))
+    assert mask.dtype == torch.bool and mask.shape == (64, 1024)
+    assert abs(mask.float().mean().item() - 0.15) < 0.01
+    assert random_bert_mask(pixels(), mask_prob=0.0).sum() == 0
+    with pytest.raises(ValueError, match="mask_prob"):
+        random_bert_mask((2, 3), mask_prob=1.5)
+
+
+def test_classification_layer_choice_and_joint_loss():
+    model = make(ImageGPTForImageClassification, num_labels=4, classifier_layer=1, gen_loss_weight=0.5)
+    x, y = pixels(), torch.tensor([0, 1, 3])
+    out = model(x, labels=y, prepend_sos=True)
+    base = model.transformer(x, prepend_sos=True, output_hidden_states=True)
+    assert max_diff(out.logits, model.score(base.hidden_states[1].mean(1))) < TOL
+    clf = F.cross_entropy(out.logits, y)
+    gen = F.cross_entropy(model.lm_head(base.last_hidden_state).reshape(-1, PALETTE), x.reshape(-1))
+    assert abs(out.clf_loss.item() - clf.item()) < TOL and abs(out.gen_loss.item() - gen.item()) < TOL
+    assert abs(out.loss.item() - (clf + 0.5 * gen).item()) < TOL
+
+
+def test_bert_classification_joint_loss_needs_mask():
+    model = make(ImageGPTForImageClassification, objective="bert", num_labels=2, gen_loss_weight=1.0)
+    x, y = pixels(), torch.tensor([0, 1, 1])
+    with pytest.raises(ValueError, match="bool_masked_pos"):
+        model(x, labels=y)
+    out = model(x, labels=y, bool_masked_pos=random_bert_mask(x))
+    assert out.gen_loss is not None and torch.isfinite(out.loss)
+
+
+def test_classification_without_gen_weight_has_no_lm_head():
+    model = make(ImageGPTForImageClassification, num_labels=2)
+    assert not hasattr(model, "lm_head")
+    assert model(pixels(), labels=torch.tensor([0, 1, 0])).gen_loss is None
+
+
+def test_heads_refuse_the_wrong_objective():
+    with pytest.raises(ValueError, match="objective='bert'"):
+        make(ImageGPTForMaskedImageModeling)
+    with pytest.raises(ValueError, match="objective='ar'"):
+        make(ImageGPTForCausalImageModeling, objective="bert")
+
+
+# ----------------------------------------------------------------------------------------------- training & speed
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = pixels()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = make(ImageGPTForCausalImageModeling, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()
+        if checkpointing:
+            # transformers >= 5.2x renamed it activation_checkpointing_enable; both exist there.
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+            assert model.transformer.gradient_checkpointing
+        model(x, labels=x).loss.backward()
+        grads.append(model.transformer.h[0].attn.c_attn.weight.grad.clone())
+    assert max_diff(*grads) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_and_backward(dtype):
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    model = make(ImageGPTForCausalImageModeling, **no_dropout).to(dtype).train()
+    x = pixels()
+    out = model(x, labels=x)
+    assert out.logits.dtype == dtype and torch.isfinite(out.loss)
+    out.loss.backward()
+    reference = make(ImageGPTForCausalImageModeling)
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    assert max_diff(out.logits.float(), reference(x).logits) < 0.1
+
+
+def test_compile_fullgraph_has_no_graph_breaks():
+    model = make(ImageGPTForCausalImageModeling)
+    x = pixels()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph=True raises on any graph break
+    with torch.no_grad():
+        assert max_diff(compiled(x, labels=x).logits, model(x).logits) < TOL
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: m(torch.tensor([[0, 1, 17]])), r"input_ids.*outside \[0, 17\)"),
+        (lambda m: m(torch.tensor([[0, -1, 2]])), r"input_ids.*outside"),
+        (lambda m: m(torch.zeros(1, 65, dtype=torch.long)), "n_positions=64"),
+        (
+            lambda m: m(torch.zeros(2, 8, dtype=torch.long), labels=torch.zeros(2, 7, dtype=torch.long)),
+            "labels.*shape",
+        ),
+        (
+            lambda m: m(torch.zeros(2, 8, dtype=torch.long), labels=torch.full((2, 8), 16)),
+            r"labels.*outside \[0, 16\)",
+        ),
+        (lambda m: m(torch.zeros(2, 8)), "integer ids"),
+        (lambda m: m(torch.zeros(8, dtype=torch.long)), "batch_size, sequence_length"),
+        (lambda m: m(), "exactly one of"),
+    ],
+)
+def test_causal_bad_input_raises_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(make(ImageGPTForCausalImageModeling))
+
+
+def test_sequence_too_long_with_cache():
+    model = make(ImageGPTForCausalImageModeling)
+    out = model(torch.zeros(1, 60, dtype=torch.long), use_cache=True)
+    with pytest.raises(ValueError, match="60 cached"):
+        model(torch.zeros(1, 5, dtype=torch.long), past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_masked_bad_input_raises_value_error():
+    model = make(ImageGPTForMaskedImageModeling, objective="bert")
+    x = pixels()
+    with pytest.raises(ValueError, match="bool_masked_pos.*shape"):
+        model(x, bool_masked_pos=torch.zeros(3, 63, dtype=torch.bool))
+    with pytest.raises(ValueError, match="need `bool_masked_pos`"):
+        model(x, labels=x)
+    with pytest.raises(ValueError, match="labels.*shape"):
+        model(x, bool_masked_pos=random_bert_mask(x), labels=x[:, :10])
+
+
+def test_classification_bad_labels():
+    model = make(ImageGPTForImageClassification, num_labels=3)
+    with pytest.raises(ValueError, match="one entry per image"):
+        model(pixels(), labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"labels.*outside \[0, 3\)"):
+        model(pixels(), labels=torch.tensor([0, 1, 3]))
+
+
+def test_prepend_sos_refused_for_bert_and_with_cache():
+    with pytest.raises(ValueError, match="autoregressive"):
+        make(ImageGPTModel, objective="bert")(pixels(), prepend_sos=True)
+    model = make(ImageGPTForCausalImageModeling)
+    out = model(pixels(1, 4), use_cache=True)
+    with pytest.raises(ValueError, match="no `past_key_values`"):
+        model(pixels(1, 4), past_key_values=out.past_key_values, prepend_sos=True)
