@@ -21,6 +21,7 @@ from .modeling_imagegpt import (
     ImageGPTForMaskedImageModeling,
     ImageGPTImageClassifierOutput,
     ImageGPTModel,
+    ImageGPTModelOutput,
     ImageGPTPreTrainedModel,
     random_bert_mask,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "ImageGPTForMaskedImageModeling",
     "ImageGPTImageClassifierOutput",
     "ImageGPTModel",
+    "ImageGPTModelOutput",
     "ImageGPTPreTrainedModel",
     "random_bert_mask",
 ]

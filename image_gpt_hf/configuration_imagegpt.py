@@ -42,15 +42,17 @@ class ImageGPTConfig(PreTrainedConfig):
         all `n` pixels. `False` is transformers' behaviour (the input is used as given). Every forward also takes a
         `prepend_sos` argument that overrides this; `generate()` never prepends (it starts from its own SOS).
     classifier_layer (`int`, *optional*):
-        Which hidden state `ImageGPTForImageClassification` average-pools: an index into `hidden_states` (0 is the
-        embedding output, `n_layer` the final normed output; negative indices count from the end). `None` (default)
-        is the final normed output, as in transformers and the paper's fine-tuning.
+        Which layer `ImageGPTForImageClassification` average-pools: an index into `hidden_states` (0 is the
+        embedding output, `n_layer` the final normed output; negative indices count from the end), read through the
+        norm of the block that follows it, as the paper's `n^l`. `None` (default) is the final normed output, as in
+        transformers and the paper's fine-tuning.
     gen_loss_weight (`float`, defaults to 0.0):
         Weight `w` of the generative loss in the classification fine-tuning objective `L = L_clf + w * L_gen`
         (the paper uses 1.0 for AR models). With `w > 0` the classification model carries an LM head.
     feature_layer (`int`, *optional*):
-        The hidden state the `image-feature-extraction` pipeline pools by default. `None` is the middle of the
-        network (`n_layer // 2`), where the paper finds the best linear-probe features.
+        The layer whose normed hidden state `ImageGPTModel` averages into `pooler_output` (what the
+        `image-feature-extraction` pipeline returns with `pool=True`). `None` is the middle of the network
+        (`n_layer // 2`), where the paper finds the best linear-probe features.
     """
 
     model_type = "imagegpt"

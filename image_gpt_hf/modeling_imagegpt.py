@@ -49,6 +49,14 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _mean_pool(states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Average over positions (B, T, d) -> (B, d), skipping padded positions when a 2-D mask is given."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return states.mean(dim=1)
+    weights = attention_mask.to(states.dtype).unsqueeze(-1)
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 def random_bert_mask(
     input_ids_or_shape: torch.Tensor | tuple[int, ...],
     mask_prob: float = 0.15,
@@ -261,6 +269,17 @@ class ImageGPTPreTrainedModel(PreTrainedModel):
             raise ValueError(f"`{name}` has shape {tuple(tensor.shape)}, expected {tuple(shape)}.")
 
 
+@dataclass
+class ImageGPTModelOutput(BaseModelOutputWithPast):
+    r"""
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        The paper's linear-probe feature: the normed hidden state of `config.feature_layer` (default: the middle of
+        the network, `n_layer // 2`), averaged over positions. See `ImageGPTModel.extract_features`.
+    """
+
+    pooler_output: torch.FloatTensor | None = None
+
+
 class ImageGPTModel(ImageGPTPreTrainedModel):
     """The iGPT decoder: palette-id embeddings + learned positions, `n_layer` blocks, final norm.
 
@@ -284,6 +303,44 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.wte = new_embeddings
 
+    def resolve_layer(self, layer: int | None) -> int:
+        """A hidden-state index in `[0, n_layer]` (negative counts from the end; `None` is `config.feature_layer`,
+        itself defaulting to the middle of the network, where the paper finds the best linear-probe features)."""
+        n_layer = self.config.n_layer
+        if layer is None:
+            layer = self.config.feature_layer if self.config.feature_layer is not None else n_layer // 2
+        if not -(n_layer + 1) <= layer <= n_layer:
+            raise ValueError(f"Layer {layer} is not a hidden-state index of a {n_layer}-layer model.")
+        return layer % (n_layer + 1)
+
+    def normed_features(self, hidden_state: torch.Tensor, layer: int) -> torch.Tensor:
+        """The paper's `n^l`: hidden state `l` through the norm the next block reads it with (`ln_1` of block `l`;
+        the final norm for `l = n_layer`, whose hidden state is already normed)."""
+        return hidden_state if layer == self.config.n_layer else self.h[layer].ln_1(hidden_state)
+
+    @torch.no_grad()
+    def extract_features(
+        self,
+        input_ids: torch.LongTensor,
+        layers: int | list[int] | None = None,
+        pool: bool = True,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Features of several layers in one forward pass, as the paper's linear probes read them.
+
+        Returns `(len(layers), batch, hidden)` mean-pooled features (`pool=True`) or `(len(layers), batch, seq, hidden)`.
+        `layers` are hidden-state indices (0 = embeddings, `n_layer` = final output); `None` means all of them.
+        `kwargs` go to `forward` (e.g. `prepend_sos=True` for OpenAI's AR inputs, `bool_masked_pos`).
+        """
+        if layers is None:
+            layers = list(range(self.config.n_layer + 1))
+        layers = [self.resolve_layer(layer) for layer in ([layers] if isinstance(layers, int) else layers)]
+        kwargs.pop("output_hidden_states", None)
+        outputs = self(input_ids, output_hidden_states=True, use_cache=False, **kwargs)
+        mask = kwargs.get("attention_mask")
+        features = [self.normed_features(outputs.hidden_states[layer], layer) for layer in layers]
+        return torch.stack([_mean_pool(f, mask) if pool else f for f in features])
+
     def add_sos(self, input_ids: torch.Tensor) -> torch.Tensor:
         """`[SOS, x_1, ..., x_{n-1}]` from the pixel ids `x` (B, n): the input OpenAI's AR code builds."""
         sos = torch.full_like(input_ids[:, :1], self.config.sos_token_id)
@@ -302,7 +359,7 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         prepend_sos: bool | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> ImageGPTModelOutput:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Palette ids from `ImageGPTImageProcessor` (the SOS id, `vocab_size - 1`, starts a generated sequence).
@@ -361,6 +418,7 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
 
         if attention_mask is not None and attention_mask.dim() < 4:
             attention_mask = attention_mask.view(batch_size, -1)
+        pool_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         mask_kwargs = {
             "config": self.config,
             "inputs_embeds": inputs_embeds,
@@ -372,11 +430,19 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         else:
             mask = create_bidirectional_mask(**mask_kwargs)
 
-        for block in self.h:
+        feature_layer = self.resolve_layer(None)
+        pooled = None
+        for i, block in enumerate(self.h):
+            if i == feature_layer:
+                pooled = _mean_pool(block.ln_1(hidden_states), pool_mask)
             hidden_states = block(hidden_states, mask, past_key_values, position_ids=position_ids, **kwargs)
         hidden_states = self.ln_f(hidden_states)
+        if pooled is None:
+            pooled = _mean_pool(hidden_states, pool_mask)
 
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return ImageGPTModelOutput(
+            last_hidden_state=hidden_states, past_key_values=past_key_values, pooler_output=pooled
+        )
 
 
 def _gen_loss_ar(logits: torch.Tensor, labels: torch.Tensor, shifted: bool) -> torch.Tensor:
@@ -561,8 +627,9 @@ class ImageGPTImageClassifierOutput(ModelOutput):
 class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
     """iGPT with a linear classifier on average-pooled hidden states.
 
-    `config.classifier_layer` picks the pooled hidden state (default: the final normed output, as the paper's
-    fine-tuning). With `config.gen_loss_weight = w > 0` the model also carries the LM head and trains on the paper's
+    `config.classifier_layer` picks the pooled layer `l` (default: the final normed output, as the paper's
+    fine-tuning); an earlier layer is read as the paper's probes read it, through the norm of the block that follows
+    (`n^l`, see `ImageGPTModel.normed_features`). With `config.gen_loss_weight = w > 0` the model also carries the LM head and trains on the paper's
     joint objective `L = L_clf + w * L_gen`, returning both parts (AR: next-pixel loss; BERT: masked-pixel loss over
     `bool_masked_pos`).
     """
@@ -611,13 +678,12 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
             output_hidden_states=bool(want_hidden) or layer is not None,
             **kwargs,
         )
-        features = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
-        if attention_mask is not None and attention_mask.dim() == 2:
-            weights = attention_mask.to(features.dtype).unsqueeze(-1)
-            pooled = (features * weights).sum(1) / weights.sum(1).clamp(min=1)
+        if layer is None:
+            features = outputs.last_hidden_state
         else:
-            pooled = features.mean(dim=1)
-        logits = self.score(pooled)
+            layer = self.transformer.resolve_layer(layer)
+            features = self.transformer.normed_features(outputs.hidden_states[layer], layer)
+        logits = self.score(_mean_pool(features, attention_mask))
 
         loss = clf_loss = gen_loss = None
         if labels is not None:
@@ -668,6 +734,7 @@ __all__ = [
     "ImageGPTForMaskedImageModeling",
     "ImageGPTImageClassifierOutput",
     "ImageGPTModel",
+    "ImageGPTModelOutput",
     "ImageGPTPreTrainedModel",
     "random_bert_mask",
 ]

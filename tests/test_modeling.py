@@ -314,7 +314,8 @@ def test_classification_layer_choice_and_joint_loss():
     x, y = pixels(), torch.tensor([0, 1, 3])
     out = model(x, labels=y, prepend_sos=True)
     base = model.transformer(x, prepend_sos=True, output_hidden_states=True)
-    assert max_diff(out.logits, model.score(base.hidden_states[1].mean(1))) < TOL
+    # The paper's n^l: layer 1's hidden state through block 1's ln_1, averaged over positions.
+    assert max_diff(out.logits, model.score(model.transformer.h[1].ln_1(base.hidden_states[1]).mean(1))) < TOL
     clf = F.cross_entropy(out.logits, y)
     gen = F.cross_entropy(model.lm_head(base.last_hidden_state).reshape(-1, PALETTE), x.reshape(-1))
     assert abs(out.clf_loss.item() - clf.item()) < TOL and abs(out.gen_loss.item() - gen.item()) < TOL
@@ -442,3 +443,44 @@ def test_prepend_sos_refused_for_bert_and_with_cache():
     out = model(pixels(1, 4), use_cache=True)
     with pytest.raises(ValueError, match="no `past_key_values`"):
         model(pixels(1, 4), past_key_values=out.past_key_values, prepend_sos=True)
+
+
+# ------------------------------------------------------------------------------------------------------- features
+
+
+def test_extract_features_are_the_papers_normed_layer_means():
+    model = make(ImageGPTModel)
+    x = pixels()
+    features = model.extract_features(x)  # every layer, pooled
+    assert features.shape == (DIMS["n_layer"] + 1, 3, DIMS["n_embd"])
+    hidden = model(x, output_hidden_states=True).hidden_states
+    for layer in range(DIMS["n_layer"]):
+        assert max_diff(features[layer], model.h[layer].ln_1(hidden[layer]).mean(1)) < TOL
+    assert max_diff(features[-1], hidden[-1].mean(1)) < TOL
+    per_position = model.extract_features(x, layers=[1, -1], pool=False)
+    assert per_position.shape == (2, 3, 64, DIMS["n_embd"])
+    assert max_diff(per_position[1], hidden[-1]) < TOL
+
+
+def test_pooler_output_is_the_middle_layer_by_default_and_follows_config():
+    model = make(ImageGPTModel, n_layer=4)
+    x = pixels()
+    out = model(x)
+    assert max_diff(out.pooler_output, model.extract_features(x, layers=2)[0]) < TOL
+    model.config.feature_layer = -1
+    assert max_diff(model(x).pooler_output, out.last_hidden_state.mean(1)) < TOL
+    with pytest.raises(ValueError, match="not a hidden-state index"):
+        model.extract_features(x, layers=[7])
+
+
+def test_extract_features_with_openai_inputs_and_padding_mask():
+    model = make(ImageGPTModel)
+    x = pixels()
+    a = model.extract_features(x, layers=[2], prepend_sos=True)
+    b = model.extract_features(model.add_sos(x), layers=[2])
+    assert max_diff(a, b) < TOL
+    mask = torch.ones_like(x)
+    mask[:, 32:] = 0
+    masked = model.extract_features(x, layers=[0], attention_mask=mask)
+    unmasked = model.extract_features(x, layers=[0], pool=False)
+    assert max_diff(masked[0], unmasked[0, :, :32].mean(1)) < TOL
