@@ -7,14 +7,17 @@ model_type "imagegpt". transformers ships a built-in model of that name; this re
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForMaskedImageModeling,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING
+from transformers.utils import logging
 
 from .configuration_imagegpt import PAPER_RESOLUTIONS, PRESETS, ImageGPTConfig
+from .image_processing_imagegpt import ImageGPTImageProcessor, ImageGPTImageProcessorPil
 from .modeling_imagegpt import (
     ImageGPTForCausalImageModeling,
     ImageGPTForImageClassification,
@@ -34,6 +37,19 @@ AutoModelForCausalLM.register(ImageGPTConfig, ImageGPTForCausalImageModeling, ex
 MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING.register(ImageGPTConfig, ImageGPTForCausalImageModeling, exist_ok=True)
 AutoModelForMaskedImageModeling.register(ImageGPTConfig, ImageGPTForMaskedImageModeling, exist_ok=True)
 AutoModelForImageClassification.register(ImageGPTConfig, ImageGPTForImageClassification, exist_ok=True)
+# This package's processor for both backends, whichever one transformers picks (see ImageGPTImageProcessorPil).
+# Registering reads transformers' built-in entry first, whose torchvision class warns when torchvision is absent;
+# that warning is about a class this registration replaces, so it is silenced here.
+_verbosity = logging.get_verbosity()
+logging.set_verbosity_error()
+try:
+    AutoImageProcessor.register(
+        ImageGPTConfig,
+        image_processor_classes={"pil": ImageGPTImageProcessorPil, "torchvision": ImageGPTImageProcessor},
+        exist_ok=True,
+    )
+finally:
+    logging.set_verbosity(_verbosity)
 
 __all__ = [
     "PAPER_RESOLUTIONS",
@@ -43,6 +59,7 @@ __all__ = [
     "ImageGPTForImageClassification",
     "ImageGPTForMaskedImageModeling",
     "ImageGPTImageClassifierOutput",
+    "ImageGPTImageProcessor",
     "ImageGPTModel",
     "ImageGPTModelOutput",
     "ImageGPTPreTrainedModel",

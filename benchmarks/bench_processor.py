@@ -1,0 +1,196 @@
+"""Throughput of `ImageGPTImageProcessor` against transformers' `ImageGPTImageProcessorPil` on CPU.
+
+Both processors tokenize the same 256 real images with the same 512-color palette, in one call each (a batch, as a
+data loader hands it over); the script checks that they give the same ids and prints a markdown table.
+
+The images are made from scikit-image's bundled photos (astronaut, coffee, chelsea, rocket, immunohistochemistry,
+hubble_deep_field, retina, cat), with a seeded RNG: a random crop covering 5-100% of a photo's area at an aspect ratio
+in [3/4, 4/3], rescaled (PIL, Lanczos) so its longer side is 32-512 px. A second case is the same images already at
+n_px x n_px (the CIFAR / pre-resized data-loader case). The palette is uniform random in [-1, 1] (seed 0).
+
+    python benchmarks/bench_processor.py
+    python benchmarks/bench_processor.py --torch_threads 2 1 --update_results benchmarks/RESULTS.md
+
+`run(num_images=256, n_px=32)` returns the rows (dicts), for an all-in-one benchmark to import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL
+import PIL.Image
+import torch
+import transformers
+from skimage import data as skdata
+from transformers.models.imagegpt.image_processing_pil_imagegpt import ImageGPTImageProcessorPil
+
+from image_gpt_hf import ImageGPTImageProcessor
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "cat")
+SECTION = "## Image processor"
+
+
+def make_images(num_images: int = 256, seed: int = 0) -> list[PIL.Image.Image]:
+    """`num_images` varied real RGB images: seeded random crops of the bundled photos, rescaled to 32-512 px."""
+    photos = [getattr(skdata, name)() for name in PHOTOS]
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(num_images):
+        photo = photos[index % len(photos)]
+        height, width = photo.shape[:2]
+        area = height * width * rng.uniform(0.05, 1.0)
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        crop_w = int(min(width, round(np.sqrt(area * aspect))))
+        crop_h = int(min(height, round(np.sqrt(area / aspect))))
+        top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
+        crop = PIL.Image.fromarray(photo[top : top + crop_h, left : left + crop_w])
+        longer = int(rng.integers(32, 513))
+        scale = longer / max(crop_w, crop_h)
+        size = (max(1, round(crop_w * scale)), max(1, round(crop_h * scale)))
+        images.append(crop.resize(size, PIL.Image.Resampling.LANCZOS))
+    return images
+
+
+def _time(function, repeats: int) -> float:
+    """Best wall time of `repeats` calls, after one warm-up call: on a shared machine the fastest call is the one the
+    other processes disturbed least, for both processors alike."""
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _compare(case: str, images: list, ours, reference, repeats: int) -> dict:
+    ours_ids = np.asarray(ours(images, return_tensors="np")["input_ids"])
+    reference_ids = np.asarray(reference(images, return_tensors="np")["input_ids"])
+    ours_s = _time(lambda: ours(images, return_tensors="np"), repeats)
+    reference_s = _time(lambda: reference(images, return_tensors="np"), repeats)
+    return {
+        "case": case,
+        "images": len(images),
+        "ours_images_per_s": len(images) / ours_s,
+        "transformers_images_per_s": len(images) / reference_s,
+        "speedup": reference_s / ours_s,
+        "ids_agree": float((ours_ids == reference_ids).mean()),
+    }
+
+
+def run(num_images: int = 256, n_px: int = 32, repeats: int = 5, torch_threads: int | None = None) -> list[dict]:
+    """Images/s of both processors on the same images and palette, and the fraction of ids that agree.
+
+    `torch_threads` sets `torch.set_num_threads` for the run (and restores it); it bounds our processor's torch work,
+    while transformers' processor runs on numpy (with its BLAS threads) either way.
+    """
+    palette = np.random.default_rng(0).uniform(-1, 1, size=(512, 3))
+    size = {"height": n_px, "width": n_px}
+    ours = ImageGPTImageProcessor(clusters=palette, size=size)
+    reference = ImageGPTImageProcessorPil(clusters=palette.tolist(), size=size)
+    images = make_images(num_images)
+    at_n_px = [image.resize((n_px, n_px), PIL.Image.Resampling.BILINEAR) for image in images]
+    sizes = [max(image.size) for image in images]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads or threads)
+    try:
+        rows = [
+            _compare(f"photos, longer side {min(sizes)}-{max(sizes)} px, resized", images, ours, reference, repeats),
+            _compare(f"the same images already {n_px}x{n_px}", at_n_px, ours, reference, repeats),
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    for row in rows:
+        row["torch_threads"] = torch_threads or threads
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = re.findall(r"^model name\s*:\s*(.+)$", info.read(), flags=re.MULTILINE)
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads); "
+        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"numpy {np.__version__}, Pillow {PIL.__version__}"
+    )
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| case | images | torch threads | ours (images/s) | transformers (images/s) | speedup | ids identical |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['case']} | {row['images']} | {row['torch_threads']} | {row['ours_images_per_s']:.0f} | "
+            f"{row['transformers_images_per_s']:.0f} | {row['speedup']:.1f}x | {row['ids_agree']:.2%} |"
+        )
+    return "\n".join(lines)
+
+
+def update_results(path: Path, text: str) -> None:
+    """Replace (or append) this script's section of RESULTS.md, leaving the other sections as they are."""
+    content = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", flags=re.MULTILINE | re.DOTALL)
+    section = f"{SECTION}\n\n{text}\n\n"
+    content = (
+        pattern.sub(lambda _: section, content) if pattern.search(content) else content.rstrip() + f"\n\n{section}"
+    )
+    path.write_text(content.rstrip() + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num_images", type=int, default=256)
+    parser.add_argument("--n_px", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5, help="Timed calls per processor (the best is reported).")
+    parser.add_argument(
+        "--torch_threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Run once per torch thread count (default: torch's).",
+    )
+    parser.add_argument("--update_results", type=Path, default=None, help="Write the table into this RESULTS.md.")
+    args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    rows = [
+        row
+        for threads in args.torch_threads or [None]
+        for row in run(args.num_images, args.n_px, args.repeats, threads)
+    ]
+    load = f"1-minute load average {load_before:.1f} before the run and {os.getloadavg()[0]:.1f} after"
+    command = "python benchmarks/bench_processor.py"
+    if args.torch_threads:
+        command += " --torch_threads " + " ".join(map(str, args.torch_threads))
+    if args.update_results is not None:
+        command += f" --update_results {args.update_results}"
+    text = "\n\n".join(
+        [
+            f"`{command}` ({args.num_images} images to {args.n_px}x{args.n_px} ids, one batched call per processor, "
+            f"best of {args.repeats} timed calls after a warm-up; 512-color random palette).",
+            f"Machine: {machine()}; {load}.",
+            table(rows),
+            "Images: seeded random crops (5-100% of the area, aspect 3/4-4/3) of scikit-image's bundled photos "
+            f"({', '.join(PHOTOS)}), rescaled with PIL so the longer side is 32-512 px.",
+        ]
+    )
+    print(text)
+    if args.update_results is not None:
+        update_results(args.update_results, text)
+
+
+if __name__ == "__main__":
+    main()

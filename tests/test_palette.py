@@ -1,0 +1,180 @@
+"""Palette fitting: sources, seeded sampling, k-means quality, the k > distinct colors error, and the CLI.
+
+Data: scikit-learn's bundled handwritten digits and scikit-image's bundled photos (no downloads).
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from skimage import data as skdata
+from transformers import AutoImageProcessor
+
+from image_gpt_hf import ImageGPTImageProcessor
+from image_gpt_hf.image_processing_imagegpt import color_quantize
+from image_gpt_hf.palette import (
+    PALETTE_FILE,
+    fit_palette,
+    fit_palette_to_pixels,
+    load_sklearn_digits,
+    main,
+    quantization_error,
+    sample_pixels,
+    save_palette,
+)
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    return load_sklearn_digits()
+
+
+@pytest.fixture(scope="module")
+def photo_crops() -> list[PIL.Image.Image]:
+    """12 real RGB images of assorted sizes: crops of scikit-image's bundled photos."""
+    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea()]
+    rng = np.random.default_rng(0)
+    crops = []
+    for i in range(12):
+        photo = photos[i % 3]
+        height, width = int(rng.integers(40, 200)), int(rng.integers(40, 200))
+        top, left = int(rng.integers(0, photo.shape[0] - height)), int(rng.integers(0, photo.shape[1] - width))
+        crops.append(PIL.Image.fromarray(photo[top : top + height, left : left + width]))
+    return crops
+
+
+def test_sklearn_digits_are_8_bit_gray_images(digits):
+    assert digits.shape == (1797, 8, 8) and digits.dtype == np.uint8
+    assert digits.min() == 0 and digits.max() == 255
+    assert len(np.unique(digits)) == 17  # the 0..16 counts, scaled
+
+
+def test_fit_palette_on_digits(digits):
+    palette = fit_palette(digits, num_colors=8, n_px=8, seed=0)
+    assert palette.shape == (8, 3) and palette.dtype == np.float32
+    assert palette.min() >= -1 and palette.max() <= 1
+    np.testing.assert_allclose(palette[:, 0], palette[:, 1], atol=1e-6)  # gray data, gray palette
+    np.testing.assert_array_equal(fit_palette(digits, num_colors=8, n_px=8, seed=0), palette)  # seeded
+    pixels = sample_pixels(digits, n_px=8)
+    # k-means beats evenly spaced gray levels at what it minimizes (the squared error), and more colors fit better.
+    even = np.repeat(np.linspace(-1, 1, 8)[:, None], 3, axis=1)
+    assert squared_error(pixels, palette) < squared_error(pixels, even)
+    assert quantization_error(pixels, fit_palette_to_pixels(pixels, 16)) < quantization_error(pixels, palette)
+
+
+def squared_error(pixels, palette):
+    palette = np.asarray(palette, dtype=np.float64)
+    nearest = palette[color_quantize(torch.from_numpy(pixels), palette).numpy()]
+    return float(((pixels - nearest) ** 2).sum(axis=1).mean())
+
+
+def test_every_source_gives_the_same_pixels_and_palette(tmp_path, photo_crops):
+    datasets = pytest.importorskip("datasets")
+    arrays = [np.asarray(image) for image in photo_crops]
+    for index, image in enumerate(photo_crops):  # sorted file names keep the order of the list
+        folder = tmp_path / "images" / ("a" if index < 6 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index:02d}.png")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    dataset = datasets.Dataset.from_dict({"label": list(range(12)), "img": photo_crops})
+    dataset = dataset.cast_column("img", datasets.Image())
+    kwargs = {"n_px": 16, "max_pixels": 2000, "seed": 5}
+    expected = sample_pixels(photo_crops, **kwargs)
+    assert expected.shape == (2000, 3)
+    for source in (tmp_path / "images", str(tmp_path / "images"), dataset, arrays):
+        np.testing.assert_array_equal(sample_pixels(source, **kwargs), expected, err_msg=type(source).__name__)
+    # The same pixels make the same palette: the fit is seeded too.
+    palette = fit_palette(tmp_path / "images", num_colors=24, **kwargs)
+    assert palette.shape == (24, 3)
+    np.testing.assert_array_equal(fit_palette_to_pixels(expected, 24, seed=5), palette)
+    same_size = np.stack([np.asarray(image.resize((50, 40))) for image in photo_crops])
+    assert sample_pixels(same_size, **kwargs).shape == (2000, 3)  # a 4-D array of images
+
+
+def test_sample_pixels_is_a_seeded_uniform_subsample(digits):
+    everything = sample_pixels(digits, n_px=8, max_pixels=10**9)
+    assert everything.shape == (1797 * 64, 3)
+    sample = sample_pixels(digits, n_px=8, max_pixels=5000, seed=1, batch_size=100)
+    assert sample.shape == (5000, 3) and sample.dtype == np.float32
+    np.testing.assert_array_equal(sample_pixels(digits, n_px=8, max_pixels=5000, seed=1, batch_size=100), sample)
+    assert not np.array_equal(sample_pixels(digits, n_px=8, max_pixels=5000, seed=2, batch_size=100), sample)
+    assert set(map(tuple, sample)) <= set(map(tuple, everything))
+    # Uniform: the share of background (black) pixels matches the data's.
+    background = (everything == -1).all(axis=1).mean()
+    assert abs((sample == -1).all(axis=1).mean() - background) < 0.03
+
+
+def test_more_colors_than_the_data_has_is_a_clear_error(digits):
+    with pytest.raises(ValueError, match=r"num_colors=18 .* only 17 distinct colors"):
+        fit_palette(digits, num_colors=18, n_px=8)
+    assert fit_palette(digits, num_colors=17, n_px=8).shape == (17, 3)
+
+
+def test_quantization_error_is_the_mean_distance_to_the_nearest_color():
+    pixels = np.array([[0, 0, 0], [1, 1, 1], [1, 1, 1], [-1, -1, -1]], dtype=np.float32)
+    assert quantization_error(pixels, np.array([[0.0, 0.0, 0.0]])) == pytest.approx(3 * np.sqrt(3) / 4)
+    assert quantization_error(pixels, np.array([[0, 0, 0], [1, 1, 1], [-1, -1, -1]])) == 0.0
+
+
+def test_saved_palette_loads_as_a_processor(tmp_path, digits):
+    palette = fit_palette(digits, num_colors=12, n_px=8)
+    save_palette(palette, tmp_path, n_px=8)
+    np.testing.assert_array_equal(np.load(tmp_path / PALETTE_FILE), palette)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(processor, ImageGPTImageProcessor)
+    np.testing.assert_array_equal(processor.clusters, palette.astype(np.float64))
+    tokens = processor(list(digits[:5]), return_tensors="np")["input_ids"]
+    assert tokens.shape == (5, 64) and tokens.max() < 12
+
+
+def test_missing_sklearn_is_a_clear_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
+    with pytest.raises(ImportError, match="scikit-learn"):
+        fit_palette_to_pixels(np.zeros((4, 3), np.float32), 1)
+
+
+def test_cli_on_the_bundled_digits(tmp_path, capsys, digits):
+    main(
+        [
+            "--sklearn_digits",
+            "--num_colors",
+            "16",
+            "--n_px",
+            "16",
+            "--max_pixels",
+            "50000",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    printed = capsys.readouterr().out
+    palette = np.load(tmp_path / PALETTE_FILE)
+    assert palette.shape == (16, 3)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert config["size"] == {"height": 16, "width": 16} and len(config["clusters"]) == 16
+    # The figure it prints is the palette's error on the sampled pixels, in both units.
+    error = quantization_error(sample_pixels(digits, n_px=16, max_pixels=50000, seed=0), palette)
+    assert f"mean quantization error: {error:.4f} in [-1, 1] RGB units = {error * 127.5:.2f} in 0-255 units" in printed
+    assert str(tmp_path / PALETTE_FILE) in printed
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert processor(digits[0], return_tensors="np")["input_ids"].shape == (1, 256)
+
+
+def test_cli_reports_too_many_colors(tmp_path):
+    with pytest.raises(SystemExit, match=r"num_colors=64 .* only 17 distinct colors"):
+        main(["--sklearn_digits", "--num_colors", "64", "--n_px", "8", "--output_dir", str(tmp_path)])
+    assert not (tmp_path / PALETTE_FILE).exists()
+
+
+@pytest.mark.slow
+def test_cli_runs_as_a_module(tmp_path):
+    command = [sys.executable, "-m", "image_gpt_hf.palette", "--sklearn_digits", "--num_colors", "4", "--n_px", "8"]
+    result = subprocess.run([*command, "--output_dir", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mean quantization error" in result.stdout
+    assert np.load(tmp_path / PALETTE_FILE).shape == (4, 3)
