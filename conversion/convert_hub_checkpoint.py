@@ -1,0 +1,268 @@
+"""Re-save a transformers ImageGPT checkpoint, such as the Hub's openai/imagegpt-small|medium|large, for image_gpt_hf.
+
+    hf download openai/imagegpt-small --local-dir imagegpt-small
+    python conversion/convert_hub_checkpoint.py imagegpt-small --output_dir igpt-s-hub [--push_to_hub USER/REPO]
+
+The source folder holds what transformers' ImageGPT writes (and what those Hub repositories hold): config.json,
+weights as pytorch_model.bin or model.safetensors (sharded or not; Conv1D layout; transformers 4 also saved the
+attention-mask buffers `attn.bias` / `attn.masked_bias`, which are dropped), and preprocessor_config.json with the
+palette (`clusters`). The state-dict keys and shapes are already this package's, so the weights are copied unchanged;
+what the output adds is this package's config (`auto_map` + source files, so `trust_remote_code=True` works without
+the package; `prepend_sos=True`, see below), safetensors, this package's processor config, a generation config and a
+model card.
+
+Before the folder is written, it is loaded back and compared with transformers' own ImageGPT on the source folder
+(given `[SOS, x_1, ..., x_{n-1}]` explicitly, since transformers' model does not add SOS itself), on random tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from safetensors.torch import load_file
+
+if __package__ in (None, ""):  # run as a file (python conversion/convert_hub_checkpoint.py): find `conversion`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conversion.convert_openai_checkpoint import (  # noqa: E402
+    DTYPES,
+    OPENAI_SIZES,
+    ConversionError,
+    atomic_output_dir,
+    check_output_dir,
+    meta_copy,
+    push_after_conversion,
+    save_checkpoint_folder,
+    verification_notes,
+)
+from conversion.verify import ATOL, Check, stored_dtype  # noqa: E402
+from image_gpt_hf import (  # noqa: E402
+    ImageGPTConfig,
+    ImageGPTForCausalImageModeling,
+    ImageGPTForImageClassification,
+    ImageGPTPreTrainedModel,
+)
+from image_gpt_hf.model_card import write_model_card  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+# Buffers transformers 4 saved with each attention layer; the masks now come from transformers' masking utilities.
+_OLD_BUFFERS = re.compile(r".*\.attn\.(?:bias|masked_bias)$")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    # mmap: a 5.6 GB pytorch_model.bin (imagegpt-large) is paged in as it is copied, not read whole up front.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def load_hub_state_dict(src: Path) -> dict[str, torch.Tensor]:
+    """The source folder's weights (single file or sharded with an index), without the old attention buffers."""
+    name = next((n for n in _WEIGHT_FILES if (src / n).is_file()), None)
+    if name is None:
+        raise ConversionError(f"{src} has no weights: expected one of {', '.join(_WEIGHT_FILES)}.")
+    try:
+        if name.endswith(".index.json"):
+            shards = sorted(set(json.loads((src / name).read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (src / s).is_file()]
+            if missing:
+                raise ConversionError(
+                    f"{src} is incomplete: the shards {', '.join(missing)} named in {name} are missing."
+                )
+            state_dict = {}
+            for shard in shards:
+                state_dict.update(_load_weight_file(src / shard))
+        else:
+            state_dict = _load_weight_file(src / name)
+    except ConversionError:
+        raise
+    except Exception as err:  # a truncated or corrupt file: torch and safetensors raise many kinds of errors
+        raise ConversionError(f"Cannot read the weights in {src}/{name}: {err}") from None
+    return {k: v for k, v in state_dict.items() if not _OLD_BUFFERS.fullmatch(k)}
+
+
+def load_hub_palette(src: Path) -> np.ndarray:
+    path = src / "preprocessor_config.json"
+    if not path.is_file():
+        raise ConversionError(f"{src} has no preprocessor_config.json, so no palette (`clusters`).")
+    clusters = json.loads(path.read_text()).get("clusters")
+    if clusters is None:
+        raise ConversionError(f"{path} has no `clusters` (the palette).")
+    return np.asarray(clusters, dtype=np.float32)
+
+
+def build_hub_model(src: Path, state_dict: dict[str, torch.Tensor]) -> ImageGPTPreTrainedModel:
+    """This package's model of the source's kind (causal LM, or classifier), holding exactly the source's weights."""
+    source_config = json.loads((src / "config.json").read_text())
+    if source_config.get("model_type") != "imagegpt":
+        raise ConversionError(
+            f"{src}/config.json is not an ImageGPT config (model_type {source_config.get('model_type')!r})."
+        )
+    has_lm_head, has_score = "lm_head.weight" in state_dict, "score.weight" in state_dict
+    if has_lm_head == has_score:
+        raise ConversionError(
+            f"{src} must hold either an LM head (lm_head.weight, ImageGPTForCausalImageModeling) or a classifier "
+            f"(score.weight, ImageGPTForImageClassification); it has {'both' if has_lm_head else 'neither'}."
+        )
+    # transformers' ImageGPT is autoregressive; prepend_sos=True lets whole images be scored as OpenAI does.
+    config = ImageGPTConfig.from_pretrained(src, objective="ar", prepend_sos=True)
+    config.architectures = None  # set again by save_pretrained from the class actually saved
+    model_class = ImageGPTForCausalImageModeling if has_lm_head else ImageGPTForImageClassification
+    with torch.device("meta"):
+        model = model_class(config)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as err:  # missing / unexpected keys or wrong shapes, all listed by torch
+        raise ConversionError(f"The weights in {src} do not fit its config.json: {err}") from None
+    return model.eval()
+
+
+def compare_with_transformers(
+    folder: Path, src: Path, num_images: int = 2, seed: int = 0, atol: float = ATOL
+) -> list[Check]:
+    """The converted `folder` against transformers' own ImageGPT loaded from `src`, on the same random tokens.
+
+    Both run in float32; transformers' model gets its weights rounded to the folder's dtype first, so the comparison
+    checks the copy of every weight exactly whatever `--dtype` was.
+    """
+    config = ImageGPTConfig.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, config.vocab_size - 1, (num_images, config.n_positions), generator=generator)
+    with_sos = torch.cat([torch.full_like(pixels[:, :1], config.sos_token_id), pixels[:, :-1]], dim=1)
+    if "ImageGPTForImageClassification" in (config.architectures or []):
+        name, ours_class, theirs_class = (
+            "classification logits",
+            ImageGPTForImageClassification,
+            "ForImageClassification",
+        )
+    else:
+        name, ours_class, theirs_class = "causal logits", ImageGPTForCausalImageModeling, "ForCausalImageModeling"
+    theirs = getattr(transformers, f"ImageGPT{theirs_class}").from_pretrained(src, dtype=torch.float32)
+    theirs = theirs.to(DTYPES[stored_dtype(config)]).float().eval()
+    ours = ours_class.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        # transformers' model takes the sequence as given: SOS first, the last pixel never an input.
+        diff = (ours(input_ids=pixels, prepend_sos=True).logits - theirs(input_ids=with_sos).logits).abs().max()
+    return [Check(name, float(diff), atol)]
+
+
+def convert_hub_checkpoint(
+    src: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    dtype: str = "float32",
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    verify: bool = True,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+) -> list[Check]:
+    """Re-save the transformers ImageGPT folder `src` into `output_dir`; see the module docstring.
+
+    `base_model` (e.g. "openai/imagegpt-small") names the source on the Hub in the model card and its metadata;
+    `repo_id` names the destination in the card's usage snippet.
+    """
+    src = Path(src)
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    if not (src / "config.json").is_file():
+        raise ConversionError(f"{src} is not a checkpoint folder: it has no config.json.")
+    check_output_dir(output_dir, overwrite)
+    model = build_hub_model(src, load_hub_state_dict(src))
+    config = model.config
+    try:
+        palette = load_hub_palette(src)
+        if palette.shape != (config.vocab_size - 1, 3):
+            raise ValueError(f"shape {palette.shape}, expected ({config.vocab_size - 1}, 3) for this model")
+    except (ValueError, json.JSONDecodeError) as err:
+        raise ConversionError(f"Unusable palette in {src}/preprocessor_config.json: {err}") from None
+
+    checks: list[Check] = []
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        processor = save_checkpoint_folder(tmp, model, palette, DTYPES[dtype], max_shard_size)
+        card_model = meta_copy(model)
+        del model  # the check below loads the folder back; do not hold two copies of a large model
+        if verify:
+            checks = compare_with_transformers(tmp, src)
+            for check in checks:
+                logger.info("%s", check)
+            if not all(c.ok for c in checks):
+                raise ConversionError(
+                    "The re-saved model does not match transformers' ImageGPT on the source: "
+                    + "; ".join(str(c) for c in checks)
+                    + ". Nothing was written."
+                )
+        size = OPENAI_SIZES.get((config.n_layer, config.n_embd, config.n_head))
+        name = f"iGPT-{size.upper()}" if size else f"iGPT ({config.n_layer} layers, width {config.n_embd})"
+        notes = verification_notes(checks, "transformers' own ImageGPT on the source folder, given SOS explicitly")
+        facts: dict[str, object] = {
+            "model_name": f"{name} AR {config.n_px}x{config.n_px}",
+            "source": f"The transformers ImageGPT checkpoint `{base_model or src.name}`, re-saved with "
+            "`conversion/convert_hub_checkpoint.py` (weights unchanged).",
+            "notes": notes,
+        }
+        if base_model:
+            facts["base_model"] = base_model
+        if repo_id:
+            facts["repo_id"] = repo_id
+        write_model_card(tmp, card_model, processor=processor, facts=facts)
+    logger.info("Wrote %s", output_dir)
+    return checks
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="folder laid out like openai/imagegpt-small (config.json, weights, palette)")
+    parser.add_argument("--output_dir", required=True, help="folder to write the converted checkpoint to")
+    parser.add_argument("--base_model", help="the source's Hub id, e.g. openai/imagegpt-small, for the model card")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file, e.g. 2GB or 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    parser.add_argument(
+        "--skip_verification", action="store_true", help="do not compare with transformers' ImageGPT before writing"
+    )
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the folder to this Hub model repository")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.INFO)
+    try:
+        convert_hub_checkpoint(
+            args.src,
+            args.output_dir,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            verify=not args.skip_verification,
+            repo_id=args.push_to_hub,
+            base_model=args.base_model,
+        )
+    except ConversionError as err:
+        logger.error("%s", err)
+        return 1
+    if args.push_to_hub:
+        return push_after_conversion(args.output_dir, args.push_to_hub, private=args.private)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

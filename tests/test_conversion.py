@@ -1,0 +1,716 @@
+"""conversion/: OpenAI's TF checkpoints and Hub-layout folders become image_gpt_hf checkpoints, verified.
+
+The OpenAI checkpoints here are written with TensorFlow in OpenAI's exact layout (tf.compat.v1 variables under scope
+`model/`, Adam slots, `global_step`, tf.compat.v1.train.Saver, one of them sharded over several devices), tiny enough
+for CPU. The converted folders are compared with `conversion/openai_reference.py`, a NumPy re-implementation of
+OpenAI's forward pass run on the TF arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file as load_safetensors_numpy
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForMaskedImageModeling,
+)
+
+import image_gpt_hf  # noqa: F401  (registers the Auto classes)
+
+# conversion/ holds scripts, not an installed package; pytest's `pythonpath = ["."]` (pyproject.toml) finds it.
+from conversion import convert_hub_checkpoint as hub
+from conversion import convert_openai_checkpoint as convert
+from conversion import verify
+from conversion.openai_reference import openai_forward
+from image_gpt_hf import ImageGPTForCausalImageModeling, random_bert_mask
+from image_gpt_hf.image_processing_imagegpt import ImageGPTImageProcessor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.conversion
+
+# Every size differs from the others, so a mapping that confuses two axes fails on shapes or values.
+N_LAYER, N_EMBD, N_HEAD, N_PX, PALETTE, N_CLASSES = 2, 32, 4, 5, 24, 3
+N_CTX = N_PX * N_PX
+STEP = 1000
+ATOL = 1e-4
+KINDS = ("ar", "ar_clf", "bert", "bert_clf")
+
+
+# ------------------------------------------------------------------------------------------------ TF checkpoints
+
+
+def openai_variables(n_layer=N_LAYER, bert=False, num_classes=None, seed=0, skip_layers=(), reshape=None):
+    """Random values for exactly the variables OpenAI's model() creates, by name under `model/`.
+
+    Scales are chosen so that logits are O(1-10) and every weight visibly matters.
+    """
+    rng = np.random.default_rng(seed)
+    d, head_dim = N_EMBD, N_EMBD // N_HEAD
+    spec = {"wte": ((PALETTE, d), 1.0), "wtet": ((PALETTE, d), 0.3), "wpe": ((N_CTX, d), 0.5), "ln_f/g": ((d,), None)}
+    if not bert:
+        spec["sos"] = ((d,), 1.0)
+    if num_classes:
+        spec["clf/wclf"] = ((num_classes, d), 0.3)
+    for i in (i for i in range(n_layer) if i not in skip_layers):
+        spec[f"h{i}/ln_1/g"] = spec[f"h{i}/ln_2/g"] = ((d,), None)
+        for name in ("q_proj", "k_proj", "v_proj", "c_proj"):
+            spec[f"h{i}/attn/{name}"] = ((N_HEAD, head_dim, d), d**-0.5)
+        spec[f"h{i}/mlp/c_fc/w"] = ((d, 4 * d), d**-0.5)
+        spec[f"h{i}/mlp/c_proj/w"] = ((4 * d, d), (4 * d) ** -0.5)
+    for name, shape in (reshape or {}).items():
+        spec[name] = (shape, 0.1)
+    return {
+        name: (1 + 0.2 * rng.standard_normal(shape) if std is None else std * rng.standard_normal(shape)).astype(
+            np.float32
+        )
+        for name, (shape, std) in spec.items()
+    }
+
+
+def write_openai_checkpoint(
+    directory: Path, values: dict[str, np.ndarray], num_devices: int = 1, optimizer: bool = True
+) -> str:
+    """Save `values` as OpenAI's training saved them: graph-mode variables under `model/`, one Adam step taken (so the
+    `/Adam`, `/Adam_1` slots, `beta1_power`, `beta2_power` and `global_step` exist and hold values), and a sharded
+    tf.compat.v1 Saver. Variables spread over `num_devices` CPU devices give one data shard per device.
+    `optimizer=False` saves the model variables alone (building Adam's graph is most of the time taken here)."""
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        variables = []
+        with tf.compat.v1.variable_scope("model"):
+            for k, (name, value) in enumerate(values.items()):
+                *scopes, leaf = name.split("/")
+                with contextlib.ExitStack() as stack:
+                    for scope in scopes:
+                        stack.enter_context(tf.compat.v1.variable_scope(scope))
+                    with tf.device(f"/cpu:{k % num_devices}"):
+                        variables.append(tf.compat.v1.get_variable(leaf, initializer=tf.constant(value)))
+        if optimizer:
+            global_step = tf.compat.v1.train.get_or_create_global_step()
+            loss = tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables])
+            train = tf.compat.v1.train.AdamOptimizer(1e-3).minimize(loss, global_step=global_step)
+        saver = tf.compat.v1.train.Saver(sharded=True)
+        session_config = tf.compat.v1.ConfigProto(device_count={"CPU": num_devices})
+        with tf.compat.v1.Session(graph=graph, config=session_config) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            if optimizer:
+                session.run(train)
+            directory.mkdir(parents=True, exist_ok=True)
+            return saver.save(session, str(directory / "model.ckpt"), global_step=STEP)
+
+
+def read_tf_weights(prefix: str) -> dict[str, np.ndarray]:
+    """The model weights as TensorFlow reads them back (Adam changed them a little), without optimizer state."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(prefix)
+    names = reader.get_variable_to_shape_map()
+    return {
+        n: reader.get_tensor(n)
+        for n in names
+        if n.startswith("model/") and not n.rsplit("/", 1)[-1].startswith("Adam")
+    }
+
+
+@pytest.fixture(scope="module")
+def tf():
+    return pytest.importorskip(
+        "tensorflow", reason="TensorFlow is not installed: `pip install image_gpt_hf[conversion]` to run these tests"
+    )
+
+
+@pytest.fixture(scope="module")
+def palette_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("palette") / "kmeans_centers.npy"
+    np.save(path, np.random.default_rng(1).uniform(-1, 1, (PALETTE, 3)).astype(np.float32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tf, tmp_path_factory) -> dict[str, str]:
+    """One checkpoint per kind; the AR one is spread over 3 devices, so it is written as 4 data shards."""
+    root = tmp_path_factory.mktemp("openai")
+    return {
+        "ar": write_openai_checkpoint(root / "ar", openai_variables(seed=2), num_devices=3),
+        "ar_clf": write_openai_checkpoint(root / "ar_clf", openai_variables(num_classes=N_CLASSES, seed=3)),
+        "bert": write_openai_checkpoint(root / "bert", openai_variables(bert=True, seed=4)),
+        "bert_clf": write_openai_checkpoint(
+            root / "bert_clf", openai_variables(bert=True, num_classes=N_CLASSES, seed=5)
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def converted(checkpoints, palette_file, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("converted")
+    folders = {}
+    for kind, prefix in checkpoints.items():
+        folders[kind] = root / kind
+        argv = ["--checkpoint", prefix, "--clusters", str(palette_file), "--output_dir", str(folders[kind])]
+        assert convert.main(argv) == 0
+    return folders
+
+
+def random_tokens(batch=3, seed=7):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, PALETTE, (batch, N_CTX))
+    keep = rng.random((batch, N_CTX)) > 0.15
+    keep[:, 3] = False  # every image has a masked position
+    return tokens, keep
+
+
+def max_diff(ours: torch.Tensor, reference: np.ndarray | float) -> float:
+    return float(np.max(np.abs(ours.detach().double().numpy() - np.asarray(reference))))
+
+
+def tree(path: Path) -> list[str]:
+    """Everything below `path` (names relative to it), to check that a failed conversion left nothing behind."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+# -------------------------------------------------------------------------------------------- the reference itself
+
+
+def test_reference_follows_openai_semantics():
+    """Causality, BERT masking, sos and the two losses, checked on the reference alone (no converter involved)."""
+    weights = {f"model/{k}": v for k, v in openai_variables(num_classes=N_CLASSES).items()}
+    tokens, _ = random_tokens(batch=2)
+    out = openai_forward(weights, tokens)
+    changed = tokens.copy()
+    changed[:, 10] = (changed[:, 10] + 1) % PALETTE
+    out2 = openai_forward(weights, changed)
+    # Token t is input at position t + 1 only: logits up to t do not see it, the ones after do.
+    np.testing.assert_array_equal(out.gen_logits[:, :11], out2.gen_logits[:, :11])
+    assert np.abs(out.gen_logits[:, 11:] - out2.gen_logits[:, 11:]).min() > 0
+    log_probs = out.gen_logits - np.log(np.exp(out.gen_logits).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(log_probs, tokens[..., None], -1).mean()
+    assert out.gen_loss == pytest.approx(expected, abs=1e-12)
+    assert out.clf_logits.shape == (2, N_CLASSES)
+    np.testing.assert_allclose(out.clf_logits, out.hidden_states.mean(1) @ weights["model/clf/wclf"].T, atol=1e-12)
+
+    bert = {f"model/{k}": v for k, v in openai_variables(bert=True).items()}
+    keep = np.ones_like(tokens, dtype=bool)
+    keep[0, [2, 5]] = keep[1, 7] = False
+    out = openai_forward(bert, tokens, keep)
+    # A masked token's identity is invisible: only its position embedding enters the model.
+    out2 = openai_forward(bert, np.where(keep, tokens, (tokens + 3) % PALETTE), keep)
+    np.testing.assert_allclose(out.gen_logits, out2.gen_logits, atol=1e-12)
+    token_loss = -np.take_along_axis(
+        out.gen_logits - np.log(np.exp(out.gen_logits).sum(-1, keepdims=True)), tokens[..., None], -1
+    )[..., 0]
+    expected = np.mean([token_loss[0, [2, 5]].mean(), token_loss[1, 7]])
+    assert out.gen_loss == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="pass `keep`"):
+        openai_forward(bert, tokens)
+
+
+def test_tensorflow_missing_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    with pytest.raises(ImportError, match=r"image_gpt_hf\[conversion\]"):
+        convert.import_tensorflow()
+
+
+# ------------------------------------------------------------------------------------------ OpenAI checkpoints
+
+
+def test_checkpoints_have_openais_layout(checkpoints, tf):
+    names = dict(tf.train.list_variables(checkpoints["ar"]))
+    assert names["model/h0/attn/q_proj"] == [N_HEAD, N_EMBD // N_HEAD, N_EMBD]
+    assert names["model/wte"] == [PALETTE, N_EMBD] and names["model/sos"] == [N_EMBD]
+    assert {"global_step", "beta1_power", "model/wte/Adam", "model/wte/Adam_1"} <= set(names)
+    assert "model/sos" not in dict(tf.train.list_variables(checkpoints["bert"]))
+    shards = sorted(Path(checkpoints["ar"]).parent.glob("model.ckpt-1000.data-*"))
+    assert [p.name.split(".")[-1] for p in shards] == [f"data-{i:05d}-of-00004" for i in range(4)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_converted_folder_contents(kind, converted, checkpoints, palette_file):
+    folder = converted[kind]
+    bert, clf = kind.startswith("bert"), kind.endswith("clf")
+    config = json.loads((folder / "config.json").read_text())
+    assert {k: config[k] for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "objective")} == {
+        "vocab_size": PALETTE + 1,
+        "n_positions": N_CTX,
+        "n_embd": N_EMBD,
+        "n_layer": N_LAYER,
+        "n_head": N_HEAD,
+        "objective": "bert" if bert else "ar",
+    }
+    assert config["prepend_sos"] is (not bert) and config["activation_function"] == "quick_gelu"
+    assert config["resid_pdrop"] == config["attn_pdrop"] == config["embd_pdrop"] == 0.0
+    assert config["architectures"] == [
+        "ImageGPTForImageClassification"
+        if clf
+        else "ImageGPTForMaskedImageModeling"
+        if bert
+        else "ImageGPTForCausalImageModeling"
+    ]
+    assert set(config["auto_map"]) >= {"AutoConfig", "AutoModelForCausalLM", "AutoModelForMaskedImageModeling"}
+    for source in ("configuration_imagegpt.py", "modeling_imagegpt.py", "image_processing_imagegpt.py"):
+        assert (folder / source).is_file()
+    if clf:
+        assert len(config["id2label"]) == N_CLASSES and config["gen_loss_weight"] == 1.0
+
+    weights = load_safetensors_numpy(folder / "model.safetensors")
+    tf_weights = read_tf_weights(checkpoints[kind])
+    sos_row = weights["transformer.wte.weight"][-1]
+    np.testing.assert_array_equal(sos_row, np.zeros(N_EMBD) if bert else tf_weights["model/sos"])
+    assert all(not v.any() for k, v in weights.items() if k.endswith(".bias"))
+    assert ("score.weight" in weights) is clf
+
+    processor = ImageGPTImageProcessor.from_pretrained(folder)
+    np.testing.assert_allclose(np.asarray(processor.clusters), np.load(palette_file), atol=1e-7)
+    assert processor.size["height"] == processor.size["width"] == N_PX
+
+    generation = folder / "generation_config.json"
+    assert generation.is_file() is not bert
+    if not bert:
+        generation = json.loads(generation.read_text())
+        assert generation["bos_token_id"] == PALETTE and generation["max_length"] == N_CTX + 1
+        assert generation["do_sample"] is True
+
+    card = (folder / "README.md").read_text()
+    objective = "BERT" if bert else "AR"
+    assert f"# iGPT ({N_LAYER} layers, width {N_EMBD}) {objective} {N_PX}x{N_PX}" in card
+    assert f"{objective} objective, {STEP:,} training steps (TensorFlow checkpoint `model.ckpt-{STEP}`)" in card
+    assert "Verified at conversion" in card and ("masked logits" if bert else "causal logits") in card
+    assert ("SOS row" in card) is bert
+    assert not list(folder.parent.glob(".*tmp-*"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_heads_match_openai_reference(kind, converted, checkpoints):
+    folder, bert = converted[kind], kind.startswith("bert")
+    reference_weights = read_tf_weights(checkpoints[kind])
+    tokens, keep = random_tokens()
+    ref = openai_forward(reference_weights, tokens, keep if bert else None)
+    ids, masked = torch.from_numpy(tokens), torch.from_numpy(~keep)
+
+    with torch.no_grad():
+        if bert:
+            model = AutoModelForMaskedImageModeling.from_pretrained(folder)
+            out = model(input_ids=ids, bool_masked_pos=masked, labels=ids)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder)
+            out = model(input_ids=ids, labels=ids)  # prepend_sos comes from the converted config
+        assert type(model).__module__ == "image_gpt_hf.modeling_imagegpt"
+        assert max_diff(out.logits, ref.gen_logits) < ATOL
+        assert abs(out.loss.item() - ref.gen_loss) < ATOL
+        if kind.endswith("clf"):
+            model = AutoModelForImageClassification.from_pretrained(folder)
+            out = model(input_ids=ids, bool_masked_pos=masked) if bert else model(input_ids=ids)
+            assert max_diff(out.logits, ref.clf_logits) < ATOL
+        if kind == "ar":
+            # A third implementation: transformers' own ImageGPT, fed [SOS, x_1..x_{n-1}] explicitly.
+            theirs = transformers.ImageGPTForCausalImageModeling.from_pretrained(folder).eval()
+            with_sos = torch.cat([torch.full_like(ids[:, :1], PALETTE), ids[:, :-1]], dim=1)
+            assert max_diff(theirs(input_ids=with_sos).logits, ref.gen_logits) < ATOL
+
+
+def test_classifier_gen_loss_matches_openai(converted, checkpoints):
+    """The clf checkpoints' classification model returns OpenAI's gen_loss (AR and BERT) next to the logits."""
+    tokens, keep = random_tokens()
+    ids, labels = torch.from_numpy(tokens), torch.tensor([0, 2, 1])
+    for kind in ("ar_clf", "bert_clf"):
+        bert = kind.startswith("bert")
+        ref = openai_forward(read_tf_weights(checkpoints[kind]), tokens, keep if bert else None)
+        model = AutoModelForImageClassification.from_pretrained(converted[kind])
+        with torch.no_grad():
+            kwargs = {"bool_masked_pos": torch.from_numpy(~keep)} if bert else {}
+            out = model(input_ids=ids, labels=labels, **kwargs)
+        assert abs(out.gen_loss.item() - ref.gen_loss) < ATOL
+        clf_loss = torch.nn.functional.cross_entropy(torch.from_numpy(ref.clf_logits), labels).item()
+        assert abs(out.loss.item() - (clf_loss + ref.gen_loss)) < ATOL
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["image_gpt_hf"] = None  # this process must not be able to import the package
+    import numpy as np, torch
+    from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageClassification,
+                              AutoModelForMaskedImageModeling)
+
+    data = np.load(sys.argv[1])
+    ids, masked = torch.from_numpy(data["tokens"]), torch.from_numpy(~data["keep"])
+    results = {}
+    for kind, folder in zip(sys.argv[3::2], sys.argv[4::2]):
+        bert = kind.startswith("bert")
+        with torch.no_grad():
+            if bert:
+                model = AutoModelForMaskedImageModeling.from_pretrained(folder, trust_remote_code=True)
+                out = model(input_ids=ids, bool_masked_pos=masked, labels=ids)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+                out = model(input_ids=ids, labels=ids)
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            results[kind + "/gen_logits"], results[kind + "/gen_loss"] = out.logits.numpy(), out.loss.numpy()
+            if kind.endswith("clf"):
+                model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
+                out = model(input_ids=ids, bool_masked_pos=masked) if bert else model(input_ids=ids)
+                results[kind + "/clf_logits"] = out.logits.numpy()
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+        results[kind + "/clusters"] = np.asarray(processor.clusters)
+    np.savez(sys.argv[2], **results)
+    """
+)
+
+
+def test_trust_remote_code_without_the_package(converted, checkpoints, palette_file, tmp_path):
+    tokens, keep = random_tokens()
+    np.savez(tmp_path / "inputs.npz", tokens=tokens, keep=keep)
+    argv = [str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz")]
+    for kind, folder in converted.items():
+        argv += [kind, str(folder)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, *argv], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = np.load(tmp_path / "outputs.npz")
+    for kind in KINDS:
+        bert = kind.startswith("bert")
+        ref = openai_forward(read_tf_weights(checkpoints[kind]), tokens, keep if bert else None)
+        assert np.abs(outputs[kind + "/gen_logits"] - ref.gen_logits).max() < ATOL
+        assert abs(float(outputs[kind + "/gen_loss"]) - ref.gen_loss) < ATOL
+        if kind.endswith("clf"):
+            assert np.abs(outputs[kind + "/clf_logits"] - ref.clf_logits).max() < ATOL
+        np.testing.assert_allclose(outputs[kind + "/clusters"], np.load(palette_file), atol=1e-7)
+
+
+def test_sharded_safetensors(checkpoints, palette_file, tmp_path):
+    out = tmp_path / "sharded"
+    argv = ["--checkpoint", checkpoints["ar"], "--clusters", str(palette_file), "--output_dir", str(out)]
+    assert convert.main([*argv, "--max_shard_size", "30KB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    tokens, _ = random_tokens()
+    ref = openai_forward(read_tf_weights(checkpoints["ar"]), tokens)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(out)(input_ids=torch.from_numpy(tokens)).logits
+    assert max_diff(logits, ref.gen_logits) < ATOL
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_output(dtype, checkpoints, palette_file, tmp_path, capsys):
+    out = tmp_path / dtype
+    argv = ["--checkpoint", checkpoints["bert"], "--clusters", str(palette_file), "--output_dir", str(out)]
+    assert convert.main([*argv, "--dtype", dtype]) == 0
+    weights = load_safetensors(out / "model.safetensors")
+    assert {v.dtype for v in weights.values()} == {getattr(torch, dtype)}
+    assert AutoConfig.from_pretrained(out).dtype == getattr(torch, dtype)
+    assert f"| Weights dtype | {dtype} |" in (out / "README.md").read_text()
+    assert verify.main([str(out), "--checkpoint", checkpoints["bert"]]) == 0
+    printed = capsys.readouterr().out
+    # The exact check (same rounded weights) and the cost of 16 bits (against the float32 checkpoint) are both shown.
+    assert "masked logits: max abs diff" in printed and f"masked logits ({dtype} weights vs float32" in printed
+
+
+def test_verify_cli_and_eval_loss(converted, checkpoints, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, PALETTE, (5, N_CTX)).astype(np.uint16)  # OpenAI's *_teX.npy hold ids like these
+    np.save(tmp_path / "toy_teX.npy", images)
+    argv = [
+        str(converted["ar_clf"]),
+        "--checkpoint",
+        checkpoints["ar_clf"],
+        "--eval_npy",
+        str(tmp_path / "toy_teX.npy"),
+    ]
+    assert verify.main([*argv, "--batch_size", "2"]) == 0
+    printed = capsys.readouterr().out
+    for head in ("causal logits", "causal gen_loss", "classification logits"):
+        assert f"{head}: max abs diff" in printed
+    ref = openai_forward(read_tf_weights(checkpoints["ar_clf"]), images.astype(np.int64))
+    loss = float(printed.split("test generative loss on")[1].split(":")[1].split("nats")[0])
+    assert loss == pytest.approx(ref.gen_loss, abs=1e-4)
+    assert "OpenAI reports" not in printed  # a toy model has none of the released shapes
+
+    # BERT: the loss on the 15% mask drawn from --seed, per image over its masked positions, then over images.
+    loss = verify.evaluate_gen_loss(converted["bert"], tmp_path / "toy_teX.npy", batch_size=len(images), seed=3)
+    masked = random_bert_mask(images.shape, 0.15, generator=torch.Generator().manual_seed(3)).numpy()
+    assert masked.any(axis=1).all()  # OpenAI's loss is NaN for an image with nothing masked; this seed has none
+    ref = openai_forward(read_tf_weights(checkpoints["bert"]), images.astype(np.int64), keep=~masked)
+    assert loss == pytest.approx(ref.gen_loss, abs=1e-5)
+
+    # A folder checked against a checkpoint it was not converted from is refused, not compared.
+    assert verify.main([str(converted["ar"]), "--checkpoint", checkpoints["bert"]]) == 1
+    assert "was not converted from this checkpoint" in capsys.readouterr().err
+
+
+def test_verify_detects_a_wrong_mapping(converted, checkpoints, tmp_path, capsys):
+    """Swap two heads' query columns in the saved weights: verify.py must fail on exactly that."""
+    folder = tmp_path / "tampered"
+    shutil.copytree(converted["bert"], folder)
+    weights = load_safetensors(folder / "model.safetensors")
+    c_attn = weights["transformer.h.1.attn.c_attn.weight"]
+    head_dim = N_EMBD // N_HEAD
+    c_attn[:, :head_dim], c_attn[:, head_dim : 2 * head_dim] = (
+        c_attn[:, head_dim : 2 * head_dim].clone(),
+        c_attn[:, :head_dim].clone(),
+    )
+    save_safetensors(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert verify.main([str(folder), "--checkpoint", checkpoints["bert"]]) == 1
+    assert "masked logits: max abs diff" in capsys.readouterr().out
+
+
+def test_converter_refuses_a_model_that_does_not_match(checkpoints, palette_file, tmp_path, monkeypatch):
+    """The converter's own check runs before the folder is published: a wrong mapping leaves nothing behind."""
+    real = convert.convert_state_dict
+
+    def transposed_c_proj(ckpt):
+        state_dict = real(ckpt)
+        state_dict["transformer.h.0.attn.c_proj.weight"] = state_dict[
+            "transformer.h.0.attn.c_proj.weight"
+        ].T.contiguous()
+        return state_dict
+
+    monkeypatch.setattr(convert, "convert_state_dict", transposed_c_proj)
+    with pytest.raises(convert.ConversionError, match="does not match OpenAI's forward pass"):
+        convert.convert_openai_checkpoint(checkpoints["ar"], palette_file, tmp_path / "out")
+    assert tree(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+
+@pytest.fixture()
+def ar_copy(checkpoints, tmp_path) -> Path:
+    """A private copy of the 4-shard AR checkpoint that a test may damage."""
+    src = Path(checkpoints["ar"])
+    dst = tmp_path / "ckpt"
+    dst.mkdir()
+    for path in src.parent.glob(src.name + ".*"):
+        shutil.copy(path, dst / path.name)
+    return dst / src.name
+
+
+def run_failing_conversion(prefix, palette, out: Path, caplog, *extra) -> str:
+    """Run the CLI, expect exit status 1; return the logged error."""
+    argv = ["--checkpoint", str(prefix), "--clusters", str(palette), "--output_dir", str(out), *extra]
+    with caplog.at_level("ERROR"):
+        assert convert.main(argv) == 1
+    return caplog.text
+
+
+def test_truncated_data_file(ar_copy, palette_file, tmp_path, caplog):
+    largest = max(ar_copy.parent.glob("*.data-*"), key=lambda p: p.stat().st_size)
+    os.truncate(largest, largest.stat().st_size // 2)
+    before = tree(tmp_path)
+    message = run_failing_conversion(ar_copy, palette_file, tmp_path / "out", caplog)
+    assert "truncated or corrupt" in message and "Cannot read model/" in message
+    assert tree(tmp_path) == before
+
+
+def test_missing_shard(ar_copy, palette_file, tmp_path, caplog):
+    (ar_copy.parent / f"{ar_copy.name}.data-00002-of-00004").unlink()
+    before = tree(tmp_path)
+    message = run_failing_conversion(ar_copy, palette_file, tmp_path / "out", caplog)
+    assert "incomplete" in message and "model.ckpt-1000.data-00002-of-00004" in message
+    assert tree(tmp_path) == before
+
+
+def test_missing_index(ar_copy, palette_file, tmp_path, caplog):
+    (ar_copy.parent / f"{ar_copy.name}.index").unlink()
+    message = run_failing_conversion(ar_copy, palette_file, tmp_path / "out", caplog)
+    assert "model.ckpt-1000.index does not exist" in message
+
+
+@pytest.mark.parametrize(
+    "palette, message",
+    [
+        (np.zeros((PALETTE - 8, 3)), f"has {PALETTE - 8} colors but the checkpoint has {PALETTE}"),
+        (np.zeros((PALETTE, 4)), f"expected \\({PALETTE}, 3\\)"),
+        (np.full((PALETTE, 3), 1.5), "values in \\[1.5, 1.5\\]"),
+        (np.full((PALETTE, 3), np.nan), "NaN"),
+    ],
+)
+def test_bad_palette(palette, message, ar_copy, tmp_path):
+    path = tmp_path / "clusters.npy"
+    np.save(path, palette)
+    existing = tmp_path / "out"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    before = tree(tmp_path)
+    with pytest.raises(convert.ConversionError, match=message):
+        convert.convert_openai_checkpoint(ar_copy, path, existing, overwrite=True)
+    assert tree(tmp_path) == before  # --overwrite replaces the folder only after a successful conversion
+
+
+def test_incomplete_and_inconsistent_checkpoints(tf, palette_file, tmp_path):
+    # Layers h0 and h2 but no h1: a checkpoint that lost a layer, not a 1-layer model.
+    gap = write_openai_checkpoint(tmp_path / "gap", openai_variables(n_layer=3, skip_layers=(1,)), optimizer=False)
+    with pytest.raises(convert.ConversionError, match="incomplete: model/h1/ln_1/g is missing"):
+        convert.convert_openai_checkpoint(gap, palette_file, tmp_path / "out")
+    odd = openai_variables(reshape={"h1/attn/k_proj": (N_HEAD, N_EMBD // N_HEAD, N_EMBD - 1)})
+    odd_prefix = write_openai_checkpoint(tmp_path / "odd", odd, optimizer=False)
+    with pytest.raises(convert.ConversionError, match=r"model/h1/attn/k_proj has shape \[4, 8, 31\]"):
+        convert.convert_openai_checkpoint(odd_prefix, palette_file, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_dir(checkpoints, palette_file, tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    message = run_failing_conversion(checkpoints["bert"], palette_file, out, caplog)
+    assert "exists and is not empty; pass --overwrite" in message and (out / "keep.txt").read_text() == "mine"
+    argv = ["--checkpoint", checkpoints["bert"], "--clusters", str(palette_file), "--output_dir", str(out)]
+    assert convert.main([*argv, "--overwrite", "--skip_verification"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or backup folder left over
+
+
+def test_checkpoint_path_forms(checkpoints):
+    prefix = checkpoints["ar"]
+    assert convert.resolve_checkpoint_prefix(Path(prefix).parent) == prefix
+    assert convert.resolve_checkpoint_prefix(prefix + ".index") == prefix
+    assert convert.resolve_checkpoint_prefix(prefix + ".data-00001-of-00004") == prefix
+
+
+def test_push_to_hub_uses_hfapi(checkpoints, palette_file, tmp_path):
+    out = tmp_path / "out"
+    with mock.patch.object(convert, "HfApi") as api_class:
+        api = api_class.return_value
+        api.create_repo.return_value = mock.Mock(repo_id="someone/igpt-tiny")
+        argv = ["--checkpoint", checkpoints["bert"], "--clusters", str(palette_file), "--output_dir", str(out)]
+        assert convert.main([*argv, "--push_to_hub", "someone/igpt-tiny", "--private", "--skip_verification"]) == 0
+    api.create_repo.assert_called_once_with(
+        repo_id="someone/igpt-tiny", repo_type="model", private=True, exist_ok=True
+    )
+    kwargs = api.upload_folder.call_args.kwargs
+    assert kwargs["repo_id"] == "someone/igpt-tiny" and Path(kwargs["folder_path"]) == out
+    assert 'from_pretrained("someone/igpt-tiny")' in (out / "README.md").read_text()
+
+
+def test_failed_upload_keeps_the_folder(checkpoints, palette_file, tmp_path, caplog):
+    out = tmp_path / "out"
+    with mock.patch.object(convert, "HfApi") as api_class:
+        api_class.return_value.upload_folder.side_effect = OSError("connection refused")
+        argv = ["--checkpoint", checkpoints["bert"], "--clusters", str(palette_file), "--output_dir", str(out)]
+        with caplog.at_level("ERROR"):
+            assert convert.main([*argv, "--push_to_hub", "someone/igpt-tiny", "--skip_verification"]) == 1
+    assert "connection refused" in caplog.text and "hf upload someone/igpt-tiny" in caplog.text
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+# ------------------------------------------------------------------------------------- Hub-layout checkpoints
+
+
+def write_hub_folder(folder: Path, classifier: bool = False, safetensors: bool = False) -> torch.nn.Module:
+    """A folder as transformers 4 wrote openai/imagegpt-*: transformers' own model, the old attention buffers in the
+    state dict, and a feature-extractor style preprocessor_config.json with the palette."""
+    config = transformers.ImageGPTConfig(
+        vocab_size=PALETTE + 1, n_positions=N_CTX, n_embd=N_EMBD, n_layer=N_LAYER, n_head=N_HEAD, num_labels=N_CLASSES
+    )
+    model_class = (
+        transformers.ImageGPTForImageClassification if classifier else transformers.ImageGPTForCausalImageModeling
+    )
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for i in range(N_LAYER):
+        state_dict[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(N_CTX, N_CTX, dtype=torch.bool))[None, None]
+        state_dict[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    folder.mkdir(parents=True)
+    config.architectures = [model_class.__name__]
+    (folder / "config.json").write_text(config.to_json_string())
+    if safetensors:
+        save_safetensors(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
+    else:
+        torch.save(state_dict, folder / "pytorch_model.bin")
+    palette = np.random.default_rng(1).uniform(-1, 1, (PALETTE, 3))
+    preprocessor = {"clusters": palette.tolist(), "do_normalize": True, "do_resize": True, "resample": 2, "size": N_PX}
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({**preprocessor, "feature_extractor_type": "ImageGPTFeatureExtractor"})
+    )
+    return model
+
+
+@pytest.mark.parametrize("safetensors", [False, True], ids=["pytorch_model.bin", "model.safetensors"])
+def test_hub_checkpoint_causal(safetensors, tmp_path):
+    theirs = write_hub_folder(tmp_path / "imagegpt-tiny", safetensors=safetensors)
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "imagegpt-tiny"), "--output_dir", str(out), "--base_model", "someone/imagegpt-tiny"]
+    assert hub.main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (
+        config["prepend_sos"] is True and config["objective"] == "ar" and "AutoModelForCausalLM" in config["auto_map"]
+    )
+    assert json.loads((out / "generation_config.json").read_text())["bos_token_id"] == PALETTE
+    assert not any(
+        k.endswith((".attn.bias", ".attn.masked_bias")) for k in load_safetensors(out / "model.safetensors")
+    )
+    processor = ImageGPTImageProcessor.from_pretrained(out)
+    assert processor.size["height"] == N_PX
+    np.testing.assert_allclose(
+        np.asarray(processor.clusters), np.random.default_rng(1).uniform(-1, 1, (PALETTE, 3)), atol=1e-6
+    )
+    card = (out / "README.md").read_text()
+    assert "base_model: someone/imagegpt-tiny" in card and "Verified at conversion" in card and "causal logits" in card
+
+    ours = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(ours, ImageGPTForCausalImageModeling)
+    ids = torch.randint(0, PALETTE, (2, N_CTX))
+    with_sos = torch.cat([torch.full_like(ids[:, :1], PALETTE), ids[:, :-1]], dim=1)
+    with torch.no_grad():
+        assert (ours(input_ids=ids).logits - theirs(input_ids=with_sos).logits).abs().max() < ATOL
+        assert (
+            ours(input_ids=with_sos, prepend_sos=False).logits - theirs(input_ids=with_sos).logits
+        ).abs().max() < ATOL
+
+
+def test_hub_checkpoint_classifier(tmp_path):
+    theirs = write_hub_folder(tmp_path / "clf", classifier=True)
+    out = tmp_path / "out"
+    assert hub.main([str(tmp_path / "clf"), "--output_dir", str(out), "--dtype", "bfloat16"]) == 0
+    ours = AutoModelForImageClassification.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, PALETTE, (2, N_CTX))
+    with torch.no_grad():
+        expected = theirs.to(torch.bfloat16).float()(input_ids=ids).logits
+        assert (ours(input_ids=ids, prepend_sos=False).logits - expected).abs().max() < ATOL
+    assert not (out / "generation_config.json").exists()  # no LM head, nothing to generate with
+
+
+def test_hub_checkpoint_errors(tmp_path, caplog):
+    src = tmp_path / "src"
+    write_hub_folder(src)
+    preprocessor = json.loads((src / "preprocessor_config.json").read_text())
+    (src / "preprocessor_config.json").write_text(
+        json.dumps({**preprocessor, "clusters": preprocessor["clusters"][:-1]})
+    )
+    with caplog.at_level("ERROR"):
+        assert hub.main([str(src), "--output_dir", str(tmp_path / "out")]) == 1
+    assert f"expected ({PALETTE}, 3)" in caplog.text and not (tmp_path / "out").exists()
+
+    state_dict = torch.load(src / "pytorch_model.bin", weights_only=True)
+    del state_dict["transformer.h.1.mlp.c_fc.weight"]
+    torch.save(state_dict, src / "pytorch_model.bin")
+    with pytest.raises(convert.ConversionError, match="transformer.h.1.mlp.c_fc.weight"):
+        hub.convert_hub_checkpoint(src, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
