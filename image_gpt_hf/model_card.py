@@ -1,0 +1,383 @@
+"""Model cards: the repository's MODEL_CARD.md, filled in with the facts of one checkpoint.
+
+`write_model_card(folder, model)` writes `folder/README.md`, the file the Hub shows as a model's card. The card keeps
+the family description of MODEL_CARD.md (architecture, palette, usage, data, limitations, OpenAI's reported results,
+citation) and replaces its two marked blocks with what is true of this checkpoint: the facts read from the model, its
+config and its image processor, and what the caller knows (training, data sets, provenance, measured results). Its
+metadata describes this checkpoint only: the `model-index` lists the results passed in `facts["results"]` and nothing
+else, so OpenAI's numbers for OpenAI's models never appear as this checkpoint's.
+
+MODEL_CARD.md ships inside the package (`image_gpt_hf/MODEL_CARD.md`), so this works from an installed wheel too.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers import PreTrainedModel
+
+from .configuration_imagegpt import PRESETS, ImageGPTConfig
+
+TEMPLATE_NAME = "MODEL_CARD.md"
+_CHECKPOINT_BLOCK = ("<!-- checkpoint-card:start -->", "<!-- checkpoint-card:end -->")
+_RESULTS_BLOCK = ("<!-- checkpoint-results:start -->", "<!-- checkpoint-results:end -->")
+
+# What `facts` may hold; anything else is a typo or a misunderstanding, and raises.
+FACT_KEYS = {
+    "model_name": "title of the card and name of its model-index entry (default: the folder's name)",
+    "repo_id": "Hub id the checkpoint is published under; the card's usage snippet names it",
+    "training": "how the weights were obtained (str)",
+    "datasets": "Hub ids of the data sets it was trained on (list of str)",
+    "results": 'measured results: list of {"task", "dataset", "metric", "value"} (+ optional "split", "name", '
+    '"dataset_name", "source", "source_url")',
+    "base_model": "Hub id(s) of the model it was fine-tuned or converted from (str or list of str)",
+    "source": "conversion provenance: where the weights come from and how they were converted (str)",
+    "notes": "further statements about this checkpoint, one per item (list of str)",
+    "license": "Hub license id, replaces OpenAI's (e.g. 'mit' for weights trained from scratch)",
+    "license_name": "with license='other'",
+    "license_link": "with license='other'",
+    "tags": "extra Hub tags (list of str)",
+}
+_RESULT_KEYS = {"task", "dataset", "metric", "value", "split", "name", "dataset_name", "source", "source_url"}
+
+_OBJECTIVES = {
+    "ar": "autoregressive (next-pixel prediction, causal attention; the paper's AR objective)",
+    "bert": "masked-pixel prediction (bidirectional attention; the paper's BERT objective)",
+}
+_HEADS = {
+    "ImageGPTModel": "decoder only (features)",
+    "ImageGPTForCausalImageModeling": "next-pixel head (AR)",
+    "ImageGPTForMaskedImageModeling": "masked-pixel head (BERT)",
+    "ImageGPTForImageClassification": "image classification head",
+}
+_PAPER_NAMES = {"small": "iGPT-S", "medium": "iGPT-M", "large": "iGPT-L", "xl": "iGPT-XL"}
+
+
+def model_card_template() -> str:
+    """The text of MODEL_CARD.md: the copy inside the installed package, else the repository's top-level file."""
+    candidates = [resources.files("image_gpt_hf").joinpath(TEMPLATE_NAME)]
+    candidates.append(Path(__file__).resolve().parent.parent / TEMPLATE_NAME)  # a source checkout
+    for candidate in candidates:
+        if candidate.is_file():
+            text = candidate.read_text(encoding="utf-8")
+            if text.startswith("---") and _CHECKPOINT_BLOCK[0] in text:
+                return text
+    raise FileNotFoundError(
+        f"{TEMPLATE_NAME} was not found in the installed image_gpt_hf package; it must be shipped as package data "
+        "(see [tool.setuptools.package-data] in pyproject.toml)."
+    )
+
+
+def write_model_card(
+    save_directory: str | os.PathLike,
+    model_or_config: PreTrainedModel | ImageGPTConfig,
+    *,
+    processor: Any | None = None,
+    facts: dict[str, Any] | None = None,
+) -> Path:
+    """Write `README.md` (the Hub's model card) for one checkpoint into `save_directory` and return its path.
+
+    Args:
+        save_directory: the checkpoint folder; created if missing. An existing README.md is replaced atomically.
+        model_or_config: the model (its head and exact parameter count go into the card) or only its config (the
+            parameter count is then that of the decoder, `ImageGPTModel`).
+        processor: the checkpoint's `ImageGPTImageProcessor`, whose input size and palette go into the card. Its
+            palette must have `config.palette_size` colors.
+        facts: what only the caller knows; see `FACT_KEYS`. Nothing is assumed when a fact is missing: without
+            "datasets" the metadata names none, without "results" there is no model-index.
+    """
+    if isinstance(model_or_config, PreTrainedModel):
+        model, config = model_or_config, model_or_config.config
+    else:
+        model, config = None, model_or_config
+    if getattr(config, "model_type", None) != "imagegpt":
+        raise TypeError(f"Expected an Image GPT model or config, got {type(model_or_config).__name__}.")
+    if not isinstance(config, ImageGPTConfig):
+        # transformers' own ImageGPTConfig, or this package's loaded as remote code: same fields, read as ours.
+        config = ImageGPTConfig.from_dict(config.to_dict())
+    facts = _check_facts(facts or {})
+    save_directory = Path(save_directory)
+    name = facts.get("model_name") or save_directory.resolve().name
+
+    template = ModelCard(model_card_template())
+    body = _replace_block(template.text, _CHECKPOINT_BLOCK, _checkpoint_section(name, model, config, processor, facts))
+    body = _replace_block(body, _RESULTS_BLOCK, _results_section(facts.get("results", [])))
+    body = body.replace("# Image GPT (iGPT)\n", f"# {name}\n", 1)
+    metadata = _metadata(template.data, name, model, config, facts)
+    card = ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}")
+
+    save_directory.mkdir(parents=True, exist_ok=True)
+    path = save_directory / "README.md"
+    # Written next to its destination and renamed over it, so a reader never sees half a card.
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=save_directory, suffix=".tmp", delete=False) as tmp:
+        tmp.write(str(card))
+    os.replace(tmp.name, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Facts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_facts(facts: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(facts) - set(FACT_KEYS)
+    if unknown:
+        raise ValueError(f"Unknown facts {sorted(unknown)}; known: {sorted(FACT_KEYS)}.")
+    for key in ("model_name", "repo_id", "training", "source", "license", "license_name", "license_link"):
+        if facts.get(key) is not None and not isinstance(facts[key], str):
+            raise ValueError(f"facts[{key!r}] must be a string, got {type(facts[key]).__name__}.")
+    for key in ("datasets", "notes", "tags"):
+        value = facts.get(key)
+        if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
+            raise ValueError(f"facts[{key!r}] must be a list of strings, got {value!r}.")
+    base_model = facts.get("base_model")
+    if base_model is not None and not isinstance(base_model, str):
+        if not all(isinstance(v, str) for v in base_model):
+            raise ValueError(f"facts['base_model'] must be a string or a list of strings, got {base_model!r}.")
+    for index, result in enumerate(facts.get("results") or []):
+        if not isinstance(result, dict):
+            raise ValueError(f"facts['results'][{index}] must be a dict, got {type(result).__name__}.")
+        missing = {"task", "dataset", "metric", "value"} - set(result)
+        if missing:
+            raise ValueError(f"facts['results'][{index}] lacks {sorted(missing)}.")
+        extra = set(result) - _RESULT_KEYS
+        if extra:
+            raise ValueError(
+                f"facts['results'][{index}] has unknown keys {sorted(extra)}; known: {sorted(_RESULT_KEYS)}."
+            )
+        value = result["value"]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"facts['results'][{index}]['value'] must be a finite number, got {value!r}.")
+    return facts
+
+
+def _preset(config: ImageGPTConfig) -> str | None:
+    for name, dims in PRESETS.items():
+        if all(getattr(config, key) == value for key, value in dims.items()):
+            return name
+    return None
+
+
+def _num_parameters(model: PreTrainedModel | None, config: ImageGPTConfig) -> tuple[int, str]:
+    if model is not None:
+        return model.num_parameters(), type(model).__name__
+    from .modeling_imagegpt import ImageGPTModel
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        decoder = ImageGPTModel(config)
+    return decoder.num_parameters(), "ImageGPTModel"
+
+
+def _human(count: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return str(count)
+
+
+def _input_size(config: ImageGPTConfig) -> str:
+    side = math.isqrt(config.n_positions)
+    if side * side == config.n_positions:
+        return f"{side} x {side} pixels, {config.n_positions} tokens"
+    return f"{config.n_positions} tokens"
+
+
+def _processor_facts(processor: Any, config: ImageGPTConfig) -> list[tuple[str, str]]:
+    rows = []
+    clusters = getattr(processor, "clusters", None)
+    if clusters is not None:
+        colors = len(clusters)
+        if colors != config.palette_size:
+            raise ValueError(
+                f"The processor's palette has {colors} colors but the model predicts {config.palette_size} "
+                f"(vocab_size {config.vocab_size} = palette + SOS): they do not belong to the same checkpoint."
+            )
+        rows.append(("Processor palette", f"{colors} colors (`clusters` in preprocessor_config.json)"))
+    size = getattr(processor, "size", None)
+    if getattr(processor, "do_resize", True) and size is not None:
+        size = dict(size) if not isinstance(size, int) else {"shortest_edge": size}
+        if size.get("height") and size.get("width"):
+            rows.append(("Processor resize", f"{size['height']} x {size['width']}"))
+        elif size.get("shortest_edge"):
+            rows.append(("Processor resize", f"shortest edge {size['shortest_edge']}"))
+    crop = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and crop is not None:
+        rows.append(("Processor center crop", f"{dict(crop).get('height')} x {dict(crop).get('width')}"))
+    return rows
+
+
+def _checkpoint_section(
+    name: str, model: PreTrainedModel | None, config: ImageGPTConfig, processor: Any, facts: dict[str, Any]
+) -> str:
+    preset = _preset(config)
+    num_params, counted = _num_parameters(model, config)
+    architecture = (config.architectures or [None])[0] if model is None else type(model).__name__
+    feature_layer = config.feature_layer if config.feature_layer is not None else config.n_layer // 2
+    if preset is None:
+        size = "custom (no preset matches)"
+    elif preset in _PAPER_NAMES:
+        size = f"{_PAPER_NAMES[preset]} (preset `{preset}`)"
+    else:
+        size = f"preset `{preset}` (not one of the paper's sizes)"
+    rows = [
+        (
+            "Model class",
+            f"`{architecture}`, {_HEADS.get(architecture, 'Image GPT')}" if architecture else "not stated",
+        ),
+        ("Size", f"{size}: {config.n_layer} layers, width {config.n_embd}, {config.n_head} heads"),
+        ("Objective", _OBJECTIVES.get(config.objective, config.objective)),
+        ("Input", _input_size(config)),
+        ("Palette", f"{config.palette_size} colors; SOS id {config.sos_token_id}"),
+        ("Parameters", f"{num_params:,} ({_human(num_params)}, `{counted}`)"),
+        ("Pooled features (`pooler_output`)", f"layer {feature_layer} of {config.n_layer}, mean over positions"),
+    ]
+    if config.prepend_sos:
+        rows.append(
+            ("Input convention", "`prepend_sos=True`: OpenAI's `[SOS, x_1, ..., x_{n-1}]` built from pixel ids")
+        )
+    if architecture == "ImageGPTForImageClassification":
+        layer = "last (final norm)" if config.classifier_layer is None else str(config.classifier_layer)
+        labels = ", ".join(str(config.id2label[i]) for i in sorted(config.id2label)[:20])
+        more = ", ..." if config.num_labels > 20 else ""
+        rows.append(("Classifier", f"{config.num_labels} labels ({labels}{more}); pooled layer {layer}"))
+        if config.gen_loss_weight > 0:
+            rows.append(
+                ("Fine-tuning objective", f"L_clf + {config.gen_loss_weight:g} x L_gen (the paper's joint loss)")
+            )
+    if model is not None:
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+        rows.append(("Weights dtype", ", ".join(dtypes)))
+    if processor is not None:
+        rows.extend(_processor_facts(processor, config))
+    rows.append(("Training", facts.get("training") or "not stated"))
+    datasets = facts.get("datasets")
+    rows.append(("Data sets", ", ".join(f"`{d}`" for d in datasets) if datasets else "not stated"))
+    base_model = facts.get("base_model")
+    if base_model:
+        rows.append(
+            ("Base model", ", ".join(f"`{b}`" for b in ([base_model] if isinstance(base_model, str) else base_model)))
+        )
+    rows.append(("Source", facts.get("source") or "not stated"))
+
+    lines = [
+        f"This card describes the checkpoint **{_escape(name)}**; the sections after this one describe the Image GPT "
+        "family it belongs to. Its facts:",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {key} | {_escape(value)} |" for key, value in rows),
+    ]
+    if facts.get("notes"):
+        lines += ["", *(f"- {_escape(note)}" for note in facts["notes"])]
+    if facts.get("repo_id"):
+        auto_class = {
+            "ImageGPTForCausalImageModeling": "AutoModelForCausalLM",
+            "ImageGPTForMaskedImageModeling": "AutoModelForMaskedImageModeling",
+            "ImageGPTForImageClassification": "AutoModelForImageClassification",
+        }.get(architecture, "AutoModel")
+        repo_id = facts["repo_id"]
+        lines += [
+            "",
+            "```python",
+            "import image_gpt_hf  # noqa: F401  (or pass trust_remote_code=True where it is not installed)",
+            f"from transformers import AutoImageProcessor, {auto_class}",
+            "",
+            f'model = {auto_class}.from_pretrained("{repo_id}")',
+            f'processor = AutoImageProcessor.from_pretrained("{repo_id}")',
+            "```",
+        ]
+    return "\n".join(lines)
+
+
+def _results_section(results: list[dict[str, Any]]) -> str:
+    if not results:
+        return (
+            "No results were measured on this checkpoint for this card. The numbers above are OpenAI's, for OpenAI's "
+            "models. This project's side-by-side measurements against transformers' ImageGPT are in "
+            "`benchmarks/RESULTS.md`."
+        )
+    lines = [
+        "Measured on this checkpoint:",
+        "",
+        "| Task | Data set | Split | Metric | Value | Source |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        source = result.get("source") or "measured for this card"
+        if result.get("source_url"):
+            source = f"[{source}]({result['source_url']})"
+        cells = [
+            result["task"],
+            result.get("dataset_name") or result["dataset"],
+            result.get("split") or "",
+            result.get("name") or result["metric"],
+            f"{result['value']:g}",
+            source,
+        ]
+        lines.append("| " + " | ".join(_escape(str(cell)) for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def _metadata(
+    template: ModelCardData, name: str, model: PreTrainedModel | None, config: ImageGPTConfig, facts: dict[str, Any]
+) -> ModelCardData:
+    architecture = type(model).__name__ if model is not None else (config.architectures or [""])[0]
+    classifier = architecture == "ImageGPTForImageClassification"
+    tags = [t for t in template.tags or [] if t not in ("unconditional-image-generation", "masked-image-modeling")]
+    tags.append("unconditional-image-generation" if config.objective == "ar" else "masked-image-modeling")
+    tags += [t for t in facts.get("tags") or [] if t not in tags]
+    license_ = facts.get("license", template.license)
+    own_license = "license" in facts and facts["license"] != "other"
+    results = facts.get("results") or []
+    eval_results = [
+        EvalResult(
+            task_type=r["task"],
+            dataset_type=r["dataset"],
+            dataset_name=r.get("dataset_name") or r["dataset"],
+            dataset_split=r.get("split"),
+            metric_type=r["metric"],
+            metric_name=r.get("name"),
+            metric_value=r["value"],
+            source_name=r.get("source"),
+            source_url=r.get("source_url"),
+        )
+        for r in results
+    ]
+    return ModelCardData(
+        license=license_,
+        license_name=None if own_license else facts.get("license_name", template.license_name),
+        license_link=None if own_license else facts.get("license_link", template.license_link),
+        library_name="transformers",
+        pipeline_tag="image-classification" if classifier else "image-feature-extraction",
+        tags=tags,
+        datasets=facts.get("datasets") or None,
+        base_model=facts.get("base_model"),
+        model_name=name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+
+
+def _replace_block(text: str, markers: tuple[str, str], content: str) -> str:
+    start, end = markers
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), flags=re.DOTALL)
+    if len(pattern.findall(text)) != 1:
+        raise ValueError(f"{TEMPLATE_NAME} must hold exactly one {start} ... {end} block.")
+    return pattern.sub(lambda _: f"{start}\n{content}\n{end}", text)
+
+
+def _escape(text: str) -> str:
+    """Keeps a value inside its markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+__all__ = ["FACT_KEYS", "model_card_template", "write_model_card"]
