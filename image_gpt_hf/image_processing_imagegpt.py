@@ -348,8 +348,16 @@ class _Reading:
     check_range: bool
 
 
+def _is_image_sequence(images: Any) -> bool:
+    """A container of images other than list/tuple (sized and iterable, and not itself an image or a path)."""
+    single = (str, bytes, os.PathLike, np.ndarray, torch.Tensor, PIL.Image.Image, list, tuple, dict)
+    return not isinstance(images, single) and hasattr(images, "__iter__") and hasattr(images, "__len__")
+
+
 def _flatten_images(images: Any, depth: int = 0) -> list[PIL.Image.Image | np.ndarray]:
     """A flat list of single images (PIL images, 2-D or 3-D arrays); 4-D arrays and tensors are batches."""
+    if _is_image_sequence(images):
+        images = list(images)  # e.g. a `datasets` Column, which is a sized iterable but not a list
     if isinstance(images, (list, tuple)):
         if depth > 1:
             raise ValueError("Images can be nested at most two lists deep (a batch of lists of images).")

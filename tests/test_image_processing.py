@@ -11,10 +11,12 @@ import subprocess
 import sys
 import textwrap
 
+import datasets
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from datasets import Image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from skimage import data as skdata
@@ -114,6 +116,7 @@ def test_every_input_format_gives_the_same_ids(small_images, random_palette):
         "float64 array in [0, 255]": stacked.astype(np.float64),
         "float32 tensor in [0, 255]": torch.from_numpy(stacked).float(),
         "nested lists": [small_images[:10], small_images[10:]],
+        "datasets Column": datasets.Dataset.from_dict({"image": list(stacked)}).cast_column("image", Image())["image"],
     }
     for name, images in formats.items():
         np.testing.assert_array_equal(ids(processor, images), expected, err_msg=name)
