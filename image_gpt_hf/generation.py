@@ -1,0 +1,311 @@
+"""Sampling and completing images with an autoregressive Image GPT: thin helpers over `model.generate()`.
+
+`sample` draws whole images from the SOS token; `complete` keeps the top rows of given images and generates the rest,
+as in the paper's completions figure. Both take any `generate()` option on top (e.g. `cache_implementation="static"`
+and a `compile_config` for the fast paths described in benchmarks/README.md) and decode the ids with the image
+processor's palette.
+
+```python
+from image_gpt_hf import ImageGPTForCausalImageModeling, ImageGPTImageProcessor
+from image_gpt_hf.generation import complete, sample
+
+model = ImageGPTForCausalImageModeling.from_pretrained(path).eval()
+processor = ImageGPTImageProcessor.from_pretrained(path)
+images = sample(model, 8, processor=processor, top_k=64, seed=0)  # 8 PIL images
+halves = complete(model, images[:2], processor=processor, num_completions=4, seed=0)  # 2 x 4 completions
+```
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers import PreTrainedModel
+from transformers.generation.streamers import BaseStreamer
+
+from .image_processing_imagegpt import ImageGPTImageProcessor
+
+OutputType = Literal["pil", "np", "ids"]
+OUTPUT_TYPES = ("pil", "np", "ids")
+
+
+def sample(
+    model: PreTrainedModel,
+    num_images: int = 1,
+    *,
+    processor: ImageGPTImageProcessor | None = None,
+    batch_size: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    do_sample: bool = True,
+    seed: int | None = None,
+    output_type: OutputType = "pil",
+    progress: bool = True,
+    **generate_kwargs: Any,
+) -> list[PIL.Image.Image] | np.ndarray | torch.LongTensor:
+    """Draw `num_images` images from an autoregressive Image GPT, each generated pixel by pixel from the SOS token.
+
+    Args:
+        model: an `ImageGPTForCausalImageModeling` (or transformers' own ImageGPT causal model).
+        num_images: how many images to draw.
+        processor: the image processor whose palette decodes the ids; by default it is loaded from the model's
+            `name_or_path`. Not needed for `output_type="ids"`.
+        batch_size: images generated together (default: all of them in one batch).
+        temperature, top_k, top_p, do_sample: the sampling options of `generate()`; `do_sample=False` is greedy.
+        seed: makes the draw repeatable (for a given `batch_size`) without touching the caller's global RNG state.
+        output_type: `"pil"` (a list of PIL images), `"np"` (a `(num_images, n_px, n_px, 3)` uint8 array) or `"ids"`
+            (a `(num_images, n_px * n_px)` tensor of palette ids, SOS dropped).
+        progress: show a progress bar over the generated pixels (needs tqdm).
+        **generate_kwargs: passed on to `model.generate()`.
+    """
+    n_px, sos = _check_model(model)
+    _check_count("num_images", num_images)
+    batch_size = _check_batch_size(batch_size, num_images)
+    _check_output_type(output_type)
+    processor = _resolve_processor(model, processor, output_type)
+
+    prompts = torch.full((num_images, 1), sos, dtype=torch.long, device=model.device)
+    ids = _generate(
+        model, prompts, n_px * n_px, batch_size, seed, progress, temperature, top_k, top_p, do_sample, generate_kwargs
+    )
+    return _to_output(ids, processor, output_type, n_px)
+
+
+def complete(
+    model: PreTrainedModel,
+    images: Any,
+    *,
+    processor: ImageGPTImageProcessor | None = None,
+    primer_rows: int | None = None,
+    num_completions: int = 1,
+    batch_size: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    do_sample: bool = True,
+    seed: int | None = None,
+    output_type: OutputType = "pil",
+    progress: bool = True,
+    **generate_kwargs: Any,
+) -> list[PIL.Image.Image] | np.ndarray | torch.LongTensor:
+    """Keep the top `primer_rows` rows of each image and let the model generate the rest.
+
+    Args:
+        model: an `ImageGPTForCausalImageModeling` (or transformers' own ImageGPT causal model).
+        images: images the processor reads (a PIL image, an array, or a list of them), or palette ids already: an
+            int64 tensor of shape `(n_px * n_px,)` or `(batch, n_px * n_px)`.
+        processor: encodes the images and decodes the results; by default loaded from the model's `name_or_path`.
+            Not needed when `images` are ids and `output_type="ids"`.
+        primer_rows: rows kept from each image (default: the top half, `n_px // 2`); 0 samples whole new images.
+        num_completions: completions per image.
+        batch_size: sequences generated together (default: all of them in one batch).
+        temperature, top_k, top_p, do_sample, seed, output_type, progress, **generate_kwargs: as in `sample`.
+
+    Returns:
+        `len(images) * num_completions` results, image by image (the completions of the first image come first), as
+        a list of PIL images, a `(N, n_px, n_px, 3)` uint8 array or a `(N, n_px * n_px)` tensor of palette ids. The
+        first `primer_rows` rows of each result are the kept rows, unchanged.
+    """
+    n_px, sos = _check_model(model)
+    _check_count("num_completions", num_completions)
+    _check_output_type(output_type)
+    primer_rows = n_px // 2 if primer_rows is None else primer_rows
+    if not isinstance(primer_rows, int) or not 0 <= primer_rows < n_px:
+        raise ValueError(
+            f"`primer_rows` must be an integer in [0, {n_px}) for {n_px}x{n_px} images (the model generates the "
+            f"rows below it), got {primer_rows!r}."
+        )
+
+    is_ids = isinstance(images, torch.Tensor) and images.dtype == torch.long
+    processor = _resolve_processor(model, processor, output_type, needed=not is_ids)
+    ids = _check_ids(images, n_px, model.config.vocab_size - 1) if is_ids else _encode(images, processor, n_px)
+    batch_size = _check_batch_size(batch_size, len(ids) * num_completions)
+
+    primer = ids[:, : primer_rows * n_px].to(model.device)
+    prompts = torch.cat([torch.full((len(primer), 1), sos, dtype=torch.long, device=model.device), primer], dim=1)
+    prompts = prompts.repeat_interleave(num_completions, dim=0)  # (N * num_completions, 1 + primer)
+    completed = _generate(
+        model,
+        prompts,
+        n_px * (n_px - primer_rows),
+        batch_size,
+        seed,
+        progress,
+        temperature,
+        top_k,
+        top_p,
+        do_sample,
+        generate_kwargs,
+    )
+    return _to_output(completed, processor, output_type, n_px)
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def _generate(
+    model: PreTrainedModel,
+    prompts: torch.LongTensor,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int | None,
+    progress: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    do_sample: bool,
+    generate_kwargs: dict[str, Any],
+) -> torch.LongTensor:
+    """`generate()` over `prompts` (N, 1 + primer) in batches; returns the (N, n_px * n_px) palette ids, SOS dropped."""
+    for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
+        if name in generate_kwargs:
+            raise ValueError(f"`{name}` is set by the image size; do not pass it.")
+    options = {"do_sample": do_sample}
+    if do_sample:  # greedy decoding takes no sampling options (generate() warns about them)
+        options.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    # Images have a fixed length; forcing it also keeps a checkpoint with an `eos_token_id` from stopping early.
+    options.update(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    options.update(generate_kwargs)
+
+    bar = _progress_bar(progress, len(prompts) * max_new_tokens)
+    outputs = []
+    # fork_rng: a seeded draw is repeatable and leaves the caller's random state as it was.
+    devices = [model.device] if model.device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None, device_type=model.device.type):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            streamer = _BarStreamer(bar, len(batch)) if bar is not None else None
+            out = model.generate(batch, streamer=streamer, **options)
+            outputs.append(out[:, 1:])  # drop SOS: (b, primer + new) = (b, n_px * n_px)
+    if bar is not None:
+        bar.close()
+    return torch.cat(outputs)
+
+
+def _check_model(model: PreTrainedModel) -> tuple[int, int]:
+    """(n_px, SOS id) of an autoregressive Image GPT; a ValueError for anything else."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) != "imagegpt" or not hasattr(model, "generate"):
+        raise ValueError(
+            f"Expected an autoregressive Image GPT (ImageGPTForCausalImageModeling), got {type(model).__name__}."
+        )
+    if getattr(config, "objective", "ar") != "ar":
+        raise ValueError(
+            "Sampling needs an autoregressive model (objective='ar'); this is a BERT-objective model "
+            f"(objective={config.objective!r}), which predicts masked pixels instead of the next one."
+        )
+    n_px = math.isqrt(config.n_positions)
+    if n_px * n_px != config.n_positions:
+        raise ValueError(f"n_positions={config.n_positions} is not a square image size.")
+    return n_px, config.vocab_size - 1
+
+
+def _check_count(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def _check_batch_size(batch_size: int | None, total: int) -> int:
+    if batch_size is None:
+        return total
+    _check_count("batch_size", batch_size)
+    return batch_size
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+
+
+def _check_ids(ids: torch.Tensor, n_px: int, palette_size: int) -> torch.LongTensor:
+    ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+    if ids.dim() != 2 or ids.shape[1] != n_px * n_px or len(ids) == 0:
+        raise ValueError(
+            f"Palette ids must have shape ({n_px * n_px},) or (batch, {n_px * n_px}) for this {n_px}x{n_px} model, "
+            f"got {tuple(ids.shape)}."
+        )
+    if bool((ids < 0).any()) or bool((ids >= palette_size).any()):
+        raise ValueError(
+            f"Palette ids must be in [0, {palette_size}); got values from {int(ids.min())} to {int(ids.max())} "
+            "(drop the SOS token of generate() outputs first)."
+        )
+    return ids
+
+
+def _encode(images: Any, processor: ImageGPTImageProcessor, n_px: int) -> torch.LongTensor:
+    if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+        images = [images]
+    if isinstance(images, Sequence) and len(images) == 0:
+        raise ValueError("`images` is empty.")
+    ids = processor(images, return_tensors="pt")["input_ids"]
+    if ids.shape[-1] != n_px * n_px:
+        raise ValueError(
+            f"The processor turns each image into {ids.shape[-1]} ids but the model's images are {n_px}x{n_px} "
+            f"({n_px * n_px} ids): give it `size={{'height': {n_px}, 'width': {n_px}}}`."
+        )
+    return ids.long()
+
+
+def _resolve_processor(
+    model: PreTrainedModel, processor: ImageGPTImageProcessor | None, output_type: str, needed: bool = False
+) -> ImageGPTImageProcessor | None:
+    if processor is not None or not (needed or output_type != "ids"):
+        return processor
+    source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if source:
+        try:
+            return ImageGPTImageProcessor.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            reason = f" (loading it from {source!r} failed: {error})"
+    else:
+        reason = ""
+    raise ValueError(
+        "Encoding or decoding images needs the image processor (it holds the color palette): pass "
+        f"`processor=ImageGPTImageProcessor.from_pretrained(...)`, or use palette ids with output_type='ids'{reason}."
+    )
+
+
+def _to_output(
+    ids: torch.LongTensor, processor: ImageGPTImageProcessor | None, output_type: str, n_px: int
+) -> list[PIL.Image.Image] | np.ndarray | torch.LongTensor:
+    if output_type == "ids":
+        return ids
+    images = processor.batch_decode(ids.cpu(), output_type=output_type, size=(n_px, n_px))
+    return list(images) if output_type == "pil" else images
+
+
+def _progress_bar(progress: bool, total: int):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return None
+    return tqdm(total=total, unit="px", desc="Generating pixels")
+
+
+class _BarStreamer(BaseStreamer):
+    """Advances a progress bar by one step per generated pixel of the batch (generate() calls `put` once per step,
+    first with the prompt)."""
+
+    def __init__(self, bar, batch_size: int):
+        self.bar, self.batch_size, self.seen_prompt = bar, batch_size, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.seen_prompt:
+            self.bar.update(self.batch_size)
+        self.seen_prompt = True
+
+    def end(self) -> None:
+        pass
+
+
+__all__ = ["complete", "sample"]
