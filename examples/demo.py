@@ -1,0 +1,192 @@
+"""The whole method end to end, offline, on scikit-learn's bundled handwritten digits, in about ten minutes on two CPU
+cores: pretrain a tiny Image GPT on pixels, complete held-out digits from their top half, probe every layer linearly
+(pretrained vs random init vs raw pixels), and fine-tune it as a classifier.
+
+    make demo                      # or: python examples/demo.py --output_dir demo_output
+
+Each stage is one of the example scripts, run as a user would run it; the command lines are printed, so any stage
+can be re-run or scaled up (more steps, `--dataset_name uoft-cs/cifar10 --n_px 32`, `accelerate launch` on GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Image GPT end to end on the bundled digits: pretrain, sample, probe, fine-tune."
+    )
+    parser.add_argument("--output_dir", type=str, default="demo_output", help="Where every artifact goes.")
+    parser.add_argument("--n_px", type=int, default=8, help="Input resolution (the digits are 8x8 scans).")
+    parser.add_argument("--model_size", type=str, default="tiny", help="Model preset.")
+    parser.add_argument(
+        "--config_overrides",
+        type=str,
+        default=None,
+        help="Config overrides for the pretrained model (as pretrain.py).",
+    )
+    parser.add_argument("--pretrain_steps", type=int, default=320, help="Pretraining steps (batches of 64).")
+    parser.add_argument("--finetune_steps", type=int, default=200, help="Fine-tuning steps (batches of 64).")
+    parser.add_argument("--num_images", type=int, default=8, help="Held-out digits to complete.")
+    parser.add_argument("--num_completions", type=int, default=4, help="Completions per held-out digit.")
+    parser.add_argument("--num_samples", type=int, default=16, help="Unconditional samples.")
+    parser.add_argument(
+        "--num_processes",
+        type=int,
+        default=None,
+        help="Processes for pretraining, probing and fine-tuning (`accelerate launch`, data parallel over CPU cores). "
+        "Default: 2 on a machine with 2+ cores and no GPU, else 1.",
+    )
+    parser.add_argument("--seed", type=int, default=42, help="Seed of every stage.")
+    args = parser.parse_args(argv)
+    if args.num_processes is None:
+        args.num_processes = 1 if torch.accelerator.is_available() else min(2, os.cpu_count() or 1)
+    if 64 % args.num_processes:
+        raise ValueError(f"--num_processes must divide the batch of 64 images, got {args.num_processes}.")
+    return args
+
+
+def run_stage(name: str, script: str, arguments: list[str], log_dir: str, num_processes: int = 1) -> float:
+    """Runs one example script as a user would (`python examples/<script> ...`, or `accelerate launch` on several
+    CPU processes); returns its wall time."""
+    script_path = os.path.join(EXAMPLES, script)
+    if num_processes > 1:
+        config = os.path.join(EXAMPLES, "accelerate_configs", "multi_cpu.yaml")
+        launcher = ["--config_file", config, "--num_processes", str(num_processes)]
+        command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, script_path, *arguments]
+        shown = ["accelerate launch", "--config_file", os.path.relpath(config), "--num_processes", str(num_processes)]
+    else:
+        command, shown = [sys.executable, script_path, *arguments], ["python"]
+    shown = " ".join([*shown, os.path.relpath(script_path), *arguments])
+    print(f"\n=== {name} ===\n$ {shown}\n", flush=True)
+    log_path = os.path.join(log_dir, f"{os.path.splitext(script)[0]}.log")
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        # The script's own logs and progress bars go to the terminal and to the stage's log file.
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        returncode = process.wait()
+    seconds = time.perf_counter() - start
+    if returncode != 0:
+        raise SystemExit(f"{name} failed (exit code {returncode}); its log is {log_path}")
+    print(f"--- {name}: {seconds:.0f} s (log: {log_path})", flush=True)
+    return seconds
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = os.path.abspath(args.output_dir)
+    paths = {
+        "pretrained": os.path.join(out, "pretrained"),
+        "samples": os.path.join(out, "samples"),
+        "probe": os.path.join(out, "probe"),
+        "finetuned": os.path.join(out, "finetuned"),
+        "logs": os.path.join(out, "logs"),
+    }
+    os.makedirs(paths["logs"], exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: never wait on the network
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # One thread per process: the tiny model's matrices gain little from a second thread, and threads that wait on
+    # each other inside every operation stall whenever anything else runs on the machine.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.num_processes)))
+    batch = str(64 // args.num_processes)  # 64 images per step, whatever the number of processes
+    seed = ["--seed", str(args.seed)]
+    overrides = ["--config_overrides", args.config_overrides] if args.config_overrides else []
+    start = time.perf_counter()
+    times = {}
+
+    warmup = max(1, args.pretrain_steps // 20)
+    times["pretrain"] = run_stage(
+        "1/4 Pretrain a tiny Image GPT on the digits' pixels (autoregressive objective)",
+        "pretrain.py",
+        f"--objective ar --model_size {args.model_size} --n_px {args.n_px} --max_train_steps {args.pretrain_steps} "
+        f"--num_warmup_steps {warmup} --learning_rate 2e-3 --per_device_train_batch_size {batch} "
+        f"--eval_steps {max(1, args.pretrain_steps // 4)} --logging_steps 50 "
+        f"--checkpointing_steps {max(1, args.pretrain_steps // 2)} --checkpoints_total_limit 1".split()
+        + overrides
+        + ["--output_dir", paths["pretrained"], *seed],
+        paths["logs"],
+        args.num_processes,
+    )
+    times["sample"] = run_stage(
+        "2/4 Complete held-out digits from their top half, and sample new ones",
+        "sample.py",
+        f"--num_images {args.num_images} --num_completions {args.num_completions} --num_samples {args.num_samples}".split()
+        + ["--model_name_or_path", paths["pretrained"], "--output_dir", paths["samples"], *seed],
+        paths["logs"],
+    )
+    times["linear_probe"] = run_stage(
+        "3/4 Linear probes on every layer: pretrained vs random init vs raw pixels",
+        "linear_probe.py",
+        ["--model_name_or_path", paths["pretrained"], "--output_dir", paths["probe"], *seed],
+        paths["logs"],
+        args.num_processes,
+    )
+    times["finetune"] = run_stage(
+        "4/4 Fine-tune as a classifier on the paper's joint loss (L_clf + L_gen)",
+        "finetune.py",
+        f"--gen_loss_weight 1.0 --max_train_steps {args.finetune_steps} "
+        f"--num_warmup_steps {max(1, args.finetune_steps // 10)} --learning_rate 3e-3 --per_device_train_batch_size {batch} "
+        f"--random_crop_scale 0.8 1 --eval_steps {args.finetune_steps} --logging_steps 25".split()
+        + ["--model_name_or_path", paths["pretrained"], "--output_dir", paths["finetuned"], *seed],
+        paths["logs"],
+        args.num_processes,
+    )
+    total = time.perf_counter() - start
+
+    with open(os.path.join(paths["pretrained"], "all_results.json")) as f:
+        pretrain_results = json.load(f)
+    with open(os.path.join(paths["finetuned"], "all_results.json")) as f:
+        finetune_results = json.load(f)
+    with open(os.path.join(paths["probe"], "probe_results.md")) as f:
+        probe_table = f.read().strip()
+    artifacts = {
+        "pretrained model (AutoModelForCausalLM + AutoImageProcessor)": paths["pretrained"],
+        "its model card": os.path.join(paths["pretrained"], "README.md"),
+        "completions grid (original | top half given | completions)": os.path.join(
+            paths["samples"], "completions.png"
+        ),
+        "unconditional samples": os.path.join(paths["samples"], "samples.png"),
+        "linear probe table": os.path.join(paths["probe"], "probe_results.md"),
+        "linear probe plot": os.path.join(paths["probe"], "probe_accuracy.png"),
+        "linear probe results (JSON)": os.path.join(paths["probe"], "probe_results.json"),
+        "fine-tuned classifier (AutoModelForImageClassification)": paths["finetuned"],
+        "logs of every stage": paths["logs"],
+    }
+    lines = [
+        "# Image GPT demo: scikit-learn digits, end to end",
+        "",
+        f"Wall time: {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in times.items())}).",
+        "",
+        f"Pretraining: evaluation loss {pretrain_results['eval_bpd']:.3f} bits per pixel "
+        f"({args.pretrain_steps} steps, {args.model_size} model, {args.n_px}x{args.n_px} pixels).",
+        "",
+        probe_table,
+        "",
+        f"Fine-tuning: test accuracy {finetune_results['eval_accuracy']:.4f} after {args.finetune_steps} steps.",
+        "",
+        "Artifacts:",
+        *(f"- {name}: {path}" for name, path in artifacts.items()),
+    ]
+    summary_path = os.path.join(out, "SUMMARY.md")
+    with open(summary_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines) + f"\n\nThis summary: {summary_path}", flush=True)
+    return {"times": times, "total": total, "summary": summary_path, "artifacts": artifacts}
+
+
+if __name__ == "__main__":
+    main()
