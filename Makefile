@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+BENCH_DEVICE ?= cpu
 
 .PHONY: install test demo lint bench
 
@@ -19,6 +20,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: install
 	$(PY) -m pytest -q
+
+# Pretrain, sample, probe and fine-tune a tiny Image GPT on the bundled digits; prints where every artifact is.
+demo: install
+	$(PY) examples/demo.py --output_dir demo_output $(DEMO_ARGS)
+
+# Side by side with transformers' ImageGPT on this machine; rewrites this device's section of benchmarks/RESULTS.md.
+bench: install
+	$(PY) benchmarks/bench.py --device $(BENCH_DEVICE) --output benchmarks/RESULTS.md $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
