@@ -113,6 +113,25 @@ def test_eager_and_sdpa_agree(attn):
     assert max_diff(ours(x).logits, other(x).logits) < TOL
 
 
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+def test_flex_attention_matches_sdpa_with_and_without_padding(objective):
+    """transformers' flex attention (compiled, on CPU too) gives sdpa's results, causal and bidirectional."""
+    cls = ImageGPTForCausalImageModeling if objective == "ar" else ImageGPTForMaskedImageModeling
+    sdpa = make(cls, "sdpa", objective=objective)
+    flex = make(cls, "flex_attention", objective=objective)
+    flex.load_state_dict(sdpa.state_dict())
+    assert flex.config._attn_implementation == "flex_attention"
+    x = pixels()
+    padding = torch.ones_like(x)
+    padding[0, :5] = 0
+    kwargs = {"bool_masked_pos": random_bert_mask(x.shape, generator=torch.Generator().manual_seed(0))}
+    kwargs = kwargs if objective == "bert" else {}
+    with torch.no_grad():
+        assert max_diff(sdpa(x, **kwargs).logits, flex(x, **kwargs).logits) < TOL
+        padded = [m(x, attention_mask=padding, **kwargs).logits for m in (sdpa, flex)]
+    assert max_diff(padded[0][1:], padded[1][1:]) < TOL and max_diff(padded[0][0, 5:], padded[1][0, 5:]) < TOL
+
+
 @pytest.mark.parametrize("attn", ATTN)
 def test_greedy_generate_matches_transformers(attn):
     ours = make(ImageGPTForCausalImageModeling, attn)
