@@ -61,7 +61,8 @@ def sample(
         seed: makes the draw repeatable (for a given `batch_size`) without touching the caller's global RNG state.
         output_type: `"pil"` (a list of PIL images), `"np"` (a `(num_images, n_px, n_px, 3)` uint8 array) or `"ids"`
             (a `(num_images, n_px * n_px)` tensor of palette ids, SOS dropped).
-        progress: show a progress bar over the generated pixels (needs tqdm).
+        progress: show a progress bar over the generated pixels (needs tqdm; not with beam search or a `streamer` of
+            your own, which take generate()'s streamer slot).
         **generate_kwargs: passed on to `model.generate()`.
     """
     n_px, sos = _check_model(model)
@@ -173,6 +174,9 @@ def _generate(
     options.update(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
     options.update(generate_kwargs)
 
+    # The bar rides on generate()'s streamer, which beam search refuses and a user's own streamer takes over.
+    num_beams = options.get("num_beams", getattr(model.generation_config, "num_beams", 1)) or 1
+    progress = progress and "streamer" not in options and num_beams == 1
     bar = _progress_bar(progress, len(prompts) * max_new_tokens)
     outputs = []
     # fork_rng: a seeded draw is repeatable and leaves the caller's random state as it was.
@@ -182,8 +186,9 @@ def _generate(
             torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
-            streamer = _BarStreamer(bar, len(batch)) if bar is not None else None
-            out = model.generate(batch, streamer=streamer, **options)
+            if bar is not None:
+                options["streamer"] = _BarStreamer(bar, len(batch))
+            out = model.generate(batch, **options)
             outputs.append(out[:, 1:])  # drop SOS: (b, primer + new) = (b, n_px * n_px)
     if bar is not None:
         bar.close()
@@ -257,7 +262,7 @@ def _encode(images: Any, processor: ImageGPTImageProcessor, n_px: int) -> torch.
 def _resolve_processor(
     model: PreTrainedModel, processor: ImageGPTImageProcessor | None, output_type: str, needed: bool = False
 ) -> ImageGPTImageProcessor | None:
-    if processor is not None or not (needed or output_type != "ids"):
+    if processor is not None or (output_type == "ids" and not needed):
         return processor
     source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
     if source:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -67,7 +67,17 @@ def _is_plain(module: nn.Module) -> bool:
     """Whether a projection may be computed from its weights directly instead of through its `forward`: a bare
     transformers `Conv1D` with no hooks. Anything that wraps or replaces it (PEFT adapters, quantized layers,
     accelerate's offload hooks) keeps its own forward."""
-    return type(module) is Conv1D and not (module._forward_hooks or module._forward_pre_hooks)
+    return type(module) is Conv1D and not _is_hooked(module)
+
+
+def _is_hooked(module: nn.Module) -> bool:
+    """Whether calling `module` does more than its class's `forward`: forward (pre-)hooks, or a forward replaced on
+    the instance, as accelerate's device and offload hooks do (they also leave the weights on the meta device).
+    transformers' output-capturing hooks do not count: they record nothing unless outputs are requested, which the
+    callers check themselves."""
+    if "forward" in module.__dict__ or hasattr(module, "_hf_hook") or module._forward_pre_hooks:
+        return True
+    return any(getattr(hook, "__name__", "") != "output_capturing_hook" for hook in module._forward_hooks.values())
 
 
 def _mean_pool(states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -122,6 +132,10 @@ class ImageGPTCacheLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            # Writing in place would change tensors autograd saved from earlier steps: concatenate, as DynamicLayer.
+            self._buffers = self._views = None
+            return super().update(key_states, value_states, *args, **kwargs)
         past = self.get_seq_length()
         total = past + key_states.shape[-2]
         # Still our views (nothing replaced them since the last update) and room left: write in place.
@@ -156,10 +170,15 @@ class ImageGPTDynamicCache(DynamicCache):
     """The cache `ImageGPTModel` and `generate()` use by default: a `DynamicCache` (same API, same results) whose
     layers grow in place (`ImageGPTCacheLayer`) instead of by concatenation."""
 
-    def __init__(self, config: ImageGPTConfig):
-        super().__init__(config=config)
-        self.layers = [ImageGPTCacheLayer(max_length=config.n_positions) for _ in range(config.n_layer)]
-        self.layer_class_to_replicate = None
+    def __init__(self, ddp_cache_data=None, config: ImageGPTConfig | None = None):
+        if config is None and isinstance(ddp_cache_data, PreTrainedConfig):  # `ImageGPTDynamicCache(config)`
+            config, ddp_cache_data = ddp_cache_data, None
+        super().__init__(ddp_cache_data, config=config)
+        if config is not None and ddp_cache_data is None:
+            self.layers = [ImageGPTCacheLayer(max_length=config.n_positions) for _ in range(config.n_layer)]
+            self.layer_class_to_replicate = None
+        # Otherwise (torch's DataParallel gathers a cache by rebuilding it from its tensors) the layers are
+        # DynamicCache's own: the same results, grown by concatenation.
 
 
 class ImageGPTLayerNorm(nn.Module):
@@ -534,7 +553,7 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
             return False
         for block in self.h:  # the modules `decode_one` does not call (`_conv1d` checks the projections itself)
             for module in (block, block.ln_1, block.attn, block.ln_2, block.mlp):
-                if module._forward_hooks or module._forward_pre_hooks:
+                if _is_hooked(module):
                     return False
         return True
 
@@ -594,7 +613,7 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         self._check_shape("bool_masked_pos", bool_masked_pos, (batch_size, seq_len))
 
         if use_cache and past_key_values is None:
-            past_key_values = ImageGPTDynamicCache(self.config)
+            past_key_values = ImageGPTDynamicCache(config=self.config)
         if not use_cache:
             past_key_values = None
         if inputs_embeds is None:
@@ -714,7 +733,7 @@ class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
             and generation_config.cache_implementation in (None, "dynamic")
             and not getattr(cache, "_is_user_defined", False)
         ):
-            model_kwargs["past_key_values"] = ImageGPTDynamicCache(self.config)
+            model_kwargs["past_key_values"] = ImageGPTDynamicCache(config=self.config)
         return result
 
     @contextlib.contextmanager
@@ -722,8 +741,7 @@ class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
         # generate() runs its token-by-token loop inside this context (after the prefill, which is checked as usual).
         # The ids it feeds back there are the model's own picks over the palette, so the per-step id and length
         # checks are skipped: on an accelerator each would cost a device sync per token.
-        parent = getattr(super(), "_optimize_model_for_decode", None)
-        with parent() if parent is not None else contextlib.nullcontext():
+        with super()._optimize_model_for_decode():
             self.transformer._inputs_from_decode_loop = True
             try:
                 yield

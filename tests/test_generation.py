@@ -201,3 +201,21 @@ def test_bert_and_foreign_models_are_refused(processor):
         sample(bert, 1, processor=processor)
     with pytest.raises(ValueError, match="Image GPT"):
         sample(torch.nn.Linear(2, 2), 1)
+
+
+def test_beam_search_and_a_users_streamer_go_without_the_progress_bar(model):
+    class Count:
+        def __init__(self):
+            self.calls = 0
+
+        def put(self, value):
+            self.calls += 1
+
+        def end(self):
+            pass
+
+    streamer = Count()
+    ids = sample(model, 1, output_type="ids", do_sample=False, streamer=streamer)
+    assert ids.shape == (1, N_PX * N_PX) and streamer.calls == N_PX * N_PX + 1  # the prompt, then every token
+    beams = sample(model, 2, output_type="ids", do_sample=False, num_beams=2)  # progress=True by default
+    assert beams.shape == (2, N_PX * N_PX)

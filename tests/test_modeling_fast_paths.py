@@ -212,3 +212,60 @@ def test_one_token_decode_step_falls_back_where_it_does_not_apply(case, monkeypa
         assert "hook" in calls
     if case == "hidden_states":
         assert len(step.hidden_states) == DIMS["n_layer"] + 1
+
+
+def test_offloaded_model_runs_through_accelerates_hooks():
+    """accelerate's offload replaces the modules' forward and keeps the weights on the meta device: nothing may read
+    them directly."""
+    from accelerate import cpu_offload
+
+    model = make()
+    x = pixels(2, 20)
+    with torch.no_grad():
+        expected = _decode(model, x, 10)
+        cpu_offload(model, execution_device=torch.device("cpu"))
+        assert model.transformer.h[0].attn.c_attn.weight.device.type == "meta"
+        assert (_decode(model, x, 10) - expected).abs().max() < 1e-6
+        sos = torch.full((2, 1), SOS)
+        generated = model.generate(sos, max_new_tokens=8, do_sample=False)
+    assert generated.shape == (2, 9)
+
+
+def test_gradients_flow_through_several_cached_steps():
+    model = make()
+    x = pixels(2, 20)
+    out = model(x[:, :10], use_cache=True)
+    logits = [out.logits]
+    for t in range(10, 14):  # four one-token steps on a cache, all kept for backward
+        logits.append(model(x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True).logits)
+    loss = torch.cat(logits, 1).square().mean()
+    loss.backward()  # in-place cache writes would have changed tensors autograd saved
+    grad = model.transformer.h[0].attn.c_attn.weight.grad.clone()
+    model.zero_grad()
+    model(x[:, :14]).logits.square().mean().backward()
+    assert (grad - model.transformer.h[0].attn.c_attn.weight.grad).abs().max() < 1e-5
+
+
+def test_lean_decode_step_survives_output_capturing_hooks(monkeypatch):
+    """Recording hidden states once installs transformers' capturing hooks for good; they record nothing afterwards,
+    so later one-token steps stay lean."""
+    model = make()
+    x = pixels(2, 20)
+    with torch.no_grad():
+        model(x, output_hidden_states=True, output_attentions=True)
+    calls = []
+    original = type(model.transformer.h[0]).decode_one
+    monkeypatch.setattr(
+        type(model.transformer.h[0]), "decode_one", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    _decode(model, x, 18)
+    assert len(calls) == 2 * DIMS["n_layer"]
+
+
+def test_cache_rebuilt_from_its_tensors_as_dataparallel_gathers_it():
+    model = make()
+    cache = model(pixels(2, 12), use_cache=True).past_key_values
+    rebuilt = type(cache)(iter([(layer.keys, layer.values) for layer in cache.layers]))
+    assert rebuilt.get_seq_length() == 12
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(cache.layers, rebuilt.layers))
+    assert isinstance(ImageGPTDynamicCache(model.config).layers[0], type(cache.layers[0]))  # config positionally
