@@ -1,6 +1,6 @@
 # Two entry points: `make demo` (the main job, offline, on the bundled digits) and `make test` (the test suite).
-# Both create .venv and install into it first. TORCH_PIN installs the CPU build of torch before anything can pull a
-# multi-GB CUDA build; on a machine with a GPU, `make test TORCH_PIN=torch` takes your platform's default build.
+# Both create .venv and install into it first. TORCH_PIN installs torch before anything else can pull another build
+# (the CPU build where the package index serves it, as CI's does); `make test TORCH_PIN=torch` takes the newest.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

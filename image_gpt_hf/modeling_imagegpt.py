@@ -75,9 +75,11 @@ def _is_hooked(module: nn.Module) -> bool:
     the instance, as accelerate's device and offload hooks do (they also leave the weights on the meta device).
     transformers' output-capturing hooks do not count: they record nothing unless outputs are requested, which the
     callers check themselves."""
-    if "forward" in module.__dict__ or hasattr(module, "_hf_hook") or module._forward_pre_hooks:
+    attributes = module.__dict__  # plain lookups: this runs for every module of every one-token step
+    if "forward" in attributes or "_hf_hook" in attributes or attributes["_forward_pre_hooks"]:
         return True
-    return any(getattr(hook, "__name__", "") != "output_capturing_hook" for hook in module._forward_hooks.values())
+    hooks = attributes["_forward_hooks"]
+    return bool(hooks) and any(getattr(hook, "__name__", "") != "output_capturing_hook" for hook in hooks.values())
 
 
 def _mean_pool(states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

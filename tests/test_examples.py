@@ -572,3 +572,14 @@ def test_n_px_larger_than_the_models_positions(no_training, ar_checkpoint, tmp_p
             script.main(["--model_name_or_path", str(pretrained), "--n_px", "8", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match=r"--n_px 8 needs 64 positions"):
         pretrain.main(["--config_name", str(pretrained), "--n_px", "8", "--output_dir", str(tmp_path)])
+
+
+def test_argument_errors_before_anything_is_loaded(tmp_path):
+    with pytest.raises(ValueError, match="--checkpoints_total_limit must be at least 1, got 0"):
+        pretrain.main([*TINY_MODEL, "--checkpoints_total_limit", "0", "--output_dir", str(tmp_path)])
+    import demo
+
+    with pytest.raises(
+        ValueError, match="--num_processes must be at least 1 and divide the batch of 64 images, got 0"
+    ):
+        demo.parse_args(["--num_processes", "0"])
