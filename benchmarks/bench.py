@@ -429,15 +429,20 @@ def bench_mfu(bench: Bench, batch: int, repeats: int) -> dict:
 # -------------------------------------------------------------------------------------------------------- report
 
 
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or "unknown CPU"
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one); the other benchmark scripts use it too."""
     try:
         with open("/proc/cpuinfo") as info:
             names = re.findall(r"^model name\s*:\s*(.+)$", info.read(), flags=re.MULTILINE)
-        cpu = names[0] if names else cpu
+        if names:
+            return names[0]
     except OSError:
         pass
-    text = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine(device: torch.device) -> str:
+    text = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         text = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs); host: {text}"

@@ -113,15 +113,10 @@ def run(num_images: int = 256, n_px: int = 32, repeats: int = 5, torch_threads: 
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as info:
-            names = re.findall(r"^model name\s*:\s*(.+)$", info.read(), flags=re.MULTILINE)
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    from bench import cpu_name  # benchmarks/bench.py, next to this script
+
     return (
-        f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads); "
+        f"{cpu_name()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads); "
         f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"numpy {np.__version__}, Pillow {PIL.__version__}"
     )

@@ -13,12 +13,12 @@ torch's CPU GEMM, so it says which generation targets a machine can meet at all.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 import transformers
+from bench import cpu_name  # benchmarks/bench.py, next to this script
 from transformers.models.imagegpt import modeling_imagegpt as hf
 from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
 
@@ -72,7 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     print(
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+        f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads; "
         f"torch {torch.__version__}, transformers {transformers.__version__}\n"
     )
     print(
