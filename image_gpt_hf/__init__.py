@@ -1,11 +1,15 @@
 """image_gpt_hf: OpenAI's Image GPT as Hugging Face transformers models.
 
 Importing this package registers its config, models and image processor with the transformers Auto classes for
-model_type "imagegpt". transformers ships a built-in model of that name; this registration replaces it, so after
-`import image_gpt_hf`, `AutoModel.from_pretrained("openai/imagegpt-small")` builds this package's classes.
+the model types "imagegpt" (what transformers' built-in ImageGPT computes too) and "image_gpt_hf" (checkpoints only
+this package computes: BERT objective, `prepend_sos`, classifier or feature layers, joint loss). transformers ships a
+built-in model of the first name; this registration replaces it, so after `import image_gpt_hf`,
+`AutoModel.from_pretrained("openai/imagegpt-small")` builds this package's classes.
 """
 
 from transformers import (
+    CONFIG_MAPPING,
+    MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -13,10 +17,9 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForMaskedImageModeling,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING
 from transformers.utils import logging
 
-from .configuration_imagegpt import PAPER_RESOLUTIONS, PRESETS, ImageGPTConfig
+from .configuration_imagegpt import EXTENDED_MODEL_TYPE, PAPER_RESOLUTIONS, PRESETS, ImageGPTConfig
 from .image_processing_imagegpt import ImageGPTImageProcessor, ImageGPTImageProcessorPil
 from .modeling_imagegpt import (
     ImageGPTForCausalImageModeling,
@@ -32,6 +35,9 @@ from .modeling_imagegpt import (
 __version__ = "0.1.0"
 
 AutoConfig.register("imagegpt", ImageGPTConfig, exist_ok=True)
+# The same class reads and writes both model types (`ImageGPTConfig.to_dict` picks one by the config's fields), so it
+# is entered under the second name directly: `AutoConfig.register` insists on the class's own `model_type`.
+CONFIG_MAPPING.register(EXTENDED_MODEL_TYPE, ImageGPTConfig, exist_ok=True)
 AutoModel.register(ImageGPTConfig, ImageGPTModel, exist_ok=True)
 AutoModelForCausalLM.register(ImageGPTConfig, ImageGPTForCausalImageModeling, exist_ok=True)
 MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING.register(ImageGPTConfig, ImageGPTForCausalImageModeling, exist_ok=True)
@@ -52,6 +58,7 @@ finally:
     logging.set_verbosity(_verbosity)
 
 __all__ = [
+    "EXTENDED_MODEL_TYPE",
     "PAPER_RESOLUTIONS",
     "PRESETS",
     "ImageGPTConfig",

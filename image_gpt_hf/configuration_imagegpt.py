@@ -7,6 +7,7 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 # The paper's model sizes (Chen et al., 2020, table 1) plus a tiny one for tests and CPU demos. A preset is data:
 # `ImageGPTConfig.from_preset(name, n_px=...)` turns one into a config. OpenAI never said how many heads iGPT-XL had;
@@ -19,6 +20,19 @@ PRESETS: dict[str, dict[str, int]] = {
     "xl": {"n_layer": 60, "n_embd": 3072, "n_head": 24},
 }
 PAPER_RESOLUTIONS = (32, 48, 64)
+
+# The model type written for checkpoints that transformers' built-in ImageGPT cannot compute (see
+# `ImageGPTConfig.builtin_compatible`): transformers without this package refuses them with a message that asks for
+# `trust_remote_code=True` instead of loading them into a model that computes something else.
+EXTENDED_MODEL_TYPE = "image_gpt_hf"
+
+
+def image_side(n_positions: int) -> int:
+    """`n_px` of a model that sees `n_positions = n_px * n_px` pixels (also for transformers' own ImageGPT configs)."""
+    side = math.isqrt(n_positions)
+    if side * side != n_positions:
+        raise ValueError(f"n_positions={n_positions} is not a square; this config has no single n_px.")
+    return side
 
 
 @strict
@@ -53,10 +67,16 @@ class ImageGPTConfig(PreTrainedConfig):
         The layer whose normed hidden state `ImageGPTModel` averages into `pooler_output` (what the
         `image-feature-extraction` pipeline returns with `pool=True`). `None` is the middle of the network
         (`n_layer // 2`), where the paper finds the best linear-probe features.
+
+    A config whose added fields keep their defaults describes a model transformers' built-in ImageGPT computes
+    exactly; it is saved with `model_type: "imagegpt"` and moves both ways. Any other (a BERT objective, `prepend_sos`,
+    a classifier or feature layer, a joint loss) is saved with `model_type: "image_gpt_hf"`, which this package and
+    `trust_remote_code=True` load and which transformers alone refuses (see `builtin_compatible`).
     """
 
     model_type = "imagegpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Trainer drops these output keys at evaluation (the cache field is named `cache` since transformers 5.24).
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     attribute_map = {
         "hidden_size": "n_embd",
         "max_position_embeddings": "n_positions",
@@ -96,9 +116,22 @@ class ImageGPTConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation: reject configs no model can be built from."""
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            value = getattr(self, name)
+            if name == "n_inner" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.activation_function not in ACT2FN:
+            raise ValueError(
+                f"`activation_function` {self.activation_function!r} is not one of transformers' activations "
+                f"(e.g. 'quick_gelu', OpenAI's, or 'gelu_new'); see transformers.activations.ACT2FN."
+            )
+        if self.add_cross_attention:
+            raise ValueError("`add_cross_attention=True` is not supported: Image GPT has no encoder to attend to.")
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"`{name}` is a dropout probability in [0, 1], got {getattr(self, name)!r}.")
         if self.vocab_size < 2:
             raise ValueError(
                 f"`vocab_size` is palette size + 1 (the SOS id) and must be at least 2, got {self.vocab_size}."
@@ -113,11 +146,47 @@ class ImageGPTConfig(PreTrainedConfig):
             raise ValueError("`prepend_sos` applies to autoregressive models only, not to objective='bert'.")
         for name in ("classifier_layer", "feature_layer"):
             layer = getattr(self, name)
+            if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+                raise ValueError(f"`{name}` must be an integer hidden-state index or None, got {layer!r}.")
             if layer is not None and not -(self.n_layer + 1) <= layer <= self.n_layer:
                 raise ValueError(
                     f"`{name}`={layer} is not a hidden-state index of a {self.n_layer}-layer model "
                     f"(valid: {-(self.n_layer + 1)} to {self.n_layer})."
                 )
+
+    @property
+    def builtin_compatible(self) -> bool:
+        """Whether transformers' built-in ImageGPT computes this model exactly: the AR objective, no `prepend_sos`, and
+        none of the classifier/feature layer or joint-loss options (which the built-in would silently ignore)."""
+        return (
+            self.objective == "ar"
+            and not self.prepend_sos
+            and self.classifier_layer is None
+            and self.feature_layer is None
+            and self.gen_loss_weight == 0
+        )
+
+    def to_dict(self) -> dict:
+        """`PreTrainedConfig.to_dict`, with the model type this config is saved under (see `builtin_compatible`)."""
+        output = super().to_dict()
+        output["model_type"] = self.model_type if self.builtin_compatible else EXTENDED_MODEL_TYPE
+        return output
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs) -> tuple[dict, dict]:
+        """`PreTrainedConfig.get_config_dict`; this class reads both model types it writes."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == EXTENDED_MODEL_TYPE:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """`PreTrainedConfig.from_dict`. The stored model type is not kept on the instance: `to_dict` derives it from
+        the fields, so a config reads the same whichever of the two types it was saved under."""
+        if config_dict.get("model_type") in (cls.model_type, EXTENDED_MODEL_TYPE):
+            config_dict = {key: value for key, value in config_dict.items() if key != "model_type"}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def sos_token_id(self) -> int:
@@ -132,10 +201,7 @@ class ImageGPTConfig(PreTrainedConfig):
     @property
     def n_px(self) -> int:
         """Side of the square image the model sees (`n_positions = n_px ** 2`)."""
-        side = math.isqrt(self.n_positions)
-        if side * side != self.n_positions:
-            raise ValueError(f"n_positions={self.n_positions} is not a square; this config has no single n_px.")
-        return side
+        return image_side(self.n_positions)
 
     @classmethod
     def from_preset(cls, name: str, n_px: int = 32, palette_size: int = 512, **kwargs) -> ImageGPTConfig:
@@ -156,4 +222,4 @@ class ImageGPTConfig(PreTrainedConfig):
 # `save_pretrained` copies this file next to config.json and names it in `auto_map` (remote code).
 ImageGPTConfig.register_for_auto_class()
 
-__all__ = ["ImageGPTConfig", "PRESETS", "PAPER_RESOLUTIONS"]
+__all__ = ["EXTENDED_MODEL_TYPE", "ImageGPTConfig", "PRESETS", "PAPER_RESOLUTIONS"]

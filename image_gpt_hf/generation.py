@@ -18,7 +18,6 @@ halves = complete(model, images[:2], processor=processor, num_completions=4, see
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -28,6 +27,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
+from .configuration_imagegpt import ImageGPTConfig, image_side
 from .image_processing_imagegpt import ImageGPTImageProcessor
 
 OutputType = Literal["pil", "np", "ids"]
@@ -70,6 +70,7 @@ def sample(
     batch_size = _check_batch_size(batch_size, num_images)
     _check_output_type(output_type)
     processor = _resolve_processor(model, processor, output_type)
+    _check_palette(processor, palette_size=sos)  # the SOS id is the palette size
 
     prompts = torch.full((num_images, 1), sos, dtype=torch.long, device=model.device)
     ids = _generate(
@@ -125,6 +126,7 @@ def complete(
 
     is_ids = isinstance(images, torch.Tensor) and images.dtype == torch.long
     processor = _resolve_processor(model, processor, output_type, needed=not is_ids)
+    _check_palette(processor, palette_size=sos)  # the SOS id is the palette size
     ids = _check_ids(images, n_px, model.config.vocab_size - 1) if is_ids else _encode(images, processor, n_px)
     batch_size = _check_batch_size(batch_size, len(ids) * num_completions)
 
@@ -196,9 +198,10 @@ def _generate(
 
 
 def _check_model(model: PreTrainedModel) -> tuple[int, int]:
-    """(n_px, SOS id) of an autoregressive Image GPT; a ValueError for anything else."""
+    """(n_px, SOS id) of an autoregressive Image GPT (this package's or transformers' own); a ValueError otherwise."""
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) != "imagegpt" or not hasattr(model, "generate"):
+    is_imagegpt = isinstance(config, ImageGPTConfig) or getattr(config, "model_type", None) == "imagegpt"
+    if not is_imagegpt or not hasattr(model, "generate"):
         raise ValueError(
             f"Expected an autoregressive Image GPT (ImageGPTForCausalImageModeling), got {type(model).__name__}."
         )
@@ -207,10 +210,17 @@ def _check_model(model: PreTrainedModel) -> tuple[int, int]:
             "Sampling needs an autoregressive model (objective='ar'); this is a BERT-objective model "
             f"(objective={config.objective!r}), which predicts masked pixels instead of the next one."
         )
-    n_px = math.isqrt(config.n_positions)
-    if n_px * n_px != config.n_positions:
-        raise ValueError(f"n_positions={config.n_positions} is not a square image size.")
-    return n_px, config.vocab_size - 1
+    return image_side(config.n_positions), config.vocab_size - 1
+
+
+def _check_palette(processor: ImageGPTImageProcessor | None, palette_size: int) -> None:
+    """The processor decodes (and encodes) with a palette of the model's size, or the images come out wrong."""
+    clusters = getattr(processor, "clusters", None)
+    if processor is not None and clusters is not None and len(clusters) != palette_size:
+        raise ValueError(
+            f"The processor's palette has {len(clusters)} colors but the model predicts {palette_size}: "
+            "use the processor saved with the model (`ImageGPTImageProcessor.from_pretrained(model_path)`)."
+        )
 
 
 def _check_count(name: str, value: int) -> None:

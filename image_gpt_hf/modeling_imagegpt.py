@@ -4,39 +4,57 @@ One file holds the model, top to bottom in the order data flows: norm, attention
 three heads (causal = the paper's AR objective, masked = its BERT objective, classification = its fine-tuning).
 State-dict keys and shapes are those of transformers' ImageGPT, so checkpoints move both ways unchanged.
 
+The model goes through transformers' public extension points only: the attention interface, `Cache` objects, the
+masking utilities and output capturing. What differs between transformers releases lives in transformers_compat.py.
+
 This module is shipped as remote code by `save_pretrained`: it imports only torch, transformers and its sibling
-configuration module.
+modules.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    create_bidirectional_mask,
+    create_causal_mask,
+    sdpa_mask,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MaskedLMOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    SequenceClassifierOutputWithPast,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import ModelOutput, can_return_tuple, logging
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_imagegpt import ImageGPTConfig
+from .transformers_compat import (
+    cache_output,
+    mask_cache_argument,
+    output_cache,
+    resolve_cache,
+    select_hidden_states_by_index,
+)
 
 logger = logging.get_logger(__name__)
 
-# The three auto classes (besides AutoConfig) a saved checkpoint names in `auto_map`, so that
+# The auto classes (besides AutoConfig) a saved checkpoint names in `auto_map`, so that
 # `AutoModel*.from_pretrained(path, trust_remote_code=True)` works where this package is not installed.
 AUTO_MAP = {
     "AutoConfig": "configuration_imagegpt.ImageGPTConfig",
@@ -46,45 +64,17 @@ AUTO_MAP = {
     "AutoModelForImageClassification": "modeling_imagegpt.ImageGPTForImageClassification",
 }
 
+# Keyword arguments a forward takes besides its named ones: the output flags that transformers' output capturing
+# reads. Anything else is refused, so that nothing that would change the result is silently dropped.
+OUTPUT_FLAGS = frozenset({"output_attentions", "output_hidden_states", "return_dict"})
 
-QUICK_GELU_ALPHA = 1.702  # OpenAI's gelu2(x) = x * sigmoid(1.702 x), transformers' quick_gelu
-
-
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def _conv1d(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`module(hidden_states)` for a projection, computed from a plain `Conv1D`'s weights directly (one addmm, no
-    module call: it counts in the one-token decode step)."""
-    if not _is_plain(module):
-        return module(hidden_states)
-    flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, in)
-    return torch.addmm(module.bias, flat, module.weight).view(*hidden_states.shape[:-1], module.nf)
-
-
-def _is_plain(module: nn.Module) -> bool:
-    """Whether a projection may be computed from its weights directly instead of through its `forward`: a bare
-    transformers `Conv1D` with no hooks. Anything that wraps or replaces it (PEFT adapters, quantized layers,
-    accelerate's offload hooks) keeps its own forward."""
-    return type(module) is Conv1D and not _is_hooked(module)
-
-
-def _is_hooked(module: nn.Module) -> bool:
-    """Whether calling `module` does more than its class's `forward`: forward (pre-)hooks, or a forward replaced on
-    the instance, as accelerate's device and offload hooks do (they also leave the weights on the meta device).
-    transformers' output-capturing hooks do not count: they record nothing unless outputs are requested, which the
-    callers check themselves."""
-    attributes = module.__dict__  # plain lookups: this runs for every module of every one-token step
-    if "forward" in attributes or "_hf_hook" in attributes or attributes["_forward_pre_hooks"]:
-        return True
-    hooks = attributes["_forward_hooks"]
-    return bool(hooks) and any(getattr(hook, "__name__", "") != "output_capturing_hook" for hook in hooks.values())
+# Opt-in attention for CPU training with attention dropout: `attn_implementation="imagegpt_blockwise_sdpa"`.
+BLOCKWISE_SDPA = "imagegpt_blockwise_sdpa"
 
 
 def _mean_pool(states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Average over positions (B, T, d) -> (B, d), skipping padded positions when a 2-D mask is given."""
-    if attention_mask is None or attention_mask.dim() != 2:
+    """Average over positions (B, T, d) -> (B, d), skipping padded positions of a (B, T) mask."""
+    if attention_mask is None:
         return states.mean(dim=1)
     weights = attention_mask.to(states.dtype).unsqueeze(-1)
     return (states * weights).sum(1) / weights.sum(1).clamp(min=1)
@@ -110,77 +100,6 @@ def random_bert_mask(
     gen_device = generator.device if generator is not None else device
     noise = torch.rand(shape, generator=generator, device=gen_device)
     return (noise < mask_prob).to(device)
-
-
-class ImageGPTCacheLayer(DynamicLayer):
-    """A `DynamicLayer` whose keys and values live in buffers with room to spare.
-
-    `DynamicLayer` appends a step with `torch.cat`, which re-allocates and copies the layer's whole cache for every
-    generated token: over an image of `n` tokens that is O(n^2) bytes moved, more than the attention itself reads. Here
-    a step is written in place and the buffers double when they fill up (amortized O(1) per token, capped at the
-    model's `n_positions`). `self.keys` / `self.values` stay the valid `(B, nh, T, hs)` views, so whatever `DynamicLayer` does
-    with them (crop, beam reordering, batch selection, offloading) keeps working: when such an operation replaces them
-    with new tensors, the next update adopts those as its buffers.
-    """
-
-    def __init__(self, max_length: int, **kwargs):
-        super().__init__(**kwargs)
-        self.max_length = max_length
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, nh, capacity, hs) each
-        self._views: tuple[torch.Tensor, torch.Tensor] | None = None  # what the last update set keys/values to
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
-            # Writing in place would change tensors autograd saved from earlier steps: concatenate, as DynamicLayer.
-            self._buffers = self._views = None
-            return super().update(key_states, value_states, *args, **kwargs)
-        past = self.get_seq_length()
-        total = past + key_states.shape[-2]
-        # Still our views (nothing replaced them since the last update) and room left: write in place.
-        ours = self._views is not None and self.keys is self._views[0] and self.values is self._views[1]
-        if not ours or total > self._buffers[0].shape[2]:
-            # A prefill gets what it holds; growth at least doubles, up to the model's context.
-            capacity = total if past == 0 else max(total, min(2 * total, self.max_length))
-            shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
-            buffers = tuple(torch.empty(shape, dtype=key_states.dtype, device=key_states.device) for _ in range(2))
-            if past:
-                buffers[0].narrow(2, 0, past).copy_(self.keys)
-                buffers[1].narrow(2, 0, past).copy_(self.values)
-            self._buffers = buffers
-        keys, values = self._buffers
-        keys.narrow(2, past, total - past).copy_(key_states)
-        values.narrow(2, past, total - past).copy_(value_states)
-        self.keys, self.values = self._views = (keys.narrow(2, 0, total), values.narrow(2, 0, total))
-        return self.keys, self.values
-
-    def crop(self, tokens_to_remove: int) -> None:
-        ours = self._views is not None and self.keys is self._views[0] and self.values is self._views[1]
-        super().crop(tokens_to_remove)
-        if ours:  # shorter slices of the same buffers (assisted decoding crops at every step)
-            self._views = (self.keys, self.values)
-
-    def reset(self) -> None:
-        self._buffers = self._views = None
-        super().reset()
-
-
-class ImageGPTDynamicCache(DynamicCache):
-    """The cache `ImageGPTModel` and `generate()` use by default: a `DynamicCache` (same API, same results) whose
-    layers grow in place (`ImageGPTCacheLayer`) instead of by concatenation."""
-
-    def __init__(self, ddp_cache_data=None, config: ImageGPTConfig | None = None):
-        if config is None and isinstance(ddp_cache_data, PreTrainedConfig):  # `ImageGPTDynamicCache(config)`
-            config, ddp_cache_data = ddp_cache_data, None
-        super().__init__(ddp_cache_data, config=config)
-        if config is not None and ddp_cache_data is None:
-            self.layers = [ImageGPTCacheLayer(max_length=config.n_positions) for _ in range(config.n_layer)]
-            self.layer_class_to_replicate = None
-        # Otherwise (torch's DataParallel gathers a cache by rebuilding it from its tensors) the layers are
-        # DynamicCache's own: the same results, grown by concatenation.
 
 
 class ImageGPTLayerNorm(nn.Module):
@@ -237,14 +156,18 @@ def blockwise_causal_sdpa_forward(
 ) -> tuple[torch.Tensor, None]:
     """sdpa for causal self-attention with dropout on CPU, one block of queries at a time.
 
-    On CPU, sdpa with dropout falls back to its math path over the full (T, T) scores, the masked half included.
-    Queries `[s, e)` only see keys `[0, e)`: going block by block skips most of that half (and its dropout draws),
-    which makes a CPU training step's attention about 2x cheaper. Same distribution, same gradients; anything this
-    does not cover (a padding mask, a cache, bidirectional attention) goes to transformers' sdpa as usual.
+    Registered with transformers' attention interface as "imagegpt_blockwise_sdpa" (opt in with
+    `attn_implementation="imagegpt_blockwise_sdpa"`). On CPU, sdpa with dropout falls back to its math path over the
+    full (T, T) scores, the masked half included. Queries `[s, e)` only see keys `[0, e)`: going block by block skips
+    most of that half (and its dropout draws), which makes a CPU training step's attention about 2x cheaper. Same
+    distribution, same gradients (not the same dropout draws as sdpa); anything it does not cover (no dropout, a
+    padding mask, a cache, bidirectional attention) goes to transformers' sdpa as usual.
     """
     q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is not None or not module.is_causal or q_len != kv_len or q_len <= block_size:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+    if dropout == 0 or attention_mask is not None or not module.is_causal or q_len != kv_len or q_len <= block_size:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     outputs = []
     for start in range(0, q_len, block_size):
         end = min(start + block_size, q_len)
@@ -255,6 +178,10 @@ def blockwise_causal_sdpa_forward(
             )
         )
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (B, T, nh, hs)
+
+
+AttentionInterface.register(BLOCKWISE_SDPA, blockwise_causal_sdpa_forward)
+AttentionMaskInterface.register(BLOCKWISE_SDPA, sdpa_mask)
 
 
 class ImageGPTAttention(nn.Module):
@@ -283,37 +210,31 @@ class ImageGPTAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
         # (B, T, 3d) -> 3 x (B, nh, T, hs)
-        qkv = _conv1d(self.c_attn, hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        qkv = self.c_attn(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        dropout = self.attention_dropout if self.training else 0.0
-        if dropout > 0 and self.config._attn_implementation == "sdpa" and query.device.type == "cpu":
-            # CPU sdpa has no fused kernel with dropout: it materializes the whole (T, T) score matrix and its mask.
-            attention_interface = blockwise_causal_sdpa_forward
         attn_output, attn_weights = attention_interface(
             self,
             query,
             key,
             value,
             attention_mask,
-            dropout=dropout,
+            dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
             **kwargs,
         )
-        attn_output = _conv1d(self.c_proj, attn_output.reshape(batch_size, seq_len, self.embed_dim))
-        # At inference dropout is the identity; skipping the module call matters in the one-token decode step.
-        return self.resid_dropout(attn_output) if self.training else attn_output, attn_weights
+        attn_output = self.c_proj(attn_output.reshape(batch_size, seq_len, self.embed_dim))
+        return self.resid_dropout(attn_output), attn_weights
 
 
 class ImageGPTMLP(nn.Module):
@@ -323,25 +244,9 @@ class ImageGPTMLP(nn.Module):
         self.c_proj = Conv1D(config.n_embd, intermediate_size)
         self.act = ACT2FN[config.activation_function]  # quick_gelu: OpenAI's gelu2, x * sigmoid(1.702 x)
         self.dropout = nn.Dropout(config.resid_pdrop)
-        self.fuse_quick_gelu = config.activation_function == "quick_gelu"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.fuse_quick_gelu and _is_plain(self.c_fc) and _is_plain(self.c_proj):
-            hidden_states = self._fused_quick_gelu_mlp(hidden_states)
-        else:
-            hidden_states = self.c_proj(self.act(self.c_fc(hidden_states)))
-        return self.dropout(hidden_states) if self.training else hidden_states
-
-    def _fused_quick_gelu_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # quick_gelu(h) = h * sigmoid(a h) = silu(a h) / a with a = 1.702. Both scalings ride on the matmuls (addmm's
-        # alpha and beta cost nothing), which leaves one fused elementwise kernel on the widest activation instead of
-        # three passes and three (B, T, 4d) allocations; without autograd it even runs in place.
-        a = QUICK_GELU_ALPHA
-        x = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, d)
-        h = torch.addmm(self.c_fc.bias, x, self.c_fc.weight, beta=a, alpha=a)  # (B*T, 4d) = a * c_fc(x)
-        h = F.silu(h, inplace=not h.requires_grad)
-        out = torch.addmm(self.c_proj.bias, h, self.c_proj.weight, alpha=1.0 / a)  # (B*T, d) = c_proj(quick_gelu)
-        return out.view(hidden_states.shape)
+        return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
 
 
 class ImageGPTBlock(GradientCheckpointingLayer):
@@ -359,27 +264,65 @@ class ImageGPTBlock(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask, past_key_values, **kwargs)
+        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask, cache, **kwargs)
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
-    def decode_one(self, hidden_states: torch.Tensor, cache_layer: ImageGPTCacheLayer) -> torch.Tensor:
-        """`forward` for one new token per sequence at inference, sdpa attention, no mask: the same operations on the
-        same tensors in the same order (so the same bits), without the module calls, mask and dispatch around them.
-        `ImageGPTModel` calls it only where that holds (see `ImageGPTModel._can_decode_one`)."""
-        attn = self.attn
-        batch_size = hidden_states.shape[0]
-        qkv = _conv1d(attn.c_attn, self.ln_1.forward(hidden_states))
-        query, key, value = qkv.view(batch_size, 1, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        key, value = cache_layer.update(key, value)
-        # One query sees every cached key: no mask, as transformers' sdpa path does for a single query.
-        attn_output = F.scaled_dot_product_attention(query, key, value, scale=attn.scaling)  # (B, nh, 1, hs)
-        attn_output = attn_output.transpose(1, 2).reshape(batch_size, 1, attn.embed_dim)
-        hidden_states = hidden_states + _conv1d(attn.c_proj, attn_output)
-        return hidden_states + self.mlp.forward(self.ln_2.forward(hidden_states))
+
+# ---- input checks: a clear ValueError instead of an IndexError, a device-side assert or a silently wrong result ----
+
+
+def _values_checkable(tensor: torch.Tensor, cache: Cache | None) -> bool:
+    """Whether checks that read tensor values run: always for CPU tensors; elsewhere (where reading a value stalls the
+    device) only when nothing is cached yet, so never in the token-by-token steps of generation. Never while compiling.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if tensor.device.type == "cpu" or cache is None:
+        return True
+    seen = cache.get_seq_length()
+    return isinstance(seen, int) and seen == 0
+
+
+def _as_ids(name: str, ids: torch.Tensor) -> torch.LongTensor:
+    """`ids` as int64 (any integer dtype is taken); a ValueError for floats, complex numbers and bools."""
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"`{name}` must be a torch tensor of integer ids, got {type(ids).__name__}.")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"`{name}` must hold integer ids, got dtype {ids.dtype}.")
+    return ids if ids.dtype == torch.long else ids.long()
+
+
+def _check_range(name: str, ids: torch.Tensor, high: int, allow_ignore: bool = False) -> None:
+    """Every id in `[0, high)` (or -100, ignored, with `allow_ignore`)."""
+    if ids.numel() == 0:
+        return
+    low, top = torch.stack(torch.aminmax(ids)).tolist()  # one pass, one sync
+    if low >= 0 and top < high:
+        return
+    valid = (ids >= 0) & (ids < high)
+    if allow_ignore:
+        valid |= ids == -100
+    if not bool(valid.all()):
+        bad = ids[~valid]
+        raise ValueError(
+            f"`{name}` holds ids outside [0, {high}){' (or -100, ignored)' if allow_ignore else ''}: "
+            f"min {int(bad.min())}, max {int(bad.max())}, {bad.numel()} invalid."
+        )
+
+
+def _check_shape(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    if tensor is not None and tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"`{name}` has shape {tuple(tensor.shape)}, expected {tuple(shape)}.")
+
+
+def _check_binary(name: str, tensor: torch.Tensor) -> None:
+    """A mask given as numbers must hold only 0 and 1."""
+    if tensor.dtype != torch.bool and tensor.numel() and not bool(((tensor == 0) | (tensor == 1)).all()):
+        raise ValueError(f"`{name}` must hold only 0 and 1 (or be a bool tensor).")
 
 
 class ImageGPTPreTrainedModel(PreTrainedModel):
@@ -390,7 +333,7 @@ class ImageGPTPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["ImageGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -402,6 +345,8 @@ class ImageGPTPreTrainedModel(PreTrainedModel):
     }
     # Old checkpoints (e.g. the Hub's openai/imagegpt-*) carry the causal-mask buffers of transformers 4.
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
+    # The losses are means over their targets and take no `num_items_in_batch`: Trainer scales gradient accumulation.
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -422,36 +367,6 @@ class ImageGPTPreTrainedModel(PreTrainedModel):
         # registered for its auto class at the bottom of this module.
         self.config.auto_map = dict(AUTO_MAP)
         return super().save_pretrained(save_directory, *args, **kwargs)
-
-    # ---- input checks: a clear ValueError instead of an IndexError or a device-side assert -------------------------
-
-    # True while `generate()` runs its decode loop (see `ImageGPTForCausalImageModeling._optimize_model_for_decode`):
-    # the ids it feeds back are the model's own argmax or samples over the palette, so checking them again would only
-    # cost a device sync per token.
-    _inputs_from_decode_loop = False
-
-    def _check_ids(self, name: str, ids: torch.Tensor, high: int, allow_ignore: bool = False) -> None:
-        if _is_compiling() or self._inputs_from_decode_loop or ids.numel() == 0:
-            return
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"`{name}` must hold integer ids, got dtype {ids.dtype}.")
-        if not allow_ignore:
-            low, top = torch.stack(torch.aminmax(ids)).tolist()  # one pass over the ids, one sync
-            if low >= 0 and top < high:
-                return
-        valid = (ids >= 0) & (ids < high)
-        if allow_ignore:
-            valid |= ids == -100
-        if not bool(valid.all()):
-            bad = ids[~valid]
-            raise ValueError(
-                f"`{name}` holds ids outside [0, {high}){' (or -100, ignored)' if allow_ignore else ''}: "
-                f"min {int(bad.min())}, max {int(bad.max())}, {bad.numel()} invalid."
-            )
-
-    def _check_shape(self, name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-        if tensor is not None and tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"`{name}` has shape {tuple(tensor.shape)}, expected {tuple(shape)}.")
 
 
 @dataclass
@@ -494,9 +409,14 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         n_layer = self.config.n_layer
         if layer is None:
             layer = self.config.feature_layer if self.config.feature_layer is not None else n_layer // 2
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise ValueError(f"A layer is an integer hidden-state index (0 to {n_layer}), got {layer!r}.")
         if not -(n_layer + 1) <= layer <= n_layer:
-            raise ValueError(f"Layer {layer} is not a hidden-state index of a {n_layer}-layer model.")
-        return layer % (n_layer + 1)
+            raise ValueError(
+                f"Layer {layer} is not a hidden-state index of a {n_layer}-layer model "
+                f"(valid: {-(n_layer + 1)} to {n_layer})."
+            )
+        return int(layer) % (n_layer + 1)
 
     def normed_features(self, hidden_state: torch.Tensor, layer: int) -> torch.Tensor:
         """The paper's `n^l`: hidden state `l` through the norm the next block reads it with (`ln_1` of block `l`;
@@ -515,164 +435,248 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
 
         Returns `(len(layers), batch, hidden)` mean-pooled features (`pool=True`) or `(len(layers), batch, seq, hidden)`.
         `layers` are hidden-state indices (0 = embeddings, `n_layer` = final output); `None` means all of them.
-        `kwargs` go to `forward` (e.g. `prepend_sos=True` for OpenAI's AR inputs, `bool_masked_pos`).
+        `kwargs` go to `forward` (e.g. `prepend_sos=True` for OpenAI's AR inputs, `bool_masked_pos`, `attention_mask`,
+        by which pooling skips padded positions).
         """
         if layers is None:
             layers = list(range(self.config.n_layer + 1))
-        layers = [self.resolve_layer(layer) for layer in ([layers] if isinstance(layers, int) else layers)]
-        kwargs.pop("output_hidden_states", None)
+        elif isinstance(layers, (bool, str)) or not isinstance(layers, (numbers.Integral, list, tuple)):
+            raise ValueError(f"`layers` must be a hidden-state index or a list of them, got {layers!r}.")
+        elif isinstance(layers, numbers.Integral):
+            layers = [layers]
+        if len(layers) == 0:
+            raise ValueError("`layers` is empty: give at least one hidden-state index (or None for all of them).")
+        layers = [self.resolve_layer(layer) for layer in layers]
+        for name in ("output_hidden_states", "use_cache", "return_dict"):
+            if name in kwargs:
+                raise ValueError(f"`extract_features` sets `{name}` itself; do not pass it.")
         outputs = self(input_ids, output_hidden_states=True, use_cache=False, **kwargs)
         mask = kwargs.get("attention_mask")
         features = [self.normed_features(outputs.hidden_states[layer], layer) for layer in layers]
         return torch.stack([_mean_pool(f, mask) if pool else f for f in features])
-
-    def _can_decode_one(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values: Cache | None, kwargs
-    ) -> bool:
-        """Whether this call is a plain one-token decode step that `ImageGPTBlock.decode_one` computes exactly as
-        `forward` does: inference, causal sdpa, one new token after a non-empty `ImageGPTDynamicCache`, no padding,
-        nothing to record (attentions, hidden states) and no hooks on the blocks (PEFT, offloading, user hooks)."""
-        if (
-            self.training
-            or hidden_states.shape[1] != 1
-            or _is_compiling()
-            or self.config.objective != "ar"
-            or self.config._attn_implementation != "sdpa"
-            or not isinstance(past_key_values, ImageGPTDynamicCache)
-            or kwargs.get("output_attentions", self.config.output_attentions)
-            or kwargs.get("output_hidden_states", self.config.output_hidden_states)
-            or set(kwargs) - {"output_attentions", "output_hidden_states", "return_dict"}
-            or len(past_key_values.layers) != len(self.h)
-            or not all(isinstance(layer, ImageGPTCacheLayer) for layer in past_key_values.layers)
-            or past_key_values.get_seq_length() == 0
-        ):
-            return False
-        if attention_mask is not None:
-            # A 2-D all-ones mask (what generate() passes) masks nothing; reading it syncs, so only on CPU.
-            if attention_mask.dim() != 2 or hidden_states.device.type != "cpu" or not bool(attention_mask.all()):
-                return False
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-            return False
-        for block in self.h:  # the modules `decode_one` does not call (`_conv1d` checks the projections itself)
-            for module in (block, block.ln_1, block.attn, block.ln_2, block.mlp):
-                if _is_hooked(module):
-                    return False
-        return True
 
     def add_sos(self, input_ids: torch.Tensor) -> torch.Tensor:
         """`[SOS, x_1, ..., x_{n-1}]` from the pixel ids `x` (B, n): the input OpenAI's AR code builds."""
         sos = torch.full_like(input_ids[:, :1], self.config.sos_token_id)
         return torch.cat([sos, input_ids[:, :-1]], dim=1)
 
-    @merge_with_config_defaults
+    @select_hidden_states_by_index
     @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         bool_masked_pos: torch.BoolTensor | None = None,
         prepend_sos: bool | None = None,
         use_cache: bool | None = None,
+        pooler_layer: int | None = None,
         return_pooler_output: bool = True,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> ImageGPTModelOutput:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Palette ids from `ImageGPTImageProcessor` (the SOS id, `vocab_size - 1`, starts a generated sequence).
+        cache (`Cache`, *optional*):
+            Keys and values of earlier positions (`past_key_values` is accepted as well, its name before transformers
+            5.24). Returned when `use_cache` is on (default: `config.use_cache`; always off for BERT models).
+        attention_mask (`torch.Tensor`, *optional*):
+            `(batch_size, cached + sequence_length)` with 1 for positions to attend to and 0 for padding, or a 4-D
+            mask `(batch_size, 1, sequence_length, key_length)` as transformers' generation builds for static caches.
+        token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            As in transformers' ImageGPT: their token embeddings are added to the input.
         bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Positions whose input embedding is zeroed, as OpenAI's BERT objective does (see `random_bert_mask`).
         prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
-            Build the input as `[SOS, x_1, ..., x_{n-1}]` from the pixel ids, as OpenAI's AR code does.
+            Build the input as `[SOS, x_1, ..., x_{n-1}]` from the `n` pixel ids, as OpenAI's AR code does. The ids
+            must then be pixels only: ids that contain SOS are refused (they would get a second one).
+        pooler_layer (`int`, *optional*, defaults to `config.feature_layer`):
+            The hidden-state index whose normed states are averaged into `pooler_output` (see `resolve_layer`).
         return_pooler_output (`bool`, *optional*, defaults to `True`):
-            Compute `pooler_output`. The heads, which do not read it, pass `False` to save a norm and a mean per call
-            (noticeable in the one-token decode steps of generation).
+            Compute `pooler_output`. The heads that do not read it pass `False` to save a norm and a mean per call.
         """
+        unexpected = set(kwargs) - OUTPUT_FLAGS
+        if unexpected:
+            raise TypeError(
+                f"{type(self).__name__}.forward() got unexpected argument(s): {', '.join(sorted(unexpected))}."
+            )
+        config = self.config
+        cache = resolve_cache(cache, past_key_values)
+        prepend_sos = config.prepend_sos if prepend_sos is None else prepend_sos
+
+        # Inputs: exactly one of ids and embeddings, non-empty.
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
         if input_ids is not None:
+            input_ids = _as_ids("input_ids", input_ids)
             if input_ids.dim() != 2:
                 raise ValueError(
                     f"`input_ids` must be (batch_size, sequence_length), got shape {tuple(input_ids.shape)}."
                 )
-            self._check_ids("input_ids", input_ids, self.config.vocab_size)
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"`inputs_embeds` must be (batch_size, sequence_length, {self.embed_dim}), "
-                f"got shape {tuple(inputs_embeds.shape)}."
-            )
+            batch_size, seq_len = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.embed_dim:
+                raise ValueError(
+                    f"`inputs_embeds` must be (batch_size, sequence_length, {self.embed_dim}), "
+                    f"got shape {tuple(inputs_embeds.shape)}."
+                )
+            if not inputs_embeds.is_floating_point():
+                raise ValueError(f"`inputs_embeds` must be floating point, got dtype {inputs_embeds.dtype}.")
+            batch_size, seq_len = inputs_embeds.shape[:2]
+        if batch_size == 0 or seq_len == 0:
+            name = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise ValueError(f"`{name}` is empty (batch {batch_size}, sequence length {seq_len}).")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        check_values = _values_checkable(reference, cache)
+
+        # The cache: causal models only; none while gradient checkpointing (the layers run twice).
+        if config.objective != "ar":
+            if use_cache or cache is not None:
+                raise ValueError("BERT-objective models attend in both directions and keep no cache (`use_cache`).")
+            use_cache = False
+        elif use_cache is None:
+            use_cache = config.use_cache
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache):
+            logger.warning_once("Caching is incompatible with gradient checkpointing: running without a cache.")
+            use_cache, cache = False, None
+
+        if input_ids is not None and check_values:
+            _check_range("input_ids", input_ids, config.vocab_size)
         if prepend_sos:
-            if self.config.objective != "ar":
+            if config.objective != "ar":
                 raise ValueError("`prepend_sos` applies to autoregressive models only, not to objective='bert'.")
-            if input_ids is None or past_key_values is not None:
-                raise ValueError("`prepend_sos` needs `input_ids` of whole images and no `past_key_values`.")
+            if input_ids is None or cache is not None:
+                raise ValueError("`prepend_sos` needs `input_ids` of whole images and no cache.")
+            if attention_mask is not None or token_type_ids is not None:
+                raise ValueError(
+                    "`prepend_sos` builds the input from whole images; it takes no `attention_mask` or "
+                    "`token_type_ids` (pass ids that start with SOS and `prepend_sos=False` for those)."
+                )
+            if check_values and bool((input_ids == config.sos_token_id).any()):
+                raise ValueError(
+                    f"`input_ids` contain the SOS id {config.sos_token_id}, but `prepend_sos` is on and adds SOS "
+                    "itself. Pass pixel ids only (e.g. `ids[:, 1:]` of a generate() output), or `prepend_sos=False` "
+                    "to use the ids as given."
+                )
             input_ids = self.add_sos(input_ids)
 
-        batch_size, seq_len = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        self._check_shape("bool_masked_pos", bool_masked_pos, (batch_size, seq_len))
+        # Lengths (from shapes and the cache's own count: no device sync).
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        if isinstance(past_seen, int) and past_seen + seq_len > config.n_positions:
+            raise ValueError(
+                f"Sequence of {past_seen + seq_len} tokens ({past_seen} cached + {seq_len} new) is longer than the "
+                f"model's n_positions={config.n_positions} (generate at most `max_length=n_positions + 1`: the last "
+                "generated token is never fed back)."
+            )
 
-        if use_cache and past_key_values is None:
-            past_key_values = ImageGPTDynamicCache(config=self.config)
-        if not use_cache:
-            past_key_values = None
+        # Positions, masks, token types.
+        if position_ids is None:
+            position_ids = (torch.arange(seq_len, device=reference.device) + past_seen).unsqueeze(0)
+        else:
+            position_ids = _as_ids("position_ids", position_ids)
+            if position_ids.dim() == 1:
+                position_ids = position_ids.unsqueeze(0)
+            if (
+                position_ids.dim() != 2
+                or position_ids.shape[0] not in (1, batch_size)
+                or position_ids.shape[1] != seq_len
+            ):
+                raise ValueError(
+                    f"`position_ids` has shape {tuple(position_ids.shape)}, expected ({batch_size}, {seq_len}) "
+                    f"or ({seq_len},)."
+                )
+            if check_values:
+                _check_range("position_ids", position_ids, config.n_positions)
+        if attention_mask is not None:
+            attention_mask = self._check_attention_mask(attention_mask, batch_size, seq_len, past_seen, check_values)
+        if token_type_ids is not None:
+            token_type_ids = _as_ids("token_type_ids", token_type_ids)
+            _check_shape("token_type_ids", token_type_ids, (batch_size, seq_len))
+            if check_values:
+                _check_range("token_type_ids", token_type_ids, config.vocab_size)
+        if bool_masked_pos is not None:
+            if not isinstance(bool_masked_pos, torch.Tensor) or bool_masked_pos.is_floating_point():
+                raise ValueError(
+                    "`bool_masked_pos` must be a bool tensor (True = masked), e.g. from `random_bert_mask`; got "
+                    f"{getattr(bool_masked_pos, 'dtype', type(bool_masked_pos).__name__)}."
+                )
+            _check_shape("bool_masked_pos", bool_masked_pos, (batch_size, seq_len))
+            if check_values:
+                _check_binary("bool_masked_pos", bool_masked_pos)
+            bool_masked_pos = bool_masked_pos.bool()
+
+        # Embeddings.
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         if bool_masked_pos is not None:
             # OpenAI's BERT: a masked token contributes nothing but its position embedding.
-            inputs_embeds = inputs_embeds * (~bool_masked_pos.bool()).unsqueeze(-1).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds * (~bool_masked_pos).unsqueeze(-1).to(inputs_embeds.dtype)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        hidden_states = inputs_embeds + self.wpe(position_ids)
+        if token_type_ids is not None:
+            hidden_states = hidden_states + self.wte(token_type_ids)
+        hidden_states = self.drop(hidden_states)
 
-        # Length checks read tensor values (a device sync); compiled graphs and generate's decode loop skip them.
-        check_lengths = not (_is_compiling() or self._inputs_from_decode_loop)
-        if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            if check_lengths and past_seen + seq_len > self.config.n_positions:
-                raise ValueError(
-                    f"Sequence of {past_seen + seq_len} tokens ({past_seen} cached + {seq_len} new) is longer than "
-                    f"the model's n_positions={self.config.n_positions}."
-                )
-            position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_seen).unsqueeze(0)
-        elif check_lengths and position_ids.numel() and int(position_ids.max()) >= self.config.n_positions:
-            raise ValueError(
-                f"`position_ids` go up to {int(position_ids.max())}, past n_positions={self.config.n_positions}."
-            )
-        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
-
-        if not return_pooler_output and self._can_decode_one(hidden_states, attention_mask, past_key_values, kwargs):
-            # Generation's one-token step: the blocks' arithmetic without the machinery around it (about 2x faster
-            # for small models on CPU, where that machinery costs more than the arithmetic).
-            for block, cache_layer in zip(self.h, past_key_values.layers):
-                hidden_states = block.decode_one(hidden_states, cache_layer)
-            return ImageGPTModelOutput(last_hidden_state=self.ln_f(hidden_states), past_key_values=past_key_values)
-
-        if attention_mask is not None and attention_mask.dim() < 4:
-            attention_mask = attention_mask.view(batch_size, -1)
-        pool_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         mask_kwargs = {
-            "config": self.config,
+            "config": config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
+            **mask_cache_argument(cache),
         }
-        if self.config.objective == "ar":
+        if config.objective == "ar":
             mask = create_causal_mask(**mask_kwargs, position_ids=position_ids)
         else:
             mask = create_bidirectional_mask(**mask_kwargs)
 
-        feature_layer = self.resolve_layer(None) if return_pooler_output else -1
+        pool_layer = self.resolve_layer(pooler_layer) if return_pooler_output else None
+        pool_mask = attention_mask[:, -seq_len:] if attention_mask is not None and attention_mask.dim() == 2 else None
         pooled = None
         for i, block in enumerate(self.h):
-            if i == feature_layer:
+            if i == pool_layer:
                 pooled = _mean_pool(block.ln_1(hidden_states), pool_mask)
-            hidden_states = block(hidden_states, mask, past_key_values, position_ids=position_ids, **kwargs)
+            hidden_states = block(hidden_states, mask, cache)
         hidden_states = self.ln_f(hidden_states)
-        if return_pooler_output and pooled is None:
+        if pool_layer == config.n_layer:
             pooled = _mean_pool(hidden_states, pool_mask)
 
         return ImageGPTModelOutput(
-            last_hidden_state=hidden_states, past_key_values=past_key_values, pooler_output=pooled
+            last_hidden_state=hidden_states, pooler_output=pooled, **cache_output(cache if use_cache else None)
+        )
+
+    def _check_attention_mask(
+        self, attention_mask: torch.Tensor, batch_size: int, seq_len: int, past_seen: int | torch.Tensor, check_values
+    ) -> torch.Tensor:
+        """A 2-D padding mask `(batch, cached + new)` or a 4-D mask `(batch or 1, 1, new, keys)`; nothing else."""
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.is_complex():
+            raise ValueError("`attention_mask` must be a real-valued torch tensor.")
+        total = past_seen + seq_len if isinstance(past_seen, int) else None
+        if attention_mask.dim() == 2:
+            if attention_mask.shape[0] != batch_size or (
+                attention_mask.shape[1] != total if total is not None else attention_mask.shape[1] < seq_len
+            ):
+                expected = f"({batch_size}, {total if total is not None else 'cached + ' + str(seq_len)})"
+                raise ValueError(
+                    f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected {expected}: one entry per "
+                    "cached and new position of each sequence."
+                )
+            if check_values:
+                _check_binary("attention_mask", attention_mask)
+            return attention_mask
+        if attention_mask.dim() == 4:
+            b, heads, queries, keys = attention_mask.shape
+            if b not in (1, batch_size) or heads != 1 or queries != seq_len or (total is not None and keys < total):
+                raise ValueError(
+                    f"A 4-D `attention_mask` must be (batch, 1, {seq_len}, keys >= {total or 'cached + new'}), got "
+                    f"{tuple(attention_mask.shape)}."
+                )
+            return attention_mask
+        raise ValueError(
+            f"`attention_mask` must be 2-D (batch, cached + new positions) or 4-D, got shape {tuple(attention_mask.shape)}."
         )
 
 
@@ -698,6 +702,22 @@ def _gen_loss_bert(logits: torch.Tensor, labels: torch.Tensor, bool_masked_pos: 
     return (per_image * has_mask).sum() / has_mask.sum().clamp(min=1)
 
 
+def _ar_targets(labels: torch.Tensor, shape: torch.Size, palette_size: int, shifted: bool) -> torch.Tensor:
+    """Check AR `labels` against the logits' `(batch, seq)`; with `shifted`, position 0 is never a target (it may hold
+    SOS, as `labels=input_ids` does), so it is not checked."""
+    labels = _as_ids("labels", labels)
+    _check_shape("labels", labels, shape)
+    targets = labels[:, 1:] if shifted else labels
+    if targets.shape[1] == 0:
+        raise ValueError(
+            "`labels` of a 1-token sequence have no target: the labels are shifted inside the model, so position 0 is "
+            "never predicted. Give at least 2 positions (or `prepend_sos=True` to predict every pixel from SOS)."
+        )
+    if not torch.compiler.is_compiling():
+        _check_range("labels", targets, palette_size, allow_ignore=True)
+    return labels
+
+
 class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
     """iGPT with its autoregressive head: next-pixel logits over the palette (`vocab_size - 1` outputs).
 
@@ -705,7 +725,8 @@ class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
 
     OpenAI's generative loss (all `n` pixels, each predicted from its predecessors, SOS at position 0) is
     `model(input_ids=pixel_ids, labels=pixel_ids, prepend_sos=True).loss`; without `prepend_sos` the labels are
-    shifted inside the model, as in transformers, and the first pixel is not predicted.
+    shifted inside the model, as in transformers (`labels=input_ids` with SOS at position 0 is the usual pattern),
+    and the first position is not predicted.
     """
 
     def __init__(self, config: ImageGPTConfig):
@@ -716,71 +737,71 @@ class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
                 f"got objective={config.objective!r}. Use ImageGPTForMaskedImageModeling for BERT models."
             )
         self.transformer = ImageGPTModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size - 1, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.palette_size, bias=False)
         self.post_init()
 
+    def generate(self, inputs=None, generation_config=None, *args, **kwargs):
+        """`GenerationMixin.generate`, which refuses up front a length the model cannot see (rather than failing at
+        the first position past `n_positions`: on an accelerator, a device-side assert)."""
+        settings = generation_config if generation_config is not None else self.generation_config
+        max_new_tokens = kwargs.get("max_new_tokens", settings.max_new_tokens)
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        prompt_length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else 1
+        total = (
+            prompt_length + max_new_tokens
+            if max_new_tokens is not None
+            else kwargs.get("max_length", settings.max_length)
+        )
+        if total > self.config.n_positions + 1:
+            raise ValueError(
+                f"Generating {total} tokens in all is more than this model sees: n_positions={self.config.n_positions} "
+                "allows `max_length <= n_positions + 1` (the last generated token is never fed back)."
+            )
+        return super().generate(inputs, generation_config, *args, **kwargs)
+
     def prepare_inputs_for_generation(self, *args, **kwargs):
-        # generate() feeds its own SOS; a config with prepend_sos=True must not shift the ids again.
+        # generate() starts from its own SOS: a config with prepend_sos=True must not add another one.
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         model_inputs["prepend_sos"] = False
         return model_inputs
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        # generate()'s default cache is a `DynamicCache`, which copies itself whole at every token; ours grows in
-        # place. Only that default is swapped: caches the user passed or chose (`cache_implementation`) stay.
-        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if (
-            type(cache) is DynamicCache
-            and generation_config.cache_implementation in (None, "dynamic")
-            and not getattr(cache, "_is_user_defined", False)
-        ):
-            model_kwargs["past_key_values"] = ImageGPTDynamicCache(config=self.config)
-        return result
-
-    @contextlib.contextmanager
-    def _optimize_model_for_decode(self):
-        # generate() runs its token-by-token loop inside this context (after the prefill, which is checked as usual).
-        # The ids it feeds back there are the model's own picks over the palette, so the per-step id and length
-        # checks are skipped: on an accelerator each would cost a device sync per token.
-        with super()._optimize_model_for_decode():
-            self.transformer._inputs_from_decode_loop = True
-            try:
-                yield
-            finally:
-                self.transformer._inputs_from_decode_loop = False
 
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         prepend_sos: bool | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Palette ids in `[0, vocab_size - 1)` or -100 (ignored). Shifted inside the model (`labels = input_ids`),
-            unless `prepend_sos` is on, in which case `labels[:, t]` is the target of `logits[:, t]`.
+            Palette ids in `[0, vocab_size - 1)` or -100 (ignored). Shifted inside the model (`labels = input_ids`;
+            position 0, which may hold SOS, is never a target), unless `prepend_sos` is on, in which case
+            `labels[:, t]` is the target of `logits[:, t]`.
         prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
             Build the input as `[SOS, x_1, ..., x_{n-1}]` from the pixel ids, as OpenAI's code does.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            Compute logits for the last `logits_to_keep` positions only (0: all), or for the given indices.
         """
         prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
-        outputs: BaseModelOutputWithPast = self.transformer(
+        outputs: ImageGPTModelOutput = self.transformer(
             input_ids,
-            return_pooler_output=False,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             prepend_sos=prepend_sos,
             use_cache=use_cache,
+            return_pooler_output=False,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -789,8 +810,7 @@ class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            self._check_shape("labels", labels, hidden_states.shape[:2])
-            self._check_ids("labels", labels, self.config.vocab_size - 1, allow_ignore=True)
+            labels = _ar_targets(labels, hidden_states.shape[:2], self.config.palette_size, shifted=not prepend_sos)
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("`labels` need logits for every position; do not combine them with `logits_to_keep`.")
             loss = _gen_loss_ar(logits, labels, shifted=not prepend_sos)
@@ -798,9 +818,9 @@ class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **cache_output(output_cache(outputs)),
         )
 
 
@@ -819,7 +839,7 @@ class ImageGPTForMaskedImageModeling(ImageGPTPreTrainedModel):
                 f"got objective={config.objective!r}. Pass objective='bert' to the config or to from_pretrained."
             )
         self.transformer = ImageGPTModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size - 1, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.palette_size, bias=False)
         self.post_init()
 
     @can_return_tuple
@@ -828,6 +848,7 @@ class ImageGPTForMaskedImageModeling(ImageGPTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         bool_masked_pos: torch.BoolTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -842,21 +863,23 @@ class ImageGPTForMaskedImageModeling(ImageGPTPreTrainedModel):
         """
         if labels is not None and bool_masked_pos is None:
             raise ValueError("`labels` need `bool_masked_pos`: the BERT loss covers the masked positions only.")
-        outputs: BaseModelOutputWithPast = self.transformer(
+        outputs: ImageGPTModelOutput = self.transformer(
             input_ids,
-            return_pooler_output=False,
             attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             bool_masked_pos=bool_masked_pos,
-            use_cache=False,
+            return_pooler_output=False,
             **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
-            self._check_shape("labels", labels, logits.shape[:2])
-            self._check_ids("labels", labels, self.config.vocab_size - 1, allow_ignore=True)
+            labels = _as_ids("labels", labels)
+            _check_shape("labels", labels, logits.shape[:2])
+            if not torch.compiler.is_compiling():
+                _check_range("labels", labels, self.config.palette_size, allow_ignore=True)
             loss = _gen_loss_bert(logits, labels, bool_masked_pos)
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
@@ -864,22 +887,17 @@ class ImageGPTForMaskedImageModeling(ImageGPTPreTrainedModel):
 
 
 @dataclass
-class ImageGPTImageClassifierOutput(ModelOutput):
+class ImageGPTImageClassifierOutput(SequenceClassifierOutputWithPast):
     r"""
     loss (`torch.FloatTensor`, *optional*): `clf_loss + config.gen_loss_weight * gen_loss` (the paper's fine-tuning
         objective), or `clf_loss` alone when there is no generative part.
+    logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): classification scores.
     clf_loss (`torch.FloatTensor`, *optional*): classification loss.
     gen_loss (`torch.FloatTensor`, *optional*): generative loss (AR or BERT, by `config.objective`).
-    logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): classification scores.
     """
 
-    loss: torch.FloatTensor | None = None
     clf_loss: torch.FloatTensor | None = None
     gen_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
@@ -887,9 +905,9 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
 
     `config.classifier_layer` picks the pooled layer `l` (default: the final normed output, as the paper's
     fine-tuning); an earlier layer is read as the paper's probes read it, through the norm of the block that follows
-    (`n^l`, see `ImageGPTModel.normed_features`). With `config.gen_loss_weight = w > 0` the model also carries the LM head and trains on the paper's
-    joint objective `L = L_clf + w * L_gen`, returning both parts (AR: next-pixel loss; BERT: masked-pixel loss over
-    `bool_masked_pos`).
+    (`n^l`, see `ImageGPTModel.normed_features`). With `config.gen_loss_weight = w > 0` the model also carries the LM
+    head and trains on the paper's joint objective `L = L_clf + w * L_gen`, returning both parts (AR: next-pixel loss;
+    BERT: masked-pixel loss over `bool_masked_pos`).
     """
 
     def __init__(self, config: ImageGPTConfig):
@@ -898,20 +916,23 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
         self.transformer = ImageGPTModel(config)
         self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
         if config.gen_loss_weight > 0:
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size - 1, bias=False)
+            self.lm_head = nn.Linear(config.n_embd, config.palette_size, bias=False)
         self.post_init()
 
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        bool_masked_pos: torch.BoolTensor | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
         prepend_sos: bool | None = None,
-        output_hidden_states: bool | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> ImageGPTImageClassifierOutput:
         r"""
@@ -921,28 +942,25 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
             BERT models: positions whose input embedding is zeroed; the generative loss covers them.
         prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
             AR models: pool over `[SOS, x_1, ..., x_{n-1}]`, as OpenAI's code does, and score all `n` pixels.
+        use_cache (`bool`, *optional*, defaults to `False`):
+            Return the keys and values (classification does not need them, so they are not kept by default).
         """
         prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
         layer = self.config.classifier_layer
-        want_hidden = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        outputs: BaseModelOutputWithPast = self.transformer(
+        outputs: ImageGPTModelOutput = self.transformer(
             input_ids,
-            return_pooler_output=False,
+            cache=resolve_cache(cache, past_key_values),
             attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             bool_masked_pos=bool_masked_pos,
             prepend_sos=prepend_sos,
-            use_cache=False,
-            output_hidden_states=bool(want_hidden) or layer is not None,
+            use_cache=bool(use_cache),
+            pooler_layer=self.config.n_layer if layer is None else layer,
             **kwargs,
         )
-        if layer is None:
-            features = outputs.last_hidden_state
-        else:
-            layer = self.transformer.resolve_layer(layer)
-            features = self.transformer.normed_features(outputs.hidden_states[layer], layer)
-        logits = self.score(_mean_pool(features, attention_mask))
+        logits = self.score(outputs.pooler_output)
 
         loss = clf_loss = gen_loss = None
         if labels is not None:
@@ -951,7 +969,8 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
                     f"`labels` must have one entry per image ({logits.shape[0]}), got shape {tuple(labels.shape)}."
                 )
             if self.config.problem_type in (None, "single_label_classification") and not labels.is_floating_point():
-                self._check_ids("labels", labels, self.num_labels)
+                labels = _as_ids("labels", labels)
+                _check_range("labels", labels, self.num_labels)
             clf_loss = self.loss_function(labels, logits, self.config)
             loss = clf_loss
             if self.config.gen_loss_weight > 0:
@@ -960,26 +979,27 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
 
         return ImageGPTImageClassifierOutput(
             loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             clf_loss=clf_loss,
             gen_loss=gen_loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states if want_hidden else None,
-            attentions=outputs.attentions,
+            **cache_output(output_cache(outputs)),
         )
 
     def _gen_loss(self, last_hidden_state, input_ids, bool_masked_pos, prepend_sos) -> torch.Tensor:
         if input_ids is None:
             raise ValueError("The generative part of the loss needs `input_ids` (the targets), not `inputs_embeds`.")
         gen_logits = self.lm_head(last_hidden_state)
-        targets = input_ids if prepend_sos or self.config.objective == "bert" else input_ids[:, 1:]
-        self._check_ids("input_ids (generative targets)", targets, self.config.vocab_size - 1)
         if self.config.objective == "bert":
             if bool_masked_pos is None:
                 raise ValueError(
                     "BERT fine-tuning with gen_loss_weight > 0 needs `bool_masked_pos` (see `random_bert_mask`)."
                 )
+            _check_range("input_ids (generative targets)", input_ids, self.config.palette_size)
             return _gen_loss_bert(gen_logits, input_ids, bool_masked_pos)
-        return _gen_loss_ar(gen_logits, input_ids, shifted=not prepend_sos)
+        targets = _ar_targets(input_ids, gen_logits.shape[:2], self.config.palette_size, shifted=not prepend_sos)
+        return _gen_loss_ar(gen_logits, targets, shifted=not prepend_sos)
 
 
 ImageGPTModel.register_for_auto_class("AutoModel")
@@ -988,6 +1008,7 @@ ImageGPTForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageM
 ImageGPTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
+    "BLOCKWISE_SDPA",
     "ImageGPTForCausalImageModeling",
     "ImageGPTForImageClassification",
     "ImageGPTForMaskedImageModeling",

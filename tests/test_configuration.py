@@ -55,7 +55,8 @@ def test_openai_hub_config_loads_unchanged(tmp_path):
 
 
 def test_our_config_loads_in_transformers(tmp_path):
-    ImageGPTConfig.from_preset("tiny", n_px=16, objective="bert").save_pretrained(tmp_path)
+    ImageGPTConfig.from_preset("tiny", n_px=16).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "imagegpt"
     theirs = HFImageGPTConfig.from_pretrained(tmp_path)
     assert (theirs.n_layer, theirs.n_embd, theirs.n_positions) == (6, 128, 256)
     # The source file travels with the config, for trust_remote_code.
@@ -63,6 +64,31 @@ def test_our_config_loads_in_transformers(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoConfig"] == (
         "configuration_imagegpt.ImageGPTConfig"
     )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"objective": "bert"},
+        {"prepend_sos": True},
+        {"classifier_layer": 2},
+        {"feature_layer": -1},
+        {"gen_loss_weight": 1.0},
+    ],
+)
+def test_what_the_builtin_cannot_compute_is_saved_under_a_type_of_its_own(tmp_path, fields):
+    config = ImageGPTConfig.from_preset("tiny", n_px=8, **fields)
+    assert not config.builtin_compatible
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "image_gpt_hf"
+    for loaded in (AutoConfig.from_pretrained(tmp_path), ImageGPTConfig.from_pretrained(tmp_path)):
+        assert type(loaded) is ImageGPTConfig and loaded.model_type == "imagegpt"
+        assert loaded.to_dict() | {"_name_or_path": ""} == config.to_dict()
+    # Reset to the defaults, the same config is one the built-in computes, and is saved as such.
+    loaded = ImageGPTConfig.from_pretrained(tmp_path)
+    for name in fields:
+        setattr(loaded, name, ImageGPTConfig().to_dict()[name])
+    assert loaded.builtin_compatible and loaded.to_dict()["model_type"] == "imagegpt"
 
 
 def test_auto_config_is_ours_after_import():
@@ -103,6 +129,13 @@ def test_preset_overrides_and_palette_size():
         ({"gen_loss_weight": -1.0}, "gen_loss_weight"),
         ({"objective": "bert", "prepend_sos": True}, "prepend_sos"),
         ({"vocab_size": 1}, "vocab_size"),
+        ({"n_layer": 2.5}, "n_layer"),
+        ({"n_layer": True}, "n_layer"),
+        ({"n_inner": -5}, "n_inner"),
+        ({"activation_function": "nope"}, "activation_function"),
+        ({"add_cross_attention": True}, "add_cross_attention"),
+        ({"attn_pdrop": 1.5}, "attn_pdrop"),
+        ({"classifier_layer": 1.0}, "classifier_layer"),
     ],
 )
 def test_bad_configs_are_refused(kwargs, message):

@@ -1,13 +1,11 @@
-"""Fast generation (default, static cache, static cache + torch.compile) and the `sample` / `complete` helpers."""
-
-import collections
+"""generate() against decoding without a cache (default, static cache, torch.compile), and the `sample` /
+`complete` helpers."""
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import CompileConfig
+from transformers import DynamicCache
 from transformers.models.imagegpt import modeling_imagegpt as hf
 from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
 
@@ -42,48 +40,86 @@ def greedy(model, batch=2, **kwargs):
     return model.generate(start, max_new_tokens=N_PX * N_PX, min_new_tokens=N_PX * N_PX, do_sample=False, **kwargs)
 
 
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
-# ---------------------------------------------------------------------------------------------- fast paths, greedy
+def uncached_greedy(model, start, steps):
+    """Greedy decoding by hand, each step a full forward without a cache: the reference generate() must meet."""
+    ids = start
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(ids, use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
 
 
-def test_greedy_fast_paths_give_transformers_tokens(model):
+# ---------------------------------------------------------------------- invariants: cached decoding = uncached decoding
+# These hold whatever transformers does inside generate(); CI runs them on the lowest and the newest supported release.
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    # A batch with SOS only, and one with a primer of 11 pixels after SOS (as `complete` builds).
+    primer = torch.randint(0, PALETTE, (2, 11), generator=torch.Generator().manual_seed(5))
+    return {"sos": torch.full((2, 1), SOS), "primer": torch.cat([torch.full((2, 1), SOS), primer], dim=1)}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("prompt", ["sos", "primer"])
+def test_generate_equals_uncached_greedy_decoding(model, prompts, attn, cache, prompt):
+    model.set_attn_implementation(attn)
+    try:
+        start = prompts[prompt]
+        steps = DIMS["n_positions"] + 1 - start.shape[1]
+        options = {} if cache == "dynamic" else {"cache_implementation": "static"}
+        generated = model.generate(start, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, **options)
+        assert generated.shape == (2, DIMS["n_positions"] + 1)
+        assert torch.equal(generated, uncached_greedy(model, start, steps))
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_generate_equals_uncached_greedy_decoding(prompts, backend):
+    # The static-cache + torch.compile path: the decode step compiled as one graph (fullgraph raises on any break).
+    torch.manual_seed(0)
+    model = ImageGPTForCausalImageModeling(ImageGPTConfig(**DIMS)).eval()
+    expected = uncached_greedy(model, prompts["primer"], DIMS["n_positions"] + 1 - prompts["primer"].shape[1])
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, backend=backend)
+    steps = expected.shape[1] - prompts["primer"].shape[1]
+    generated = model.generate(
+        prompts["primer"], max_new_tokens=steps, min_new_tokens=steps, do_sample=False, cache_implementation="static"
+    )
+    assert torch.equal(generated, expected)
+
+
+def test_generate_equals_transformers_imagegpt(model):
     theirs = hf.ImageGPTForCausalImageModeling(HFConfig(**DIMS)).eval()
     theirs.load_state_dict(model.state_dict())
     reference = greedy(theirs)
     assert reference.shape == (2, 1 + N_PX * N_PX)
     assert torch.equal(greedy(model), reference)
-    assert torch.equal(greedy(model, cache_implementation="static"), reference)
 
 
-def test_static_cache_with_torch_compile_gives_the_same_tokens(model):
-    # The documented fast path: generate() compiles the decode step when the cache is static. On CPU that needs
-    # CompileConfig's `_compile_all_devices` (generate only auto-compiles on accelerators); inductor really compiles.
-    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
-    compile_config._compile_all_devices = True
-    expected = greedy(model)
-    compiled = greedy(model, cache_implementation="static", compile_config=compile_config)
-    assert torch.equal(compiled, expected)
-    assert hasattr(model, "_compiled_call")  # the decode steps did run compiled
-    again = greedy(model, batch=2, cache_implementation="static", compile_config=compile_config)
-    assert torch.equal(again, expected)
+def test_generate_past_n_positions_is_a_clear_error(model):
+    start = torch.full((1, 1), SOS)
+    with pytest.raises(ValueError, match="n_positions=64"):
+        model.generate(start, max_length=DIMS["n_positions"] + 2, do_sample=False)
+    with pytest.raises(ValueError, match="n_positions=64"):
+        model.generate(start, max_length=DIMS["n_positions"] + 2, do_sample=False, cache_implementation="static")
+    assert model.generate(start, max_length=DIMS["n_positions"] + 1, do_sample=False).shape == (1, 65)
 
 
-def test_decode_loop_skips_input_checks_but_prefill_and_later_calls_keep_them(model):
-    with CountOps() as ops:
-        greedy(model, batch=1)
-    assert ops.counts["aminmax"] == 1  # the prefill's id check; none in the 64 decode steps
-    assert not model.transformer._inputs_from_decode_loop
-    with pytest.raises(ValueError, match="outside"):
-        model(torch.tensor([[0, 99]]))
+def test_cached_decode_steps_read_no_tensor_values():
+    """Input checks that read tensor values (a device sync per token on an accelerator) run on the prompt only: a
+    one-token step after a filled cache runs on the meta device, where reading any value raises."""
+    model = ImageGPTForCausalImageModeling(ImageGPTConfig(**DIMS)).eval().to("meta")
+    head_dim = DIMS["n_embd"] // DIMS["n_head"]
+    cache = DynamicCache(config=model.config)
+    for layer in range(DIMS["n_layer"]):
+        cache.update(*(torch.empty(2, DIMS["n_head"], 5, head_dim, device="meta") for _ in range(2)), layer)
+    step = model(torch.zeros(2, 1, dtype=torch.long, device="meta"), cache=cache, use_cache=True)
+    assert step.logits.shape == (2, 1, PALETTE) and cache.get_seq_length() == 6
+    with pytest.raises(Exception, match="meta"):  # the prompt's ids are checked: that reads them
+        model(torch.zeros(2, 5, dtype=torch.long, device="meta"), use_cache=False)
 
 
 def test_decode_step_builds_no_pooler_output(model):
@@ -166,6 +202,14 @@ def test_complete_seed_reproduces(model):
 
 
 # ------------------------------------------------------------------------------------------------------- bad input
+
+
+def test_processor_with_another_palette_size_is_refused(model):
+    other = ImageGPTImageProcessor(clusters=np.zeros((512, 3)), size={"height": N_PX, "width": N_PX})
+    with pytest.raises(ValueError, match="512 colors but the model predicts 16"):
+        sample(model, 1, processor=other, progress=False)
+    with pytest.raises(ValueError, match="512 colors"):
+        complete(model, torch.zeros(1, 64, dtype=torch.long), processor=other, progress=False)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """The decoder and its heads: parity with transformers' ImageGPT, OpenAI's objectives, and clear errors."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -8,11 +10,15 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForMaskedImageModeling,
+    DynamicCache,
+    StaticCache,
 )
 from transformers.models.imagegpt import modeling_imagegpt as hf
 from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
@@ -25,6 +31,7 @@ from image_gpt_hf import (
     ImageGPTModel,
     random_bert_mask,
 )
+from image_gpt_hf.transformers_compat import output_cache
 
 TOL = 1e-5  # max abs difference allowed against transformers' ImageGPT in float32
 # head_dim 16: transformers 5.18-5.20 truncated sqrt(head_dim) to an int in its ImageGPT (fixed in 5.22), so a
@@ -104,13 +111,61 @@ def test_classification_parity(attn):
     assert abs(a.loss.item() - b.loss.item()) < TOL
 
 
-@pytest.mark.parametrize("attn", ATTN)
-def test_eager_and_sdpa_agree(attn):
-    ours = make(ImageGPTForCausalImageModeling, attn)
-    other = make(ImageGPTForCausalImageModeling, "sdpa" if attn == "eager" else "eager")
-    other.load_state_dict(ours.state_dict())
+def test_token_type_ids_and_position_ids_as_transformers():
+    ours = make(ImageGPTForCausalImageModeling)
+    theirs = twin(ours, hf.ImageGPTForCausalImageModeling)
     x = pixels()
-    assert max_diff(ours(x).logits, other(x).logits) < TOL
+    types = torch.randint(0, DIMS["vocab_size"], x.shape, generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(64).flip(0).expand(3, -1)
+    a = ours(x, token_type_ids=types, position_ids=positions).logits
+    assert max_diff(a, theirs(x, token_type_ids=types, position_ids=positions).logits) < TOL
+    assert max_diff(a, ours(x).logits) > 1e-3  # they do change the result
+
+
+def test_labels_with_sos_at_position_zero_as_transformers():
+    """`labels=input_ids` with SOS first: after the shift position 0 is never a target (transformers' pattern)."""
+    ours = make(ImageGPTForCausalImageModeling)
+    theirs = twin(ours, hf.ImageGPTForCausalImageModeling)
+    x = torch.cat([torch.full((3, 1), SOS), pixels(3, 63)], dim=1)
+    assert abs(ours(x, labels=x).loss.item() - theirs(x, labels=x).loss.item()) < TOL
+
+
+@pytest.mark.parametrize("cls, kwargs", [(ImageGPTModel, {}), (ImageGPTForImageClassification, {"num_labels": 2})])
+def test_selected_hidden_states_only(cls, kwargs):
+    model = make(cls, **kwargs)
+    x = pixels()
+    every = model(x, output_hidden_states=True).hidden_states
+    for selection, kept in (([1, 2], {1, 2}), ([0, -1], {0, 3}), (2, {2})):
+        selected = model(x, output_hidden_states=selection).hidden_states
+        assert len(selected) == len(every) == DIMS["n_layer"] + 1  # None where a state is not selected
+        for i, state in enumerate(selected):
+            assert (state is None) == (i not in kept) and (state is None or max_diff(state, every[i]) < TOL)
+
+
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_and_sdpa_agree(objective, padding, dtype):
+    """What transformers' common eager-vs-sdpa test checks (it cannot run on this package's classes: see
+    tests/transformers_suite_allowlist.txt): the same outputs with and without padding, in fp32 and bf16."""
+    eager = make(ImageGPTModel, "eager", objective=objective).to(dtype)
+    sdpa = make(ImageGPTModel, "sdpa", objective=objective).to(dtype)
+    sdpa.load_state_dict(eager.state_dict())
+    x = pixels()
+    mask = torch.ones_like(x)
+    if padding == "left":
+        mask[0, :9] = 0
+    elif padding == "right":
+        mask[0, -9:] = 0
+    kwargs = {} if padding is None else {"attention_mask": mask}
+    a, b = (model(x, output_hidden_states=True, **kwargs) for model in (eager, sdpa))
+    kept = mask.bool()  # padded positions' outputs are meaningless
+    if dtype == torch.float32:
+        for p, q in zip(a.hidden_states, b.hidden_states):
+            assert max_diff(p[kept], q[kept]) < TOL
+    else:  # the final output (normed, up to ~4 in size) within 2 bf16 steps there, and close on average
+        p, q = a.last_hidden_state[kept].float(), b.last_hidden_state[kept].float()
+        assert max_diff(p, q) <= 2 * 2**-6 and (p - q).abs().mean() < 5e-3
 
 
 @pytest.mark.parametrize("objective", ["ar", "bert"])
@@ -143,13 +198,16 @@ def test_greedy_generate_matches_transformers(attn):
     assert torch.equal(a, b)
 
 
-def test_kv_cache_matches_full_forward():
+@pytest.mark.parametrize("cache_class", ["dynamic", "static"])
+def test_cached_steps_give_the_logits_of_the_full_forward(cache_class):
     model = make(ImageGPTForCausalImageModeling)
     x = torch.cat([torch.full((2, 1), SOS), pixels(2, 20)], dim=1)
-    full = model(x).logits
-    out = model(x[:, :12], use_cache=True)
-    step = model(x[:, 12:], past_key_values=out.past_key_values, use_cache=True)
-    assert max_diff(torch.cat([out.logits, step.logits], 1), full) < TOL
+    full = model(x, use_cache=False).logits
+    cache = DynamicCache(config=model.config) if cache_class == "dynamic" else StaticCache(model.config, 64)
+    logits = [model(x[:, :12], cache=cache, use_cache=True).logits]
+    for t in range(12, 21):  # then one token at a time
+        logits.append(model(x[:, t : t + 1], cache=cache, use_cache=True).logits)
+    assert max_diff(torch.cat(logits, 1), full) < TOL
 
 
 def test_static_cache_generate_matches_dynamic():
@@ -230,37 +288,90 @@ def test_old_checkpoint_buffers_are_ignored(tmp_path):
     assert max_diff(loaded.eval()(x).logits, ours(x).logits) < TOL
 
 
-def test_remote_code_without_the_package(tmp_path):
-    model = make(ImageGPTForImageClassification, num_labels=3, gen_loss_weight=0.5)
-    model.save_pretrained(tmp_path)
-    assert {"configuration_imagegpt.py", "modeling_imagegpt.py"} <= set(os.listdir(tmp_path))
-    x = pixels()
-    expected = model(x).logits
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["image_gpt_hf"] = None  # importing the package is impossible in this process
+# Each kind of checkpoint: (head, config fields, the head's auto class).
+CHECKPOINT_KINDS = {
+    "ar": (ImageGPTForCausalImageModeling, {}, "AutoModelForCausalLM"),
+    "ar_prepend_sos": (ImageGPTForCausalImageModeling, {"prepend_sos": True}, "AutoModelForCausalLM"),
+    "bert": (ImageGPTForMaskedImageModeling, {"objective": "bert"}, "AutoModelForMaskedImageModeling"),
+    "classifier_middle_layer": (
+        ImageGPTForImageClassification,
+        {"num_labels": 3, "classifier_layer": 1, "gen_loss_weight": 0.5},
+        "AutoModelForImageClassification",
+    ),
+}
+
+WITHOUT_THE_PACKAGE = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["image_gpt_hf"] = None  # importing the package is impossible in this process
+    try:
+        import image_gpt_hf
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("image_gpt_hf was importable")
+    import torch
+    import transformers
+    from transformers import AutoModel
+
+    folders, x, out = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
+    results = {}
+    for kind, (folder, head_auto_class) in folders.items():
         try:
-            import image_gpt_hf
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("image_gpt_hf was importable")
-        import torch
-        from transformers import AutoModel, AutoModelForImageClassification
-        model = AutoModelForImageClassification.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        assert type(AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)).__name__ == "ImageGPTModel"
-        torch.save(model(torch.tensor({x.tolist()})).logits, sys.argv[1])
-        """
-    )
-    out = tmp_path / "logits.pt"
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+            plain = AutoModel.from_pretrained(folder).eval()
+            results[kind, "plain"] = (type(plain).__module__, plain(x).last_hidden_state)
+        except Exception as error:
+            results[kind, "plain"] = (type(error).__name__, str(error))
+        remote = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        head = getattr(transformers, head_auto_class).from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            results[kind, "remote"] = (type(remote).__module__, remote(x).last_hidden_state)
+            results[kind, "remote_head"] = (type(head).__module__, head(x).logits)
+    torch.save(results, out)
+    """
+)
+
+
+def test_each_kind_of_checkpoint_without_the_package(tmp_path):
+    """Where image_gpt_hf cannot be imported, plain `AutoModel.from_pretrained` gives this package's numbers (a
+    checkpoint transformers' built-in computes exactly) or refuses with a message asking for remote code; with
+    `trust_remote_code=True` every kind gives this package's numbers."""
+    x = pixels()
+    folders, expected = {}, {}
+    for kind, (cls, fields, head_auto_class) in CHECKPOINT_KINDS.items():
+        torch.manual_seed(0)
+        model = make(cls, **fields)
+        model.save_pretrained(tmp_path / kind)
+        assert {"configuration_imagegpt.py", "modeling_imagegpt.py", "transformers_compat.py"} <= set(
+            os.listdir(tmp_path / kind)
+        )
+        folders[kind] = (str(tmp_path / kind), head_auto_class)
+        with torch.no_grad():
+            expected[kind] = (model.transformer(x).last_hidden_state, model(x).logits)
+    out = tmp_path / "results.pt"
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", script, str(out)], cwd=tmp_path, env=env, capture_output=True, text=True
+        [sys.executable, "-c", WITHOUT_THE_PACKAGE, json.dumps(folders), json.dumps(x.tolist()), str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert max_diff(torch.load(out), expected) < TOL
+    results = torch.load(out)
+    for kind in CHECKPOINT_KINDS:
+        hidden, logits = expected[kind]
+        where, plain = results[kind, "plain"]
+        if kind == "ar":  # transformers' own ImageGPT, with the same numbers
+            assert where == "transformers.models.imagegpt.modeling_imagegpt" and max_diff(plain, hidden) < TOL
+        else:  # refused, with a message that says how to load it
+            assert where == "ValueError" and "trust_remote_code=True" in plain, (kind, where, plain)
+        for name, reference in (("remote", hidden), ("remote_head", logits)):
+            where, value = results[kind, name]
+            assert where.startswith("transformers_modules"), where
+            assert max_diff(value, reference) < TOL, (kind, name)
 
 
 # --------------------------------------------------------------------------------------- OpenAI's objectives
@@ -431,6 +542,165 @@ def test_causal_bad_input_raises_value_error(call, message):
         call(make(ImageGPTForCausalImageModeling))
 
 
+@pytest.mark.parametrize(
+    "mask_shape",
+    [(3, 16), (16,), (2, 5), (2, 32), (2, 16, 16), (3, 1, 16, 16), (2, 2, 16, 16), (2, 1, 15, 16), (2, 1, 16, 15)],
+)
+@pytest.mark.parametrize("cls", [ImageGPTForCausalImageModeling, ImageGPTForImageClassification])
+def test_attention_mask_of_the_wrong_shape_is_refused(mask_shape, cls):
+    model = make(cls, num_labels=2)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(pixels(2, 16), attention_mask=torch.ones(mask_shape, dtype=torch.long))
+
+
+def test_attention_mask_values_and_the_right_shapes():
+    model = make(ImageGPTForCausalImageModeling)
+    x = pixels(2, 16)
+    with pytest.raises(ValueError, match="attention_mask.*only 0 and 1"):
+        model(x, attention_mask=torch.full((2, 16), 2))
+    plain = model(x).logits
+    assert max_diff(model(x, attention_mask=torch.ones(2, 16, dtype=torch.long)).logits, plain) < TOL
+    assert max_diff(model(x, attention_mask=torch.ones(2, 16, dtype=torch.bool)).logits, plain) < TOL
+    causal = torch.ones(16, 16, dtype=torch.bool).tril().expand(2, 1, 16, 16)
+    assert max_diff(model(x, attention_mask=causal).logits, plain) < TOL
+
+
+def test_bool_masked_pos_must_be_a_mask():
+    model = make(ImageGPTForMaskedImageModeling, objective="bert")
+    x = pixels(2, 16)
+    with pytest.raises(ValueError, match="bool_masked_pos.*bool tensor"):
+        model(x, bool_masked_pos=torch.rand(2, 16))
+    with pytest.raises(ValueError, match="bool_masked_pos.*only 0 and 1"):
+        model(x, bool_masked_pos=torch.randint(0, 3, (2, 16)))
+    mask = random_bert_mask(x, generator=torch.Generator().manual_seed(0))
+    assert max_diff(model(x, bool_masked_pos=mask.long()).logits, model(x, bool_masked_pos=mask).logits) < TOL
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"input_ids": torch.zeros(0, 16, dtype=torch.long)}, "input_ids.*empty"),
+        ({"input_ids": torch.zeros(2, 0, dtype=torch.long)}, "input_ids.*empty"),
+        ({"inputs_embeds": torch.zeros(0, 4, 32)}, "inputs_embeds.*empty"),
+        ({"inputs_embeds": torch.zeros(2, 4, 32, dtype=torch.long)}, "inputs_embeds.*floating point"),
+        ({"input_ids": torch.zeros(2, 4, dtype=torch.bool)}, "input_ids.*integer ids"),
+        ({"input_ids": torch.zeros(2, 4), "position_ids": None}, "input_ids.*integer ids"),
+        ({"position_ids": torch.tensor([[-1, 0, 1, 2]])}, r"position_ids.*outside \[0, 64\)"),
+        ({"position_ids": torch.tensor([[0, 1, 2, 64]])}, r"position_ids.*outside \[0, 64\)"),
+        ({"position_ids": torch.arange(5)}, "position_ids.*shape"),
+        ({"position_ids": torch.zeros(2, 4)}, "position_ids.*integer ids"),
+        ({"token_type_ids": torch.full((2, 4), 17)}, r"token_type_ids.*outside \[0, 17\)"),
+        ({"token_type_ids": torch.zeros(2, 5, dtype=torch.long)}, "token_type_ids.*shape"),
+        ({"labels": torch.zeros(2, 1, dtype=torch.long), "input_ids": torch.zeros(2, 1, dtype=torch.long)}, "1-token"),
+        ({"cache": DynamicCache(), "past_key_values": DynamicCache()}, "not both"),
+    ],
+)
+def test_bad_inputs_name_the_argument(kwargs, message):
+    model = make(ImageGPTForCausalImageModeling)
+    kwargs = {"input_ids": torch.zeros(2, 4, dtype=torch.long), **kwargs}
+    if kwargs.get("inputs_embeds") is not None:
+        kwargs.pop("input_ids")
+    with pytest.raises(ValueError, match=message):
+        model(**{key: value for key, value in kwargs.items() if value is not None})
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_any_integer_dtype_of_ids_gives_the_same_result(dtype):
+    model = make(ImageGPTForCausalImageModeling)
+    x = pixels(2, 16)
+    assert max_diff(model(x.to(dtype), labels=x.to(dtype)).logits, model(x, labels=x).logits) == 0
+
+
+@pytest.mark.parametrize(
+    "argument", ["encoder_hidden_states", "head_mask", "is_causal", "num_items_in_batch", "cache_position"]
+)
+@pytest.mark.parametrize("cls", [ImageGPTModel, ImageGPTForCausalImageModeling, ImageGPTForImageClassification])
+def test_arguments_the_model_does_not_support_are_refused(argument, cls):
+    """transformers' forwards take `**kwargs`; one they do not honour must not be silently dropped."""
+    model = make(cls, num_labels=2)
+    with pytest.raises(TypeError, match=argument):
+        model(pixels(2, 8), **{argument: torch.zeros(2, 8)})
+
+
+def test_bert_models_keep_no_cache():
+    model = make(ImageGPTForMaskedImageModeling, objective="bert")
+    assert output_cache(make(ImageGPTModel, objective="bert")(pixels(2, 8))) is None
+    with pytest.raises(ValueError, match="no cache"):
+        model(pixels(2, 8), use_cache=True)
+    with pytest.raises(ValueError, match="no cache"):
+        model(pixels(2, 8), cache=DynamicCache())
+
+
+def test_a_given_cache_is_used_even_without_use_cache():
+    """As in transformers: `use_cache=False` only means no cache is returned; a cache passed in is read."""
+    model = make(ImageGPTForCausalImageModeling)
+    x = pixels(2, 10)
+    cache = output_cache(model(x[:, :6], use_cache=True))
+    step = model(x[:, 6:], cache=cache, use_cache=False)
+    assert output_cache(step) is None
+    assert max_diff(step.logits, model(x, use_cache=False).logits[:, 6:]) < TOL
+
+
+# Every input, ill-formed at random: the forward either gives the result of the well-formed equivalent of what it was
+# given, or a ValueError whose message names the argument.
+AR_MODEL = make(ImageGPTForCausalImageModeling)
+BERT_MODEL = make(ImageGPTForMaskedImageModeling, objective="bert")
+# What each argument must hold: (lowest valid value, highest valid value + 1) and how it is read when accepted.
+VALID = {
+    "input_ids": (0, DIMS["vocab_size"]),
+    "position_ids": (0, DIMS["n_positions"]),
+    "token_type_ids": (0, DIMS["vocab_size"]),
+    "labels": (0, PALETTE),
+    "attention_mask": (0, 2),
+    "bool_masked_pos": (0, 2),
+}
+
+
+@st.composite
+def forward_inputs(draw):
+    batch, length = draw(st.integers(1, 3)), draw(st.integers(2, 12))
+    name = draw(st.sampled_from(sorted(VALID)))
+    shape = draw(st.sampled_from([(batch, length), (batch + 1, length), (batch, length + 1), (length,), (0, length)]))
+    shape = draw(st.sampled_from([shape, (batch, length, 1), ()]))
+    dtype = draw(st.sampled_from([torch.long, torch.int32, torch.uint8, torch.bool, torch.float32]))
+    low, high = VALID[name]
+    low, high = draw(st.sampled_from([(low, high), (low - 1, high), (low, high + 1), (-100, high)]))
+    return batch, length, name, shape, dtype, low, high, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=200, deadline=None)
+@given(forward_inputs())
+def test_forward_gives_the_well_formed_result_or_names_the_bad_argument(case):
+    batch, length, name, shape, dtype, low, high, seed = case
+    g = torch.Generator().manual_seed(seed)
+    model = BERT_MODEL if name == "bool_masked_pos" else AR_MODEL
+    inputs = {} if name == "input_ids" else {"input_ids": torch.randint(0, PALETTE, (batch, length), generator=g)}
+    values = torch.randint(low, high, shape, generator=g) if math.prod(shape) else torch.zeros(shape, dtype=torch.long)
+    value = values != 0 if dtype == torch.bool else values.to(dtype)  # what a cast to uint8 makes of -1 is tested too
+    inputs[name] = value
+    try:
+        result = model(**inputs)
+    except ValueError as error:
+        assert f"`{name}`" in str(error), (name, str(error))
+        return
+    # Accepted: then it held valid values of the right shape, and gives what the canonical form of them gives.
+    expected_shapes = {(batch, length)} | ({(length,), (1, length)} if name == "position_ids" else set())
+    assert tuple(value.shape) in expected_shapes, (name, tuple(value.shape))
+    assert not value.is_floating_point() or name == "attention_mask", (name, value.dtype)
+    numbers = value.long()
+    checked = numbers[:, 1:] if name == "labels" else numbers  # position 0 of shifted labels is never a target
+    valid_low, valid_high = VALID[name]
+    assert bool(((checked >= valid_low) & (checked < valid_high) | (checked == -100) & (name == "labels")).all())
+    canonical = numbers.bool() if name == "bool_masked_pos" else numbers
+    if name == "labels":
+        canonical = canonical.clone()
+        canonical[:, 0] = 0
+    expected = model(**{**inputs, name: canonical})
+    assert torch.equal(result.logits, expected.logits)
+    if name == "labels":
+        assert torch.equal(result.loss, expected.loss)
+
+
 def test_sequence_too_long_with_cache():
     model = make(ImageGPTForCausalImageModeling)
     out = model(torch.zeros(1, 60, dtype=torch.long), use_cache=True)
@@ -457,13 +727,20 @@ def test_classification_bad_labels():
         model(pixels(), labels=torch.tensor([0, 1, 3]))
 
 
-def test_prepend_sos_refused_for_bert_and_with_cache():
+def test_prepend_sos_refused_for_bert_with_cache_and_for_ids_holding_sos():
     with pytest.raises(ValueError, match="autoregressive"):
         make(ImageGPTModel, objective="bert")(pixels(), prepend_sos=True)
     model = make(ImageGPTForCausalImageModeling)
     out = model(pixels(1, 4), use_cache=True)
-    with pytest.raises(ValueError, match="no `past_key_values`"):
-        model(pixels(1, 4), past_key_values=out.past_key_values, prepend_sos=True)
+    with pytest.raises(ValueError, match="no cache"):
+        model(pixels(1, 4), cache=output_cache(out), prepend_sos=True)
+    # A config with prepend_sos=True and ids that already start with SOS: refused, never a silent second SOS.
+    converted = make(ImageGPTForCausalImageModeling, prepend_sos=True)
+    with_sos = torch.cat([torch.full((3, 1), SOS), pixels(3, 63)], dim=1)
+    with pytest.raises(ValueError, match="contain the SOS id 16"):
+        converted(with_sos)
+    converted.load_state_dict(model.state_dict())
+    assert max_diff(converted(with_sos, prepend_sos=False).logits, model(with_sos).logits) < TOL
 
 
 # ------------------------------------------------------------------------------------------------------- features
@@ -492,6 +769,15 @@ def test_pooler_output_is_the_middle_layer_by_default_and_follows_config():
     assert max_diff(model(x).pooler_output, out.last_hidden_state.mean(1)) < TOL
     with pytest.raises(ValueError, match="not a hidden-state index"):
         model.extract_features(x, layers=[7])
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [(True, "hidden-state index"), ([], "empty"), ([1.5], "integer hidden-state index"), ([4], "not a hidden-state")],
+)
+def test_extract_features_refuses_what_is_not_a_layer(layers, message):
+    with pytest.raises(ValueError, match=message):
+        make(ImageGPTModel).extract_features(pixels(), layers=layers)
 
 
 def test_extract_features_with_openai_inputs_and_padding_mask():

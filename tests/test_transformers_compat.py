@@ -1,0 +1,98 @@
+"""Each touchpoint that depends on the transformers release (image_gpt_hf/transformers_compat.py), checked against
+the installed release: CI runs this file on the lowest supported release and on the newest one."""
+
+import dataclasses
+import inspect
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache, GenerationMixin
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling
+from image_gpt_hf.transformers_compat import (
+    CACHE_OUTPUT_FIELD,
+    MASK_CACHE_ARGUMENT,
+    cache_output,
+    mask_cache_argument,
+    output_cache,
+    resolve_cache,
+)
+
+DIMS = {"vocab_size": 17, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 2}
+
+
+def test_cache_output_field_is_the_releases():
+    fields = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
+    assert CACHE_OUTPUT_FIELD in fields
+    assert {"cache", "past_key_values"} & fields == {CACHE_OUTPUT_FIELD}
+    cache = DynamicCache()
+    out = CausalLMOutputWithPast(logits=torch.zeros(1), **cache_output(cache))
+    assert output_cache(out) is cache
+    assert output_cache(CausalLMOutputWithPast(logits=torch.zeros(1))) is None
+
+
+def test_generate_feeds_the_cache_under_the_output_field_name():
+    # generate() carries the cache from one step's outputs into the next step's inputs under one name.
+    parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    assert CACHE_OUTPUT_FIELD in parameters
+
+
+@pytest.mark.parametrize("create_mask", [create_causal_mask, create_bidirectional_mask])
+def test_masking_utilities_take_the_cache_without_a_warning(create_mask):
+    assert MASK_CACHE_ARGUMENT in inspect.signature(create_mask).parameters
+    config = ImageGPTConfig(**DIMS)
+    config._attn_implementation = "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecation warning for the cache keyword fails the test
+        mask = create_mask(
+            config=config,
+            inputs_embeds=torch.zeros(1, 3, 16),
+            attention_mask=torch.tensor([[0, 1, 1]]),
+            **mask_cache_argument(None),
+        )
+    assert mask.shape[-2:] == (3, 3) and bool((mask[0, 0, :, 0] < 0).all())  # the padded key is masked everywhere
+
+
+def test_resolve_cache_takes_either_name_once():
+    cache = DynamicCache()
+    assert resolve_cache(cache, None) is cache
+    assert resolve_cache(None, cache) is cache
+    assert resolve_cache(cache, cache) is cache
+    assert resolve_cache(None, None) is None
+    with pytest.raises(ValueError, match="not both"):
+        resolve_cache(cache, DynamicCache())
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_model_takes_the_cache_under_both_names_and_returns_it_under_the_releases(name):
+    model = ImageGPTForCausalImageModeling(ImageGPTConfig(**DIMS)).eval()
+    x = torch.randint(0, 16, (2, 10), generator=torch.Generator().manual_seed(0))
+    full = model(x, use_cache=False).logits
+    first = model(x[:, :6], use_cache=True)
+    cache = output_cache(first)
+    assert cache is not None and cache.get_seq_length() == 6
+    # The old name warns where the installed release has renamed it, as transformers' own models do; else nothing.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step = model(x[:, 6:], use_cache=True, **{name: cache})
+    future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    if name == "past_key_values" and CACHE_OUTPUT_FIELD == "cache":
+        assert len(future) == 1 and "`past_key_values` is deprecated" in future[0]
+    else:
+        assert future == []
+    assert output_cache(step) is cache and cache.get_seq_length() == 10
+    assert (torch.cat([first.logits, step.logits], 1) - full).abs().max() < 1e-5
+
+
+def test_hidden_state_selection_by_index_is_native_or_done_here():
+    from transformers.utils import output_capturing
+
+    from image_gpt_hf.transformers_compat import SELECTS_HIDDEN_STATES_BY_INDEX, select_hidden_states_by_index
+
+    assert SELECTS_HIDDEN_STATES_BY_INDEX == hasattr(output_capturing, "selected_hidden_states")
+    forward = ImageGPTForCausalImageModeling.forward
+    assert (select_hidden_states_by_index(forward) is forward) == SELECTS_HIDDEN_STATES_BY_INDEX
+    # Either way the models select by index (tests/test_modeling.py::test_selected_hidden_states_only).
