@@ -1,13 +1,19 @@
-# Two entry points: `make demo` (the main job, offline, on the bundled digits) and `make test` (the test suite).
-# Both create .venv and install into it first. TORCH_PIN installs torch before anything else can pull another build
-# (the CPU build where the package index serves it, as CI's does); `make test TORCH_PIN=torch` takes the newest.
+# `make demo` (the main job, offline, on the bundled digits) and the tests: `make test` (everything, on the newest
+# transformers release the package index serves), `make test-min` (the tests that touch transformers, on the lowest
+# release pyproject.toml allows), `make test-fast` (the fast tier, for development). CI runs test and test-min.
+# Each environment is created and installed first. TORCH_PIN installs torch before anything else can pull another
+# build (the CPU build where the package index serves it, as CI's does); `make test TORCH_PIN=torch` takes the newest.
 PYTHON ?= python3
 VENV ?= .venv
+VENV_MIN ?= .venv-min
 PY := $(VENV)/bin/python
+PY_MIN := $(VENV_MIN)/bin/python
 TORCH_PIN ?= torch==2.13.0
+# The lowest supported transformers release (the floor of `transformers>=...` in pyproject.toml).
+TRANSFORMERS_MIN ?= 5.18.0
 BENCH_DEVICE ?= cpu
 
-.PHONY: install test demo lint bench
+.PHONY: install install-min test test-min test-fast demo lint bench
 
 install: $(VENV)/.installed
 
@@ -18,8 +24,26 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev,conversion]"
 	touch $@
 
+install-min: $(VENV_MIN)/.installed
+
+$(VENV_MIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(PY_MIN) -m pip install --quiet --upgrade pip
+	$(PY_MIN) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY_MIN) -m pip install --quiet -e ".[dev]" "transformers==$(TRANSFORMERS_MIN)"
+	touch $@
+
 test: install
+	$(PY) -c "import transformers; print('transformers', transformers.__version__)"
 	$(PY) -m pytest -q
+
+# The fast tier (no end-to-end script runs, no TensorFlow conversion) on the lowest supported release.
+test-min: install-min
+	$(PY_MIN) -c "import transformers as t; assert t.__version__ == '$(TRANSFORMERS_MIN)', t.__version__; print('transformers', t.__version__)"
+	$(PY_MIN) -m pytest -q -m "not slow"
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 # Pretrain, sample, probe and fine-tune a tiny Image GPT on the bundled digits; prints where every artifact is.
 demo: install

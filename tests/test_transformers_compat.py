@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache, GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging as transformers_logging
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling
 from image_gpt_hf.transformers_compat import (
@@ -96,3 +97,23 @@ def test_hidden_state_selection_by_index_is_native_or_done_here():
     forward = ImageGPTForCausalImageModeling.forward
     assert (select_hidden_states_by_index(forward) is forward) == SELECTS_HIDDEN_STATES_BY_INDEX
     # Either way the models select by index (tests/test_modeling.py::test_selected_hidden_states_only).
+
+
+def test_no_deprecation_message_from_this_packages_use_of_transformers(tmp_path, capfd):
+    """Forward with and without a cache, generate() with a dynamic and a static cache, save and load, on whichever
+    release is installed: transformers prints no deprecation notice (its `warning_once` messages go to stderr)."""
+    transformers_logging.warning_once.cache_clear()  # a notice printed earlier in the session would not repeat
+    config = ImageGPTConfig(**DIMS)
+    model = ImageGPTForCausalImageModeling(config).eval()
+    start = torch.full((2, 1), config.sos_token_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        out = model(torch.randint(0, 16, (2, 5)), use_cache=True)
+        model(torch.randint(0, 16, (2, 1)), cache=output_cache(out), use_cache=True, output_hidden_states=True)
+        model.generate(start, max_new_tokens=6, do_sample=False)
+        model.generate(start, max_new_tokens=6, do_sample=False, cache_implementation="static")
+        model.save_pretrained(tmp_path)
+        ImageGPTForCausalImageModeling.from_pretrained(tmp_path)(start)
+    err = capfd.readouterr().err.lower()
+    assert "deprecat" not in err and "will be removed" not in err, err
