@@ -13,6 +13,8 @@ model card.
 
 Before the folder is written, it is loaded back and compared with transformers' own ImageGPT on the source folder
 (given `[SOS, x_1, ..., x_{n-1}]` explicitly, since transformers' model does not add SOS itself), on random tokens.
+It is assembled in a hidden sibling and renamed into place only then (`image_gpt_hf.safe_io`): an existing non-empty
+`--output_dir` is replaced only with `--overwrite`, and never when it is, holds or lies inside the source folder.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from conversion.convert_openai_checkpoint import (  # noqa: E402
     DTYPES,
     OPENAI_SIZES,
     ConversionError,
-    atomic_output_dir,
-    check_output_dir,
+    check_options,
+    check_palette,
     meta_copy,
     push_after_conversion,
     save_checkpoint_folder,
@@ -53,6 +55,7 @@ from image_gpt_hf import (  # noqa: E402
     ImageGPTPreTrainedModel,
 )
 from image_gpt_hf.model_card import write_model_card  # noqa: E402
+from image_gpt_hf.safe_io import OutputPathError, check_output_path, staged_dir  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -98,23 +101,33 @@ def load_hub_state_dict(src: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state_dict.items() if not _OLD_BUFFERS.fullmatch(k)}
 
 
-def load_hub_palette(src: Path) -> np.ndarray:
+def load_hub_palette(src: Path, palette_size: int) -> np.ndarray:
+    """The palette (`clusters`) of the source's preprocessor_config.json, checked like OpenAI's palette file."""
     path = src / "preprocessor_config.json"
     if not path.is_file():
         raise ConversionError(f"{src} has no preprocessor_config.json, so no palette (`clusters`).")
-    clusters = json.loads(path.read_text()).get("clusters")
+    try:
+        clusters = json.loads(path.read_text()).get("clusters")
+    except (ValueError, AttributeError) as err:  # not JSON, or not a JSON object
+        raise ConversionError(f"Cannot read {path}: {err}") from None
     if clusters is None:
         raise ConversionError(f"{path} has no `clusters` (the palette).")
-    return np.asarray(clusters, dtype=np.float32)
+    try:
+        clusters = np.asarray(clusters, dtype=np.float64)
+    except (TypeError, ValueError) as err:  # ragged rows, strings, ...
+        raise ConversionError(f"The palette (`clusters`) in {path} is not an array of numbers: {err}") from None
+    return check_palette(clusters, f"The palette (`clusters`) in {path}", palette_size)
 
 
 def build_hub_model(src: Path, state_dict: dict[str, torch.Tensor]) -> ImageGPTPreTrainedModel:
     """This package's model of the source's kind (causal LM, or classifier), holding exactly the source's weights."""
-    source_config = json.loads((src / "config.json").read_text())
-    if source_config.get("model_type") != "imagegpt":
-        raise ConversionError(
-            f"{src}/config.json is not an ImageGPT config (model_type {source_config.get('model_type')!r})."
-        )
+    try:
+        source_config = json.loads((src / "config.json").read_text())
+        model_type = source_config.get("model_type")
+    except (ValueError, AttributeError) as err:  # not JSON, or not a JSON object
+        raise ConversionError(f"Cannot read {src}/config.json: {err}") from None
+    if model_type != "imagegpt":
+        raise ConversionError(f"{src}/config.json is not an ImageGPT config (model_type {model_type!r}).")
     has_lm_head, has_score = "lm_head.weight" in state_dict, "score.weight" in state_dict
     if has_lm_head == has_score:
         raise ConversionError(
@@ -122,7 +135,11 @@ def build_hub_model(src: Path, state_dict: dict[str, torch.Tensor]) -> ImageGPTP
             f"(score.weight, ImageGPTForImageClassification); it has {'both' if has_lm_head else 'neither'}."
         )
     # transformers' ImageGPT is autoregressive; prepend_sos=True lets whole images be scored as OpenAI does.
-    config = ImageGPTConfig.from_pretrained(src, objective="ar", prepend_sos=True)
+    try:
+        config = ImageGPTConfig.from_pretrained(src, objective="ar", prepend_sos=True)
+        _ = config.n_px  # raises for a non-square n_positions: the processor needs n_px x n_px images
+    except (ValueError, TypeError) as err:  # a field out of range or of the wrong type
+        raise ConversionError(f"{src}/config.json is not a usable ImageGPT config: {err}") from None
     config.architectures = None  # set again by save_pretrained from the class actually saved
     model_class = ImageGPTForCausalImageModeling if has_lm_head else ImageGPTForImageClassification
     with torch.device("meta"):
@@ -179,22 +196,16 @@ def convert_hub_checkpoint(
     `repo_id` names the destination in the card's usage snippet.
     """
     src = Path(src)
-    if dtype not in DTYPES:
-        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    check_options(dtype, max_shard_size)
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src} is not a checkpoint folder: it has no config.json.")
-    check_output_dir(output_dir, overwrite)
+    check_output_path(output_dir, inputs=[src], overwrite=overwrite)
     model = build_hub_model(src, load_hub_state_dict(src))
     config = model.config
-    try:
-        palette = load_hub_palette(src)
-        if palette.shape != (config.vocab_size - 1, 3):
-            raise ValueError(f"shape {palette.shape}, expected ({config.vocab_size - 1}, 3) for this model")
-    except (ValueError, json.JSONDecodeError) as err:
-        raise ConversionError(f"Unusable palette in {src}/preprocessor_config.json: {err}") from None
+    palette = load_hub_palette(src, config.palette_size)
 
     checks: list[Check] = []
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with staged_dir(output_dir, overwrite=overwrite, inputs=[src]) as tmp:
         processor = save_checkpoint_folder(tmp, model, palette, DTYPES[dtype], max_shard_size)
         card_model = meta_copy(model)
         del model  # the check below loads the folder back; do not hold two copies of a large model
@@ -233,7 +244,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base_model", help="the source's Hub id, e.g. openai/imagegpt-small, for the model card")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file, e.g. 2GB or 500MB")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --output_dir (all of its content)"
+    )
     parser.add_argument(
         "--skip_verification", action="store_true", help="do not compare with transformers' ImageGPT before writing"
     )
@@ -256,8 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             repo_id=args.push_to_hub,
             base_model=args.base_model,
         )
-    except ConversionError as err:
+    except (ConversionError, OutputPathError) as err:
         logger.error("%s", err)
+        return 1
+    except OSError as err:  # the disk is full, a folder is not writable, ...: nothing was left behind
+        logger.error("Writing %s failed: %s", args.output_dir, err)
         return 1
     if args.push_to_hub:
         return push_after_conversion(args.output_dir, args.push_to_hub, private=args.private)

@@ -15,7 +15,9 @@ The output folder holds config.json (with `auto_map`, so `trust_remote_code=True
 safetensors weights, preprocessor_config.json with the palette, generation_config.json (AR models) and a model card.
 Before the folder is written, the converted model is loaded back from it and checked against `openai_reference`
 (a NumPy re-implementation of OpenAI's forward pass) on the checkpoint's own arrays. The folder is assembled in a
-temporary sibling and renamed into place only when all of that succeeded.
+hidden sibling and renamed into place only when all of that succeeded (`image_gpt_hf.safe_io`): an existing non-empty
+`--output_dir` is replaced only with `--overwrite`, and never when it is, holds or lies inside the checkpoint or the
+palette.
 
 TensorFlow is needed to read the checkpoint: `pip install "image_gpt_hf[conversion]"`.
 """
@@ -23,22 +25,19 @@ TensorFlow is needed to read the checkpoint: `pip install "image_gpt_hf[conversi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import logging
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, split_torch_state_dict_into_shards
 from transformers import GenerationConfig
 
 if __package__ in (None, ""):  # run as a file (python conversion/convert_openai_checkpoint.py): find `conversion`
@@ -54,6 +53,7 @@ from image_gpt_hf import (  # noqa: E402
 )
 from image_gpt_hf.image_processing_imagegpt import ImageGPTImageProcessor  # noqa: E402
 from image_gpt_hf.model_card import write_model_card  # noqa: E402
+from image_gpt_hf.safe_io import OutputPathError, check_output_path, staged_dir  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,15 @@ def resolve_checkpoint_prefix(path: str | os.PathLike) -> str:
         return indexes[0][: -len(".index")]
     # A file of the checkpoint instead of its prefix: an easy slip with tab completion.
     return re.sub(r"\.(?:index|meta|data-\d{5}-of-\d{5})$", "", path)
+
+
+def checkpoint_inputs(path: str | os.PathLike) -> list[str]:
+    """The files and folders the converter reads for `--checkpoint`: the folder given, or the checkpoint's files."""
+    if os.path.isdir(path):
+        return [os.fspath(path)]
+    prefix = resolve_checkpoint_prefix(path)
+    files = glob.glob(glob.escape(prefix) + ".*")
+    return [f for f in files if re.search(r"\.(?:index|meta|data-\d{5}-of-\d{5})$", f)] or [os.fspath(path)]
 
 
 def check_checkpoint_files(prefix: str) -> None:
@@ -312,28 +321,58 @@ def read_openai_checkpoint(path: str | os.PathLike) -> OpenAICheckpoint:
 
 
 def load_palette(path: str | os.PathLike, palette_size: int) -> np.ndarray:
-    """OpenAI's `kmeans_centers.npy`: `(palette_size, 3)` RGB centers in [-1, 1], checked against the checkpoint."""
+    """OpenAI's `kmeans_centers.npy`: `(palette_size, 3)` RGB centers in [-1, 1], checked against the checkpoint.
+
+    An `.npz` archive holding exactly one array is read as that array.
+    """
     try:
-        palette = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                if len(loaded.files) != 1:
+                    raise ConversionError(
+                        f"The palette {path} is an .npz archive of {len(loaded.files)} arrays "
+                        f"({', '.join(loaded.files) or 'none'}); expected one, the ({palette_size}, 3) colors. Save "
+                        "that array alone with numpy.save, as OpenAI's kmeans_centers.npy."
+                    )
+                loaded = loaded[loaded.files[0]]
+    except (OSError, ValueError, EOFError) as err:
+        if isinstance(err, ConversionError):
+            raise
         raise ConversionError(f"Cannot read the palette {path}: {err}") from None
-    if palette.ndim != 2 or palette.shape[1] != 3 or not np.issubdtype(palette.dtype, np.number):
+    return check_palette(loaded, f"The palette {path}", palette_size)
+
+
+def check_palette(palette: np.ndarray, what: str, palette_size: int) -> np.ndarray:
+    """`palette` (as floats) if it is `(palette_size, 3)` real RGB colors, finite and in [-1, 1]; else ConversionError.
+
+    `what` starts the messages ("The palette kmeans_centers.npy").
+    """
+    palette = np.asarray(palette)
+    if palette.dtype.kind == "c":
         raise ConversionError(
-            f"The palette {path} has shape {palette.shape} ({palette.dtype}); expected ({palette_size}, 3) RGB colors."
+            f"{what} holds complex numbers ({palette.dtype}); expected real RGB colors in [-1, 1]. Dropping the "
+            "imaginary part would be a guess: convert the array to real values yourself if that is right."
+        )
+    if palette.dtype.kind not in "fiu":
+        raise ConversionError(f"{what} holds {palette.dtype} values; expected real RGB colors in [-1, 1].")
+    if palette.ndim != 2 or palette.shape[1] != 3:
+        raise ConversionError(
+            f"{what} has shape {palette.shape} ({palette.dtype}); expected ({palette_size}, 3) RGB colors."
         )
     if palette.shape[0] != palette_size:
         raise ConversionError(
-            f"The palette {path} has {palette.shape[0]} colors but the checkpoint has {palette_size} "
-            f"(model/wte has {palette_size} rows); expected shape ({palette_size}, 3)."
+            f"{what} has {palette.shape[0]} colors but the checkpoint has {palette_size}; expected shape "
+            f"({palette_size}, 3)."
         )
     if not np.isfinite(palette).all():
-        raise ConversionError(f"The palette {path} holds NaN or infinite values.")
+        raise ConversionError(f"{what} holds NaN or infinite values.")
     if palette.min() < -1 or palette.max() > 1:
         raise ConversionError(
-            f"The palette {path} has values in [{palette.min()}, {palette.max()}]; OpenAI's colors lie in [-1, 1] "
+            f"{what} has values in [{palette.min()}, {palette.max()}]; OpenAI's colors lie in [-1, 1] "
             "(pixels are scaled as x / 127.5 - 1)."
         )
-    return palette
+    return palette if palette.dtype.kind == "f" else palette.astype(np.float64)  # the file's own precision kept
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -441,50 +480,16 @@ def generation_config_for(config: ImageGPTConfig) -> GenerationConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `output_dir` to write into; it becomes `output_dir` only if the block succeeds.
-
-    On any error the temporary folder is removed (and so are parent folders this function created), leaving the file
-    system as it was. An existing non-empty `output_dir` is replaced only with `overwrite=True`, and only at the end.
-    """
-    output_dir = Path(output_dir).absolute()
-    check_output_dir(output_dir, overwrite)
-    created = [p for p in [output_dir.parent, *output_dir.parent.parents] if not p.exists()]
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's private 0700 would otherwise become the output folder's mode
+def check_options(dtype: str, max_shard_size: str) -> None:
+    """Refuse a `--dtype` or `--max_shard_size` that saving would reject only after the conversion."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     try:
-        yield tmp
-        if output_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            old.rmdir()
-            output_dir.rename(old)
-            try:
-                tmp.rename(output_dir)
-            except BaseException:
-                old.rename(output_dir)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in created:  # innermost first
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
-
-
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse early (before any reading) an output path that is a file, or a non-empty folder without `overwrite`."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConversionError(f"--output_dir {output_dir} exists and is not a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConversionError(f"--output_dir {output_dir} exists and is not empty; pass --overwrite to replace it.")
+        split_torch_state_dict_into_shards({}, max_shard_size=max_shard_size)  # parses the size as saving will
+    except ValueError as err:
+        raise ConversionError(
+            f"--max_shard_size {max_shard_size!r} is not a size such as 5GB or 500MB: {err}"
+        ) from None
 
 
 def save_checkpoint_folder(
@@ -608,11 +613,12 @@ def convert_openai_checkpoint(
 
     `repo_id` only names the Hub repository in the model card's usage snippet. Returns the verification results
     (empty with `verify=False`). Raises `ConversionError`, leaving nothing on disk, when the inputs are unusable or
-    the converted model does not match the reference.
+    the converted model does not match the reference, and `image_gpt_hf.safe_io.OutputPathError` (before reading
+    anything) for an output path it must not write to.
     """
-    if dtype not in DTYPES:
-        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    check_output_dir(output_dir, overwrite)
+    check_options(dtype, max_shard_size)
+    inputs = [*checkpoint_inputs(checkpoint), clusters]
+    check_output_path(output_dir, inputs=inputs, overwrite=overwrite)
     ckpt = read_openai_checkpoint(checkpoint)
     palette = load_palette(clusters, ckpt.palette_size)
     logger.info(
@@ -639,7 +645,7 @@ def convert_openai_checkpoint(
     config = build_config(ckpt)
     model = build_model(config, convert_state_dict(ckpt))
     checks: list[Check] = []
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with staged_dir(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
         processor = save_checkpoint_folder(tmp, model, palette, DTYPES[dtype], max_shard_size)
         card_model = meta_copy(model)
         del model  # the check below loads the folder back; do not hold two copies of a large model
@@ -671,7 +677,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="folder to write the converted checkpoint to")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file, e.g. 2GB or 500MB")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --output_dir (all of its content)"
+    )
     parser.add_argument(
         "--skip_verification",
         action="store_true",
@@ -696,8 +704,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             verify=not args.skip_verification,
             repo_id=args.push_to_hub,
         )
-    except ConversionError as err:
+    except (ConversionError, OutputPathError) as err:
         logger.error("%s", err)
+        return 1
+    except OSError as err:  # the disk is full, a folder is not writable, ...: nothing was left behind
+        logger.error("Writing %s failed: %s", args.output_dir, err)
         return 1
     if args.push_to_hub:
         return push_after_conversion(args.output_dir, args.push_to_hub, private=args.private)

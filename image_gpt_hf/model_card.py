@@ -16,7 +16,6 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
 from .configuration_imagegpt import PRESETS, ImageGPTConfig
+from .safe_io import atomic_file, check_output_path
 
 TEMPLATE_NAME = "MODEL_CARD.md"
 _CHECKPOINT_BLOCK = ("<!-- checkpoint-card:start -->", "<!-- checkpoint-card:end -->")
@@ -83,29 +83,38 @@ def write_model_card(
     *,
     processor: Any | None = None,
     facts: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `README.md` (the Hub's model card) for one checkpoint into `save_directory` and return its path.
 
+    The card is written to a hidden file next to it and renamed into place (`image_gpt_hf.safe_io.atomic_file`):
+    a reader never sees half a card, the file gets the mode the umask gives, and nothing else in the folder is
+    touched.
+
     Args:
-        save_directory: the checkpoint folder; created if missing. An existing README.md is replaced atomically.
+        save_directory: the checkpoint folder; created if missing.
         model_or_config: the model (its head and exact parameter count go into the card) or only its config (the
             parameter count is then that of the decoder, `ImageGPTModel`).
         processor: the checkpoint's `ImageGPTImageProcessor`, whose input size and palette go into the card. Its
             palette must have `config.palette_size` colors.
         facts: what only the caller knows; see `FACT_KEYS`. Nothing is assumed when a fact is missing: without
             "datasets" the metadata names none, without "results" there is no model-index.
+        overwrite: replace an existing README.md (a card or any other file; a symbolic link is refused). Without
+            it, an existing README.md is refused with an `image_gpt_hf.safe_io.OutputPathError` (a ValueError).
     """
     if isinstance(model_or_config, PreTrainedModel):
         model, config = model_or_config, model_or_config.config
     else:
         model, config = None, model_or_config
-    if getattr(config, "model_type", None) != "imagegpt":
+    if getattr(config, "model_type", None) not in ("imagegpt", "image_gpt_hf"):
         raise TypeError(f"Expected an Image GPT model or config, got {type(model_or_config).__name__}.")
     if not isinstance(config, ImageGPTConfig):
         # transformers' own ImageGPTConfig, or this package's loaded as remote code: same fields, read as ours.
-        config = ImageGPTConfig.from_dict(config.to_dict())
+        config = ImageGPTConfig.from_dict({**config.to_dict(), "model_type": "imagegpt"})
     facts = _check_facts(facts or {})
     save_directory = Path(save_directory)
+    card_checks = {"arg": "The model card", "overwrite_arg": "overwrite=True"}
+    check_output_path(save_directory / "README.md", overwrite=overwrite, kind="file", **card_checks)
     name = facts.get("model_name") or save_directory.resolve().name
 
     template = ModelCard(model_card_template())
@@ -115,12 +124,9 @@ def write_model_card(
     metadata = _metadata(template.data, name, model, config, facts)
     card = ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}")
 
-    save_directory.mkdir(parents=True, exist_ok=True)
     path = save_directory / "README.md"
-    # Written next to its destination and renamed over it, so a reader never sees half a card.
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=save_directory, suffix=".tmp", delete=False) as tmp:
-        tmp.write(str(card))
-    os.replace(tmp.name, path)
+    with atomic_file(path, overwrite=overwrite, **card_checks) as tmp:
+        tmp.write_text(str(card), encoding="utf-8")
     return path
 
 
@@ -186,10 +192,11 @@ def _human(count: int) -> str:
 
 
 def _input_size(config: ImageGPTConfig) -> str:
-    side = math.isqrt(config.n_positions)
-    if side * side == config.n_positions:
-        return f"{side} x {side} pixels, {config.n_positions} tokens"
-    return f"{config.n_positions} tokens"
+    try:
+        side = config.n_px
+    except ValueError:  # n_positions is not a square: no single image side
+        return f"{config.n_positions} tokens"
+    return f"{side} x {side} pixels, {config.n_positions} tokens"
 
 
 def _processor_facts(processor: Any, config: ImageGPTConfig) -> list[tuple[str, str]]:

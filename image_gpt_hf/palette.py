@@ -8,12 +8,18 @@ resized to n_px x n_px and scaled to [-1, 1]), clusters them with scikit-learn, 
 
     igpt-fit-palette --sklearn_digits --num_colors 16 --n_px 32 --output_dir palettes/digits16
 
+Memory stays bounded whatever the size of the photos: images stream through in batches (`batch_size`), and an image
+with more than `pixel_budget` pixels is scaled down (aspect ratio kept; JPEGs are decoded at a reduced scale) as soon
+as it is read, before its pixels are sampled. The command writes through `image_gpt_hf.safe_io`: it refuses an
+existing non-empty `--output_dir` without `--overwrite`, and an `--output_dir` in or around its input images.
+
 scikit-learn is an optional dependency (`pip install "image_gpt_hf[examples]"`); it is imported only when fitting.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,6 +30,7 @@ import PIL.Image
 import torch
 
 from .image_processing_imagegpt import ImageGPTImageProcessor, color_quantize
+from .safe_io import check_output_path, staged_dir
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 PALETTE_FILE = "kmeans_centers.npy"
@@ -31,6 +38,9 @@ PALETTE_FILE = "kmeans_centers.npy"
 # k-means runs single-threaded.
 _FULL_KMEANS_WORK = 20_000_000
 _SMALL_KMEANS_WORK = 1_000_000
+# Images with more pixels than this are scaled down as they are read (about 3 MB each as 8-bit RGB).
+PIXEL_BUDGET = 1_000_000
+BATCH_SIZE = 32
 
 
 def _require_sklearn():
@@ -79,8 +89,55 @@ def _image_column(dataset: Any, image_column: str | None) -> str:
     raise ValueError(f"Cannot tell which column holds the images among {columns}; pass `image_column`.")
 
 
-def _image_batches(images: Any, batch_size: int, image_column: str | None) -> Iterator[list]:
-    """Batches of images (PIL images or arrays) from a folder, a `datasets` dataset, an array batch or a list."""
+def _budget_size(size: tuple[int, int], pixel_budget: int) -> tuple[int, int]:
+    """The largest (width, height) with the aspect ratio of `size` and at most `pixel_budget` pixels."""
+    width, height = size
+    scale = math.sqrt(pixel_budget / (width * height))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+
+
+def _within_budget(image: Any, pixel_budget: int | None, opened_here: bool = False) -> Any:
+    """`image`, or for a PIL image with more than `pixel_budget` pixels, a copy scaled down to fit (aspect kept).
+
+    An image this module opened (`opened_here`) and has not loaded yet is decoded at a reduced scale where the format
+    allows it (JPEG's draft mode), so a large photo never lies in memory at full size. The caller's images are not
+    modified, and arrays are returned as they are (they are in memory already).
+    """
+    if pixel_budget is None or not isinstance(image, PIL.Image.Image) or image.width * image.height <= pixel_budget:
+        return image
+    size = _budget_size(image.size, pixel_budget)
+    if opened_here:
+        image.draft(None, size)  # JPEG: decoded at the smallest DCT scale at least this large; others: no-op
+    try:
+        return image.resize(size, PIL.Image.Resampling.BICUBIC, reducing_gap=2.0)
+    except ValueError:  # a mode Pillow cannot resize: the processor reads it at full size
+        return image
+
+
+def _read_image_file(path: Path, pixel_budget: int | None) -> PIL.Image.Image:
+    """The image in `path`, scaled down to `pixel_budget`; a `ValueError` naming the file if it cannot be read."""
+    try:
+        with PIL.Image.open(path) as image:
+            reduced = _within_budget(image, pixel_budget, opened_here=True)
+            reduced.load()
+            return reduced.copy() if reduced is image else reduced
+    except PIL.Image.DecompressionBombError as err:
+        raise ValueError(
+            f"Refusing the image file {path}: {err} If you trust it, scale it down (or, from Python, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS before fitting); otherwise remove it from the folder."
+        ) from None
+    except Exception as err:  # Pillow's decoders raise many kinds (OSError, SyntaxError, struct.error, ...)
+        raise ValueError(f"Cannot read the image file {path}: {type(err).__name__}: {err}") from None
+
+
+def _image_batches(
+    images: Any, batch_size: int, image_column: str | None, pixel_budget: int | None = None
+) -> Iterator[list]:
+    """Batches of images (PIL images or arrays) from a folder, a `datasets` dataset, an array batch or a list.
+
+    PIL images with more than `pixel_budget` pixels are scaled down as they are read; only one image is ever held at
+    full size, so a batch takes at most about `batch_size * pixel_budget` pixels.
+    """
     if isinstance(images, (str, os.PathLike)):
         root = Path(images)
         if not root.is_dir():
@@ -89,29 +146,22 @@ def _image_batches(images: Any, batch_size: int, image_column: str | None) -> It
         if not files:
             raise ValueError(f"Found no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}.")
         for start in range(0, len(files), batch_size):
-            batch = []
-            for path in files[start : start + batch_size]:
-                try:
-                    with PIL.Image.open(path) as image:
-                        image.load()
-                        batch.append(image.copy())
-                except OSError as err:
-                    raise ValueError(f"Cannot read the image file {path}: {err}") from None
-            yield batch
+            yield [_read_image_file(path, pixel_budget) for path in files[start : start + batch_size]]
     elif hasattr(images, "column_names") and hasattr(images, "features"):  # a datasets.Dataset / IterableDataset
         column = _image_column(images, image_column)
         if hasattr(images, "__len__") and hasattr(images, "__getitem__"):
-            for start in range(0, len(images), batch_size):
-                yield list(images[start : start + batch_size][column])
+            # Row by row: a slice would decode a whole batch of full-size images at once.
+            examples = (images[index] for index in range(len(images)))
         else:
-            batch = []
-            for example in images:
-                batch.append(example[column])
-                if len(batch) == batch_size:
-                    yield batch
-                    batch = []
-            if batch:
+            examples = iter(images)
+        batch = []
+        for example in examples:
+            batch.append(_within_budget(example[column], pixel_budget))
+            if len(batch) == batch_size:
                 yield batch
+                batch = []
+        if batch:
+            yield batch
     elif isinstance(images, (np.ndarray, torch.Tensor)):  # a batch: (N, H, W) gray or (N, H, W, C) / (N, C, H, W)
         if images.ndim not in (3, 4):
             raise ValueError(
@@ -123,11 +173,25 @@ def _image_batches(images: Any, batch_size: int, image_column: str | None) -> It
             yield list(chunk)
     elif isinstance(images, Sequence):
         for start in range(0, len(images), batch_size):
-            yield list(images[start : start + batch_size])
+            yield [_within_budget(image, pixel_budget) for image in images[start : start + batch_size]]
     else:
         raise ValueError(
             f"Unsupported image source {type(images).__name__}: pass a folder, a `datasets` Dataset, an array of "
             "images or a list of images."
+        )
+
+
+def _check_sampling(n_px: int | None, max_pixels: int, batch_size: int, pixel_budget: int | None) -> None:
+    if max_pixels < 1:
+        raise ValueError(f"`max_pixels` must be positive, got {max_pixels}.")
+    if n_px is not None and n_px < 1:
+        raise ValueError(f"`n_px` must be positive (or None to keep each image's size), got {n_px}.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
+    if pixel_budget is not None and pixel_budget < (n_px or 1) ** 2:
+        raise ValueError(
+            f"`pixel_budget` must be at least n_px * n_px = {(n_px or 1) ** 2} pixels (images are scaled down to it "
+            f"before they are resized to n_px x n_px), got {pixel_budget}; pass None for no limit."
         )
 
 
@@ -137,46 +201,62 @@ def sample_pixels(
     max_pixels: int = 1_000_000,
     seed: int = 0,
     image_column: str | None = None,
-    batch_size: int = 256,
+    batch_size: int = BATCH_SIZE,
+    pixel_budget: int | None = PIXEL_BUDGET,
 ) -> np.ndarray:
     """Up to `max_pixels` pixels drawn uniformly without replacement from `images`, as the model sees them.
 
     Every image goes through `ImageGPTImageProcessor` (RGB, resized to `n_px x n_px` unless `n_px` is None, scaled
     to [-1, 1]); each pixel gets a random key from `numpy.random.default_rng(seed)` and the `max_pixels` smallest keys
-    are kept as batches stream by, so memory stays bounded however large the data is and the sample depends only on
-    the data, its order and the seed.
+    are kept as batches stream by, so the sample depends only on the data, its order and the seed (not on
+    `batch_size`).
+
+    Memory is bounded whatever the size and number of the images: `batch_size` images are read at a time, and a PIL
+    image (a file, a dataset's image, an item of a list) with more than `pixel_budget` pixels is first scaled down to
+    fit, aspect ratio kept (None: never). With `n_px` set, that only changes how a photo far larger than n_px x n_px
+    is averaged down to it; with `n_px=None` the sampled pixels are those of the scaled-down image. Arrays are
+    sampled as they are.
 
     Returns:
         `(num_pixels, 3)` float32 in [-1, 1].
     """
-    if max_pixels < 1:
-        raise ValueError(f"`max_pixels` must be positive, got {max_pixels}.")
-    if n_px is not None and n_px < 1:
-        raise ValueError(f"`n_px` must be positive (or None to keep each image's size), got {n_px}.")
+    _check_sampling(n_px, max_pixels, batch_size, pixel_budget)
     processor = ImageGPTImageProcessor(
         do_color_quantize=False,
         do_resize=n_px is not None,
         size={"height": n_px or 1, "width": n_px or 1},
     )
     rng = np.random.default_rng(seed)
-    kept = np.empty((0, 3), dtype=np.float32)
-    keys = np.empty(0)
+    kept, keys = [np.empty((0, 3), dtype=np.float32)], [np.empty(0)]
+    pending = 0
     num_images = 0
-    for batch in _image_batches(images, batch_size, image_column):
+    for batch in _image_batches(images, batch_size, image_column, pixel_budget):
         if not batch:
             continue
-        values = processor(batch, data_format="channels_last")["pixel_values"]
-        pixels = np.concatenate([v.reshape(-1, 3) for v in values])
         num_images += len(batch)
-        kept = np.concatenate([kept, pixels])
-        keys = np.concatenate([keys, rng.random(len(pixels))])
-        if len(kept) > max_pixels:
-            keep = np.argpartition(keys, max_pixels - 1)[:max_pixels]
-            keep.sort()
-            kept, keys = kept[keep], keys[keep]
+        for value in processor(batch, data_format="channels_last")["pixel_values"]:
+            pixels = value.reshape(-1, 3)
+            kept.append(pixels)
+            keys.append(rng.random(len(pixels)))
+            pending += len(pixels)
+            if pending > 2 * max_pixels:  # trimmed now and then, not after every image: linear time overall
+                kept, keys = _smallest_keys(kept, keys, max_pixels)
+                pending = len(kept[0])
     if num_images == 0:
         raise ValueError("Got no images to sample pixels from.")
-    return kept
+    return _smallest_keys(kept, keys, max_pixels)[0][0]
+
+
+def _smallest_keys(
+    pixels: list[np.ndarray], keys: list[np.ndarray], count: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The `count` pixels with the smallest keys, in their original order, as one-element lists."""
+    pixels, keys = np.concatenate(pixels), np.concatenate(keys)
+    if len(keys) > count:
+        keep = np.argpartition(keys, count - 1)[:count]
+        keep.sort()
+        pixels, keys = pixels[keep], keys[keep]
+    return [pixels], [keys]
 
 
 def _distinct_colors(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,6 +264,13 @@ def _distinct_colors(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     packed = np.ascontiguousarray(pixels, dtype=np.float32).view(np.dtype((np.void, 12))).reshape(-1)
     _, first, counts = np.unique(packed, return_index=True, return_counts=True)
     return pixels[first], counts
+
+
+def _check_fit(num_colors: int, method: str) -> None:
+    if num_colors < 1:
+        raise ValueError(f"`num_colors` must be positive, got {num_colors}.")
+    if method not in ("auto", "kmeans", "minibatch"):
+        raise ValueError(f"`method` must be 'auto', 'kmeans' or 'minibatch', got {method!r}.")
 
 
 def fit_palette_to_pixels(
@@ -204,8 +291,7 @@ def fit_palette_to_pixels(
         raise ValueError(f"`pixels` must have shape (num_pixels, 3), got {pixels.shape}.")
     if not np.isfinite(pixels).all():
         raise ValueError("`pixels` contains non-finite values.")
-    if num_colors < 1:
-        raise ValueError(f"`num_colors` must be positive, got {num_colors}.")
+    _check_fit(num_colors, method)
     colors, counts = _distinct_colors(pixels)
     if num_colors > len(colors):
         raise ValueError(
@@ -213,8 +299,6 @@ def fit_palette_to_pixels(
             f"(in {len(pixels)} sampled pixels). Lower num_colors to at most {len(colors)}, or sample more or more "
             "varied pixels."
         )
-    if method not in ("auto", "kmeans", "minibatch"):
-        raise ValueError(f"`method` must be 'auto', 'kmeans' or 'minibatch', got {method!r}.")
     if method == "auto":
         method = "kmeans" if len(colors) * num_colors <= _FULL_KMEANS_WORK else "minibatch"
     if method == "kmeans":
@@ -239,7 +323,8 @@ def fit_palette(
     seed: int = 0,
     image_column: str | None = None,
     method: Literal["auto", "kmeans", "minibatch"] = "auto",
-    batch_size: int = 256,
+    batch_size: int = BATCH_SIZE,
+    pixel_budget: int | None = PIXEL_BUDGET,
 ) -> np.ndarray:
     """Fit a `num_colors`-color palette to the pixels of `images` by k-means (OpenAI's recipe for iGPT's palette).
 
@@ -254,11 +339,14 @@ def fit_palette(
         seed: seeds both the pixel sample and k-means, so a fit is repeatable.
         image_column: the dataset column with the images (found automatically when it has the `Image` feature).
         method: "kmeans" (scikit-learn's `KMeans`), "minibatch" (`MiniBatchKMeans`) or "auto".
+        batch_size: images read and processed at a time.
+        pixel_budget: larger images are scaled down to this many pixels as they are read (see `sample_pixels`).
 
     Returns:
         `(num_colors, 3)` float32 centers in [-1, 1], the format of OpenAI's `kmeans_centers.npy`.
     """
-    pixels = sample_pixels(images, n_px, max_pixels, seed, image_column, batch_size)
+    _check_fit(num_colors, method)  # before the sampling, which can take long
+    pixels = sample_pixels(images, n_px, max_pixels, seed, image_column, batch_size, pixel_budget)
     return fit_palette_to_pixels(pixels, num_colors, seed, method)
 
 
@@ -278,21 +366,30 @@ def quantization_error(pixels: np.ndarray, palette: np.ndarray) -> float:
 
 
 def save_palette(
-    palette: np.ndarray, output_dir: str | os.PathLike, n_px: int = 32, **processor_kwargs: Any
+    palette: np.ndarray,
+    output_dir: str | os.PathLike,
+    n_px: int = 32,
+    *,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+    **processor_kwargs: Any,
 ) -> ImageGPTImageProcessor:
     """Write `palette` as OpenAI's `kmeans_centers.npy` and as a processor folder (`preprocessor_config.json`).
 
     The folder loads with `AutoImageProcessor.from_pretrained(output_dir)` (this package's processor after
     `import image_gpt_hf`, transformers' own otherwise, or this one as remote code with `trust_remote_code=True`).
+    It is written as a whole (`image_gpt_hf.safe_io.staged_dir`): an existing non-empty `output_dir` (say, a model
+    folder, whose vocabulary the new palette would not match) is refused unless `overwrite=True`, which replaces
+    it entirely; an `output_dir` that is, holds or lies inside one of `inputs` is always refused.
 
     Returns:
         The processor that was saved.
     """
     palette = np.asarray(palette, dtype=np.float32)
     processor = ImageGPTImageProcessor(clusters=palette, size={"height": n_px, "width": n_px}, **processor_kwargs)
-    os.makedirs(output_dir, exist_ok=True)
-    np.save(os.path.join(output_dir, PALETTE_FILE), palette)
-    processor.save_pretrained(output_dir)
+    with staged_dir(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
+        np.save(tmp / PALETTE_FILE, palette)
+        processor.save_pretrained(tmp)
     return processor
 
 
@@ -316,32 +413,70 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_pixels", type=int, default=1_000_000, help="Pixels sampled for the fit.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the pixel sample and of k-means.")
     parser.add_argument("--method", choices=("auto", "kmeans", "minibatch"), default="auto")
+    parser.add_argument(
+        "--batch_size", type=int, default=BATCH_SIZE, help="Images read and processed at a time (memory)."
+    )
+    parser.add_argument(
+        "--pixel_budget",
+        type=int,
+        default=PIXEL_BUDGET,
+        help="Images with more pixels are scaled down to this many (aspect kept) as they are read, which bounds "
+        "memory; at least n_px * n_px; 0 for no limit.",
+    )
     parser.add_argument("--output_dir", type=str, required=True, help="Where to write the palette files.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing non-empty --output_dir (all of its content)."
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The `igpt-fit-palette` command (also `python -m image_gpt_hf.palette`)."""
     args = _parse_args(argv)
+    try:
+        _fit_and_save(args)
+    except (ValueError, OSError, ImportError) as err:  # bad data, options or paths: what is wrong, no traceback
+        raise SystemExit(f"igpt-fit-palette: {err}") from None
+
+
+def _fit_and_save(args: argparse.Namespace) -> None:
+    # Every argument is checked before the data is read, and the output path too: a mistake costs no fitting time.
     if args.n_px < 1:
-        raise SystemExit(f"--n_px must be positive, got {args.n_px}.")
+        raise ValueError(f"--n_px must be positive, got {args.n_px}.")
+    if args.pixel_budget < 0:
+        raise ValueError(f"--pixel_budget must be a number of pixels, or 0 for no limit; got {args.pixel_budget}.")
+    pixel_budget = args.pixel_budget or None
+    _check_sampling(args.n_px, args.max_pixels, args.batch_size, pixel_budget)
+    _check_fit(args.num_colors, args.method)
+    inputs = [args.image_dir] if args.image_dir is not None else []
+    if args.dataset_name is not None and os.path.exists(args.dataset_name):  # a local data set folder or file
+        inputs.append(args.dataset_name)
+    check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite)
+
     if args.sklearn_digits:
         images, source = load_sklearn_digits(), "scikit-learn digits"
     elif args.image_dir is not None:
+        if not os.path.isdir(args.image_dir):
+            raise ValueError(f"--image_dir {args.image_dir} is not a folder.")
         images, source = args.image_dir, args.image_dir
     else:
         import datasets
 
-        images = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
+        try:
+            images = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
+        except Exception as err:  # not found, offline, bad config or split: datasets raises many kinds
+            raise ValueError(
+                f"Cannot load --dataset_name {args.dataset_name} (config {args.dataset_config_name}, split "
+                f"{args.dataset_split}): {type(err).__name__}: {err}"
+            ) from None
         source = f"{args.dataset_name} [{args.dataset_split}]"
 
-    try:
-        pixels = sample_pixels(images, args.n_px, args.max_pixels, args.seed, args.image_column)
-        palette = fit_palette_to_pixels(pixels, args.num_colors, args.seed, args.method)
-    except ValueError as err:  # bad data or options: say what is wrong, without a traceback
-        raise SystemExit(f"igpt-fit-palette: {err}") from None
+    pixels = sample_pixels(
+        images, args.n_px, args.max_pixels, args.seed, args.image_column, args.batch_size, pixel_budget
+    )
+    palette = fit_palette_to_pixels(pixels, args.num_colors, args.seed, args.method)
     error = quantization_error(pixels, palette)
-    save_palette(palette, args.output_dir, n_px=args.n_px)
+    save_palette(palette, args.output_dir, n_px=args.n_px, overwrite=args.overwrite, inputs=inputs)
 
     print(f"source: {source}; {len(pixels)} pixels sampled at {args.n_px}x{args.n_px} (seed {args.seed})")
     print(f"palette: {len(palette)} colors")

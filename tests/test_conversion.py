@@ -3,7 +3,8 @@
 The OpenAI checkpoints here are written with TensorFlow in OpenAI's exact layout (tf.compat.v1 variables under scope
 `model/`, Adam slots, `global_step`, tf.compat.v1.train.Saver, one of them sharded over several devices), tiny enough
 for CPU. The converted folders are compared with `conversion/openai_reference.py`, a NumPy re-implementation of
-OpenAI's forward pass run on the TF arrays.
+OpenAI's forward pass run on the TF arrays. Tests that need TensorFlow are marked `slow` and `conversion`; the Hub
+converter, the palette checks and the output-path refusals run without it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -41,10 +43,15 @@ from conversion import verify
 from conversion.openai_reference import openai_forward
 from image_gpt_hf import ImageGPTForCausalImageModeling, random_bert_mask
 from image_gpt_hf.image_processing_imagegpt import ImageGPTImageProcessor
+from image_gpt_hf.safe_io import staging_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.conversion
+
+def tensorflow_test(function):
+    """Needs TensorFlow, to write and read checkpoints: slow."""
+    return pytest.mark.slow(pytest.mark.conversion(function))
+
 
 # Every size differs from the others, so a mapping that confuses two axes fails on shapes or values.
 N_LAYER, N_EMBD, N_HEAD, N_PX, PALETTE, N_CLASSES = 2, 32, 4, 5, 24, 3
@@ -188,6 +195,39 @@ def tree(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
+def snapshot(root: Path) -> dict[str, object]:
+    """Every entry below `root`: file bytes, link targets, folders; what a refused or finished command must keep."""
+    entries: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            entries[key] = ("link", os.readlink(path))
+        elif path.is_dir():
+            entries[key] = "dir"
+        else:
+            entries[key] = path.read_bytes()
+    return entries
+
+
+def user_arena(root: Path) -> tuple[Path, Path]:
+    """`root/user`, a folder of user files with a planted link to `root/outside/secret` and a link to `outside`."""
+    user, outside = root / "user", root / "outside"
+    (user / "notes").mkdir(parents=True)
+    (user / "notes" / "todo.txt").write_bytes(b"mine\x00\xff")
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    (user / "link").symlink_to(outside / "secret")
+    (user / "linkdir").symlink_to(outside, target_is_directory=True)
+    return user, outside
+
+
+def run_cli(main, argv, caplog) -> tuple[int, str]:
+    caplog.clear()
+    with caplog.at_level("ERROR"):
+        status = main([str(a) for a in argv])
+    return status, caplog.text
+
+
 # -------------------------------------------------------------------------------------------- the reference itself
 
 
@@ -233,6 +273,7 @@ def test_tensorflow_missing_gives_install_hint(monkeypatch):
 # ------------------------------------------------------------------------------------------ OpenAI checkpoints
 
 
+@tensorflow_test
 def test_checkpoints_have_openais_layout(checkpoints, tf):
     names = dict(tf.train.list_variables(checkpoints["ar"]))
     assert names["model/h0/attn/q_proj"] == [N_HEAD, N_EMBD // N_HEAD, N_EMBD]
@@ -244,6 +285,7 @@ def test_checkpoints_have_openais_layout(checkpoints, tf):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@tensorflow_test
 def test_converted_folder_contents(kind, converted, checkpoints, palette_file):
     folder = converted[kind]
     bert, clf = kind.startswith("bert"), kind.endswith("clf")
@@ -299,6 +341,7 @@ def test_converted_folder_contents(kind, converted, checkpoints, palette_file):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@tensorflow_test
 def test_heads_match_openai_reference(kind, converted, checkpoints):
     folder, bert = converted[kind], kind.startswith("bert")
     reference_weights = read_tf_weights(checkpoints[kind])
@@ -327,6 +370,7 @@ def test_heads_match_openai_reference(kind, converted, checkpoints):
             assert max_diff(theirs(input_ids=with_sos).logits, ref.gen_logits) < ATOL
 
 
+@tensorflow_test
 def test_classifier_gen_loss_matches_openai(converted, checkpoints):
     """The clf checkpoints' classification model returns OpenAI's gen_loss (AR and BERT) next to the logits."""
     tokens, keep = random_tokens()
@@ -377,6 +421,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 )
 
 
+@tensorflow_test
 def test_trust_remote_code_without_the_package(converted, checkpoints, palette_file, tmp_path):
     tokens, keep = random_tokens()
     np.savez(tmp_path / "inputs.npz", tokens=tokens, keep=keep)
@@ -399,6 +444,7 @@ def test_trust_remote_code_without_the_package(converted, checkpoints, palette_f
         np.testing.assert_allclose(outputs[kind + "/clusters"], np.load(palette_file), atol=1e-7)
 
 
+@tensorflow_test
 def test_sharded_safetensors(checkpoints, palette_file, tmp_path):
     out = tmp_path / "sharded"
     argv = ["--checkpoint", checkpoints["ar"], "--clusters", str(palette_file), "--output_dir", str(out)]
@@ -414,6 +460,7 @@ def test_sharded_safetensors(checkpoints, palette_file, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@tensorflow_test
 def test_half_precision_output(dtype, checkpoints, palette_file, tmp_path, capsys):
     out = tmp_path / dtype
     argv = ["--checkpoint", checkpoints["bert"], "--clusters", str(palette_file), "--output_dir", str(out)]
@@ -428,6 +475,7 @@ def test_half_precision_output(dtype, checkpoints, palette_file, tmp_path, capsy
     assert "masked logits: max abs diff" in printed and f"masked logits ({dtype} weights vs float32" in printed
 
 
+@tensorflow_test
 def test_verify_cli_and_eval_loss(converted, checkpoints, tmp_path, capsys):
     rng = np.random.default_rng(3)
     images = rng.integers(0, PALETTE, (5, N_CTX)).astype(np.uint16)  # OpenAI's *_teX.npy hold ids like these
@@ -460,6 +508,7 @@ def test_verify_cli_and_eval_loss(converted, checkpoints, tmp_path, capsys):
     assert "was not converted from this checkpoint" in capsys.readouterr().err
 
 
+@tensorflow_test
 def test_verify_detects_a_wrong_mapping(converted, checkpoints, tmp_path, capsys):
     """Swap two heads' query columns in the saved weights: verify.py must fail on exactly that."""
     folder = tmp_path / "tampered"
@@ -476,6 +525,7 @@ def test_verify_detects_a_wrong_mapping(converted, checkpoints, tmp_path, capsys
     assert "masked logits: max abs diff" in capsys.readouterr().out
 
 
+@tensorflow_test
 def test_converter_refuses_a_model_that_does_not_match(checkpoints, palette_file, tmp_path, monkeypatch):
     """The converter's own check runs before the folder is published: a wrong mapping leaves nothing behind."""
     real = convert.convert_state_dict
@@ -515,6 +565,7 @@ def run_failing_conversion(prefix, palette, out: Path, caplog, *extra) -> str:
     return caplog.text
 
 
+@tensorflow_test
 def test_truncated_data_file(ar_copy, palette_file, tmp_path, caplog):
     largest = max(ar_copy.parent.glob("*.data-*"), key=lambda p: p.stat().st_size)
     os.truncate(largest, largest.stat().st_size // 2)
@@ -524,18 +575,36 @@ def test_truncated_data_file(ar_copy, palette_file, tmp_path, caplog):
     assert tree(tmp_path) == before
 
 
-def test_missing_shard(ar_copy, palette_file, tmp_path, caplog):
-    (ar_copy.parent / f"{ar_copy.name}.data-00002-of-00004").unlink()
+@pytest.fixture()
+def fake_checkpoint(tmp_path) -> Path:
+    """Empty files named like a 4-shard checkpoint: enough for what the converter checks before TensorFlow reads."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    prefix = folder / "model.ckpt-1000"
+    for suffix in (".index", ".meta", *(f".data-{i:05d}-of-00004" for i in range(4))):
+        Path(f"{prefix}{suffix}").write_bytes(b"")
+    return prefix
+
+
+def test_missing_shard_or_index(fake_checkpoint, palette_file, tmp_path, caplog):
+    Path(f"{fake_checkpoint}.data-00002-of-00004").unlink()
     before = tree(tmp_path)
-    message = run_failing_conversion(ar_copy, palette_file, tmp_path / "out", caplog)
+    message = run_failing_conversion(fake_checkpoint, palette_file, tmp_path / "out", caplog)
     assert "incomplete" in message and "model.ckpt-1000.data-00002-of-00004" in message
-    assert tree(tmp_path) == before
-
-
-def test_missing_index(ar_copy, palette_file, tmp_path, caplog):
-    (ar_copy.parent / f"{ar_copy.name}.index").unlink()
-    message = run_failing_conversion(ar_copy, palette_file, tmp_path / "out", caplog)
+    Path(f"{fake_checkpoint}.index").unlink()
+    message = run_failing_conversion(fake_checkpoint, palette_file, tmp_path / "out", caplog)
     assert "model.ckpt-1000.index does not exist" in message
+    assert tree(tmp_path) == [p for p in before if not p.endswith((".index", ".data-00002-of-00004"))]
+
+
+def test_checkpoint_path_forms(fake_checkpoint):
+    prefix = str(fake_checkpoint)
+    assert convert.resolve_checkpoint_prefix(fake_checkpoint.parent) == prefix
+    assert convert.resolve_checkpoint_prefix(prefix + ".index") == prefix
+    assert convert.resolve_checkpoint_prefix(prefix + ".data-00001-of-00004") == prefix
+    Path(f"{fake_checkpoint.parent}/model.ckpt-2000.index").write_bytes(b"")
+    with pytest.raises(convert.ConversionError, match="found model.ckpt-1000.index, model.ckpt-2000.index"):
+        convert.resolve_checkpoint_prefix(fake_checkpoint.parent)
 
 
 @pytest.mark.parametrize(
@@ -545,20 +614,93 @@ def test_missing_index(ar_copy, palette_file, tmp_path, caplog):
         (np.zeros((PALETTE, 4)), f"expected \\({PALETTE}, 3\\)"),
         (np.full((PALETTE, 3), 1.5), "values in \\[1.5, 1.5\\]"),
         (np.full((PALETTE, 3), np.nan), "NaN"),
+        (np.full((PALETTE, 3), 0.5 + 0.25j, dtype=np.complex64), "complex numbers"),
+        (np.zeros((PALETTE, 3), dtype=bool), "holds bool values"),
     ],
 )
-def test_bad_palette(palette, message, ar_copy, tmp_path):
+def test_bad_palette(palette, message, tmp_path):
     path = tmp_path / "clusters.npy"
     np.save(path, palette)
-    existing = tmp_path / "out"
-    existing.mkdir()
-    (existing / "keep.txt").write_text("mine")
-    before = tree(tmp_path)
-    with pytest.raises(convert.ConversionError, match=message):
-        convert.convert_openai_checkpoint(ar_copy, path, existing, overwrite=True)
-    assert tree(tmp_path) == before  # --overwrite replaces the folder only after a successful conversion
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused outright: no ComplexWarning about a dropped imaginary part
+        with pytest.raises(convert.ConversionError, match=message):
+            convert.load_palette(path, PALETTE)
 
 
+def test_palette_files_other_than_npy(tmp_path):
+    colors = np.random.default_rng(0).uniform(-1, 1, (PALETTE, 3)).astype(np.float32)
+    np.savez(tmp_path / "one.npz", kmeans_centers=colors)
+    np.testing.assert_array_equal(convert.load_palette(tmp_path / "one.npz", PALETTE), colors)  # its one array
+    np.savez(tmp_path / "two.npz", a=colors, b=colors)
+    with pytest.raises(convert.ConversionError, match=r"\.npz archive of 2 arrays \(a, b\); expected one"):
+        convert.load_palette(tmp_path / "two.npz", PALETTE)
+    np.save(tmp_path / "objects.npy", np.full((PALETTE, 3), None), allow_pickle=True)
+    (tmp_path / "text.npy").write_text("0.1 0.2 0.3")
+    for name in ("objects.npy", "text.npy", "missing.npy"):
+        with pytest.raises(convert.ConversionError, match=f"Cannot read the palette .*{name}"):
+            convert.load_palette(tmp_path / name, PALETTE)
+
+
+def test_output_paths_refused_before_reading(fake_checkpoint, palette_file, tmp_path, caplog):
+    """The output is, holds or lies in an input, or is a link: refused whatever --overwrite says, before anything is
+    read (these checkpoint files are empty; reading them would fail differently)."""
+    palette = shutil.copy(palette_file, tmp_path / "kmeans_centers.npy")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_bytes(b"secret")
+    (tmp_path / "link").symlink_to(tmp_path / "outside", target_is_directory=True)
+    index = Path(f"{fake_checkpoint}.index")
+    before = snapshot(tmp_path)
+    cases = [
+        (fake_checkpoint, tmp_path, "contains the input"),
+        (fake_checkpoint, fake_checkpoint.parent, "contains the input"),
+        (fake_checkpoint, palette, "is the input"),
+        (fake_checkpoint, index, "is the input"),
+        (fake_checkpoint, index / "sub", "is inside the input"),
+        (fake_checkpoint.parent, fake_checkpoint.parent / "converted", "is inside the input"),
+        (fake_checkpoint, tmp_path / "link", "is a symbolic link"),
+    ]
+    for checkpoint, output, message in cases:
+        argv = ["--checkpoint", checkpoint, "--clusters", palette, "--output_dir", output, "--overwrite"]
+        status, logged = run_cli(convert.main, argv, caplog)
+        assert status == 1 and message in logged and str(output) in logged, (output, logged)
+    argv = ["--checkpoint", fake_checkpoint, "--clusters", palette, "--output_dir", tmp_path / "out"]
+    status, logged = run_cli(convert.main, [*argv, "--max_shard_size", "5 gigs"], caplog)
+    assert status == 1 and "--max_shard_size '5 gigs' is not a size such as 5GB" in logged
+    assert snapshot(tmp_path) == before
+
+
+@tensorflow_test
+def test_openai_converter_keeps_user_files(checkpoints, palette_file, tmp_path, caplog):
+    """Its inputs, the user's files and a planted link's target are byte-identical after every run, refused or not."""
+    user, outside = user_arena(tmp_path)
+    (user / "igpt").mkdir()
+    source = Path(checkpoints["bert"])
+    for path in source.parent.glob(source.name + ".*"):
+        shutil.copy(path, user / "igpt" / path.name)
+    shutil.copy(palette_file, user / "kmeans_centers.npy")
+    out = user / "converted"
+    out.mkdir()
+    (out / "README.md").symlink_to(outside / "secret")  # planted where the model card goes
+    argv = ["--checkpoint", user / "igpt" / source.name, "--clusters", user / "kmeans_centers.npy"]
+    argv.append("--skip_verification")
+    before, outside_before = snapshot(user), snapshot(outside)
+
+    for output in (user, user / "igpt", user / "linkdir"):  # holds the inputs; the checkpoint's folder; a link out
+        status, logged = run_cli(convert.main, [*argv, "--output_dir", output, "--overwrite"], caplog)
+        assert status == 1 and str(output) in logged
+    status, logged = run_cli(convert.main, [*argv, "--output_dir", user / "notes"], caplog)
+    assert status == 1 and "pass --overwrite" in logged
+    assert snapshot(user) == before
+
+    assert run_cli(convert.main, [*argv, "--output_dir", out, "--overwrite"], caplog)[0] == 0
+    assert (out / "config.json").is_file() and not (out / "README.md").is_symlink()
+    assert snapshot(outside) == outside_before
+    unchanged = {k: v for k, v in snapshot(user).items() if not k.startswith("converted")}
+    assert unchanged == {k: v for k, v in before.items() if not k.startswith("converted")}
+    assert [p.name for p in user.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+@tensorflow_test
 def test_incomplete_and_inconsistent_checkpoints(tf, palette_file, tmp_path):
     # Layers h0 and h2 but no h1: a checkpoint that lost a layer, not a 1-layer model.
     gap = write_openai_checkpoint(tmp_path / "gap", openai_variables(n_layer=3, skip_layers=(1,)), optimizer=False)
@@ -571,25 +713,7 @@ def test_incomplete_and_inconsistent_checkpoints(tf, palette_file, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_dir(checkpoints, palette_file, tmp_path, caplog):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    message = run_failing_conversion(checkpoints["bert"], palette_file, out, caplog)
-    assert "exists and is not empty; pass --overwrite" in message and (out / "keep.txt").read_text() == "mine"
-    argv = ["--checkpoint", checkpoints["bert"], "--clusters", str(palette_file), "--output_dir", str(out)]
-    assert convert.main([*argv, "--overwrite", "--skip_verification"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or backup folder left over
-
-
-def test_checkpoint_path_forms(checkpoints):
-    prefix = checkpoints["ar"]
-    assert convert.resolve_checkpoint_prefix(Path(prefix).parent) == prefix
-    assert convert.resolve_checkpoint_prefix(prefix + ".index") == prefix
-    assert convert.resolve_checkpoint_prefix(prefix + ".data-00001-of-00004") == prefix
-
-
+@tensorflow_test
 def test_push_to_hub_uses_hfapi(checkpoints, palette_file, tmp_path):
     out = tmp_path / "out"
     with mock.patch.object(convert, "HfApi") as api_class:
@@ -605,6 +729,7 @@ def test_push_to_hub_uses_hfapi(checkpoints, palette_file, tmp_path):
     assert 'from_pretrained("someone/igpt-tiny")' in (out / "README.md").read_text()
 
 
+@tensorflow_test
 def test_failed_upload_keeps_the_folder(checkpoints, palette_file, tmp_path, caplog):
     out = tmp_path / "out"
     with mock.patch.object(convert, "HfApi") as api_class:
@@ -706,7 +831,7 @@ def test_hub_checkpoint_errors(tmp_path, caplog):
     )
     with caplog.at_level("ERROR"):
         assert hub.main([str(src), "--output_dir", str(tmp_path / "out")]) == 1
-    assert f"expected ({PALETTE}, 3)" in caplog.text and not (tmp_path / "out").exists()
+    assert f"expected shape ({PALETTE}, 3)" in caplog.text and not (tmp_path / "out").exists()
 
     state_dict = torch.load(src / "pytorch_model.bin", weights_only=True)
     del state_dict["transformer.h.1.mlp.c_fc.weight"]
@@ -714,3 +839,55 @@ def test_hub_checkpoint_errors(tmp_path, caplog):
     with pytest.raises(convert.ConversionError, match="transformer.h.1.mlp.c_fc.weight"):
         hub.convert_hub_checkpoint(src, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+    # A config.json that is not JSON, or describes no square image, is reported, not raised.
+    (src / "config.json").write_text("{not json")
+    status, logged = run_cli(hub.main, [src, "--output_dir", tmp_path / "out"], caplog)
+    assert status == 1 and "Cannot read" in logged and "config.json" in logged
+    config = transformers.ImageGPTConfig(vocab_size=PALETTE + 1, n_positions=N_CTX + 1, n_embd=N_EMBD, n_layer=1)
+    (src / "config.json").write_text(config.to_json_string())
+    status, logged = run_cli(hub.main, [src, "--output_dir", tmp_path / "out"], caplog)
+    assert status == 1 and f"n_positions={N_CTX + 1} is not a square" in logged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_hub_converter_keeps_user_files(tmp_path, caplog):
+    """Its input, the user's files and a planted link's target are byte-identical after every run, refused or not;
+    what a killed conversion left behind is cleaned up by the next one."""
+    user, outside = user_arena(tmp_path)
+    src = user / "imagegpt-tiny"
+    write_hub_folder(src)
+    out = user / "converted"
+    out.mkdir()
+    (out / "model.safetensors").symlink_to(outside / "secret")  # planted where the weights go
+    host = staging_path(out).name.split("-")[1]
+    killed = user / f".converted.tmp-{host}-{dead_pid()}-0123abcd"  # a conversion killed half way
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"partial")
+    before, outside_before = snapshot(user), snapshot(outside)
+
+    for output, message in [
+        (user, "contains the input"),
+        (src, "is the input"),
+        (src / "converted", "is inside the input"),
+        (user / "linkdir", "is a symbolic link"),
+    ]:
+        status, logged = run_cli(hub.main, [src, "--output_dir", output, "--overwrite"], caplog)
+        assert status == 1 and message in logged and str(output) in logged
+    status, logged = run_cli(hub.main, [src, "--output_dir", user / "notes"], caplog)
+    assert status == 1 and "pass --overwrite" in logged
+    assert snapshot(user) == before
+
+    assert run_cli(hub.main, [src, "--output_dir", out, "--overwrite"], caplog)[0] == 0
+    assert not (out / "model.safetensors").is_symlink()
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert snapshot(outside) == outside_before
+    unchanged = {k: v for k, v in snapshot(user).items() if not k.startswith(("converted", ".converted"))}
+    assert unchanged == {k: v for k, v in before.items() if not k.startswith(("converted", ".converted"))}
+    assert [p.name for p in user.iterdir() if p.name.startswith(".")] == []  # the killed run's staging is gone

@@ -4,8 +4,10 @@ Data: scikit-learn's bundled handwritten digits and scikit-image's bundled photo
 """
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -15,6 +17,7 @@ from skimage import data as skdata
 from transformers import AutoImageProcessor
 
 from image_gpt_hf import ImageGPTImageProcessor
+from image_gpt_hf import palette as palette_module
 from image_gpt_hf.image_processing_imagegpt import color_quantize
 from image_gpt_hf.palette import (
     PALETTE_FILE,
@@ -178,3 +181,139 @@ def test_cli_runs_as_a_module(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mean quantization error" in result.stdout
     assert np.load(tmp_path / PALETTE_FILE).shape == (4, 3)
+
+
+# ------------------------------------------------------------------------------------- what the command may write
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """Every entry below `root`: file bytes, link targets, folders; what must not change."""
+    entries: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            entries[key] = ("link", os.readlink(path))
+        elif path.is_dir():
+            entries[key] = "dir"
+        else:
+            entries[key] = path.read_bytes()
+    return entries
+
+
+def save_images(folder: Path, images: list[PIL.Image.Image], suffix: str = ".png") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        image.save(folder / f"{index:02d}{suffix}")
+
+
+def test_cli_keeps_user_files(tmp_path, photo_crops, capsys):
+    """Its input images, a model folder, the user's files and a planted link's target are byte-identical after every
+    run, refused or not; only --overwrite replaces an output folder, and never one holding its inputs."""
+    user, outside = tmp_path / "user", tmp_path / "outside"
+    save_images(user / "images", photo_crops[:4])
+    (user / "notes.txt").write_text("mine")
+    model = user / "model"  # a model folder: the palette would no longer match its 24-color vocabulary
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "imagegpt", "vocab_size": 25}))
+    (model / "preprocessor_config.json").write_text(json.dumps({"clusters": [[0.0, 0.0, 0.0]] * 24}))
+    np.save(model / PALETTE_FILE, np.zeros((24, 3), np.float32))
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    out = user / "out"
+    out.mkdir()
+    (out / PALETTE_FILE).symlink_to(outside / "secret")  # planted where the palette goes
+    base = ["--image_dir", str(user / "images"), "--num_colors", "4", "--n_px", "8", "--max_pixels", "2000"]
+    before, outside_before = snapshot(user), snapshot(outside)
+
+    for output, extra, message in [
+        (user, ["--overwrite"], "contains the input"),
+        (user / "images" / "palette", ["--overwrite"], "is inside the input"),
+        (model, [], "not empty (it holds config.json, kmeans_centers.npy, preprocessor_config.json)"),
+        (out, [], "pass --overwrite"),
+        (user / "notes.txt", ["--overwrite"], "exists and is not a folder"),
+    ]:
+        with pytest.raises(SystemExit, match="igpt-fit-palette: ") as error:
+            main([*base, "--output_dir", str(output), *extra])
+        assert message in str(error.value) and str(output) in str(error.value)
+    assert snapshot(user) == before and snapshot(outside) == outside_before
+
+    main([*base, "--output_dir", str(out), "--overwrite"])
+    assert not (out / PALETTE_FILE).is_symlink() and np.load(out / PALETTE_FILE).shape == (4, 3)
+    assert snapshot(outside) == outside_before
+    unchanged = {k: v for k, v in snapshot(user).items() if not k.startswith("out")}
+    assert unchanged == {k: v for k, v in before.items() if not k.startswith("out")}
+    assert sorted(os.listdir(user)) == ["images", "model", "notes.txt", "out"]  # no staging left
+
+
+def test_cli_checks_every_argument_before_reading_data(tmp_path, monkeypatch):
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("pixels were sampled before the arguments were checked")
+
+    monkeypatch.setattr(palette_module, "sample_pixels", no_sampling)
+    (tmp_path / "a_file").write_text("x")
+    base = ["--sklearn_digits", "--n_px", "8", "--output_dir"]
+    for argv, message in [
+        ([*base, str(tmp_path / "a_file")], "exists and is not a folder"),
+        ([*base, str(tmp_path / "a_file" / "out")], "is not a folder"),
+        ([*base, str(tmp_path / "out"), "--batch_size", "0"], "`batch_size` must be positive"),
+        ([*base, str(tmp_path / "out"), "--pixel_budget", "10"], "`pixel_budget` must be at least n_px * n_px = 64"),
+        ([*base, str(tmp_path / "out"), "--pixel_budget", "-1"], "--pixel_budget must be a number of pixels"),
+        ([*base, str(tmp_path / "out"), "--num_colors", "0"], "`num_colors` must be positive"),
+    ]:
+        with pytest.raises(SystemExit) as error:
+            main(argv)
+        assert message in str(error.value)
+    with pytest.raises(SystemExit, match="--image_dir .*a_file is not a folder"):
+        main(["--image_dir", str(tmp_path / "a_file"), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="Cannot load --dataset_name .*no_such_dataset"):
+        main(["--dataset_name", str(tmp_path / "no_such_dataset"), "--output_dir", str(tmp_path / "out")])
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_cli_names_a_bad_image_file(tmp_path, monkeypatch, photo_crops):
+    save_images(tmp_path / "images", [photo_crops[0].resize((120, 100))])
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 5000)  # 12,000 pixels is more than twice the limit
+    with pytest.raises(SystemExit) as error:
+        main(["--image_dir", str(tmp_path / "images"), "--num_colors", "4", "--output_dir", str(tmp_path / "out")])
+    message = str(error.value)
+    assert str(tmp_path / "images" / "00.png") in message and "scale it down" in message
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    data = (tmp_path / "images" / "00.png").read_bytes()
+    (tmp_path / "images" / "00.png").write_bytes(data[: len(data) // 2])  # a download cut short
+    with pytest.raises(SystemExit, match=r"Cannot read the image file .*00\.png"):
+        main(["--image_dir", str(tmp_path / "images"), "--num_colors", "4", "--output_dir", str(tmp_path / "out")])
+
+
+def test_large_images_are_scaled_down_as_they_are_read(tmp_path, monkeypatch):
+    """However large the photos, no more than `pixel_budget` pixels per image and `batch_size` images at a time reach
+    the processor; the sample hardly changes, and does not depend on the batch size."""
+    photos = [PIL.Image.fromarray(skdata.astronaut()), PIL.Image.fromarray(skdata.coffee())]  # 262k, 240k pixels
+    save_images(tmp_path / "png", photos * 3)
+    save_images(tmp_path / "jpeg", photos * 3, suffix=".jpg")  # decoded at a reduced scale (draft)
+    seen = []
+    real_call = ImageGPTImageProcessor.__call__
+
+    def spy(self, images, *args, **kwargs):
+        seen.append([image.width * image.height for image in images])
+        return real_call(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(ImageGPTImageProcessor, "__call__", spy)
+    for folder in ("png", "jpeg"):
+        seen.clear()
+        small = sample_pixels(tmp_path / folder, n_px=32, max_pixels=4000, batch_size=4, pixel_budget=20_000)
+        assert [len(batch) for batch in seen] == [4, 2]
+        assert max(max(batch) for batch in seen) <= 20_000
+        full = sample_pixels(tmp_path / folder, n_px=32, max_pixels=4000, batch_size=4, pixel_budget=None)
+        assert max(max(batch) for batch in seen[2:]) > 200_000  # without a budget, the photos arrive whole
+        np.testing.assert_allclose(small.mean(axis=0), full.mean(axis=0), atol=0.02)  # the same colors, averaged
+        one_by_one = sample_pixels(tmp_path / folder, n_px=32, max_pixels=4000, batch_size=1, pixel_budget=20_000)
+        np.testing.assert_array_equal(one_by_one, small)
+    # Images of a list or a data set are scaled down too; the caller's images are never modified, only copied.
+    datasets = pytest.importorskip("datasets")
+    dataset = datasets.Dataset.from_dict({"img": photos}).cast_column("img", datasets.Image())
+    for source in (photos, dataset):
+        seen.clear()
+        sample_pixels(source, n_px=32, batch_size=4, pixel_budget=20_000)
+        assert [len(batch) for batch in seen] == [2] and max(seen[0]) <= 20_000
+    assert photos[0].size == (512, 512)
