@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from huggingface_hub import HfApi, split_torch_state_dict_into_shards
-from transformers import GenerationConfig
 
 if __package__ in (None, ""):  # run as a file (python conversion/convert_openai_checkpoint.py): find `conversion`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,6 +50,7 @@ from image_gpt_hf import (  # noqa: E402
     ImageGPTForMaskedImageModeling,
     ImageGPTPreTrainedModel,
 )
+from image_gpt_hf.generation import openai_generation_config  # noqa: E402
 from image_gpt_hf.image_processing_imagegpt import ImageGPTImageProcessor  # noqa: E402
 from image_gpt_hf.model_card import write_model_card  # noqa: E402
 from image_gpt_hf.safe_io import OutputPathError, check_output_path, staged_dir  # noqa: E402
@@ -464,17 +464,6 @@ def build_model(config: ImageGPTConfig, state_dict: dict[str, torch.Tensor]) -> 
     return model.eval()
 
 
-def generation_config_for(config: ImageGPTConfig) -> GenerationConfig:
-    """Unconditional sampling as OpenAI's sampler does it: start from SOS, draw every pixel from the full softmax."""
-    return GenerationConfig(
-        bos_token_id=config.sos_token_id,
-        decoder_start_token_id=config.sos_token_id,
-        max_length=config.n_positions + 1,  # SOS + n_px * n_px pixels
-        do_sample=True,
-        top_k=0,  # no truncation of the distribution, as in OpenAI's run.py
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Writing the output folder
 # ---------------------------------------------------------------------------------------------------------------------
@@ -511,7 +500,7 @@ def save_checkpoint_folder(
     if config.objective == "ar" and hasattr(model, "lm_head"):
         # Written explicitly: a classification model with an LM head (AR + clf) would not write one, yet it
         # generates once loaded with AutoModelForCausalLM.
-        generation_config_for(config).save_pretrained(folder)
+        openai_generation_config(config).save_pretrained(folder)
     return processor
 
 

@@ -1,45 +1,52 @@
-"""What the Image GPT example scripts share: arguments, data, the processor and its palette, the Accelerate training
-loop with crash-safe resumable checkpoints, logging and saving.
+"""The boring parts the example scripts share: argument groups, the Accelerator, the bundled digits, images ->
+palette ids, checkpoints (find, check, save, resume) with the bookkeeping of a training loop, and the model folder.
 
-The scripts (`pretrain.py`, `finetune.py`, `linear_probe.py`, `sample.py`) read top to bottom like transformers'
-`run_*_no_trainer.py` examples; everything they would otherwise repeat lives here, once.
-
-Data flow: a `datasets` image dataset (a Hub dataset, an imagefolder, or the bundled scikit-learn digits) ->
-`ImageGPTCollator` (images -> palette ids through `ImageGPTImageProcessor`, on the fly; random crops for training,
-center crops for evaluation) -> `accelerator.prepare`d DataLoaders -> `train()`.
+Each script (`pretrain.py`, `finetune.py`, `linear_probe.py`, `sample.py`) holds its own data preparation, model,
+training loop, evaluation and saving in `main()`, like transformers' `run_*_no_trainer.py`; copy one script and this
+module to adapt it. Nothing here writes to a script's arguments. Files are written by the project's one rule,
+`image_gpt_hf.safe_io`: refused early, staged, renamed into place.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
-import math
 import os
+import re
 import shutil
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import accelerate
 import datasets
 import numpy as np
+import PIL.Image
 import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list
 from datasets import ClassLabel, DatasetDict, load_dataset
+from safetensors import safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, SchedulerType, get_scheduler
 
-from image_gpt_hf import ImageGPTConfig, ImageGPTImageProcessor, random_bert_mask
+from image_gpt_hf import ImageGPTConfig, ImageGPTForImageClassification, ImageGPTImageProcessor, random_bert_mask
+from image_gpt_hf.generation import openai_generation_config
 from image_gpt_hf.model_card import write_model_card
-from image_gpt_hf.palette import fit_palette, load_sklearn_digits
+from image_gpt_hf.palette import load_sklearn_digits
+from image_gpt_hf.safe_io import check_output_path, staged_dir, staging_path
 
 logger = get_logger(__name__)
 
-# The default dataset: scikit-learn's 1,797 handwritten digits (8x8 gray scans, 10 classes). They ship inside
-# scikit-learn, so every script runs offline out of the box.
+# The default dataset: scikit-learn's 1,797 handwritten digits (8x8 gray scans, 10 classes), bundled with it, so that
+# every script runs offline out of the box.
 DIGITS = "sklearn-digits"
 DIGITS_TEST_SIZE = 360  # a fixed, stratified 1,437 / 360 train / test split
 DIGITS_N_PX = 8  # the scans' own resolution
@@ -47,10 +54,8 @@ DIGITS_PALETTE_SIZE = 16  # the scans have 17 gray levels
 PAPER_N_PX = 32
 PAPER_PALETTE_SIZE = 512
 
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_PREFIX = "step_"
-# Written last into a checkpoint: a checkpoint folder without it is incomplete and never resumed from.
-STATE_FILE = "training_state.json"
+CHECKPOINTS_DIR = "checkpoints"  # output_dir/checkpoints/step_N
+STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete and never resumed from
 RESULTS_FILE = "all_results.json"
 
 
@@ -63,101 +68,79 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset_name",
-        type=str,
         default=DIGITS,
         help=f"A `datasets` image dataset (Hub id or local path, e.g. uoft-cs/cifar10), or {DIGITS!r} (default): "
         "scikit-learn's bundled 8x8 handwritten digits, which need no download.",
     )
-    group.add_argument("--dataset_config_name", type=str, default=None, help="The dataset configuration name.")
+    group.add_argument("--dataset_config_name", default=None, help="The dataset configuration name.")
+    group.add_argument("--train_dir", default=None, help="An imagefolder of training images (class subfolders).")
+    group.add_argument("--validation_dir", default=None, help="An imagefolder of evaluation images.")
+    group.add_argument("--image_column_name", default=None, help="Default: the first column of `Image` type.")
     group.add_argument(
-        "--train_dir", type=str, default=None, help="An imagefolder of training images (class subfolders)."
-    )
-    group.add_argument("--validation_dir", type=str, default=None, help="An imagefolder of evaluation images.")
-    group.add_argument(
-        "--image_column_name",
-        type=str,
-        default=None,
-        help="The column holding the images (default: the first column of `Image` type).",
-    )
-    group.add_argument(
-        "--label_column_name",
-        type=str,
-        default=None,
-        help="The column holding the class labels (default: the first `ClassLabel` column, else 'label' or 'labels').",
+        "--label_column_name", default=None, help="Default: the first `ClassLabel` column, else 'label' or 'labels'."
     )
     group.add_argument(
         "--train_val_split",
         type=float,
         default=0.15,
-        help="Fraction of the training split held out for evaluation when the dataset has no validation/test split.",
+        help="Fraction of train held out for evaluation when the dataset has no validation or test split.",
     )
-    group.add_argument("--max_train_samples", type=int, default=None, help="Truncate the training split (debugging).")
-    group.add_argument("--max_eval_samples", type=int, default=None, help="Truncate the evaluation split (debugging).")
-    group.add_argument("--cache_dir", type=str, default=None, help="Where `datasets` caches downloads.")
+    group.add_argument("--max_train_samples", type=int, default=None, help="Truncate the training split.")
+    group.add_argument("--max_eval_samples", type=int, default=None, help="Truncate the evaluation split.")
+    group.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     group.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
 
 
-def add_processor_arguments(parser: argparse.ArgumentParser, *, fit_palette: bool, augment: bool = True) -> None:
+def add_processor_arguments(parser: argparse.ArgumentParser, *, augment: bool = True) -> Any:
+    """--n_px, --processor_name_or_path (+ the training crops with `augment`); returns the group."""
     group = parser.add_argument_group("image processing")
     group.add_argument(
         "--n_px",
         type=int,
         default=None,
-        help=f"Input resolution (n_px x n_px pixels, n_px**2 tokens). Default: the model's; for a new model "
-        f"{PAPER_N_PX} (the paper's smallest), or {DIGITS_N_PX} on the bundled digits.",
+        help=f"Input resolution (n_px x n_px pixels). Default: the model's; for a new model {PAPER_N_PX} (the "
+        f"paper's smallest), or {DIGITS_N_PX} on the bundled digits.",
     )
     group.add_argument(
         "--processor_name_or_path",
-        type=str,
         default=None,
-        help="A folder or Hub id with a preprocessor_config.json holding a palette ('clusters'), e.g. "
-        "openai/imagegpt-small for OpenAI's 512 colors. Default: the model's.",
+        help="A processor with a palette ('clusters'), e.g. openai/imagegpt-small for OpenAI's 512 colors. "
+        "Default: the model's.",
     )
-    if fit_palette:
+    if augment:
         group.add_argument(
-            "--palette_size",
-            type=int,
-            default=None,
-            help=f"Colors of the palette fitted by k-means when no processor is given. Default: the config's, else "
-            f"{PAPER_PALETTE_SIZE} (the paper's), or {DIGITS_PALETTE_SIZE} on the bundled gray digits.",
+            "--random_crop_scale",
+            type=float,
+            nargs=2,
+            default=(0.5, 1.0),
+            metavar=("MIN", "MAX"),
+            help="Training crops of this fraction of the image area, resized to n_px (RandomResizedCrop); small "
+            "images lose their content under torchvision's (0.08, 1).",
         )
-        group.add_argument(
-            "--palette_max_pixels", type=int, default=1_000_000, help="Pixels sampled for the palette fit."
-        )
-    if not augment:
-        return
-    group.add_argument(
-        "--random_crop_scale",
-        type=float,
-        nargs=2,
-        default=(0.5, 1.0),
-        metavar=("MIN", "MAX"),
-        help="Training augmentation: crop a random region of this fraction of the image area (RandomResizedCrop "
-        "recipe) before resizing to n_px. Default (0.5, 1): small images lose their content under torchvision's "
-        "(0.08, 1).",
+        group.add_argument("--no_random_crop", action="store_true", help="Train on whole images (no random crops).")
+    return group
+
+
+def add_output_arguments(parser: Any, *, what: str) -> None:
+    """--output_dir and --overwrite, on a parser or an argument group."""
+    parser.add_argument("--output_dir", required=True, help=f"Where to write {what}.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace what is in --output_dir (by default nothing is replaced)."
     )
-    group.add_argument("--no_random_crop", action="store_true", help="Train on whole images (no random crops).")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, num_train_epochs: int) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--output_dir", type=str, required=True, help="Where to write checkpoints and the model.")
+    add_output_arguments(group, what="checkpoints and the model")
     group.add_argument("--seed", type=int, default=42, help="Seeds the model init, data order, crops and masks.")
     group.add_argument("--per_device_train_batch_size", type=int, default=64, help="Batch size per device.")
     group.add_argument("--per_device_eval_batch_size", type=int, default=128, help="Evaluation batch size per device.")
     group.add_argument("--learning_rate", type=float, default=learning_rate, help="Peak learning rate (AdamW).")
     group.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases or norms).")
-    group.add_argument(
-        "--adam_beta2",
-        type=float,
-        default=0.95,
-        help="AdamW beta2 (0.95, the usual choice for transformer pretraining).",
-    )
+    group.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW beta2 (0.95 suits transformers).")
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 disables it).")
     group.add_argument("--num_train_epochs", type=int, default=num_train_epochs, help="Training epochs.")
-    group.add_argument(
-        "--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides --num_train_epochs."
-    )
+    group.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides the epochs.")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     group.add_argument(
         "--lr_scheduler_type",
@@ -167,96 +150,110 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
         help="Learning-rate schedule after warmup.",
     )
     group.add_argument("--num_warmup_steps", type=int, default=0, help="Linear warmup steps.")
-    group.add_argument("--logging_steps", type=int, default=10, help="Log the training loss every this many steps.")
+    group.add_argument("--logging_steps", type=int, default=10, help="Log the training loss every n steps.")
+    group.add_argument("--eval_steps", type=int, default=None, help="Evaluate every n steps (default: every epoch).")
     group.add_argument(
-        "--eval_steps",
-        type=int,
-        default=None,
-        help="Evaluate every n steps and at the end (default: at the end of every epoch).",
+        "--checkpointing_steps", default=None, help="Save a resumable checkpoint every n steps, or 'epoch'."
     )
-    group.add_argument(
-        "--checkpointing_steps",
-        type=str,
-        default=None,
-        help="Save a resumable checkpoint every n steps (an integer) or at the end of every epoch ('epoch').",
-    )
-    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest n checkpoints.")
+    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep the newest n checkpoints.")
     group.add_argument(
         "--resume_from_checkpoint",
-        type=str,
         default=None,
-        help="A checkpoint folder, or 'latest': the newest complete one under output_dir/checkpoints (training "
-        "starts from scratch when there is none yet, so a preempted job can always be relaunched with 'latest').",
+        help="A checkpoint folder, or 'latest': the newest under output_dir/checkpoints (a fresh start when there is "
+        "none yet, so that a preempted job can always be relaunched with 'latest').",
     )
     group.add_argument(
-        "--mixed_precision",
-        type=str,
-        default=None,
-        choices=["no", "fp16", "bf16"],
-        help="Overrides the mixed precision of `accelerate config` / `accelerate launch`.",
+        "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="Overrides Accelerate's."
     )
     group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
     group.add_argument("--with_tracking", action="store_true", help="Log metrics to experiment trackers.")
-    group.add_argument(
-        "--report_to",
-        type=str,
-        default="all",
-        help="Trackers for --with_tracking: 'tensorboard', 'wandb', 'comet_ml', 'mlflow', ... or 'all' installed.",
-    )
+    group.add_argument("--report_to", default="all", help="Trackers for --with_tracking: tensorboard, wandb, ... all.")
     group.add_argument("--push_to_hub", action="store_true", help="Upload the final model folder to the Hub.")
-    group.add_argument(
-        "--hub_model_id", type=str, default=None, help="Hub repository id (default: output_dir's name)."
-    )
-    group.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one).")
+    group.add_argument("--hub_model_id", default=None, help="Hub repository id (default: output_dir's name).")
+    group.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one).")
 
 
-def check_training_arguments(args: argparse.Namespace) -> None:
-    """Argument errors that argparse cannot see, raised before anything is loaded."""
-    positive = [
-        "per_device_train_batch_size",
-        "per_device_eval_batch_size",
-        "gradient_accumulation_steps",
-        "logging_steps",
-    ]
-    if args.eval_steps is not None:
-        positive.append("eval_steps")
-    for name in positive + ["num_train_epochs"]:
-        if getattr(args, name) < 1:
+def check_data_arguments(args: argparse.Namespace) -> None:
+    """Data-argument errors that argparse cannot see, raised before anything is loaded."""
+    if not 0.0 <= args.train_val_split < 1.0:
+        raise ValueError(
+            f"--train_val_split is the fraction of the training split held out for evaluation and must be in [0, 1), "
+            f"got {args.train_val_split}."
+        )
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}.")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {args.seed}.")
-    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
-        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
-            raise ValueError(
-                f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}."
-            )
-    low, high = args.random_crop_scale
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+    if args.validation_dir is not None and args.train_dir is None:
+        raise ValueError("--validation_dir needs a --train_dir to go with it.")
+    for name in ("train_dir", "validation_dir"):
+        if getattr(args, name) is not None and not os.path.isdir(getattr(args, name)):
+            raise ValueError(f"--{name} {getattr(args, name)!r} is not a folder of images.")
+    low, high = getattr(args, "random_crop_scale", (1.0, 1.0))
     if not 0.0 < low <= high <= 1.0:
         raise ValueError(f"--random_crop_scale must satisfy 0 < MIN <= MAX <= 1, got {low} {high}.")
 
 
+def check_training_arguments(args: argparse.Namespace) -> None:
+    """Training-argument errors that argparse cannot see, raised before anything is loaded."""
+    check_data_arguments(args)
+    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"]
+    positive += ["logging_steps", "num_train_epochs", "eval_steps", "checkpoints_total_limit", "max_train_steps"]
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    for name in ("num_warmup_steps", "seed", "weight_decay", "max_grad_norm"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    if args.learning_rate <= 0 or not 0.0 <= args.adam_beta2 < 1.0:
+        raise ValueError(
+            f"Need --learning_rate > 0 and 0 <= --adam_beta2 < 1, got {args.learning_rate}, {args.adam_beta2}."
+        )
+    if args.max_train_steps is not None and args.num_warmup_steps > args.max_train_steps:
+        raise ValueError(
+            f"--num_warmup_steps {args.num_warmup_steps} is more than --max_train_steps {args.max_train_steps}: the "
+            "learning rate would never reach --learning_rate."
+        )
+    every = args.checkpointing_steps
+    if every is not None and every != "epoch":
+        if not re.fullmatch(r"[0-9]+", every) or int(every) < 1:
+            raise ValueError(
+                f"--checkpointing_steps must be a positive whole number of steps or 'epoch', got {every!r}."
+            )
+        if args.max_train_steps is not None and int(every) > args.max_train_steps:
+            raise ValueError(
+                f"--checkpointing_steps {every} is more than --max_train_steps {args.max_train_steps}: no checkpoint "
+                "would ever be written. Pass a smaller number, or 'epoch'."
+            )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Accelerator and logging
+# Accelerator
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def create_accelerator(args: argparse.Namespace, *, with_training: bool = True) -> Accelerator:
-    """An Accelerator for `accelerate launch` (or plain `python`), with transformers' example logging set up."""
+def create_accelerator(args: argparse.Namespace) -> Accelerator:
+    """An Accelerator for `accelerate launch` (or plain `python`), with transformers' example logging set up.
+
+    Training scripts' arguments also set the accumulation, mixed precision and trackers (in --output_dir).
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.accelerator.is_available():
+        raise ValueError(
+            "This run was launched with an FSDP config, but this machine has no GPU: Accelerate "
+            f"{accelerate.__version__} shards a model only on GPU-type devices, and on CPUs it would quietly run plain "
+            "data parallel instead (every process holding the whole model, unsharded checkpoints). On CPUs, launch "
+            "with examples/accelerate_configs/multi_cpu.yaml; run the FSDP config on a machine with GPUs."
+        )
+    # Seeded samplers: the same data order on every process and after a resume.
     kwargs: dict[str, Any] = {
-        # Seeded samplers: the same data order on every process and after a resume.
-        "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed)
     }
-    if with_training:
+    if hasattr(args, "gradient_accumulation_steps"):
         kwargs["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-        if args.mixed_precision is not None:
-            kwargs["mixed_precision"] = args.mixed_precision
+        kwargs["mixed_precision"] = args.mixed_precision
         if args.with_tracking:
-            kwargs["log_with"] = args.report_to
-            kwargs["project_dir"] = args.output_dir
+            kwargs.update(log_with=args.report_to, project_dir=args.output_dir)
     # `accelerate launch` starts several processes through torchrun, but on a machine without GPUs Accelerate only
     # joins them into one run (gloo) when told to use the CPU; without that they would train side by side, unaware of
     # each other, and overwrite each other's files.
@@ -267,12 +264,9 @@ def create_accelerator(args: argparse.Namespace, *, with_training: bool = True) 
     )
     accelerator = Accelerator(**kwargs)
     logger.info(accelerator.state, main_process_only=False)
-    if accelerator.is_local_main_process:
-        datasets.utils.logging.set_verbosity_warning()
-        transformers.utils.logging.set_verbosity_warning()
-    else:
-        datasets.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
+    verbosity = "warning" if accelerator.is_local_main_process else "error"
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.log_levels[verbosity])
+    transformers.utils.logging.set_verbosity(transformers.utils.logging.log_levels[verbosity])
     return accelerator
 
 
@@ -287,118 +281,104 @@ def progress_bar(accelerator: Accelerator, **kwargs) -> tqdm:
 
 
 def load_digits_dataset() -> DatasetDict:
-    """scikit-learn's 1,797 handwritten digits as an image-classification `DatasetDict` with a fixed split.
-
-    `image`: 8x8 gray PIL images (the scans' 0..16 counts scaled to 0..255); `label`: `ClassLabel` "0".."9".
-    The train / test split (1,437 / 360) is stratified by class and fixed (random_state=0).
-    """
+    """scikit-learn's 1,797 handwritten digits as an image-classification `DatasetDict`: 8x8 gray PIL `image`s (the
+    scans' 0..16 counts scaled to 0..255), `ClassLabel` "0".."9", a fixed split (1,437 / 360, stratified)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    images = load_sklearn_digits()
-    labels = load_digits().target
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=0
-    )
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": ClassLabel(names=[str(digit) for digit in range(10)])}
-    )
+    images, labels = load_sklearn_digits(), load_digits().target
+    train, test = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=0)
+    features = datasets.Features({"image": datasets.Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
 
     def split(indices: np.ndarray) -> datasets.Dataset:
-        return datasets.Dataset.from_dict(
-            {"image": [images[i] for i in indices], "label": [int(labels[i]) for i in indices]}, features=features
-        )
+        columns = {"image": [images[i] for i in indices], "label": [int(labels[i]) for i in indices]}
+        return datasets.Dataset.from_dict(columns, features=features)
 
-    return DatasetDict({"train": split(train_idx), "test": split(test_idx)})
+    return DatasetDict({"train": split(train), "test": split(test)})
 
 
-def load_image_dataset(args: argparse.Namespace) -> DatasetDict:
-    """The dataset of `--dataset_name` / `--train_dir` / `--validation_dir` with a "train" and a "validation" split.
-
-    A dataset without a validation split uses its test split, else holds out `--train_val_split` of train.
-    """
-    if args.train_dir is not None or args.validation_dir is not None:
-        if args.train_dir is None:
-            raise ValueError("--validation_dir needs a --train_dir to go with it.")
+def load_image_dataset(args: argparse.Namespace) -> tuple[DatasetDict, str]:
+    """The dataset of --dataset_name / --train_dir (+ --validation_dir) as "train" and "validation" splits, and the
+    name of the split evaluated on: validation, else test, else --train_val_split of train held out."""
+    if args.train_dir is not None:
         data_files = {"train": os.path.join(args.train_dir, "**")}
         if args.validation_dir is not None:
             data_files["validation"] = os.path.join(args.validation_dir, "**")
-        dataset = load_dataset("imagefolder", data_files=data_files, cache_dir=args.cache_dir)
-        source = args.train_dir
+        dataset, source = load_dataset("imagefolder", data_files=data_files, cache_dir=args.cache_dir), args.train_dir
     elif args.dataset_name == DIGITS:
-        dataset = load_digits_dataset()
-        source = "scikit-learn's bundled digits"
+        dataset, source = load_digits_dataset(), "scikit-learn's bundled digits"
     else:
         dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
         source = args.dataset_name
     if "train" not in dataset:
         raise ValueError(f"The dataset {source} has no 'train' split; its splits are {list(dataset)}.")
-
-    args.eval_split_name = "validation"
-    if "validation" not in dataset:
-        if "test" in dataset:
-            dataset["validation"] = dataset.pop("test")
-            args.eval_split_name = "test"
-        elif args.train_val_split > 0:
-            split = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
-            dataset["train"], dataset["validation"] = split["train"], split["test"]
-            args.eval_split_name = f"{args.train_val_split:.0%} of train held out"
-        else:
-            raise ValueError(f"The dataset {source} has no validation or test split and --train_val_split is 0.")
-    dataset = DatasetDict({"train": dataset["train"], "validation": dataset["validation"]})
-    if args.max_train_samples is not None:
-        dataset["train"] = (
-            dataset["train"].shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset["train"]))))
-        )
-    if args.max_eval_samples is not None:
-        dataset["validation"] = (
-            dataset["validation"]
-            .shuffle(seed=args.seed)
-            .select(range(min(args.max_eval_samples, len(dataset["validation"]))))
-        )
-    logger.info(
-        f"Dataset {source}: {len(dataset['train'])} training images, {len(dataset['validation'])} evaluation images "
-        f"({args.eval_split_name} split)"
+    eval_split = "validation" if "validation" in dataset else "test"
+    if eval_split not in dataset:
+        if args.train_val_split == 0:
+            raise ValueError(
+                f"The dataset {source} has no validation or test split; pass --train_val_split > 0 (e.g. 0.15) to "
+                "hold out part of train, or --validation_dir."
+            )
+        dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
+        eval_split = f"{args.train_val_split:.0%} of train held out"
+    dataset = DatasetDict(
+        {"train": dataset["train"], "validation": dataset["validation" if "validation" in dataset else "test"]}
     )
-    return dataset
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit is not None:
+            dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
+    logger.info(
+        f"Dataset {source}: {len(dataset['train'])} training, {len(dataset['validation'])} {eval_split} images"
+    )
+    return dataset, eval_split
 
 
 def find_image_column(dataset: DatasetDict, requested: str | None) -> str:
     """The image column: `requested` (which must exist), else the first column of `Image` type."""
-    columns = dataset["train"].column_names
-    if requested is not None:
-        if requested not in columns:
-            raise ValueError(
-                f"--image_column_name {requested!r} is not a column of the dataset; its columns are {columns}."
-            )
-        return requested
-    for name, feature in dataset["train"].features.items():
-        if isinstance(feature, datasets.Image):
-            return name
-    raise ValueError(f"The dataset has no column of `Image` type among {columns}; pass --image_column_name.")
+    features = dataset["train"].features
+    if requested is not None and requested not in features:
+        raise ValueError(
+            f"--image_column_name {requested!r} is not a column of the dataset; its columns are {list(features)}."
+        )
+    found = requested or next((name for name, f in features.items() if isinstance(f, datasets.Image)), None)
+    if found is None:
+        raise ValueError(
+            f"The dataset has no column of `Image` type among {list(features)}; pass --image_column_name."
+        )
+    return found
 
 
 def find_label_column(dataset: DatasetDict, requested: str | None, *, required: bool) -> str | None:
-    """The label column: `requested` (which must exist), else the first `ClassLabel` column, else 'label(s)'."""
-    columns = dataset["train"].column_names
+    """The label column: `requested` (which must hold labels), else the first `ClassLabel` column, else
+    'label(s)'. Labels are `ClassLabel`s, integers or strings."""
+    features = dataset["train"].features
+
+    def holds_labels(name: str) -> bool:
+        feature = features[name]
+        is_value = isinstance(feature, datasets.Value) and re.fullmatch(
+            r"u?int\d+|bool|(large_)?string", feature.dtype
+        )
+        return isinstance(feature, ClassLabel) or bool(is_value)
+
     if requested is not None:
-        if requested not in columns:
+        if requested not in features:
             raise ValueError(
-                f"--label_column_name {requested!r} is not a column of the dataset; its columns are {columns}."
+                f"--label_column_name {requested!r} is not a column of the dataset; its columns are {list(features)}."
+            )
+        if not holds_labels(requested):
+            raise ValueError(
+                f"--label_column_name {requested!r} holds {type(features[requested]).__name__} values, not class "
+                f"labels; pass a column of class labels (ClassLabel, integers or strings) among {list(features)}."
             )
         return requested
-    for name, feature in dataset["train"].features.items():
-        if isinstance(feature, ClassLabel):
-            return name
-    for name in ("label", "labels"):
-        if name in columns:
-            return name
-    if required:
+    candidates = [n for n, f in features.items() if isinstance(f, ClassLabel)] + ["label", "labels"]
+    found = next((name for name in candidates if name in features and holds_labels(name)), None)
+    if found is None and required:
         raise ValueError(
-            f"This script needs class labels, but the dataset has no label column (columns: {columns}). Pass "
+            f"This script needs class labels, but the dataset has no label column (columns: {list(features)}). Pass "
             "--label_column_name, or give --train_dir an imagefolder with one subfolder per class."
         )
-    return None
+    return found
 
 
 def label_names(dataset: DatasetDict, label_column: str) -> tuple[list[str], dict[Any, int] | None]:
@@ -412,178 +392,128 @@ def label_names(dataset: DatasetDict, label_column: str) -> tuple[list[str], dic
     return [str(value) for value in values], {value: index for index, value in enumerate(values)}
 
 
-class IndexedDataset(torch.utils.data.Dataset):
-    """A `datasets.Dataset` whose examples come with their index, which seeds their random crop and BERT mask."""
+class ImageDataset(torch.utils.data.Dataset):
+    """One split as `(index, example)` pairs for `ImageGPTCollator`; the index seeds the example's crop and mask.
 
-    def __init__(self, dataset: datasets.Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[int, dict]:
-        return index, self.dataset[index]
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[int, dict]]:
-        return list(zip(indices, self.dataset.__getitems__(indices)))
-
-
-def example_seed(*values: int) -> int:
-    """A 32-bit seed from non-negative integers, the same on every machine and Python run."""
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
-
-
-class ImageGPTCollator:
-    """Turns `(index, example)` pairs into model inputs: `input_ids` (+ `labels`, + `bool_masked_pos`).
-
-    Training batches get random crops (`ImageGPTImageProcessor(do_random_crop=True)`), evaluation batches the center
-    crop. Both crops and BERT masks are drawn from seeds of (seed, epoch, example indices), not from the global RNG,
-    so a resumed run (or a DataLoader worker) draws exactly what an uninterrupted one does.
+    Images are decoded here rather than inside `datasets`, so that an unreadable file (truncated, not an image) fails
+    with its name and the fix, not with a bare PIL error in the middle of training.
     """
 
-    def __init__(
-        self,
-        processor: ImageGPTImageProcessor,
-        image_column: str,
-        label_column: str | None = None,
-        label_map: dict[Any, int] | None = None,
-        *,
-        train: bool,
-        random_crop_scale: tuple[float, float] | None = None,
-        mask_prob: float | None = None,
-        seed: int = 0,
-        pixel_values: bool = False,
-    ):
-        self.processor = processor
-        self.image_column = image_column
-        self.label_column = label_column
-        self.label_map = label_map
-        self.train = train
-        self.random_crop_scale = random_crop_scale
-        self.mask_prob = mask_prob
-        self.seed = seed
-        self.pixel_values = pixel_values
-        self.epoch = 0
-        n_px = processor_n_px(processor)
-        # Evaluation: shortest edge to n_px, then the center n_px x n_px (the plain resize on square images).
-        self.eval_geometry = {
-            "size": {"shortest_edge": n_px},
-            "do_center_crop": True,
-            "crop_size": {"height": n_px, "width": n_px},
-        }
+    def __init__(self, split: datasets.Dataset, image_column: str, columns: Sequence[str] | None = None):
+        self.image_column, self.feature = image_column, split.features[image_column]
+        split = split.select_columns(list(columns)) if columns is not None else split
+        self.split = split.cast_column(image_column, datasets.Image(decode=False))
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[int, dict]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, dict]]:
+        rows = self.split[indices]  # {column: [values]}
+        examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        for index, example in zip(indices, examples):
+            value = example[self.image_column]
+            try:
+                example[self.image_column] = self.feature.decode_example(value)
+            except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
+                raise ValueError(
+                    f"Cannot read the image {value.get('path') or ''} (example {index} of the split): {err}. Remove or "
+                    "replace that file, or leave it out of the dataset."
+                ) from err
+        return list(zip(indices, examples))
+
+
+@dataclasses.dataclass
+class ImageGPTCollator:
+    """`(index, example)` pairs -> model inputs: `input_ids` (+ `labels`, + `bool_masked_pos`), or the normalized
+    `pixel_values` (the raw-pixel baseline of the linear probe).
+
+    Training batches get random crops of `random_crop_scale` (`ImageGPTImageProcessor(do_random_crop=True)`), the
+    others the center crop. Crops and BERT masks are drawn from seeds of (seed, epoch, example indices), not from the
+    global RNG, so a resumed run (or a DataLoader worker) draws exactly what an uninterrupted one does.
+    """
+
+    processor: ImageGPTImageProcessor
+    image_column: str
+    label_column: str | None = None
+    label_map: dict[Any, int] | None = None  # raw label values -> class ids, for columns that are not `ClassLabel`s
+    train: bool = False
+    random_crop_scale: tuple[float, float] | None = None
+    mask_prob: float | None = None
+    seed: int = 0
+    pixel_values: bool = False
+    epoch: int = 0  # set it every epoch: new crops and masks
 
     def __call__(self, examples: list[tuple[int, dict]]) -> dict[str, torch.Tensor]:
         indices = [index for index, _ in examples]
         images = [example[self.image_column] for _, example in examples]
-        epoch = self.epoch if self.train else 0
-        batch_seed = example_seed(self.seed, int(self.train), epoch, *indices)
+        seed = int(
+            np.random.SeedSequence([self.seed, int(self.train), self.epoch * self.train, *indices]).generate_state(1)[
+                0
+            ]
+        )
+        batch = {}
+        if self.label_column is not None:
+            labels = [example[self.label_column] for _, example in examples]
+            batch["labels"] = torch.tensor([self.label_map[x] for x in labels] if self.label_map else labels)
+        n_px = processor_n_px(self.processor)
+        # Shortest edge to n_px, then the center n_px x n_px (the plain resize on square images).
+        center = {
+            "size": {"shortest_edge": n_px},
+            "do_center_crop": True,
+            "crop_size": {"height": n_px, "width": n_px},
+        }
+        if self.pixel_values:
+            pixels = self.processor(images, return_tensors="pt", do_color_quantize=False, **center)
+            return {"pixel_values": pixels["pixel_values"].float(), **batch}
         if self.train and self.random_crop_scale is not None:
             # The processor draws crops from torch's global RNG: fork it, so training randomness elsewhere is untouched.
             with torch.random.fork_rng(devices=[]):
-                torch.random.default_generator.manual_seed(batch_seed)
-                input_ids = self.processor(
-                    images, return_tensors="pt", do_random_crop=True, random_crop_scale=self.random_crop_scale
-                )["input_ids"]
-        elif self.pixel_values:
-            # The raw-pixel baseline of the linear probe: normalized RGB values instead of palette ids.
-            pixels = self.processor(images, return_tensors="pt", do_color_quantize=False, **self.eval_geometry)
-            return self._add_labels({"pixel_values": pixels["pixel_values"].float()}, examples)
+                torch.random.default_generator.manual_seed(seed)
+                crops = {"do_random_crop": True, "random_crop_scale": self.random_crop_scale}
+                batch["input_ids"] = self.processor(images, return_tensors="pt", **crops)["input_ids"].long()
         else:
-            input_ids = self.processor(images, return_tensors="pt", **self.eval_geometry)["input_ids"]
-        batch = self._add_labels({"input_ids": input_ids.long()}, examples)
+            batch["input_ids"] = self.processor(images, return_tensors="pt", **center)["input_ids"].long()
         if self.mask_prob is not None:
-            generator = torch.Generator().manual_seed(batch_seed + 1)
-            batch["bool_masked_pos"] = random_bert_mask(input_ids.shape, self.mask_prob, generator=generator)
-        return batch
-
-    def _add_labels(self, batch: dict[str, torch.Tensor], examples: list[tuple[int, dict]]) -> dict[str, torch.Tensor]:
-        if self.label_column is not None:
-            labels = [example[self.label_column] for _, example in examples]
-            if self.label_map is not None:
-                labels = [self.label_map[label] for label in labels]
-            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+            generator = torch.Generator().manual_seed(seed + 1)
+            batch["bool_masked_pos"] = random_bert_mask(batch["input_ids"].shape, self.mask_prob, generator=generator)
         return batch
 
 
-def make_dataloaders(
-    args: argparse.Namespace,
-    dataset: DatasetDict,
-    processor: ImageGPTImageProcessor,
-    image_column: str,
-    label_column: str | None = None,
-    label_map: dict[Any, int] | None = None,
-    *,
-    mask_prob: float | None = None,
-    eval_mask_prob: float | None = None,
-    train_augment: bool = True,
-) -> tuple[DataLoader, DataLoader, ImageGPTCollator]:
-    """Training (shuffled, random crops) and evaluation (in order, center crops) DataLoaders, and the train collator."""
-    columns = [image_column] + ([label_column] if label_column is not None else [])
-    train_collator = ImageGPTCollator(
-        processor,
-        image_column,
-        label_column,
-        label_map,
-        train=True,
-        random_crop_scale=None if args.no_random_crop or not train_augment else tuple(args.random_crop_scale),
-        mask_prob=mask_prob,
-        seed=args.seed,
-    )
-    train_dataloader = DataLoader(
-        IndexedDataset(dataset["train"].select_columns(columns)),
-        shuffle=True,
-        collate_fn=train_collator,
-        batch_size=args.per_device_train_batch_size,
+def dataloader(
+    split: datasets.Dataset, collator: ImageGPTCollator, args: argparse.Namespace, *, train: bool
+) -> DataLoader:
+    """Training: shuffled (seeded), --per_device_train_batch_size; else in order, --per_device_eval_batch_size."""
+    columns = [c for c in (collator.image_column, collator.label_column) if c is not None]
+    return DataLoader(
+        ImageDataset(split, collator.image_column, columns),
+        batch_size=args.per_device_train_batch_size if train else args.per_device_eval_batch_size,
+        shuffle=train,
+        collate_fn=collator,
         num_workers=args.dataloader_num_workers,
         # Only seeds worker processes; it keeps the iterator from drawing on the global RNG (see resume).
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(args.seed) if train else None,
     )
-    eval_dataloader = ordered_dataloader(
-        args, dataset["validation"], processor, image_column, label_column, label_map, mask_prob=eval_mask_prob
-    )
-    return train_dataloader, eval_dataloader, train_collator
 
 
-def ordered_dataloader(
-    args: argparse.Namespace,
-    split: datasets.Dataset,
-    processor: ImageGPTImageProcessor,
-    image_column: str,
-    label_column: str | None = None,
-    label_map: dict[Any, int] | None = None,
-    *,
-    mask_prob: float | None = None,
-    pixel_values: bool = False,
-) -> DataLoader:
-    """A DataLoader over `split` in order, center-cropped: for evaluation and feature extraction."""
-    columns = [image_column] + ([label_column] if label_column is not None else [])
-    collator = ImageGPTCollator(
-        processor,
-        image_column,
-        label_column,
-        label_map,
-        train=False,
-        mask_prob=mask_prob,
-        seed=args.seed,
-        pixel_values=pixel_values,
-    )
-    return DataLoader(
-        IndexedDataset(split.select_columns(columns)),
-        collate_fn=collator,
-        batch_size=args.per_device_eval_batch_size,
-        num_workers=args.dataloader_num_workers,
-    )
+def data_name(args: argparse.Namespace) -> str:
+    """A human-readable name of the data."""
+    if args.train_dir is not None:
+        return f"the imagefolder {args.train_dir}"
+    return "scikit-learn handwritten digits (8x8 scans)" if args.dataset_name == DIGITS else args.dataset_name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Models, processors and palettes
+# Trained models: config, processor, generation defaults
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_imagegpt_config(model_name_or_path: str, **kwargs) -> ImageGPTConfig:
+def load_imagegpt_config(model_name_or_path: str) -> ImageGPTConfig:
     """The config of an Image GPT checkpoint; a clear error for anything else (a GPT-2, a ViT, a missing folder)."""
     try:
-        config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
+        config = AutoConfig.from_pretrained(model_name_or_path)
     except (OSError, ValueError) as err:
         raise ValueError(f"Cannot load a model config from {model_name_or_path!r}: {err}") from err
     if not isinstance(config, ImageGPTConfig):
@@ -596,51 +526,44 @@ def load_imagegpt_config(model_name_or_path: str, **kwargs) -> ImageGPTConfig:
 
 
 def processor_n_px(processor: ImageGPTImageProcessor) -> int:
-    size = processor.size
-    side = size.get("height") or size.get("shortest_edge")
-    if not side or (size.get("width") and size["width"] != side):
-        raise ValueError(f"The processor's size {dict(size)} is not a square n_px x n_px.")
+    side = processor.size.get("height") or processor.size.get("shortest_edge")
+    if not side or processor.size.get("width", side) != side:
+        raise ValueError(f"The processor's size {dict(processor.size)} is not a square n_px x n_px.")
     return int(side)
 
 
 def check_n_px(n_px: int, config: ImageGPTConfig, source: str) -> None:
     """n_px must fit the model's learned positions; a smaller raster would read them in the wrong places."""
-    if n_px < 1:
-        raise ValueError(f"--n_px must be positive, got {n_px}.")
-    if n_px * n_px > config.n_positions:
+    if n_px < 1 or n_px > config.n_px:
         raise ValueError(
             f"--n_px {n_px} needs {n_px * n_px} positions but the model ({source}) has n_positions="
-            f"{config.n_positions} (n_px {math.isqrt(config.n_positions)}). Use --n_px <= {math.isqrt(config.n_positions)}."
+            f"{config.n_positions} (n_px {config.n_px}). Use 1 <= --n_px <= {config.n_px}."
         )
-    if n_px * n_px < config.n_positions:
+    if n_px < config.n_px:
         logger.warning(
-            f"--n_px {n_px} is smaller than the model's {math.isqrt(config.n_positions)}: rows of {n_px} pixels will "
-            "sit on positions learned for longer rows."
+            f"--n_px {n_px} < the model's {config.n_px}: rows will sit on positions learned for longer rows."
         )
 
 
-def load_processor(name_or_path: str) -> ImageGPTImageProcessor | None:
-    """The processor saved with a checkpoint, or None when it has none / it holds no palette."""
+def load_processor(name_or_path: str, n_px: int) -> ImageGPTImageProcessor | None:
+    """The processor saved with a checkpoint (at `n_px`), or None when it has none or it holds no palette."""
     try:
         processor = ImageGPTImageProcessor.from_pretrained(name_or_path)
     except OSError:
         return None
+    if processor.clusters is not None and processor_n_px(processor) != n_px:
+        processor.size, processor.do_center_crop = {"height": n_px, "width": n_px}, False
     return processor if processor.clusters is not None else None
 
 
-def resize_processor(processor: ImageGPTImageProcessor, n_px: int) -> ImageGPTImageProcessor:
-    if processor_n_px(processor) != n_px:
-        processor.size = {"height": n_px, "width": n_px}
-        processor.do_center_crop = False
-    return processor
-
-
 def checkpoint_processor(
-    args: argparse.Namespace, model_name_or_path: str, config: ImageGPTConfig
+    model_name_or_path: str, config: ImageGPTConfig, processor_name_or_path: str | None, n_px: int | None
 ) -> ImageGPTImageProcessor:
-    """The processor of a trained model (its palette defines the model's token ids), at `--n_px` or the model's."""
-    source = args.processor_name_or_path or model_name_or_path
-    processor = load_processor(source)
+    """The processor of a trained model (its palette defines the model's token ids), at `n_px` or the model's."""
+    source = processor_name_or_path or model_name_or_path
+    n_px = config.n_px if n_px is None else n_px
+    check_n_px(n_px, config, model_name_or_path)
+    processor = load_processor(source, n_px)
     if processor is None:
         raise ValueError(
             f"{source!r} has no preprocessor_config.json with a palette ('clusters'). The model's token ids index "
@@ -651,302 +574,348 @@ def checkpoint_processor(
             f"The processor from {source!r} has {len(processor.clusters)} colors but the model predicts "
             f"{config.palette_size}: they do not belong together."
         )
-    n_px = args.n_px if args.n_px is not None else config.n_px
-    check_n_px(n_px, config, model_name_or_path)
-    return resize_processor(processor, n_px)
-
-
-def fitted_processor(
-    args: argparse.Namespace,
-    accelerator: Accelerator,
-    train_dataset: datasets.Dataset,
-    image_column: str,
-    n_px: int,
-    palette_size: int,
-) -> ImageGPTImageProcessor:
-    """A processor with a palette fitted by k-means to the training images (on the main process, then shared)."""
-    palette = [None]
-    if accelerator.is_main_process:
-        logger.info(f"Fitting a {palette_size}-color palette by k-means to the training images at {n_px}x{n_px}")
-        palette[0] = fit_palette(
-            train_dataset,
-            num_colors=palette_size,
-            n_px=n_px,
-            max_pixels=args.palette_max_pixels,
-            seed=args.seed,
-            image_column=image_column,
-        )
-    if accelerator.num_processes > 1:
-        broadcast_object_list(palette)
-    return ImageGPTImageProcessor(clusters=palette[0], size={"height": n_px, "width": n_px})
+    return processor
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training loop and checkpoints
+# Optimizer
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def optimizer_and_scheduler(
     args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module, train_dataloader: DataLoader
-) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW (no weight decay on biases and norms) and the schedule; sets `args.max_train_steps`/`num_train_epochs`.
-
-    Call with the *prepared* training DataLoader, whose length is the per-process number of batches.
-    """
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+) -> tuple[torch.optim.Optimizer, Any, int]:
+    """AdamW (no weight decay on biases and norms), the --lr_scheduler_type schedule, and the number of optimizer
+    steps: --max_train_steps, else --num_train_epochs of the *prepared* (per-process) training DataLoader."""
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch(args, train_dataloader)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate,
-        betas=(0.9, args.adam_beta2),
-    )
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2))
     # A prepared scheduler steps once per process for every optimizer step.
     lr_scheduler = get_scheduler(
-        name=args.lr_scheduler_type,
-        optimizer=optimizer,
+        args.lr_scheduler_type,
+        optimizer,
         num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
     )
-    return optimizer, lr_scheduler
+    return optimizer, lr_scheduler, max_train_steps
+
+
+def steps_per_epoch(args: argparse.Namespace, train_dataloader: DataLoader) -> int:
+    return -(-len(train_dataloader) // args.gradient_accumulation_steps)
+
+
+def optimizer_step(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any, clip: float
+) -> None:
+    """Clip the gradients to norm `clip` (unless 0), step, schedule, zero the gradients. Inside
+    `accelerator.accumulate`, the prepared optimizer and scheduler skip the batches that only accumulate."""
+    if accelerator.sync_gradients and clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints and the bookkeeping of a training loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a training run stands: what a checkpoint records, and where a resumed run continues."""
+
+    completed_steps: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # batches of `epoch` consumed
+
+
+def run_settings(args: argparse.Namespace, accelerator: Accelerator, script: str) -> dict[str, Any]:
+    """What fixes a run's data order and schedule: a checkpoint resumes only into a run of the same settings."""
+    names = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs"]
+    settings = {name: getattr(args, name) for name in names + ["max_train_samples", "seed"]}
+    return {"script": script, "num_processes": accelerator.num_processes, **settings}
 
 
 def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints under `output_dir/checkpoints`, oldest first, as (step, path)."""
+    """Complete checkpoints (with their state file) under `output_dir/checkpoints`, oldest first, as (step, path)."""
     root = os.path.join(output_dir, CHECKPOINTS_DIR)
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        step = name[len(CHECKPOINT_PREFIX) :]
-        if name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and os.path.isfile(os.path.join(path, STATE_FILE)):
-            found.append((int(step), path))
-    return sorted(found)
+    names = [name for name in (os.listdir(root) if os.path.isdir(root) else []) if re.fullmatch(r"step_[0-9]+", name)]
+    found = [(int(name[5:]), os.path.join(root, name)) for name in names]
+    return sorted((step, path) for step, path in found if os.path.isfile(os.path.join(path, STATE_FILE)))
 
 
-def resolve_checkpoint(args: argparse.Namespace) -> str | None:
-    """The checkpoint `--resume_from_checkpoint` names: a folder, or 'latest' (None when there is none yet)."""
+def read_checkpoint(path: str) -> tuple[Position, dict[str, Any]]:
+    """A checkpoint's position and settings, once its files are found whole (cheaply: headers and zip directories).
+
+    Raises ValueError naming what is broken: a state file that is not JSON or lacks fields, a truncated safetensors or
+    torch file, a sharded (FSDP) folder without its metadata, no model weights at all.
+    """
+    try:
+        state = json.loads(Path(path, STATE_FILE).read_text())
+        position = Position(**{k: int(state[k]) for k in ("completed_steps", "epoch", "batches_in_epoch")})
+        settings = dict(state["config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"its {STATE_FILE} is unreadable ({type(err).__name__}: {err})") from None
+    weights = False
+    for folder, _, files in os.walk(path):
+        if any(name.endswith(".distcp") for name in files) and ".metadata" not in files:
+            raise ValueError(f"the sharded state {folder} has no .metadata file")
+        for name in files:
+            weights |= name.startswith(("model", "pytorch_model")) or name.endswith(".distcp")
+            try:
+                if name.endswith(".safetensors"):
+                    with safe_open(os.path.join(folder, name), "pt"):
+                        pass
+                elif name.endswith((".bin", ".pkl", ".pt", ".pth")):  # torch.save's zip archives
+                    zipfile.ZipFile(os.path.join(folder, name)).close()
+            except Exception as err:  # safetensors raises its own error type
+                raise ValueError(f"{os.path.join(folder, name)} is damaged ({type(err).__name__}: {err})") from None
+    if not weights:
+        raise ValueError("it holds no model weights")
+    return position, settings
+
+
+def find_checkpoint(args: argparse.Namespace, accelerator: Accelerator, script: str) -> tuple[str, Position] | None:
+    """The checkpoint --resume_from_checkpoint names (a folder, or 'latest'), checked before anything is loaded;
+    None for 'latest' when there is none yet. One that is broken (then the newest intact one before it is named),
+    was written by another script or with other settings is refused."""
     if not args.resume_from_checkpoint:
         return None
+    complete = checkpoint_dirs(args.output_dir)
     if args.resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(args.output_dir)
-        if not found:
-            logger.warning(
-                f"--resume_from_checkpoint latest: no complete checkpoint under {args.output_dir}; starting from scratch"
-            )
+        if not complete:
+            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet; starting anew")
             return None
-        return found[-1][1]
-    path = args.resume_from_checkpoint
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise ValueError(
-            f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {STATE_FILE}); complete ones are "
-            f"{[p for _, p in checkpoint_dirs(args.output_dir)] or 'none'}."
-        )
-    return path
-
-
-def save_checkpoint(
-    accelerator: Accelerator,
-    args: argparse.Namespace,
-    state: dict[str, Any],
-    save_extra: Callable[[str], None] | None = None,
-) -> str:
-    """`accelerator.save_state` into a temporary folder, then an atomic rename to `checkpoints/step_N`.
-
-    A crash while writing leaves only the temporary folder, which is never resumed from and is cleared next time.
-    """
-    root = os.path.join(args.output_dir, CHECKPOINTS_DIR)
-    final = os.path.join(root, f"{CHECKPOINT_PREFIX}{state['completed_steps']}")
-    tmp = os.path.join(root, f".tmp-{CHECKPOINT_PREFIX}{state['completed_steps']}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(root, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if save_extra is not None:
-            save_extra(tmp)
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=2)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if args.checkpoints_total_limit is not None:
-            for _, old in checkpoint_dirs(args.output_dir)[: -args.checkpoints_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    logger.info(f"Saved checkpoint {final}")
-    return final
-
-
-def train(
-    args: argparse.Namespace,
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: Any,
-    train_dataloader: DataLoader,
-    train_collator: ImageGPTCollator,
-    *,
-    compute_loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
-    evaluate: Callable[[], dict[str, float]],
-    resume_checkpoint: str | None = None,
-    save_extra: Callable[[str], None] | None = None,
-    project_name: str = "image_gpt",
-) -> dict[str, float]:
-    """The training loop shared by pretraining and fine-tuning. Returns the last evaluation's metrics.
-
-    `compute_loss(model, batch)` gives the loss to minimise; `evaluate()` runs the evaluation and returns metrics.
-    With `resume_checkpoint`, the run continues from it at the same step and on the same data (skipped batches are
-    not even loaded), so that it ends where an uninterrupted run would have.
-    """
-    checkpointing_steps = args.checkpointing_steps
-    if checkpointing_steps is not None and checkpointing_steps.isdigit():
-        checkpointing_steps = int(checkpointing_steps)
-    run_config = {
-        "num_processes": accelerator.num_processes,
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "max_train_steps": args.max_train_steps,
-        "seed": args.seed,
-    }
-
-    completed_steps, starting_epoch, skip_batches = 0, 0, 0
-    if resume_checkpoint is not None:
-        with open(os.path.join(resume_checkpoint, STATE_FILE)) as f:
-            state = json.load(f)
-        changed = {k: (state["config"][k], v) for k, v in run_config.items() if state["config"].get(k) != v}
-        if changed:
+        path = complete[-1][1]
+    else:
+        path = args.resume_from_checkpoint
+        if not os.path.isfile(os.path.join(path, STATE_FILE)):
             raise ValueError(
-                f"Cannot resume from {resume_checkpoint}: it was written by a run with different settings "
-                f"({', '.join(f'{k}: {old} then, {new} now' for k, (old, new) in changed.items())}); the data order "
-                "and schedule would not continue where they stopped."
+                f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {STATE_FILE}); complete ones "
+                f"are {[p for _, p in complete] or 'none'}."
             )
-        accelerator.load_state(resume_checkpoint)
-        completed_steps, starting_epoch, skip_batches = (
-            state["completed_steps"],
-            state["epoch"],
-            state["batches_in_epoch"],
-        )
-        if skip_batches >= len(train_dataloader):
-            starting_epoch, skip_batches = starting_epoch + 1, 0
-        logger.info(f"Resumed from checkpoint {resume_checkpoint} at step {completed_steps} (epoch {starting_epoch})")
-
-    if args.with_tracking:
-        tracked = {k: (v.value if hasattr(v, "value") else v) for k, v in vars(args).items()}
-        tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in tracked.items()}
-        accelerator.init_trackers(project_name, tracked)
-
-    total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(train_dataloader.dataset)}")
-    logger.info(f"  Num epochs = {args.num_train_epochs}")
-    logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
-    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
-    logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
-    logger.info(f"  Total optimization steps = {args.max_train_steps}")
-
-    def run_evaluation(epoch: int) -> dict[str, float]:
-        metrics = evaluate()
-        metrics_text = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        logger.info(f"epoch {epoch} (step {completed_steps}): {metrics_text}")
-        if args.with_tracking:
-            accelerator.log({**metrics, "epoch": epoch}, step=completed_steps)
-        return metrics
-
-    bar = progress_bar(accelerator, total=args.max_train_steps, initial=completed_steps, desc="train")
-    metrics: dict[str, float] = {}
-    running_loss, running_count = torch.zeros((), device=accelerator.device), 0
-    epoch = starting_epoch
-    for epoch in range(starting_epoch, args.num_train_epochs):
-        if completed_steps >= args.max_train_steps:  # resumed from the last step
-            break
-        model.train()
-        train_collator.epoch = epoch
-        train_dataloader.set_epoch(epoch)
-        batches_in_epoch = skip_batches if epoch == starting_epoch else 0
-        if batches_in_epoch:
-            active_dataloader = accelerator.skip_first_batches(train_dataloader, batches_in_epoch)
-        else:
-            active_dataloader = train_dataloader
-        for batch in active_dataloader:
-            with accelerator.accumulate(model):
-                loss = compute_loss(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            batches_in_epoch += 1
-            running_loss += loss.detach().float()
-            running_count += 1
-            if not accelerator.sync_gradients:
-                continue
-
-            completed_steps += 1
-            bar.update(1)
-            if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
-                train_loss = accelerator.reduce(running_loss, "mean").item() / running_count
-                running_loss.zero_()
-                running_count = 0
-                lr = lr_scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
-                logger.info(f"step {completed_steps}: train_loss {train_loss:.4f}, lr {lr:.3e}")
-                if args.with_tracking:
-                    accelerator.log({"train_loss": train_loss, "lr": lr, "epoch": epoch}, step=completed_steps)
-            if args.eval_steps is not None and (
-                completed_steps % args.eval_steps == 0 or completed_steps >= args.max_train_steps
-            ):
-                metrics = run_evaluation(epoch)
-            if isinstance(checkpointing_steps, int) and completed_steps % checkpointing_steps == 0:
-                state = {
-                    "completed_steps": completed_steps,
-                    "epoch": epoch,
-                    "batches_in_epoch": batches_in_epoch,
-                    "config": run_config,
-                }
-                save_checkpoint(accelerator, args, state, save_extra)
-            if completed_steps >= args.max_train_steps:
+    try:
+        position, settings = read_checkpoint(path)
+    except ValueError as err:
+        intact = None
+        for _, earlier in reversed([c for c in complete if os.path.abspath(c[1]) != os.path.abspath(path)]):
+            with contextlib.suppress(ValueError):
+                intact = (read_checkpoint(earlier), earlier)[1]
                 break
+        offer = (
+            f"The newest intact checkpoint before it is {intact}: resume from it with --resume_from_checkpoint "
+            f"{intact}, and delete {path} so that 'latest' skips it."
+            if intact
+            else "No intact checkpoint precedes it: delete it to start anew."
+        )
+        raise ValueError(f"Cannot resume from the checkpoint {path}: {err}. {offer}") from None
+    if settings.get("script") != script:
+        raise ValueError(
+            f"Cannot resume from {path}: it was written by {settings.get('script') or 'another script'}, not {script}; "
+            "its weights and optimizer do not fit this script's model. To start this script from a trained model, "
+            "pass the model's folder as --model_name_or_path and choose a new --output_dir."
+        )
+    changed = {
+        k: (settings.get(k), v) for k, v in run_settings(args, accelerator, script).items() if settings.get(k) != v
+    }
+    if changed:
+        raise ValueError(
+            f"Cannot resume from {path}: it was written by a run with different settings "
+            f"({', '.join(f'{k}: {then} then, {now} now' for k, (then, now) in changed.items())}); the data order "
+            "and schedule would not continue where they stopped."
+        )
+    return path, position
 
-        if args.eval_steps is None:
-            metrics = run_evaluation(epoch)
-        if checkpointing_steps == "epoch":
-            state = {
-                "completed_steps": completed_steps,
-                "epoch": epoch,
-                "batches_in_epoch": batches_in_epoch,
-                "config": run_config,
+
+class TrainingProgress:
+    """The bookkeeping of a script's training loop, so that the loop itself stays in the script:
+
+        progress = common.TrainingProgress(accelerator, args, SCRIPT, train_dataloader, max_train_steps, checkpoint)
+        model.train()
+        for batch in progress.batches(train_collator):
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                common.optimizer_step(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm)
+            if progress.step(lr_scheduler, train_loss=loss):  # True when an evaluation is due
+                metrics = evaluate(...)
+                progress.log(metrics)
+        progress.close()
+
+    It loads `checkpoint` (from `find_checkpoint`; create it once everything is prepared), hands out the batches of
+    every epoch from where the run stands (a resumed run skips, without loading them, those it has seen), counts
+    optimizer steps, logs the running training metrics every --logging_steps, saves a checkpoint when
+    --checkpointing_steps falls due (with `save_also(folder)`, e.g. the processor), and says when --eval_steps (or,
+    without it, the end of an epoch) asks for an evaluation.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        args: argparse.Namespace,
+        script: str,
+        train_dataloader: DataLoader,
+        max_train_steps: int,
+        checkpoint: tuple[str, Position] | None,
+        save_also: Callable[[Path], Any] | None = None,
+    ):
+        self.accelerator, self.args, self.script, self.save_also = accelerator, args, script, save_also
+        self.dataloader, self.max_train_steps = train_dataloader, max_train_steps
+        self.num_train_epochs = -(-max_train_steps // steps_per_epoch(args, train_dataloader))
+        self.running: dict[str, list[torch.Tensor]] = {}  # training metrics since the last log line
+        self.position = Position()
+        if checkpoint is not None:
+            path, self.position = checkpoint
+            try:
+                accelerator.load_state(path)
+            except Exception as err:  # whatever a damaged or foreign checkpoint raises inside Accelerate or torch
+                raise ValueError(
+                    f"Cannot resume from the checkpoint {path}: loading it failed ({type(err).__name__}: {err}). "
+                    "Resume from an earlier checkpoint with --resume_from_checkpoint PATH, or delete it to start anew."
+                ) from err
+            logger.info(f"Resumed from checkpoint {path} at step {self.position.completed_steps}")
+        if args.with_tracking:
+            tracked = {k: (v.value if hasattr(v, "value") else v) for k, v in vars(args).items()}
+            tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in tracked.items()}
+            accelerator.init_trackers(own_entries(script)[1], tracked)
+        total = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        logger.info(
+            f"***** Running training: {len(train_dataloader.dataset)} examples, {self.num_train_epochs} epochs"
+        )
+        logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total}")
+        logger.info(f"  Total optimization steps = {max_train_steps}")
+        self.bar = progress_bar(
+            accelerator, total=max_train_steps, initial=self.position.completed_steps, desc="train"
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.position.completed_steps >= self.max_train_steps
+
+    def batches(self, collator: ImageGPTCollator) -> Iterator[dict[str, torch.Tensor]]:
+        """Every batch from where the run stands to --max_train_steps, epoch after epoch."""
+        start = self.position
+        if start.batches_in_epoch >= len(self.dataloader):  # saved at the end of an epoch
+            start = Position(start.completed_steps, start.epoch + 1, 0)
+        for epoch in range(start.epoch, self.num_train_epochs):
+            if self.finished:
+                return
+            collator.epoch = epoch  # new crops and masks every epoch, the same ones after a resume
+            self.dataloader.set_epoch(epoch)
+            seen = start.batches_in_epoch if epoch == start.epoch else 0
+            self.position = Position(self.position.completed_steps, epoch, seen)
+            for batch in self.accelerator.skip_first_batches(self.dataloader, seen) if seen else self.dataloader:
+                self.position.batches_in_epoch += 1
+                yield batch
+                if self.finished:
+                    return
+
+    def step(self, lr_scheduler: Any, **metrics: torch.Tensor) -> bool:
+        """After every batch, with its training metrics: counts an optimizer step (none while gradients accumulate),
+        logs and checkpoints when due; returns whether an evaluation is due."""
+        for name, value in metrics.items():
+            self.running.setdefault(name, []).append(value.detach().float())
+        if not self.accelerator.sync_gradients:
+            return False
+        self.position.completed_steps += 1
+        step, every = self.position.completed_steps, self.args.checkpointing_steps
+        self.bar.update(1)
+        if step % self.args.logging_steps == 0 or self.finished:
+            logged = {
+                k: self.accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in self.running.items()
             }
-            save_checkpoint(accelerator, args, state, save_extra)
-        if completed_steps >= args.max_train_steps:
-            break
-    bar.close()
-    if not metrics:  # resumed from a checkpoint of the last step
-        metrics = run_evaluation(epoch)
-    if args.with_tracking:
-        accelerator.end_training()
-    return metrics
+            self.running.clear()
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in logged.items()})
+            self.log({**logged, "lr": lr_scheduler.get_last_lr()[0], "epoch": self.position.epoch})
+        end_of_epoch = self.position.batches_in_epoch >= len(self.dataloader) or self.finished
+        if (every == "epoch" and end_of_epoch) or (every not in (None, "epoch") and step % int(every) == 0):
+            self.save_checkpoint()
+        if self.args.eval_steps is None:
+            return end_of_epoch
+        return step % self.args.eval_steps == 0 or self.finished
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Metrics to the log (and the trackers), at the current step."""
+        step = self.position.completed_steps
+        logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if self.args.with_tracking:
+            self.accelerator.log(metrics, step=step)
+
+    def save_checkpoint(self) -> None:
+        """`accelerator.save_state` (+ `save_also`, then the state file) to `output_dir/checkpoints/step_N`: staged
+        and renamed into place when complete, so a crash never leaves a broken `step_N`. Then checkpoints of later
+        steps (from before a resume to an earlier one) and those over --checkpoints_total_limit are removed."""
+        accelerator, args, step = self.accelerator, self.args, self.position.completed_steps
+        final = os.path.join(args.output_dir, CHECKPOINTS_DIR, f"step_{step}")
+        staging = [str(staging_path(final)) if accelerator.is_main_process else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(staging)  # every process writes its part of the state into the same folder
+        writing = staged_dir(final, overwrite=True, staging=staging[0])
+        with writing if accelerator.is_main_process else contextlib.nullcontext(Path(staging[0])) as tmp:
+            accelerator.wait_for_everyone()  # the staging folder exists
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                if self.save_also is not None:
+                    self.save_also(tmp)
+                state = {**dataclasses.asdict(self.position), "config": run_settings(args, accelerator, self.script)}
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if accelerator.is_main_process:
+            found = checkpoint_dirs(args.output_dir)
+            stale = [path for s, path in found if s > step]
+            if args.checkpoints_total_limit is not None:
+                stale += [path for s, path in found if s <= step][: -args.checkpoints_total_limit]
+            for path in stale:
+                shutil.rmtree(path)
+        accelerator.wait_for_everyone()
+        logger.info(f"Saved checkpoint {final}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.args.with_tracking:
+            self.accelerator.end_training()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Saving
+# The output folder of a training run: checked before any work, written at the end
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def dataset_facts(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """A human-readable name of the training data, and the Hub dataset ids to list in the model card."""
-    if args.train_dir is not None:
-        return f"the imagefolder {args.train_dir}", []
-    if args.dataset_name == DIGITS:
-        return "scikit-learn handwritten digits (8x8 scans)", []
-    return args.dataset_name, [args.dataset_name]
+def inputs(args: argparse.Namespace) -> list[str | None]:
+    """What a script reads, which its output may not be, hold or lie in (a Hub id is not a path and is skipped)."""
+    names = (
+        "model_name_or_path",
+        "config_name",
+        "processor_name_or_path",
+        "train_dir",
+        "validation_dir",
+        "dataset_name",
+    )
+    return [getattr(args, name, None) for name in names]
+
+
+def own_entries(script: str) -> list[str]:
+    """What a training run keeps in its --output_dir besides the model: checkpoints, tracker logs (--with_tracking)."""
+    return [CHECKPOINTS_DIR, f"image_gpt_{script.removesuffix('.py')}"]
+
+
+def check_output_dir(accelerator: Accelerator, args: argparse.Namespace, script: str) -> None:
+    """Refuse, before any work, an --output_dir that is, holds or lies in one of the script's inputs, or that holds
+    anything but this run's checkpoints (unless --overwrite). With --overwrite and no resume, an earlier run's
+    checkpoints are cleared, so that they never mix with this run's."""
+    resuming = args.resume_from_checkpoint is not None
+    keep = own_entries(script) if resuming else ()
+    check_output_path(args.output_dir, inputs=inputs(args), overwrite=args.overwrite, keep=keep)
+    accelerator.wait_for_everyone()
+    if args.overwrite and not resuming and accelerator.is_main_process:
+        for name in own_entries(script):
+            if os.path.isdir(os.path.join(args.output_dir, name)):
+                logger.warning(f"--overwrite: deleting {os.path.join(args.output_dir, name)} of an earlier run")
+                shutil.rmtree(os.path.join(args.output_dir, name))
+    accelerator.wait_for_everyone()
 
 
 def save_model(
@@ -954,40 +923,69 @@ def save_model(
     model: torch.nn.Module,
     processor: ImageGPTImageProcessor,
     args: argparse.Namespace,
+    script: str,
     *,
-    facts: dict[str, Any],
-    results: dict[str, Any],
+    trained: str,
+    split: str,
+    result: dict[str, Any],
+    results: dict[str, float],
 ) -> None:
-    """The final model folder: weights + config (+ remote code), processor, model card, all_results.json; then the
-    Hub upload with `--push_to_hub`. It loads with `AutoModel*.from_pretrained` and `AutoImageProcessor`."""
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP) weights
-    unwrapped.save_pretrained(
-        args.output_dir,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        state_dict=state_dict,
+    """The final model folder: weights + config (+ remote code), processor, generation config (models with an AR
+    head), model card and all_results.json (`results`), staged and renamed into --output_dir (its checkpoints stay);
+    then the Hub upload with --push_to_hub. It loads with `AutoModel*.from_pretrained` and `AutoImageProcessor`.
+
+    The model card says how it was `trained` ("Pretrained from scratch with ..., 300 steps") and its measured
+    `result` (metric, name, value) on the evaluation `split`.
+    """
+    config, dataset = (
+        accelerator.unwrap_model(model).config,
+        args.dataset_name if args.train_dir is None else "imagefolder",
     )
+    if isinstance(accelerator.unwrap_model(model), ImageGPTForImageClassification):
+        task = "image-classification"
+    else:
+        task = "unconditional-image-generation" if config.objective == "ar" else "masked-image-modeling"
+    batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    facts = {
+        "training": f"{trained} on {data_name(args)} in batches of {batch_size} images, AdamW at peak learning rate "
+        f"{args.learning_rate:g} ({args.lr_scheduler_type.value} schedule), seed {args.seed}.",
+        "datasets": [args.dataset_name] if dataset not in (DIGITS, "imagefolder") else [],
+        "results": [
+            {
+                "task": task,
+                "dataset": dataset,
+                "dataset_name": data_name(args),
+                "split": split,
+                **result,
+                "value": round(result["value"], 4),
+            }
+        ],
+    }
+    if args.model_name_or_path is None:
+        facts["license"] = "mit"
+    elif not os.path.isdir(args.model_name_or_path):
+        facts["base_model"] = args.model_name_or_path
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # every process: gathers sharded (FSDP) weights
     if accelerator.is_main_process:
-        processor.save_pretrained(args.output_dir)
-        card = write_model_card(args.output_dir, unwrapped, processor=processor, facts=facts)
-        with open(os.path.join(args.output_dir, RESULTS_FILE), "w") as f:
-            json.dump(results, f, indent=2)
-        logger.info(
-            f"Saved the model to {args.output_dir} (model card {card}, results {os.path.join(args.output_dir, RESULTS_FILE)})"
-        )
+        unwrapped = accelerator.unwrap_model(model)
+        with staged_dir(
+            args.output_dir, overwrite=args.overwrite, keep=own_entries(script), inputs=inputs(args)
+        ) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            processor.save_pretrained(tmp)
+            if unwrapped.config.objective == "ar" and hasattr(unwrapped, "lm_head"):
+                openai_generation_config(unwrapped.config).save_pretrained(tmp)
+            write_model_card(tmp, unwrapped, processor=processor, facts=facts)
+            (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        logger.info(f"Saved the model to {args.output_dir}")
         if args.push_to_hub:
             from huggingface_hub import HfApi
 
             api = HfApi(token=args.hub_token)
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
-            api.upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                commit_message="End of training",
-                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "runs/*"],
-            )
+            ignore = [f"{name}/*" for name in own_entries(script)] + [".*"]
+            api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=ignore)
             logger.info(f"Pushed {args.output_dir} to https://huggingface.co/{repo_id}")
     accelerator.wait_for_everyone()

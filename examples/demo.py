@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from image_gpt_hf.safe_io import atomic_file, check_output_path
+
 EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -28,6 +30,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Image GPT end to end on the bundled digits: pretrain, sample, probe, fine-tune."
     )
     parser.add_argument("--output_dir", type=str, default="demo_output", help="Where every artifact goes.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the artifacts of an earlier run.")
     parser.add_argument("--n_px", type=int, default=8, help="Input resolution (the digits are 8x8 scans).")
     parser.add_argument("--model_size", type=str, default="tiny", help="Model preset.")
     parser.add_argument(
@@ -90,6 +93,7 @@ def run_stage(name: str, script: str, arguments: list[str], log_dir: str, num_pr
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    check_output_path(args.output_dir, overwrite=args.overwrite)  # an earlier run's artifacts stay unless --overwrite
     out = os.path.abspath(args.output_dir)
     paths = {
         "pretrained": os.path.join(out, "pretrained"),
@@ -105,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # from more threads, and threads that wait on each other inside every operation stall whenever anything else runs.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.num_processes)))
     batch = str(64 // args.num_processes)  # 64 images per step, whatever the number of processes
-    seed = ["--seed", str(args.seed)]
+    shared = ["--seed", str(args.seed)] + (["--overwrite"] if args.overwrite else [])
     overrides = ["--config_overrides", args.config_overrides] if args.config_overrides else []
     start = time.perf_counter()
     times = {}
@@ -119,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"--eval_steps {max(1, args.pretrain_steps // 4)} --logging_steps 50 "
         f"--checkpointing_steps {max(1, args.pretrain_steps // 2)} --checkpoints_total_limit 1".split()
         + overrides
-        + ["--output_dir", paths["pretrained"], *seed],
+        + ["--output_dir", paths["pretrained"], *shared],
         paths["logs"],
         args.num_processes,
     )
@@ -127,13 +131,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "2/4 Complete held-out digits from their top half, and sample new ones",
         "sample.py",
         f"--num_images {args.num_images} --num_completions {args.num_completions} --num_samples {args.num_samples}".split()
-        + ["--model_name_or_path", paths["pretrained"], "--output_dir", paths["samples"], *seed],
+        + ["--model_name_or_path", paths["pretrained"], "--output_dir", paths["samples"], *shared],
         paths["logs"],
     )
     times["linear_probe"] = run_stage(
         "3/4 Linear probes on every layer: pretrained vs random init vs raw pixels",
         "linear_probe.py",
-        ["--model_name_or_path", paths["pretrained"], "--output_dir", paths["probe"], *seed],
+        ["--model_name_or_path", paths["pretrained"], "--output_dir", paths["probe"], *shared],
         paths["logs"],
         args.num_processes,
     )
@@ -143,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"--gen_loss_weight 1.0 --max_train_steps {args.finetune_steps} "
         f"--num_warmup_steps {max(1, args.finetune_steps // 10)} --learning_rate 3e-3 --per_device_train_batch_size {batch} "
         f"--random_crop_scale 0.8 1 --eval_steps {args.finetune_steps} --logging_steps 25".split()
-        + ["--model_name_or_path", paths["pretrained"], "--output_dir", paths["finetuned"], *seed],
+        + ["--model_name_or_path", paths["pretrained"], "--output_dir", paths["finetuned"], *shared],
         paths["logs"],
         args.num_processes,
     )
@@ -184,8 +188,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         *(f"- {name}: {path}" for name, path in artifacts.items()),
     ]
     summary_path = os.path.join(out, "SUMMARY.md")
-    with open(summary_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    with atomic_file(summary_path, overwrite=True, arg="the summary") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines) + f"\n\nThis summary: {summary_path}", flush=True)
     return {"times": times, "total": total, "summary": summary_path, "artifacts": artifacts}
 

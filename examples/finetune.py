@@ -12,16 +12,19 @@ evaluation split. The output folder loads with `AutoModelForImageClassification`
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
 
 import common
 from common import logger
 from image_gpt_hf import ImageGPTForImageClassification
+
+SCRIPT = "finetune.py"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -55,7 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Start from a classifier with another number of labels, replacing its classification layer.",
     )
     common.add_data_arguments(parser)
-    common.add_processor_arguments(parser, fit_palette=False)
+    common.add_processor_arguments(parser)
     common.add_training_arguments(parser, learning_rate=3e-4, num_train_epochs=3)
     args = parser.parse_args(argv)
     common.check_training_arguments(args)
@@ -66,24 +69,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, eval_dataloader: DataLoader) -> dict[str, float]:
+    """Top-1 accuracy and the classification loss on the evaluation split (unmasked images)."""
+    model.eval()
+    correct, losses = [], []
+    for batch in common.progress_bar(accelerator, iterable=eval_dataloader, desc="eval", leave=False):
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"]).logits
+        loss = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        predictions, references, loss = accelerator.gather_for_metrics((logits.argmax(dim=-1), batch["labels"], loss))
+        correct.append(predictions == references)
+        losses.append(loss)
+    model.train()
+    return {"eval_accuracy": torch.cat(correct).float().mean().item(), "eval_loss": torch.cat(losses).mean().item()}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     accelerator = common.create_accelerator(args)
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    accelerator.wait_for_everyone()
-    resume_checkpoint = common.resolve_checkpoint(args)
+    common.check_output_dir(accelerator, args, SCRIPT)
+    checkpoint = common.find_checkpoint(args, accelerator, SCRIPT)
 
     # Checkpoint, data, labels and processor first: every bad input fails here, before a model is built.
     config = common.load_imagegpt_config(args.model_name_or_path)
     with accelerator.main_process_first():
-        dataset = common.load_image_dataset(args)
+        dataset, eval_split = common.load_image_dataset(args)
     image_column = common.find_image_column(dataset, args.image_column_name)
     label_column = common.find_label_column(dataset, args.label_column_name, required=True)
     labels, label_map = common.label_names(dataset, label_column)
-    processor = common.checkpoint_processor(args, args.model_name_or_path, config)
+    processor = common.checkpoint_processor(args.model_name_or_path, config, args.processor_name_or_path, args.n_px)
 
+    # The classifier: the pretrained decoder (+ its LM head for the generative loss) and a new linear layer.
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: index for index, label in enumerate(labels)}
@@ -111,72 +128,53 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         f"loss L_clf + {args.gen_loss_weight:g} L_gen, {common.processor_n_px(processor)}px"
     )
 
-    # BERT's generative loss needs masked pixels; the classifier is evaluated on unmasked images.
+    # DataLoaders with labels. BERT's generative loss needs masked pixels; the classifier is evaluated unmasked.
     mask_prob = args.mask_prob if config.objective == "bert" and args.gen_loss_weight > 0 else None
-    train_dataloader, eval_dataloader, train_collator = common.make_dataloaders(
-        args, dataset, processor, image_column, label_column, label_map, mask_prob=mask_prob
+    crop_scale = None if args.no_random_crop else tuple(args.random_crop_scale)
+    columns = (image_column, label_column, label_map)
+    train_collator = common.ImageGPTCollator(
+        processor, *columns, train=True, random_crop_scale=crop_scale, mask_prob=mask_prob, seed=args.seed
     )
-    train_dataloader, eval_dataloader = accelerator.prepare(train_dataloader, eval_dataloader)
-    optimizer, lr_scheduler = common.optimizer_and_scheduler(args, accelerator, model, train_dataloader)
+    eval_collator = common.ImageGPTCollator(processor, *columns, train=False, seed=args.seed)
+    train_dataloader = accelerator.prepare(common.dataloader(dataset["train"], train_collator, args, train=True))
+    eval_dataloader = accelerator.prepare(common.dataloader(dataset["validation"], eval_collator, args, train=False))
+
+    # Optimizer and schedule, sized by the prepared (per-process) DataLoader.
+    optimizer, lr_scheduler, max_train_steps = common.optimizer_and_scheduler(
+        args, accelerator, model, train_dataloader
+    )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
-    def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss
+    # Training on the joint loss, from the checkpoint when resuming; the log follows the training batches' accuracy.
+    progress = common.TrainingProgress(accelerator, args, SCRIPT, train_dataloader, max_train_steps, checkpoint)
+    metrics = {}
+    model.train()
+    for batch in progress.batches(train_collator):
+        with accelerator.accumulate(model):
+            outputs = model(**batch)  # L_clf + w * L_gen
+            accelerator.backward(outputs.loss)
+            common.optimizer_step(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm)
+        accuracy = (outputs.logits.argmax(dim=-1) == batch["labels"]).float().mean()
+        if progress.step(lr_scheduler, train_loss=outputs.loss, train_accuracy=accuracy):  # an evaluation is due
+            metrics = evaluate(accelerator, model, eval_dataloader)
+            progress.log(metrics)
+    metrics = metrics or evaluate(accelerator, model, eval_dataloader)  # resumed from the last step
+    progress.close()
 
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        correct, losses = [], []
-        for batch in common.progress_bar(accelerator, iterable=eval_dataloader, desc="eval", leave=False):
-            with torch.no_grad():
-                logits = model(input_ids=batch["input_ids"]).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-            predictions, references, loss = accelerator.gather_for_metrics(
-                (logits.argmax(dim=-1), batch["labels"], loss)
-            )
-            correct.append(predictions == references)
-            losses.append(loss)
-        model.train()
-        return {
-            "eval_accuracy": torch.cat(correct).float().mean().item(),
-            "eval_loss": torch.cat(losses).mean().item(),
-        }
-
-    metrics = common.train(
-        args,
+    loss = f"L_clf + {args.gen_loss_weight:g} L_gen"
+    trained = f"Fine-tuned from {args.model_name_or_path} with examples/finetune.py on {loss}, {max_train_steps} steps"
+    accuracy = {"metric": "accuracy", "name": "top-1 accuracy (fine-tuned)", "value": metrics["eval_accuracy"]}
+    common.save_model(
         accelerator,
         model,
-        optimizer,
-        lr_scheduler,
-        train_dataloader,
-        train_collator,
-        compute_loss=compute_loss,
-        evaluate=evaluate,
-        resume_checkpoint=resume_checkpoint,
-        project_name="image_gpt_finetune",
+        processor,
+        args,
+        SCRIPT,
+        trained=trained,
+        split=eval_split,
+        result=accuracy,
+        results=metrics,
     )
-
-    data_name, hub_datasets = common.dataset_facts(args)
-    facts = {
-        "training": f"Fine-tuned from {args.model_name_or_path} with examples/finetune.py on {data_name}: "
-        f"L_clf + {args.gen_loss_weight:g} L_gen, {args.max_train_steps} steps of "
-        f"{args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} images, "
-        f"AdamW at peak learning rate {args.learning_rate:g} ({args.lr_scheduler_type.value} schedule), seed {args.seed}.",
-        "datasets": hub_datasets,
-        "results": [
-            {
-                "task": "image-classification",
-                "dataset": args.dataset_name if args.train_dir is None else "imagefolder",
-                "dataset_name": data_name,
-                "split": args.eval_split_name,
-                "metric": "accuracy",
-                "name": "top-1 accuracy (fine-tuned)",
-                "value": round(metrics["eval_accuracy"], 4),
-            }
-        ],
-    }
-    if not os.path.isdir(args.model_name_or_path):
-        facts["base_model"] = args.model_name_or_path
-    common.save_model(accelerator, model, processor, args, facts=facts, results=metrics)
     return metrics
 
 

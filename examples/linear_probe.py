@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 import common
 from common import logger
 from image_gpt_hf import ImageGPTModel
+from image_gpt_hf.safe_io import atomic_file, check_output_path
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -44,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model_name_or_path", type=str, required=True, help="An Image GPT checkpoint (folder or Hub id)."
     )
-    parser.add_argument("--output_dir", type=str, required=True, help="Where to write the results.")
+    common.add_output_arguments(parser, what="the results")
     parser.add_argument(
         "--layers",
         type=int,
@@ -67,8 +68,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--per_device_eval_batch_size", type=int, default=128, help="Feature extraction batch size.")
     parser.add_argument("--seed", type=int, default=42, help="Seeds the random-init baseline and the held-out split.")
     common.add_data_arguments(parser)
-    common.add_processor_arguments(parser, fit_palette=False, augment=False)
+    common.add_processor_arguments(parser, augment=False)
     args = parser.parse_args(argv)
+    common.check_data_arguments(args)
+    if args.per_device_eval_batch_size < 1:
+        raise ValueError(f"--per_device_eval_batch_size must be at least 1, got {args.per_device_eval_batch_size}.")
+    if args.probe_max_iter < 1:
+        raise ValueError(f"--probe_max_iter must be at least 1, got {args.probe_max_iter}.")
     if not 0.0 < args.probe_holdout < 1.0:
         raise ValueError(f"--probe_holdout must be in (0, 1), got {args.probe_holdout}.")
     if any(c <= 0 for c in args.probe_c):
@@ -153,15 +159,10 @@ def probe_layers(
     return results
 
 
-def write_outputs(results: dict[str, Any], args: argparse.Namespace) -> dict[str, str]:
-    """probe_results.json, probe_results.md (the table) and probe_accuracy.png (the plot)."""
-    paths = {
-        "json": os.path.join(args.output_dir, "probe_results.json"),
-        "markdown": os.path.join(args.output_dir, "probe_results.md"),
-        "plot": os.path.join(args.output_dir, "probe_accuracy.png"),
-    }
-    with open(paths["json"], "w") as f:
-        json.dump(results, f, indent=2)
+def write_outputs(results: dict[str, Any], paths: dict[str, str], overwrite: bool) -> str:
+    """probe_results.json, probe_results.md (the table) and probe_accuracy.png (the plot); returns the table."""
+    with atomic_file(paths["json"], overwrite=overwrite, arg="the output file") as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
 
     layers = results["layers"]
     pretrained, random_init = results["pretrained"], results.get("random_init")
@@ -188,8 +189,8 @@ def write_outputs(results: dict[str, Any], args: argparse.Namespace) -> dict[str
         "",
         f"Best layer: {results['best_layer']} of {results['n_layer']}, accuracy {results['best_accuracy']:.4f}.",
     ]
-    with open(paths["markdown"], "w") as f:
-        f.write("\n".join(lines) + "\n")
+    with atomic_file(paths["markdown"], overwrite=overwrite, arg="the output file") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot(layers, [pretrained[str(layer)]["accuracy"] for layer in layers], "o-", label="pretrained")
@@ -206,30 +207,38 @@ def write_outputs(results: dict[str, Any], args: argparse.Namespace) -> dict[str
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=4, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(paths["plot"])
+    with atomic_file(paths["plot"], overwrite=overwrite, arg="the output file") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    return paths
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    accelerator = common.create_accelerator(args, with_training=False)
+    accelerator = common.create_accelerator(args)
     set_seed(args.seed)
+    names = {"json": "probe_results.json", "markdown": "probe_results.md", "plot": "probe_accuracy.png"}
+    paths = {kind: os.path.join(args.output_dir, name) for kind, name in names.items()}
+    for path in paths.values():  # existing results are kept unless --overwrite, refused before any work
+        check_output_path(
+            path, kind="file", inputs=common.inputs(args), overwrite=args.overwrite, arg="the output file"
+        )
 
+    # The checkpoint's config and processor, the layers, the data and its labels: every bad input fails here, before
+    # a model is loaded.
     config = common.load_imagegpt_config(args.model_name_or_path)
-    with accelerator.main_process_first():
-        dataset = common.load_image_dataset(args)
-    image_column = common.find_image_column(dataset, args.image_column_name)
-    label_column = common.find_label_column(dataset, args.label_column_name, required=True)
-    _, label_map = common.label_names(dataset, label_column)
-    processor = common.checkpoint_processor(args, args.model_name_or_path, config)
-    n_px = common.processor_n_px(processor)
+    processor = common.checkpoint_processor(args.model_name_or_path, config, args.processor_name_or_path, args.n_px)
     layers = args.layers if args.layers is not None else list(range(config.n_layer + 1))
     bad = [layer for layer in layers if not 0 <= layer <= config.n_layer]
     if bad:
         raise ValueError(
             f"--layers {bad} are not hidden-state indices of a {config.n_layer}-layer model (0..{config.n_layer})."
         )
+    with accelerator.main_process_first():
+        dataset, eval_split = common.load_image_dataset(args)
+    image_column = common.find_image_column(dataset, args.image_column_name)
+    label_column = common.find_label_column(dataset, args.label_column_name, required=True)
+    _, label_map = common.label_names(dataset, label_column)
 
     model, loading_info = ImageGPTModel.from_pretrained(args.model_name_or_path, output_loading_info=True)
     if loading_info["missing_keys"]:
@@ -237,11 +246,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = model.eval().to(accelerator.device)
 
     def loader(split: str, pixel_values: bool = False) -> DataLoader:
-        return accelerator.prepare(
-            common.ordered_dataloader(
-                args, dataset[split], processor, image_column, label_column, label_map, pixel_values=pixel_values
-            )
+        collator = common.ImageGPTCollator(
+            processor, image_column, label_column, label_map, train=False, pixel_values=pixel_values
         )
+        return accelerator.prepare(common.dataloader(dataset[split], collator, args, train=False))
 
     train_loader, eval_loader = loader("train"), loader("validation")
     logger.info(f"Extracting the features of layers {layers} from {args.model_name_or_path}")
@@ -265,16 +273,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        data_name, _ = common.dataset_facts(args)
         (train_x, train_y), (eval_x, eval_y) = feature_sets["pretrained"]
         results = {
             "model": args.model_name_or_path,
-            "dataset": data_name,
-            "eval_split": args.eval_split_name,
+            "dataset": common.data_name(args),
+            "eval_split": eval_split,
             "num_train": int(len(train_y)),
             "num_eval": int(len(eval_y)),
-            "n_px": n_px,
+            "n_px": common.processor_n_px(processor),
             "n_layer": config.n_layer,
             "objective": config.objective,
             "layers": layers,
@@ -288,9 +294,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         best_layer = max(layers, key=lambda layer: results["pretrained"][str(layer)]["accuracy"])
         results["best_layer"] = best_layer
         results["best_accuracy"] = results["pretrained"][str(best_layer)]["accuracy"]
-        paths = write_outputs(results, args)
-        with open(paths["markdown"]) as f:
-            print(f.read())
+        print(write_outputs(results, paths, args.overwrite))
         logger.info(f"Best layer {best_layer} of {config.n_layer}: accuracy {results['best_accuracy']:.4f}")
         logger.info(f"Wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")
     accelerator.wait_for_everyone()

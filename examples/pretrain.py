@@ -5,23 +5,35 @@ objective, on any `datasets` image dataset, an imagefolder, or the bundled sciki
 
 Images become palette ids on the fly (random crops for training); a palette is fitted by k-means to the training
 images unless one is given. Evaluation reports the loss in bits per dimension (one dimension = one pixel = one
-palette id). The output folder loads with `AutoModelForCausalLM` (AR) / `AutoModelForMaskedImageModeling` (BERT) /
-`AutoModel`, and its processor with `AutoImageProcessor`.
+palette id). The output folder loads with `AutoModelForCausalLM` (AR, which then samples from SOS with a plain
+`generate()`) / `AutoModelForMaskedImageModeling` (BERT) / `AutoModel`, and its processor with `AutoImageProcessor`.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections.abc import Sequence
 
+import datasets
+import numpy as np
 import torch
-from accelerate.utils import set_seed
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
 
 import common
 from common import logger
-from image_gpt_hf import PRESETS, ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTForMaskedImageModeling
+from image_gpt_hf import (
+    PRESETS,
+    ImageGPTConfig,
+    ImageGPTForCausalImageModeling,
+    ImageGPTForMaskedImageModeling,
+    ImageGPTImageProcessor,
+)
+from image_gpt_hf.palette import fit_palette
+
+SCRIPT = "pretrain.py"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,7 +65,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     group.add_argument("--mask_prob", type=float, default=0.15, help="BERT: probability that a pixel is masked.")
     common.add_data_arguments(parser)
-    common.add_processor_arguments(parser, fit_palette=True)
+    group = common.add_processor_arguments(parser)
+    group.add_argument(
+        "--palette_size",
+        type=int,
+        default=None,
+        help=f"Colors of the palette fitted by k-means when no processor is given. Default: the config's, else "
+        f"{common.PAPER_PALETTE_SIZE} (the paper's), or {common.DIGITS_PALETTE_SIZE} on the bundled gray digits.",
+    )
+    group.add_argument("--palette_max_pixels", type=int, default=1_000_000, help="Pixels sampled for the palette fit.")
     common.add_training_arguments(parser, learning_rate=1e-3, num_train_epochs=10)
     args = parser.parse_args(argv)
     common.check_training_arguments(args)
@@ -61,7 +81,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError("--model_name_or_path brings its own config: drop --config_name / --config_overrides.")
     if not 0.0 < args.mask_prob < 1.0:
         raise ValueError(f"--mask_prob must be in (0, 1), got {args.mask_prob}.")
+    if args.n_px is not None and args.n_px < 1:
+        raise ValueError(f"--n_px must be positive, got {args.n_px}.")
+    if args.palette_size is not None and args.palette_size < 2:
+        raise ValueError(f"--palette_size must be at least 2, got {args.palette_size}.")
+    if args.config_overrides is not None:
+        parse_config_overrides(args.config_overrides)
     return args
+
+
+def parse_config_overrides(overrides: str) -> list[str]:
+    """The 'field=value' pairs of --config_overrides, each checked to be a config field with a value of its type."""
+    pairs = [pair.strip() for pair in overrides.split(",") if pair.strip()]
+    for pair in pairs:
+        field = pair.split("=", 1)[0].strip()
+        if field in ("n_positions", "vocab_size"):
+            raise ValueError(
+                f"--config_overrides {pair!r}: {field} follows from the images and the palette; set --n_px / "
+                "--palette_size instead."
+            )
+        try:
+            ImageGPTConfig().update_from_string(pair)
+        except ValueError as err:
+            raise ValueError(
+                f"--config_overrides {pair!r} is not a valid override ({err}); give comma-separated field=value "
+                "pairs of ImageGPTConfig fields with values of their type, e.g. 'n_layer=4,n_embd=64,resid_pdrop=0.0'."
+            ) from None
+    return pairs
 
 
 def build_config(
@@ -77,9 +123,8 @@ def build_config(
                 f"The config predicts {config.palette_size} colors but the palette has {palette_size}; "
                 "pass a matching --palette_size / --processor_name_or_path."
             )
-        common.check_n_px(n_px, config, args.config_name or args.model_name_or_path)
-    if args.config_overrides is not None:
-        config.update_from_string(args.config_overrides)
+    for pair in parse_config_overrides(args.config_overrides or ""):
+        config.update_from_string(pair)
     objective = args.objective or (base.objective if base is not None else "ar")
     if base is not None and args.model_name_or_path is not None and objective != base.objective:
         raise ValueError(
@@ -88,66 +133,103 @@ def build_config(
     config.objective = objective
     # OpenAI's AR input: [SOS, x_1, ..., x_{n-1}] predicts all n pixels; saved so that the checkpoint keeps it.
     config.prepend_sos = objective == "ar"
-    config.validate_architecture()
-    if n_px * n_px > config.n_positions:
-        raise ValueError(
-            f"--n_px {n_px} needs {n_px * n_px} positions; the config has n_positions={config.n_positions}."
-        )
+    try:
+        config.validate_architecture()
+    except ValueError as err:
+        raise ValueError(f"The model config is invalid (check --config_name / --config_overrides): {err}") from None
     return config
+
+
+class DecodedImages(Sequence):
+    """The images of a split, decoded (and named when unreadable) by `common.ImageDataset`: what the palette fit reads."""
+
+    def __init__(self, split: datasets.Dataset, image_column: str):
+        self.dataset = common.ImageDataset(split, image_column, [image_column])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            examples = self.dataset.__getitems__(list(range(*index.indices(len(self)))))
+            return [example[self.dataset.image_column] for _, example in examples]
+        return self.dataset[index][1][self.dataset.image_column]
+
+
+def fitted_palette(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    split: datasets.Dataset,
+    image_column: str,
+    n_px: int,
+    size: int,
+) -> np.ndarray:
+    """A palette fitted by k-means to the training images, on the main process, then shared with the others."""
+    palette = [None]
+    if accelerator.is_main_process:
+        logger.info(f"Fitting a {size}-color palette by k-means to the training images at {n_px}x{n_px}")
+        palette[0] = fit_palette(
+            DecodedImages(split, image_column),
+            num_colors=size,
+            n_px=n_px,
+            max_pixels=args.palette_max_pixels,
+            seed=args.seed,
+        )
+    if accelerator.num_processes > 1:
+        broadcast_object_list(palette)
+    return palette[0]
+
+
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, eval_dataloader: DataLoader) -> dict[str, float]:
+    """The objective's loss on the evaluation split, in nats and in bits per dimension (per pixel)."""
+    model.eval()
+    losses = []
+    for batch in common.progress_bar(accelerator, iterable=eval_dataloader, desc="eval", leave=False):
+        with torch.no_grad():
+            loss = model(**batch, labels=batch["input_ids"]).loss
+        losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(len(batch["input_ids"]))))
+    model.train()
+    eval_loss = torch.cat(losses).mean().item()
+    return {"eval_loss": eval_loss, "eval_bpd": eval_loss / math.log(2)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     accelerator = common.create_accelerator(args)
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    accelerator.wait_for_everyone()
-    resume_checkpoint = common.resolve_checkpoint(args)
+    common.check_output_dir(accelerator, args, SCRIPT)
+    checkpoint = common.find_checkpoint(args, accelerator, SCRIPT)
 
-    # Configs and data first: every bad input fails here, before a model is built.
-    base = None
-    if args.model_name_or_path is not None:
-        base = common.load_imagegpt_config(args.model_name_or_path)
-    elif args.config_name is not None:
-        base = common.load_imagegpt_config(args.config_name)
+    # Config, data and palette first: every bad input fails here, before a model is built or a palette fitted.
+    base_source = args.model_name_or_path or args.config_name
+    base = common.load_imagegpt_config(base_source) if base_source is not None else None
     with accelerator.main_process_first():
-        dataset = common.load_image_dataset(args)
+        dataset, eval_split = common.load_image_dataset(args)
     image_column = common.find_image_column(dataset, args.image_column_name)
     digits = args.dataset_name == common.DIGITS and args.train_dir is None
-    if args.n_px is not None:
-        n_px = args.n_px
-    elif base is not None:
-        n_px = base.n_px
-    else:
-        n_px = common.DIGITS_N_PX if digits else common.PAPER_N_PX
+    n_px = args.n_px or (base.n_px if base else common.DIGITS_N_PX if digits else common.PAPER_N_PX)
     if base is not None:
-        common.check_n_px(n_px, base, args.config_name or args.model_name_or_path)
-    elif n_px < 1:
-        raise ValueError(f"--n_px must be positive, got {n_px}.")
+        common.check_n_px(n_px, base, base_source)
 
     # The palette: the resumed checkpoint's, a given processor's, the model's, or fitted to the training images.
-    processor_source = resume_checkpoint or args.processor_name_or_path or args.model_name_or_path
-    processor = common.load_processor(processor_source) if processor_source is not None else None
-    if processor is not None:
-        processor = common.resize_processor(processor, n_px)
-        logger.info(f"Using the {len(processor.clusters)}-color palette of {processor_source}")
-    elif args.processor_name_or_path is not None or args.model_name_or_path is not None:
+    processor_source = checkpoint[0] if checkpoint else args.processor_name_or_path or args.model_name_or_path
+    processor = common.load_processor(processor_source, n_px) if processor_source is not None else None
+    if processor is None and (args.processor_name_or_path or args.model_name_or_path) is not None:
         raise ValueError(f"{processor_source!r} has no preprocessor_config.json with a palette ('clusters').")
-    else:
-        if args.palette_size is not None:
-            palette_size = args.palette_size
-        elif base is not None:
-            palette_size = base.palette_size
-        else:
-            palette_size = common.DIGITS_PALETTE_SIZE if digits else common.PAPER_PALETTE_SIZE
-        processor = common.fitted_processor(args, accelerator, dataset["train"], image_column, n_px, palette_size)
-    if args.palette_size is not None and args.palette_size != len(processor.clusters):
+    default_size = base.palette_size if base else common.DIGITS_PALETTE_SIZE if digits else common.PAPER_PALETTE_SIZE
+    palette_size = len(processor.clusters) if processor is not None else args.palette_size or default_size
+    if args.palette_size is not None and args.palette_size != palette_size:
         raise ValueError(
-            f"--palette_size {args.palette_size} contradicts the {len(processor.clusters)}-color palette of {processor_source}."
+            f"--palette_size {args.palette_size} contradicts the {palette_size}-color palette of {processor_source}."
         )
-    config = build_config(args, base, len(processor.clusters), n_px)
+    config = build_config(args, base, palette_size, n_px)
+    if processor is None:
+        palette = fitted_palette(args, accelerator, dataset["train"], image_column, n_px, palette_size)
+        processor = ImageGPTImageProcessor(clusters=palette, size={"height": n_px, "width": n_px})
+    else:
+        logger.info(f"Using the {palette_size}-color palette of {processor_source}")
 
+    # The model: new from the config, or the given checkpoint's weights.
     model_class = ImageGPTForCausalImageModeling if config.objective == "ar" else ImageGPTForMaskedImageModeling
     if args.model_name_or_path is not None:
         model = model_class.from_pretrained(args.model_name_or_path, config=config)
@@ -160,69 +242,52 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         f"parameters, {n_px}x{n_px} pixels, {config.palette_size} colors, objective {config.objective}"
     )
 
+    # DataLoaders: random crops for training, center crops for evaluation; BERT masks on both (fixed by the seed).
     mask_prob = args.mask_prob if config.objective == "bert" else None
-    train_dataloader, eval_dataloader, train_collator = common.make_dataloaders(
-        args, dataset, processor, image_column, mask_prob=mask_prob, eval_mask_prob=mask_prob
+    crop_scale = None if args.no_random_crop else tuple(args.random_crop_scale)
+    train_collator = common.ImageGPTCollator(
+        processor, image_column, train=True, random_crop_scale=crop_scale, mask_prob=mask_prob, seed=args.seed
     )
-    train_dataloader, eval_dataloader = accelerator.prepare(train_dataloader, eval_dataloader)
-    optimizer, lr_scheduler = common.optimizer_and_scheduler(args, accelerator, model, train_dataloader)
+    eval_collator = common.ImageGPTCollator(processor, image_column, train=False, mask_prob=mask_prob, seed=args.seed)
+    train_dataloader = accelerator.prepare(common.dataloader(dataset["train"], train_collator, args, train=True))
+    eval_dataloader = accelerator.prepare(common.dataloader(dataset["validation"], eval_collator, args, train=False))
+
+    # Optimizer and schedule, sized by the prepared (per-process) DataLoader.
+    optimizer, lr_scheduler, max_train_steps = common.optimizer_and_scheduler(
+        args, accelerator, model, train_dataloader
+    )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
-    def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # AR: OpenAI's loss over all n pixels (config.prepend_sos); BERT: the masked pixels of each image.
-        return model(**batch, labels=batch["input_ids"]).loss
-
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        losses = []
-        for batch in common.progress_bar(accelerator, iterable=eval_dataloader, desc="eval", leave=False):
-            with torch.no_grad():
-                loss = model(**batch, labels=batch["input_ids"]).loss
-            losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(len(batch["input_ids"]))))
-        model.train()
-        eval_loss = torch.cat(losses).mean().item()
-        return {"eval_loss": eval_loss, "eval_bpd": eval_loss / math.log(2)}
-
-    metrics = common.train(
-        args,
-        accelerator,
-        model,
-        optimizer,
-        lr_scheduler,
-        train_dataloader,
-        train_collator,
-        compute_loss=compute_loss,
-        evaluate=evaluate,
-        resume_checkpoint=resume_checkpoint,
-        save_extra=processor.save_pretrained,
-        project_name="image_gpt_pretrain",
+    # Training, from the checkpoint when resuming; the processor is saved with every checkpoint (its palette).
+    progress = common.TrainingProgress(
+        accelerator, args, SCRIPT, train_dataloader, max_train_steps, checkpoint, save_also=processor.save_pretrained
     )
+    metrics = {}
+    model.train()
+    for batch in progress.batches(train_collator):
+        with accelerator.accumulate(model):
+            # AR: OpenAI's loss over all n pixels (config.prepend_sos); BERT: the masked pixels of each image.
+            loss = model(**batch, labels=batch["input_ids"]).loss
+            accelerator.backward(loss)
+            common.optimizer_step(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm)
+        if progress.step(lr_scheduler, train_loss=loss):  # an evaluation is due
+            metrics = evaluate(accelerator, model, eval_dataloader)
+            progress.log(metrics)
+    metrics = metrics or evaluate(accelerator, model, eval_dataloader)  # resumed from the last step
+    progress.close()
 
-    data_name, hub_datasets = common.dataset_facts(args)
     origin = f"from {args.model_name_or_path}" if args.model_name_or_path else "from scratch"
-    facts = {
-        "training": f"Pretrained {origin} with examples/pretrain.py, {config.objective.upper()} objective, on "
-        f"{data_name}: {args.max_train_steps} steps of {args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} "
-        f"images, AdamW at peak learning rate {args.learning_rate:g} ({args.lr_scheduler_type.value} schedule), "
-        f"seed {args.seed}.",
-        "datasets": hub_datasets,
-        "results": [
-            {
-                "task": "unconditional-image-generation" if config.objective == "ar" else "masked-image-modeling",
-                "dataset": args.dataset_name if args.train_dir is None else "imagefolder",
-                "dataset_name": data_name,
-                "split": args.eval_split_name,
-                "metric": "bits_per_dim",
-                "name": "bits per dimension (one pixel = one palette id)",
-                "value": round(metrics["eval_bpd"], 4),
-            }
-        ],
+    trained = (
+        f"Pretrained {origin} with examples/pretrain.py, {config.objective.upper()} objective, {max_train_steps} steps"
+    )
+    bpd = {
+        "metric": "bits_per_dim",
+        "name": "bits per dimension (one pixel = one palette id)",
+        "value": metrics["eval_bpd"],
     }
-    if args.model_name_or_path is None:
-        facts["license"] = "mit"
-    elif not os.path.isdir(args.model_name_or_path):
-        facts["base_model"] = args.model_name_or_path
-    common.save_model(accelerator, model, processor, args, facts=facts, results=metrics)
+    common.save_model(
+        accelerator, model, processor, args, SCRIPT, trained=trained, split=eval_split, result=bpd, results=metrics
+    )
     return metrics
 
 

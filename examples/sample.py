@@ -23,6 +23,7 @@ import common
 from common import logger
 from image_gpt_hf import ImageGPTForCausalImageModeling
 from image_gpt_hf.generation import complete, sample
+from image_gpt_hf.safe_io import atomic_file, check_output_path
 
 GAP = 2  # pixels between grid cells
 HEADER = 14  # height of the column titles
@@ -34,7 +35,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--processor_name_or_path", type=str, default=None, help="Its processor (palette), if not saved with it."
     )
-    parser.add_argument("--output_dir", type=str, required=True, help="Where to write the PNG grids.")
+    common.add_output_arguments(parser, what="the PNG grids (completions.png, samples.png)")
     parser.add_argument("--num_samples", type=int, default=16, help="Unconditional samples (0: none).")
     parser.add_argument("--num_images", type=int, default=8, help="Held-out images to complete (0: none).")
     parser.add_argument("--num_completions", type=int, default=4, help="Completions per held-out image.")
@@ -51,6 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="Seeds the choice of held-out images and the sampling.")
     common.add_data_arguments(parser)
     args = parser.parse_args(argv)
+    common.check_data_arguments(args)
     for name in ("num_samples", "num_images"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
@@ -62,7 +64,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--top_k must be at least 1, got {args.top_k}.")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}.")
-    args.n_px = None  # sampling happens at the model's own resolution
+    for name in ("batch_size", "upscale"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     return args
 
 
@@ -85,8 +89,15 @@ def grid(rows: list[list[np.ndarray]], upscale: int, titles: list[str] | None = 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     args = parse_args(argv)
-    accelerator = common.create_accelerator(args, with_training=False)
+    accelerator = common.create_accelerator(args)
     set_seed(args.seed)
+    # Existing grids are kept unless --overwrite, refused before any work.
+    names = {"completions": args.num_images > 0, "samples": args.num_samples > 0}
+    paths = {name: os.path.join(args.output_dir, f"{name}.png") for name, wanted in names.items() if wanted}
+    for path in paths.values():
+        check_output_path(
+            path, kind="file", inputs=common.inputs(args), overwrite=args.overwrite, arg="the output file"
+        )
 
     config = common.load_imagegpt_config(args.model_name_or_path)
     if config.objective != "ar":
@@ -94,23 +105,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
             f"{args.model_name_or_path} is a BERT-objective model: it predicts masked pixels, not the next one, so it "
             "cannot generate images pixel by pixel. Sample from an AR checkpoint (pretrain.py --objective ar)."
         )
-    processor = common.checkpoint_processor(args, args.model_name_or_path, config)
-    n_px = config.n_px
+    processor = common.checkpoint_processor(args.model_name_or_path, config, args.processor_name_or_path, None)
+    n_px = config.n_px  # sampling happens at the model's own resolution
     if args.primer_rows is not None and not 0 <= args.primer_rows < n_px:
         raise ValueError(f"--primer_rows must be in [0, {n_px}) for this {n_px}x{n_px} model, got {args.primer_rows}.")
     primer_rows = n_px // 2 if args.primer_rows is None else args.primer_rows
-    held_out = None
     if args.num_images > 0:
         with accelerator.main_process_first():
-            dataset = common.load_image_dataset(args)
+            dataset, _ = common.load_image_dataset(args)
         image_column = common.find_image_column(dataset, args.image_column_name)
         count = min(args.num_images, len(dataset["validation"]))
-        held_out = dataset["validation"].shuffle(seed=args.seed).select(range(count))
+        held_out = common.ImageDataset(dataset["validation"].shuffle(seed=args.seed), image_column, [image_column])
+        # The held-out images as the model sees them (center crop, palette colors): what it is asked to continue.
+        collate = common.ImageGPTCollator(processor, image_column, train=False, seed=args.seed)
+        ids = collate(held_out.__getitems__(list(range(count))))["input_ids"]
     model = ImageGPTForCausalImageModeling.from_pretrained(args.model_name_or_path).eval().to(accelerator.device)
 
-    paths = {}
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         upscale = args.upscale or max(1, math.ceil(64 / n_px))
         options = {
             "processor": processor,
@@ -121,10 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
             "output_type": "np",
             "progress": accelerator.is_local_main_process,
         }
-        if held_out is not None:
-            # The held-out images as the model sees them (center crop, palette colors): what it is asked to continue.
-            collate = common.ImageGPTCollator(processor, image_column, train=False, seed=args.seed)
-            ids = collate(list(enumerate(held_out)))["input_ids"]
+        if args.num_images > 0:
             originals = processor.batch_decode(ids, output_type="np")
             logger.info(
                 f"Completing {len(ids)} held-out images from their top {primer_rows} of {n_px} rows, "
@@ -139,15 +147,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
                 primer[primer_rows:] = 128  # the rows the model does not see
                 rows.append([original, primer, *image_completions])
             titles = ["original", "given"] + [f"sample {i + 1}" for i in range(args.num_completions)]
-            paths["completions"] = os.path.join(args.output_dir, "completions.png")
-            grid(rows, upscale, titles if upscale * n_px >= 48 else None).save(paths["completions"])
+            with atomic_file(paths["completions"], overwrite=args.overwrite, arg="the output file") as tmp:
+                grid(rows, upscale, titles if upscale * n_px >= 48 else None).save(tmp)
         if args.num_samples > 0:
             logger.info(f"Sampling {args.num_samples} images from scratch")
             samples = sample(model, args.num_samples, seed=args.seed + 1, **options)
             per_row = min(8, args.num_samples)
             rows = [list(samples[i : i + per_row]) for i in range(0, len(samples), per_row)]
-            paths["samples"] = os.path.join(args.output_dir, "samples.png")
-            grid(rows, upscale).save(paths["samples"])
+            with atomic_file(paths["samples"], overwrite=args.overwrite, arg="the output file") as tmp:
+                grid(rows, upscale).save(tmp)
         for name, path in paths.items():
             logger.info(f"Wrote {name}: {path}")
     accelerator.wait_for_everyone()

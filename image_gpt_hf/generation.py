@@ -18,19 +18,22 @@ halves = complete(model, images[:2], processor=processor, num_completions=4, see
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import PIL.Image
 import torch
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
 from .configuration_imagegpt import ImageGPTConfig, image_side
 from .image_processing_imagegpt import ImageGPTImageProcessor
 
 OutputType = Literal["pil", "np", "ids"]
+# An integer factor (nearest-neighbour) or a super-resolution model (a path, a Hub id or the model).
+Upscaler = int | str | os.PathLike | PreTrainedModel
 OUTPUT_TYPES = ("pil", "np", "ids")
 
 
@@ -47,8 +50,9 @@ def sample(
     seed: int | None = None,
     output_type: OutputType = "pil",
     progress: bool = True,
+    upscale: Upscaler | None = None,
     **generate_kwargs: Any,
-) -> list[PIL.Image.Image] | np.ndarray | torch.LongTensor:
+) -> list[PIL.Image.Image] | np.ndarray | torch.LongTensor | tuple[list[PIL.Image.Image], list[PIL.Image.Image]]:
     """Draw `num_images` images from an autoregressive Image GPT, each generated pixel by pixel from the SOS token.
 
     Args:
@@ -63,9 +67,13 @@ def sample(
             (a `(num_images, n_px * n_px)` tensor of palette ids, SOS dropped).
         progress: show a progress bar over the generated pixels (needs tqdm; not with beam search or a `streamer` of
             your own, which take generate()'s streamer slot).
+        upscale: also return the images enlarged, for viewing (`output_type="pil"` only): an integer factor
+            (nearest-neighbour, no model needed), or a transformers super-resolution model (a Swin2SR checkpoint's
+            folder or Hub id, or the model itself); see `upscale_images`. The result is then `(images, upscaled)`.
         **generate_kwargs: passed on to `model.generate()`.
     """
     n_px, sos = _check_model(model)
+    _check_upscale(upscale, output_type)
     _check_count("num_images", num_images)
     batch_size = _check_batch_size(batch_size, num_images)
     _check_output_type(output_type)
@@ -76,7 +84,7 @@ def sample(
     ids = _generate(
         model, prompts, n_px * n_px, batch_size, seed, progress, temperature, top_k, top_p, do_sample, generate_kwargs
     )
-    return _to_output(ids, processor, output_type, n_px)
+    return _with_upscaled(_to_output(ids, processor, output_type, n_px), upscale)
 
 
 def complete(
@@ -94,8 +102,9 @@ def complete(
     seed: int | None = None,
     output_type: OutputType = "pil",
     progress: bool = True,
+    upscale: Upscaler | None = None,
     **generate_kwargs: Any,
-) -> list[PIL.Image.Image] | np.ndarray | torch.LongTensor:
+) -> list[PIL.Image.Image] | np.ndarray | torch.LongTensor | tuple[list[PIL.Image.Image], list[PIL.Image.Image]]:
     """Keep the top `primer_rows` rows of each image and let the model generate the rest.
 
     Args:
@@ -107,14 +116,16 @@ def complete(
         primer_rows: rows kept from each image (default: the top half, `n_px // 2`); 0 samples whole new images.
         num_completions: completions per image.
         batch_size: sequences generated together (default: all of them in one batch).
-        temperature, top_k, top_p, do_sample, seed, output_type, progress, **generate_kwargs: as in `sample`.
+        temperature, top_k, top_p, do_sample, seed, output_type, progress, upscale, **generate_kwargs: as in
+            `sample`.
 
     Returns:
         `len(images) * num_completions` results, image by image (the completions of the first image come first), as
         a list of PIL images, a `(N, n_px, n_px, 3)` uint8 array or a `(N, n_px * n_px)` tensor of palette ids. The
-        first `primer_rows` rows of each result are the kept rows, unchanged.
+        first `primer_rows` rows of each result are the kept rows, unchanged. With `upscale`: `(images, upscaled)`.
     """
     n_px, sos = _check_model(model)
+    _check_upscale(upscale, output_type)
     _check_count("num_completions", num_completions)
     _check_output_type(output_type)
     primer_rows = n_px // 2 if primer_rows is None else primer_rows
@@ -146,10 +157,112 @@ def complete(
         do_sample,
         generate_kwargs,
     )
-    return _to_output(completed, processor, output_type, n_px)
+    return _with_upscaled(_to_output(completed, processor, output_type, n_px), upscale)
+
+
+def openai_generation_config(config: ImageGPTConfig) -> GenerationConfig:
+    """The generation config this project saves with autoregressive checkpoints (converted or trained): unconditional
+    sampling as OpenAI's sampler does it, from SOS, every pixel drawn from the full softmax, a whole image long. With
+    it, `model.generate()` without inputs draws an image."""
+    return GenerationConfig(
+        bos_token_id=config.sos_token_id,
+        decoder_start_token_id=config.sos_token_id,
+        max_length=config.n_positions + 1,  # SOS + n_px * n_px pixels
+        do_sample=True,
+        top_k=0,  # no truncation of the distribution, as in OpenAI's run.py
+    )
+
+
+def upscale_images(
+    images: Sequence[PIL.Image.Image],
+    upscaler: Upscaler,
+    *,
+    batch_size: int = 8,
+) -> list[PIL.Image.Image]:
+    """Enlarge images for viewing: generated samples are 32x32 (8x8 on the digits) and are looked at enlarged.
+
+    Args:
+        images: PIL images (e.g. what `sample` or `complete` return).
+        upscaler: an integer factor for nearest-neighbour enlargement (sharp pixels, no model), or a transformers
+            image super-resolution model: a checkpoint folder or Hub id (loaded with `AutoModelForImageToImage` and
+            its `AutoImageProcessor`, e.g. a Swin2SR model), or such a model already loaded (its processor is then
+            loaded from its `name_or_path`). Its config's `upscale` is the factor.
+        batch_size: images per forward pass of the super-resolution model.
+
+    Returns:
+        The enlarged images, in order, as RGB PIL images `factor` times the size of the originals.
+    """
+    images = list(images)
+    if not all(isinstance(image, PIL.Image.Image) for image in images):
+        raise ValueError("`upscale_images` takes PIL images (generate them with output_type='pil').")
+    if isinstance(upscaler, bool):
+        raise ValueError("`upscaler` must be an integer factor or a super-resolution model, not a bool.")
+    if isinstance(upscaler, (int, np.integer)):
+        if upscaler < 1:
+            raise ValueError(f"An upscale factor must be a positive integer, got {upscaler}.")
+        factor = int(upscaler)
+        return [image.resize((image.width * factor, image.height * factor), PIL.Image.NEAREST) for image in images]
+    _check_count("batch_size", batch_size)
+    model, processor = _super_resolution_model(upscaler)
+    factor = model.config.upscale
+    upscaled = []
+    for start in range(0, len(images), batch_size):
+        batch = [image.convert("RGB") for image in images[start : start + batch_size]]
+        inputs = processor(batch, return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            reconstruction = model(**inputs).reconstruction  # (b, 3, H, W) in [0, 1], of the padded input
+        for image, output in zip(batch, reconstruction.float().clamp(0, 1).cpu()):
+            # The processor pads each side to the model's window; the enlarged original is the top-left part.
+            array = output[:, : image.height * factor, : image.width * factor].permute(1, 2, 0).numpy()
+            upscaled.append(PIL.Image.fromarray((array * 255.0).round().astype(np.uint8)))
+    return upscaled
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def _super_resolution_model(upscaler: Any) -> tuple[PreTrainedModel, Any]:
+    """(model, image processor) of a transformers image super-resolution checkpoint, from a path, an id or a model."""
+    from transformers import AutoImageProcessor, AutoModelForImageToImage
+
+    if isinstance(upscaler, PreTrainedModel):
+        model, source = upscaler, upscaler.name_or_path
+    elif isinstance(upscaler, (str, os.PathLike)):
+        source = os.fspath(upscaler)
+        try:
+            model = AutoModelForImageToImage.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"`upscale` {source!r} is neither an integer factor nor a loadable image super-resolution checkpoint "
+                f"(AutoModelForImageToImage, e.g. Swin2SR): {error}"
+            ) from error
+    else:
+        raise ValueError(
+            "`upscale` must be an integer factor or a super-resolution model (a checkpoint path, a Hub id or a "
+            f"loaded model), got {type(upscaler).__name__}."
+        )
+    if not isinstance(getattr(model.config, "upscale", None), int):
+        raise ValueError(
+            f"{type(model).__name__} is not an image super-resolution model (its config has no integer `upscale`)."
+        )
+    try:
+        processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"The super-resolution model's image processor could not be loaded from {source!r}: {error}"
+        ) from error
+    return model.eval(), processor
+
+
+def _check_upscale(upscale: Any, output_type: str) -> None:
+    if upscale is not None and output_type != "pil":
+        raise ValueError(f"`upscale` gives enlarged PIL images: use output_type='pil' (got {output_type!r}).")
+    if isinstance(upscale, bool):
+        raise ValueError("`upscale` must be an integer factor or a super-resolution model, not a bool.")
+
+
+def _with_upscaled(images: Any, upscale: Upscaler | None) -> Any:
+    return images if upscale is None else (images, upscale_images(images, upscale))
 
 
 def _generate(
@@ -323,4 +436,4 @@ class _BarStreamer(BaseStreamer):
         pass
 
 
-__all__ = ["complete", "sample"]
+__all__ = ["complete", "openai_generation_config", "sample", "upscale_images"]

@@ -15,7 +15,7 @@ from image_gpt_hf import (
     ImageGPTForMaskedImageModeling,
     ImageGPTImageProcessor,
 )
-from image_gpt_hf.generation import complete, sample
+from image_gpt_hf.generation import complete, sample, upscale_images
 
 N_PX = 8
 DIMS = {"vocab_size": 17, "n_positions": N_PX * N_PX, "n_embd": 32, "n_layer": 2, "n_head": 4}
@@ -263,3 +263,71 @@ def test_beam_search_and_a_users_streamer_go_without_the_progress_bar(model):
     assert ids.shape == (1, N_PX * N_PX) and streamer.calls == N_PX * N_PX + 1  # the prompt, then every token
     beams = sample(model, 2, output_type="ids", do_sample=False, num_beams=2)  # progress=True by default
     assert beams.shape == (2, N_PX * N_PX)
+
+
+# ------------------------------------------------------------------------------------------------------- upscaling
+
+
+@pytest.fixture(scope="module")
+def swin2sr(tmp_path_factory):
+    """A tiny random Swin2SR x2 super-resolution checkpoint with its image processor, saved locally (no download)."""
+    from transformers import Swin2SRConfig, Swin2SRForImageSuperResolution
+    from transformers.models.swin2sr.image_processing_pil_swin2sr import Swin2SRImageProcessorPil
+
+    folder = tmp_path_factory.mktemp("swin2sr")
+    config = Swin2SRConfig(
+        image_size=8, patch_size=1, embed_dim=8, depths=[1], num_heads=[1], window_size=4, upscale=2, mlp_ratio=1.0
+    )
+    torch.manual_seed(0)
+    Swin2SRForImageSuperResolution(config).save_pretrained(folder)
+    Swin2SRImageProcessorPil(size_divisor=4).save_pretrained(folder)
+    return folder
+
+
+def test_sample_returns_nearest_neighbour_enlargements_beside_the_originals(model, processor):
+    images, big = sample(model, 2, processor=processor, seed=0, progress=False, upscale=4)
+    assert [image.size for image in images] == [(N_PX, N_PX)] * 2 and [image.size for image in big] == [(32, 32)] * 2
+    for image, enlarged in zip(images, big):
+        pixels = np.asarray(enlarged)
+        assert np.array_equal(pixels[::4, ::4], np.asarray(image))  # each pixel became a 4x4 block
+        assert np.array_equal(pixels[3::4, 3::4], np.asarray(image))
+    again = sample(model, 2, processor=processor, seed=0, progress=False)
+    assert [np.asarray(a).tolist() for a in again] == [np.asarray(a).tolist() for a in images]
+
+
+def test_complete_upscales_with_a_super_resolution_model(model, processor, swin2sr):
+    from transformers import AutoImageProcessor, AutoModelForImageToImage
+
+    start = sample(model, 1, processor=processor, seed=1, progress=False)
+    images, big = complete(
+        model, start, processor=processor, num_completions=2, seed=0, progress=False, upscale=swin2sr
+    )
+    assert len(images) == len(big) == 2 and all(image.size == (2 * N_PX, 2 * N_PX) for image in big)
+    # The same as running the model by hand on each image.
+    sr, sr_processor = (
+        AutoModelForImageToImage.from_pretrained(swin2sr).eval(),
+        AutoImageProcessor.from_pretrained(swin2sr),
+    )
+    with torch.no_grad():
+        expected = sr(**sr_processor(images[0], return_tensors="pt")).reconstruction[0, :, : 2 * N_PX, : 2 * N_PX]
+    expected = (expected.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(np.asarray(big[0]), expected)
+    assert not np.array_equal(np.asarray(big[0]), np.asarray(images[0].resize((16, 16), PIL.Image.NEAREST)))
+    # A loaded model works as well as its folder.
+    assert np.array_equal(np.asarray(upscale_images(images[:1], sr)[0]), expected)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, p: sample(m, 1, processor=p, output_type="np", upscale=2, progress=False), "output_type='pil'"),
+        (lambda m, p: sample(m, 1, processor=p, upscale=True, progress=False), "not a bool"),
+        (lambda m, p: upscale_images([PIL.Image.new("RGB", (4, 4))], 0), "positive integer"),
+        (lambda m, p: upscale_images([np.zeros((4, 4, 3))], 2), "PIL images"),
+        (lambda m, p: upscale_images([PIL.Image.new("RGB", (4, 4))], "/no/such/model"), "super-resolution"),
+        (lambda m, p: upscale_images([PIL.Image.new("RGB", (4, 4))], m), "not an image super-resolution model"),
+    ],
+)
+def test_bad_upscale_arguments_are_refused(model, processor, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(model, processor)
