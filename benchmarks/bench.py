@@ -1,11 +1,12 @@
 """Side-by-side benchmark of this package's Image GPT against transformers' ImageGPT, on the same weights.
 
 One run measures, for both implementations: forward images/s (1,024 and 4,096 tokens), peak memory of a forward,
-the time of a training step (forward + backward + AdamW), greedy generation tokens/s (default `generate()`, static
-cache, static cache + torch.compile; batch 1 and 8; tokens checked identical), the image processor's images/s (from
-benchmarks/bench_processor.py), and how close the forward runs to the machine's matmul rate. On CUDA it adds bf16 and
-the model FLOPs utilization of an iGPT-S training step. It prints markdown and, with `--output`, writes it into
-RESULTS.md, replacing only this device's section.
+the time of a training step (forward + backward + AdamW; on CPU with dropout, ours also with the opt-in blockwise
+attention), greedy generation tokens/s (default `generate()`, static cache, static cache + torch.compile; batch 1 and
+8; tokens checked identical), the image processor's images/s (from benchmarks/bench_processor.py), and how close the
+forward runs to the machine's matmul rate. On CUDA it adds bf16 and the model FLOPs utilization of an iGPT-S training
+step. On CPU it also compares its speedups with those of an earlier run (`PREVIOUS_CPU`). It prints markdown and,
+with `--output`, writes it into RESULTS.md, replacing only this device's section.
 
     python benchmarks/bench.py --device cpu [--quick] [--threads N] [--output benchmarks/RESULTS.md]
     python benchmarks/bench.py --device cuda --output benchmarks/RESULTS.md
@@ -17,6 +18,7 @@ get the same inputs. Timings are medians over repeats that alternate between the
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -40,6 +42,7 @@ from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig a
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402
+from image_gpt_hf.modeling_imagegpt import BLOCKWISE_SDPA  # noqa: E402
 
 PROCESSOR_SECTION = "## Image processor"
 HEADER = """# Benchmarks
@@ -52,8 +55,13 @@ layers, 512 wide, 8 heads, 76M parameters); 32x32 images are 1,024 tokens, 64x64
 
 Method. Forward: eval mode, `torch.no_grad()`, `use_cache=False`, images/s = batch / median time. Training step:
 train mode (the configs' default dropout 0.1 unless stated), `model(x, labels=x)`, backward, `AdamW.step()`,
-`zero_grad()`. Generation: greedy, from the SOS token, `min_new_tokens = max_new_tokens`; tokens/s = batch x new
-tokens / median wall time of a whole `generate()` call; "identical" means each path's tokens equal transformers'.
+`zero_grad()`; ours with its default attention (sdpa) and, on CPU with dropout, also with the opt-in blockwise
+attention (`attn_implementation="imagegpt_blockwise_sdpa"`) on the same weights. Generation: greedy, from the SOS
+token, `min_new_tokens = max_new_tokens`; tokens/s = batch x new tokens / median wall time of a whole `generate()`
+call; "identical" means each path's tokens equal transformers'. Static cache + compile: on CUDA `generate()` compiles
+its decode step itself (`compile_config=CompileConfig(fullgraph=True, dynamic=False, mode=...)`); on CPU, where it
+does not, a copy of the model whose `forward` is `torch.compile(forward, fullgraph=True, dynamic=False, mode=...)`
+generates with `cache_implementation="static"`; the one-time compilation is timed apart and left out.
 Timed repeats alternate between the implementations. Peak memory on CPU: each forward runs in a fresh subprocess
 that loads the shared weights, resets the kernel's peak-RSS counter (`/proc/self/clear_refs`), runs one forward and
 reports `VmHWM` minus the RSS just before the forward; on CUDA, `torch.cuda.max_memory_allocated()` over the
@@ -62,6 +70,36 @@ outputs) plus causal attention `2 x L x T^2 x d` per sequence (QK^T and PV, each
 causal half); a training step is 3x its forward. The "large matmul" reference is a square product measured in the
 same run.
 """
+
+# Speedups over transformers' ImageGPT in the CPU run of benchmarks/RESULTS.md at commit 826ec07 (AMD EPYC, 2 cores,
+# 2 torch threads, torch 2.13.0, transformers 5.23.0; `python benchmarks/bench.py --device cpu --output
+# benchmarks/RESULTS.md`), made with the fast paths PREVIOUS_CPU_CODE describes. The CPU section compares this run
+# with them, case by case (a case of this run that the previous one did not measure is left out).
+PREVIOUS_CPU = {
+    "commit": "826ec07",
+    # (preset, tokens, batch): forward speedup, fp32
+    "forward": {("tiny", 1024, 4): 4.95, ("tiny", 4096, 1): 8.89, ("small", 1024, 1): 2.10},
+    # (preset, tokens, batch): peak memory of a forward, ours / transformers
+    "memory": {("tiny", 4096, 1): 0.055, ("small", 4096, 1): 0.073},
+    # (preset, batch, dropout): training-step speedup, fp32 (with dropout, the blockwise attention was used by itself)
+    "training": {("tiny", 4, 0.1): 2.30, ("tiny", 4, 0.0): 2.44, ("small", 1, 0.1): 2.13, ("small", 1, 0.0): 1.47},
+    # (preset, batch, new tokens): greedy tokens/s speedups of default generate(), static cache, static cache + compile
+    "generation": {
+        ("tiny", 1, 1024): (1.57, 1.23, 2.10),
+        ("tiny", 8, 512): (1.36, 1.13, 1.52),
+        ("small", 1, 128): (1.30, 1.13, 1.49),
+        ("small", 8, 128): (1.21, 1.19, 1.38),
+    },
+}
+PREVIOUS_CPU_CODE = (
+    "The previous run's model computed its projections from their weights directly (one `addmm`, no module call), "
+    "fused the quick-gelu MLP into one elementwise kernel, wrote `generate()`'s KV cache in place (buffers that "
+    "doubled when full) and ran a lean one-token decode step, and used the blockwise attention by itself for CPU "
+    "training with dropout; its compiled generation was `generate()`'s own compile of the decode step. Those paths "
+    "are gone: every module runs its own `forward`, `generate()` uses transformers' `DynamicCache` (which "
+    "concatenates at every token), the blockwise attention is opt-in, and on CPU the compiled path compiles the "
+    "forward of a copy of the model."
+)
 
 
 # ------------------------------------------------------------------------------------------------------- machinery
@@ -103,10 +141,15 @@ class Bench:
         return {name: statistics.median(values) for name, values in times.items()}
 
 
+def bench_config(preset: str, n_px: int, dropout: float | None = None, **fields) -> ImageGPTConfig:
+    """The config of a preset, with every dropout set to `dropout` (None: the preset's default)."""
+    overrides = {} if dropout is None else {"attn_pdrop": dropout, "resid_pdrop": dropout, "embd_pdrop": dropout}
+    return ImageGPTConfig.from_preset(preset, n_px, **overrides, **fields)
+
+
 def build_pair(preset: str, n_px: int, device: torch.device, dropout: float | None = None, seed: int = 0):
     """(ours, transformers') causal models of one preset with the same random weights, in eval mode."""
-    overrides = {} if dropout is None else {"attn_pdrop": dropout, "resid_pdrop": dropout, "embd_pdrop": dropout}
-    config = ImageGPTConfig.from_preset(preset, n_px, **overrides)
+    config = bench_config(preset, n_px, dropout)
     torch.manual_seed(seed)
     ours = ImageGPTForCausalImageModeling(config).to(device).eval()
     hf_fields = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "attn_pdrop", "resid_pdrop", "embd_pdrop")
@@ -155,6 +198,18 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def since_previous(what: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """The "since the previous run" note under a CPU table: `what` for the cases both runs measured."""
+    commit = PREVIOUS_CPU["commit"]
+    if not rows:
+        return ["", f"Since the previous run (`{commit}`): it measured none of these cases."]
+    return ["", f"Since the previous run (`{commit}` -> this run): {what}.", "", table(header, rows)]
+
+
+def change(before: float, now: float, digits: int = 2, unit: str = "x") -> str:
+    return f"{before:.{digits}f}{unit} -> **{now:.{digits}f}{unit}**"
+
+
 # --------------------------------------------------------------------------------------------------- measurements
 
 
@@ -190,22 +245,26 @@ def forward_case(bench: Bench, preset: str, n_px: int, batch: int, dtype: torch.
 def bench_training(
     bench: Bench, cases: list[tuple[str, int, int, float | None]], repeats: int, autocast: torch.dtype | None = None
 ) -> list[dict]:
+    """Training-step seconds of transformers' model and ours (default attention); on CPU with attention dropout,
+    also of ours with the opt-in blockwise attention, on the same weights."""
     rows = []
     for preset, n_px, batch, dropout in cases:
         if bench.over_budget(f"training {preset} batch {batch}"):
             continue
         ours, theirs = build_pair(preset, n_px, bench.device, dropout=dropout)
         x = pixels(batch, n_px * n_px, bench.device)
-        steps = {}
-        for name, model in (("ours", ours), ("transformers", theirs)):
-            steps[name] = make_train_step(model.train(), x, bench.device, autocast)
+        models = {"ours": ours, "transformers": theirs}
+        if bench.device.type == "cpu" and ours.config.attn_pdrop > 0:
+            blockwise_config = bench_config(preset, n_px, dropout, attn_implementation=BLOCKWISE_SDPA)
+            models["ours_blockwise"] = blockwise_copy(ours, blockwise_config, x)
+        steps = {name: make_train_step(model.train(), x, bench.device, autocast) for name, model in models.items()}
         try:
             seconds = bench.compare(steps, repeats)
         except torch.OutOfMemoryError as error:  # transformers' eager attention at large batches
             rows.append({"preset": preset, "batch": batch, "error": f"out of memory: {str(error)[:80]}"})
             continue
         finally:
-            del ours, theirs, steps
+            del ours, theirs, models, steps
             gc.collect()
             if bench.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -216,12 +275,30 @@ def bench_training(
                 "batch": batch,
                 "dropout": 0.1 if dropout is None else dropout,
                 "precision": "fp32" if autocast is None else f"{autocast} autocast".replace("torch.", ""),
-                "ours_s": seconds["ours"],
-                "transformers_s": seconds["transformers"],
+                **{f"{name}_s": value for name, value in seconds.items()},
                 "flops": 3 * forward_flops(ImageGPTConfig.from_preset(preset, n_px), batch, n_px * n_px),
             }
         )
     return rows
+
+
+def blockwise_copy(ours: ImageGPTForCausalImageModeling, config: ImageGPTConfig, x: torch.Tensor):
+    """A model of `config` (ours' config with `attn_implementation=BLOCKWISE_SDPA`) carrying ours' weights.
+
+    Checked in effect: in train mode its attention dropout draws differ from sdpa's, so under one seed the logits of
+    the two must differ (with the same attention they would be equal)."""
+    model = ImageGPTForCausalImageModeling(config)
+    model.load_state_dict(ours.state_dict())
+    model.to(x.device).train()
+    ours.train()
+    logits = []
+    with torch.no_grad():
+        for candidate in (ours, model):
+            torch.manual_seed(0)
+            logits.append(candidate(x, use_cache=False).logits)
+    if torch.equal(logits[0], logits[1]):
+        raise RuntimeError(f"attn_implementation={BLOCKWISE_SDPA!r} is not in effect: it computed what sdpa computes.")
+    return model
 
 
 def make_train_step(model, x: torch.Tensor, device: torch.device, autocast: torch.dtype | None) -> Callable[[], None]:
@@ -289,19 +366,33 @@ def generation_case(
 
 
 def compiled_generate(bench: Bench, model, start: torch.Tensor, options: dict, mode: str):
-    """generate() with a static cache and a compiled decode step; compiles it (timed) and returns the call. Falls
-    back to mode "default" if `mode` fails (e.g. CUDA graphs)."""
-    for attempt in dict.fromkeys([mode, "default"]):
-        compile_config = CompileConfig(fullgraph=True, dynamic=False, mode=attempt)
-        compile_config._compile_all_devices = True  # generate() only auto-compiles on accelerators otherwise
+    """Greedy generation with a static cache and a compiled forward: compiles it (timed) and returns the call, the
+    mode that compiled and the seconds the compilation took. Falls back to mode "default" if `mode` fails (e.g. CUDA
+    graphs).
 
-        def call(compile_config=compile_config):
-            return model.generate(start, cache_implementation="static", compile_config=compile_config, **options)
+    On CUDA, `generate()` compiles its decode step itself when the cache is static; the `CompileConfig` says how.
+    On CPU it does not compile, so a copy of the model gets a compiled `forward` (which then serves the prefill as
+    well as the decode steps: two graphs, both in the timed compilation); `model` itself stays eager."""
+    for attempt in dict.fromkeys([mode, "default"]):
+        if bench.device.type == "cuda":
+            compile_config = CompileConfig(fullgraph=True, dynamic=False, mode=attempt)
+
+            def call(compile_config=compile_config):
+                return model.generate(start, cache_implementation="static", compile_config=compile_config, **options)
+
+        else:
+            compiled = copy.deepcopy(model)
+            compiled.forward = torch.compile(compiled.forward, fullgraph=True, dynamic=False, mode=attempt)
+
+            def call(compiled=compiled):
+                # disable_compile: the forward is compiled already; generate() must not wrap it in another compile.
+                return compiled.generate(start, cache_implementation="static", disable_compile=True, **options)
 
         try:
             bench.sync()
             begin = time.perf_counter()
-            call()
+            with torch.no_grad():
+                call()
             bench.sync()
             return call, attempt, time.perf_counter() - begin
         except Exception as error:  # noqa: BLE001
@@ -467,6 +558,15 @@ def render(bench: Bench, results: dict, command: str) -> str:
         f"Large matmul ({size}x{size}x{size}, best of 5, measured at the start and at the end of the run, the "
         "better kept): " + ", ".join(f"{fmt(rate / 1e9)} GFLOP/s {name}" for name, rate in peak.items()) + "."
     )
+    cpu = device == "cpu"
+    if cpu:
+        out += [
+            "",
+            f"Since the previous run (`{PREVIOUS_CPU['commit']}`, the CPU figures this section replaces): "
+            + PREVIOUS_CPU_CODE
+            + " A note under each table puts the previous run's figures next to this run's, for the cases both "
+            "runs measured.",
+        ]
     if results["forward"]:
         out += ["", "### Forward (eval, no grad)", ""]
         rows = []
@@ -498,6 +598,17 @@ def render(bench: Bench, results: dict, command: str) -> str:
                 rows,
             )
         )
+        if cpu:
+            previous = PREVIOUS_CPU["forward"]
+            rows = [
+                [
+                    f"{r['preset']}, {r['tokens']:,} tokens, batch {r['batch']}",
+                    change(before, r["transformers_s"] / r["ours_s"]),
+                ]
+                for r in results["forward"]
+                if r["dtype"] == "float32" and (before := previous.get((r["preset"], r["tokens"], r["batch"])))
+            ]
+            out += since_previous("forward speedup over transformers", ["case", "speedup"], rows)
     if results["memory"]:
         out += ["", "### Peak memory of one forward (eval, no grad)", ""]
         rows = []
@@ -516,33 +627,75 @@ def render(bench: Bench, results: dict, command: str) -> str:
         out.append(
             table(["model", "tokens", "batch", "ours (MiB)", "transformers (MiB)", "ours / transformers"], rows)
         )
+        if cpu:
+            previous = PREVIOUS_CPU["memory"]
+            rows = [
+                [
+                    f"{r['preset']}, {r['tokens']:,} tokens, batch {r['batch']}",
+                    change(before, r["ours_bytes"] / r["transformers_bytes"], 3, ""),
+                ]
+                for r in results["memory"]
+                if r["transformers_bytes"] and (before := previous.get((r["preset"], r["tokens"], r["batch"])))
+            ]
+            out += since_previous("peak memory, ours / transformers", ["case", "ours / transformers"], rows)
     if results["training"]:
         out += ["", "### Training step (forward + backward + AdamW)", ""]
+        blockwise = any("ours_blockwise_s" in r for r in results["training"])
+        header = ["model", "tokens", "batch", "precision", "dropout", "ours, sdpa (s)", "transformers (s)", "speedup"]
+        header += ["ours, blockwise attention (s)", "speedup"] if blockwise else []
         rows = []
         for r in results["training"]:
             if "error" in r:
-                rows.append([r["preset"], "", str(r["batch"]), "", "", r["error"], "", ""])
+                rows.append([r["preset"], "", str(r["batch"]), "", "", r["error"]] + [""] * (len(header) - 6))
                 continue
-            rows.append(
-                [
-                    r["preset"],
-                    f"{r['tokens']:,}",
-                    str(r["batch"]),
-                    r["precision"],
-                    str(r["dropout"]),
-                    fmt(r["ours_s"], 3),
-                    fmt(r["transformers_s"], 3),
-                    f"**{r['transformers_s'] / r['ours_s']:.2f}x**",
-                ]
-            )
+            row = [
+                r["preset"],
+                f"{r['tokens']:,}",
+                str(r["batch"]),
+                r["precision"],
+                str(r["dropout"]),
+                fmt(r["ours_s"], 3),
+                fmt(r["transformers_s"], 3),
+                f"**{r['transformers_s'] / r['ours_s']:.2f}x**",
+            ]
+            if blockwise and "ours_blockwise_s" in r:
+                row += [fmt(r["ours_blockwise_s"], 3), f"**{r['transformers_s'] / r['ours_blockwise_s']:.2f}x**"]
+            elif blockwise:
+                row += ["n/a (no dropout: it is sdpa)", ""]
+            rows.append(row)
+        out.append(table(header, rows))
         out.append(
-            table(
-                ["model", "tokens", "batch", "precision", "dropout", "ours (s)", "transformers (s)", "speedup"], rows
+            "\nours, sdpa: the default attention. "
+            + (
+                "ours, blockwise attention: the same weights with the opt-in "
+                '`attn_implementation="imagegpt_blockwise_sdpa"` (see README.md), which skips the masked half of '
+                "CPU sdpa's dropout path; without dropout it hands over to sdpa, so it is measured with dropout only. "
+                if blockwise
+                else ""
             )
+            + "Speedups are transformers' seconds over ours."
         )
+        if cpu:
+            previous = PREVIOUS_CPU["training"]
+            rows = [
+                [
+                    f"{r['preset']}, batch {r['batch']}, dropout {r['dropout']}",
+                    change(before, r["transformers_s"] / r["ours_s"]),
+                    change(before, r["transformers_s"] / r["ours_blockwise_s"]) if "ours_blockwise_s" in r else "",
+                ]
+                for r in results["training"]
+                if r.get("precision") == "fp32" and (before := previous.get((r["preset"], r["batch"], r["dropout"])))
+            ]
+            out += since_previous(
+                "training-step speedup over transformers; with dropout, the previous run used the blockwise "
+                "attention by itself",
+                ["case", "ours, sdpa", "ours, blockwise attention"],
+                rows,
+            )
     if results["generation"]:
         out += ["", "### Greedy generation from SOS (tokens/s)", ""]
         rows = []
+        paths = ("ours_default", "ours_static", "ours_static_compile")
         for r in results["generation"]:
             base = r["transformers_tok_s"]
 
@@ -551,21 +704,13 @@ def render(bench: Bench, results: dict, command: str) -> str:
                 if key not in r:
                     return "not run"
                 same = "" if r[f"{name}_identical"] else " (tokens differ!)"
-                return f"{fmt(r[key])} (**{r[key] / base:.1f}x**){same}"
+                return f"{fmt(r[key])} (**{r[key] / base:.2f}x**){same}"
 
             compile_note = f"{r['compile_s']:.0f} s (mode {r['compile_mode']!r})" if "compile_s" in r else ""
             rows.append(
-                [
-                    r["preset"],
-                    str(r["batch"]),
-                    str(r["new_tokens"]),
-                    r["dtype"],
-                    fmt(base),
-                    cell("ours_default"),
-                    cell("ours_static"),
-                    cell("ours_static_compile"),
-                    compile_note,
-                ]
+                [r["preset"], str(r["batch"]), str(r["new_tokens"]), r["dtype"], fmt(base)]
+                + [cell(name) for name in paths]
+                + [compile_note]
             )
         out.append(
             table(
@@ -583,12 +728,40 @@ def render(bench: Bench, results: dict, command: str) -> str:
                 rows,
             )
         )
+        if device == "cuda":
+            compiled_path = (
+                '`generate(..., cache_implementation="static", compile_config=CompileConfig(fullgraph=True, '
+                "dynamic=False, mode=...))`, with which `generate()` compiles its decode step itself"
+            )
+        else:
+            compiled_path = (
+                "a copy of the model whose `forward` is `torch.compile(model.forward, fullgraph=True, dynamic=False, "
+                'mode=...)`, then `generate(..., cache_implementation="static")` (on CPU `generate()` does not compile '
+                "by itself; this compiles the prefill and the decode step)"
+            )
         out.append(
             "\nSpeedups are against transformers' default `generate()` on the same weights; all paths are greedy and "
-            "gave the same tokens as transformers unless marked. The compiled path is `generate(..., "
-            'cache_implementation="static", compile_config=CompileConfig(fullgraph=True, mode=...))` with the mode '
-            "in the last column (see README.md); its one-time compilation is not in the timings."
+            "gave the same tokens as transformers unless marked. ours generate(): the default, with transformers' "
+            '`DynamicCache`; static cache: `cache_implementation="static"`, eager. The compiled path is '
+            f"{compiled_path}, with the mode in the last column (see README.md); its one-time compilation is not in "
+            "the timings."
         )
+        if cpu:
+            previous = PREVIOUS_CPU["generation"]
+            rows = [
+                [f"{r['preset']}, batch {r['batch']}, {r['new_tokens']} tokens"]
+                + [
+                    change(before, r[f"{name}_tok_s"] / r["transformers_tok_s"]) if f"{name}_tok_s" in r else "not run"
+                    for name, before in zip(paths, befores)
+                ]
+                for r in results["generation"]
+                if r["dtype"] == "float32" and (befores := previous.get((r["preset"], r["batch"], r["new_tokens"])))
+            ]
+            out += since_previous(
+                "greedy tokens/s speedup over transformers",
+                ["case", "ours generate()", "ours static cache", "ours static cache + compile"],
+                rows,
+            )
     if "mfu" in results and results["mfu"]:
         m = results["mfu"]
         peak_bf16 = results["peak_bf16_flops"]
@@ -673,7 +846,7 @@ def render(bench: Bench, results: dict, command: str) -> str:
 
 
 def target_rows(results: dict, device: str) -> list[list[str]]:
-    """The issues' targets against this run's figures."""
+    """The project's targets against this run's figures."""
     rows = []
 
     def add(target: str, case: str, value: float, goal: float, unit: str = "x", lower_is_better: bool = False):
@@ -697,7 +870,10 @@ def target_rows(results: dict, device: str) -> list[list[str]]:
         for r in results.get("training", []):
             if "error" not in r:
                 case = f"{r['preset']}, batch {r['batch']}, dropout {r['dropout']}"
-                add("training step >= 2x transformers", case, r["transformers_s"] / r["ours_s"], 2.0)
+                add("training step >= 2x transformers", f"{case}, sdpa", r["transformers_s"] / r["ours_s"], 2.0)
+                if "ours_blockwise_s" in r:
+                    speedup = r["transformers_s"] / r["ours_blockwise_s"]
+                    add("training step >= 2x transformers", f"{case}, blockwise attention", speedup, 2.0)
         for r in results.get("memory", []):
             if r["tokens"] == 4096:
                 case = f"{r['preset']}, batch {r['batch']}"

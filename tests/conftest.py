@@ -14,3 +14,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def attention_calls():
+    """`attention_calls(name)`: count the calls of the attention function registered under `name` with transformers'
+    `AttentionInterface` (the registration is restored afterwards)."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    restore, counts = {}, {}
+
+    def count(name: str) -> dict:
+        original = ALL_ATTENTION_FUNCTIONS[name]
+        restore[name] = original
+        counts[name] = 0
+
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+
+        AttentionInterface.register(name, counted)
+        return counts
+
+    yield count
+    for name, original in restore.items():
+        AttentionInterface.register(name, original)

@@ -169,13 +169,13 @@ def test_eager_and_sdpa_agree(objective, padding, dtype):
 
 
 @pytest.mark.parametrize("objective", ["ar", "bert"])
-def test_flex_attention_matches_sdpa_with_and_without_padding(objective):
+def test_flex_attention_matches_sdpa_with_and_without_padding(objective, attention_calls):
     """transformers' flex attention (compiled, on CPU too) gives sdpa's results, causal and bidirectional."""
     cls = ImageGPTForCausalImageModeling if objective == "ar" else ImageGPTForMaskedImageModeling
     sdpa = make(cls, "sdpa", objective=objective)
     flex = make(cls, "flex_attention", objective=objective)
     flex.load_state_dict(sdpa.state_dict())
-    assert flex.config._attn_implementation == "flex_attention"
+    calls = attention_calls("flex_attention")
     x = pixels()
     padding = torch.ones_like(x)
     padding[0, :5] = 0
@@ -185,6 +185,7 @@ def test_flex_attention_matches_sdpa_with_and_without_padding(objective):
         assert max_diff(sdpa(x, **kwargs).logits, flex(x, **kwargs).logits) < TOL
         padded = [m(x, attention_mask=padding, **kwargs).logits for m in (sdpa, flex)]
     assert max_diff(padded[0][1:], padded[1][1:]) < TOL and max_diff(padded[0][0, 5:], padded[1][0, 5:]) < TOL
+    assert calls["flex_attention"] == 2 * DIMS["n_layer"]  # flex really ran, in every layer of both calls
 
 
 @pytest.mark.parametrize("attn", ATTN)

@@ -58,9 +58,10 @@ def test_blockwise_attention_equals_sdpa_and_stays_causal_with_dropout():
     assert not torch.equal(outputs[0][:, 200:], outputs[1][:, 200:])
 
 
-def test_blockwise_attention_is_an_opt_in_attention_implementation_that_learns():
+def test_blockwise_attention_is_an_opt_in_attention_implementation_that_learns(attention_calls):
+    calls = attention_calls(BLOCKWISE_SDPA)
+    assert make()(pixels(1, 8)) is not None and calls[BLOCKWISE_SDPA] == 0  # not the default
     model = make(n_positions=256, attn_implementation=BLOCKWISE_SDPA).train()
-    assert model.config._attn_implementation == BLOCKWISE_SDPA
     x = pixels(2, 256)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -71,16 +72,12 @@ def test_blockwise_attention_is_an_opt_in_attention_implementation_that_learns()
         optimizer.zero_grad()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert calls[BLOCKWISE_SDPA] == 5 * DIMS["n_layer"]
     # At inference (no dropout) it is sdpa exactly.
     sdpa = make(n_positions=256)
     sdpa.load_state_dict(model.state_dict())
     model.eval()
     assert torch.equal(model(x).logits, sdpa(x).logits)
-
-
-def test_default_attention_is_sdpa_and_a_users_choice_is_kept():
-    assert make().config._attn_implementation == "sdpa"
-    assert make(attn_implementation="eager").config._attn_implementation == "eager"
 
 
 def test_hooked_projection_is_called_through_its_module():

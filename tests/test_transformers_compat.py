@@ -44,8 +44,7 @@ def test_generate_feeds_the_cache_under_the_output_field_name():
 @pytest.mark.parametrize("create_mask", [create_causal_mask, create_bidirectional_mask])
 def test_masking_utilities_take_the_cache_without_a_warning(create_mask):
     assert MASK_CACHE_ARGUMENT in inspect.signature(create_mask).parameters
-    config = ImageGPTConfig(**DIMS)
-    config._attn_implementation = "eager"
+    config = ImageGPTConfig(**DIMS, attn_implementation="eager")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a deprecation warning for the cache keyword fails the test
         mask = create_mask(
