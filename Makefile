@@ -49,9 +49,11 @@ test-fast: install
 demo: install
 	$(PY) examples/demo.py --output_dir demo_output $(DEMO_ARGS)
 
-# Side by side with transformers' ImageGPT on this machine; rewrites this device's section of benchmarks/RESULTS.md.
+# Side by side with transformers' ImageGPT on this machine; rewrites this device's section of benchmarks/RESULTS.md
+# (on CPU also the decode-ceiling section).
 bench: install
 	$(PY) benchmarks/bench.py --device $(BENCH_DEVICE) --output benchmarks/RESULTS.md $(BENCH_ARGS)
+	if [ "$(BENCH_DEVICE)" = cpu ]; then $(PY) benchmarks/decode_floor.py --compile --update_results benchmarks/RESULTS.md; fi
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
