@@ -540,7 +540,12 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
             use_cache = False
         elif use_cache is None:
             use_cache = config.use_cache
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache):
+        if (
+            self.gradient_checkpointing
+            and self.training
+            and torch.is_grad_enabled()
+            and (use_cache or cache is not None)
+        ):
             logger.warning_once("Caching is incompatible with gradient checkpointing: running without a cache.")
             use_cache, cache = False, None
 
