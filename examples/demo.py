@@ -1,6 +1,8 @@
 """The whole method end to end, offline, on scikit-learn's bundled handwritten digits, in minutes on two CPU cores
 (6 min 22 s on an idle 2-vCPU machine): pretrain a tiny Image GPT on pixels, complete held-out digits from their top
-half, probe every layer linearly (pretrained vs random init vs raw pixels), and fine-tune it as a classifier.
+half (the grids also upscaled: nearest-neighbour by default, or any image super-resolution checkpoint given with
+`--upscale_model`), probe every layer linearly (pretrained vs random init vs raw pixels), and fine-tune it as a
+classifier.
 
     make demo                      # or: python examples/demo.py --output_dir demo_output
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+import sample
 from image_gpt_hf.safe_io import atomic_file, check_output_path
 
 EXAMPLES = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +49,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_completions", type=int, default=4, help="Completions per held-out digit.")
     parser.add_argument("--num_samples", type=int, default=16, help="Unconditional samples.")
     parser.add_argument(
+        "--upscale_model",
+        type=str,
+        default=None,
+        help="How sample.py enlarges the samples and completions for their _upscaled.png grids: an integer factor "
+        "(nearest-neighbour) or an image super-resolution checkpoint (a folder or Hub id, e.g. a Swin2SR model). "
+        "Default: the nearest-neighbour factor that makes each image 128 pixels wide.",
+    )
+    parser.add_argument(
         "--num_processes",
         type=int,
         default=None,
@@ -59,6 +71,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError(
             f"--num_processes must be at least 1 and divide the batch of 64 images, got {args.num_processes}."
         )
+    if args.upscale_model is None:
+        args.upscale_model = str(max(1, math.ceil(128 / args.n_px)))
+    sample.load_upscaler(args.upscale_model)  # the sampling stage's own check, so that it fails before pretraining
     return args
 
 
@@ -93,7 +108,9 @@ def run_stage(name: str, script: str, arguments: list[str], log_dir: str, num_pr
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    check_output_path(args.output_dir, overwrite=args.overwrite)  # an earlier run's artifacts stay unless --overwrite
+    # An earlier run's artifacts stay unless --overwrite; a super-resolution checkpoint is an input, never written to.
+    upscale_checkpoint = None if sample.upscale_factor(args.upscale_model) else args.upscale_model
+    check_output_path(args.output_dir, inputs=[upscale_checkpoint], overwrite=args.overwrite)
     out = os.path.abspath(args.output_dir)
     paths = {
         "pretrained": os.path.join(out, "pretrained"),
@@ -131,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "2/4 Complete held-out digits from their top half, and sample new ones",
         "sample.py",
         f"--num_images {args.num_images} --num_completions {args.num_completions} --num_samples {args.num_samples}".split()
+        + ["--upscale_model", args.upscale_model]
         + ["--model_name_or_path", paths["pretrained"], "--output_dir", paths["samples"], *shared],
         paths["logs"],
     )
@@ -165,7 +183,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "completions grid (original | top half given | completions)": os.path.join(
             paths["samples"], "completions.png"
         ),
+        f"completions grid, upscaled (--upscale_model {args.upscale_model})": os.path.join(
+            paths["samples"], "completions_upscaled.png"
+        ),
         "unconditional samples": os.path.join(paths["samples"], "samples.png"),
+        f"unconditional samples, upscaled (--upscale_model {args.upscale_model})": os.path.join(
+            paths["samples"], "samples_upscaled.png"
+        ),
         "linear probe table": os.path.join(paths["probe"], "probe_results.md"),
         "linear probe plot": os.path.join(paths["probe"], "probe_accuracy.png"),
         "linear probe results (JSON)": os.path.join(paths["probe"], "probe_results.json"),

@@ -4,7 +4,14 @@ half, as in the paper's completions figure.
     python examples/sample.py --model_name_or_path igpt-tiny-digits --output_dir samples-digits --top_k 8
 
 Writes completions.png (one row per held-out image: the image as the model sees it | the rows it is given | its
-completions) and samples.png (unconditional samples), both magnified with nearest-neighbour pixels.
+completions) and samples.png (unconditional samples), both magnified with nearest-neighbour pixels. With
+`--upscale_model` (an integer factor, or an image super-resolution checkpoint such as a Swin2SR model) it also writes
+completions_upscaled.png and samples_upscaled.png beside them: the same images enlarged by that factor or model, shown
+at the size it made them.
+
+    python examples/sample.py --model_name_or_path igpt-tiny-digits --output_dir samples-digits --upscale_model 16
+    python examples/sample.py --model_name_or_path openai/imagegpt-small --num_images 0 --output_dir samples-small \\
+        --upscale_model caidas/swin2SR-classical-sr-x2-64
 """
 
 from __future__ import annotations
@@ -12,21 +19,24 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 from accelerate.utils import set_seed
+from transformers import AutoImageProcessor, AutoModelForImageToImage, PreTrainedModel
 
 import common
 from common import logger
 from image_gpt_hf import ImageGPTForCausalImageModeling
-from image_gpt_hf.generation import complete, sample
+from image_gpt_hf.generation import complete, sample, upscale_images
 from image_gpt_hf.safe_io import atomic_file, check_output_path
 
 GAP = 2  # pixels between grid cells
 HEADER = 14  # height of the column titles
+INTEGER = re.compile(r"[+-]?\d+")  # an --upscale_model that is a factor, not a checkpoint
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -35,7 +45,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--processor_name_or_path", type=str, default=None, help="Its processor (palette), if not saved with it."
     )
-    common.add_output_arguments(parser, what="the PNG grids (completions.png, samples.png)")
+    common.add_output_arguments(
+        parser, what="the PNG grids (completions.png, samples.png, and their _upscaled.png with --upscale_model)"
+    )
     parser.add_argument("--num_samples", type=int, default=16, help="Unconditional samples (0: none).")
     parser.add_argument("--num_images", type=int, default=8, help="Held-out images to complete (0: none).")
     parser.add_argument("--num_completions", type=int, default=4, help="Completions per held-out image.")
@@ -47,7 +59,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top_p", type=float, default=None, help="Nucleus sampling: the smallest set of mass p.")
     parser.add_argument("--batch_size", type=int, default=None, help="Sequences generated together (default: all).")
     parser.add_argument(
-        "--upscale", type=int, default=None, help="Magnification of the grids (default: cells >= 64 px)."
+        "--upscale",
+        type=int,
+        default=None,
+        help="Nearest-neighbour magnification of completions.png and samples.png (default: cells >= 64 px).",
+    )
+    parser.add_argument(
+        "--upscale_model",
+        type=str,
+        default=None,
+        help="Also write completions_upscaled.png and samples_upscaled.png, every image enlarged by this: an integer "
+        "factor (nearest-neighbour, no model) or an image super-resolution checkpoint, a folder or Hub id that "
+        "AutoModelForImageToImage loads (e.g. a Swin2SR model). Default: no upscaled grids.",
     )
     parser.add_argument("--seed", type=int, default=42, help="Seeds the choice of held-out images and the sampling.")
     common.add_data_arguments(parser)
@@ -67,13 +90,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "upscale"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    upscale_factor(args.upscale_model)  # a factor below 1 is refused here; a checkpoint is loaded in main
     return args
 
 
-def grid(rows: list[list[np.ndarray]], upscale: int, titles: list[str] | None = None) -> PIL.Image.Image:
-    """One PNG from rows of `(n, n, 3)` uint8 images, magnified `upscale` times, white gaps, optional column titles."""
+def upscale_factor(upscale_model: str | None) -> int | None:
+    """The nearest-neighbour factor that an --upscale_model of digits names; None for no value or a checkpoint."""
+    if upscale_model is None or not INTEGER.fullmatch(upscale_model):
+        return None
+    if int(upscale_model) < 1:
+        raise ValueError(f"--upscale_model as a factor must be at least 1, got {upscale_model}.")
+    return int(upscale_model)
+
+
+def load_upscaler(upscale_model: str | None) -> int | PreTrainedModel | None:
+    """--upscale_model as `upscale_images` takes it: the integer factor, or the super-resolution model, loaded with its
+    image processor here, before any generation, so that a bad value fails in seconds."""
+    factor = upscale_factor(upscale_model)
+    if upscale_model is None or factor is not None:
+        return factor
+    try:
+        model = AutoModelForImageToImage.from_pretrained(upscale_model)
+        AutoImageProcessor.from_pretrained(upscale_model)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--upscale_model {upscale_model!r} is neither an integer factor nor an image super-resolution checkpoint "
+            f"that loads (a folder or Hub id for AutoModelForImageToImage and AutoImageProcessor, e.g. a Swin2SR "
+            f"model): {error}"
+        ) from error
+    if not isinstance(getattr(model.config, "upscale", None), int):
+        raise ValueError(
+            f"--upscale_model {upscale_model!r} is a {type(model).__name__}, not an image super-resolution model (its "
+            "config has no integer `upscale` factor). Pass a super-resolution checkpoint or an integer factor."
+        )
+    return model.eval()
+
+
+def grid(rows: list[list[np.ndarray]], upscale: int = 1, titles: list[str] | None = None) -> PIL.Image.Image:
+    """One PNG from rows of `(n, n, 3)` uint8 images, magnified `upscale` times, white gaps, column titles if the
+    cells are wide enough for them."""
     side = rows[0][0].shape[0] * upscale
     columns = max(len(row) for row in rows)
+    titles = titles if side >= 48 else None
     top = HEADER if titles else 0
     canvas = PIL.Image.new("RGB", (columns * (side + GAP) + GAP, top + len(rows) * (side + GAP) + GAP), "white")
     for r, row in enumerate(rows):
@@ -87,17 +145,38 @@ def grid(rows: list[list[np.ndarray]], upscale: int, titles: list[str] | None = 
     return canvas
 
 
+def hide_rows(image: np.ndarray, rows: int) -> np.ndarray:
+    """The image with everything below its top `rows` rows gray: what the model is given to complete."""
+    given = image.copy()
+    given[rows:] = 128
+    return given
+
+
+def upscaled(rows: list[list[np.ndarray]], upscaler: int | PreTrainedModel) -> list[list[np.ndarray]]:
+    """The grid's rows with every image enlarged by `upscale_images` (in one call, batched for a model)."""
+    images = upscale_images([PIL.Image.fromarray(image) for row in rows for image in row], upscaler)
+    enlarged = iter(np.asarray(image) for image in images)
+    return [[next(enlarged) for _ in row] for row in rows]
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     args = parse_args(argv)
     accelerator = common.create_accelerator(args)
     set_seed(args.seed)
-    # Existing grids are kept unless --overwrite, refused before any work.
-    names = {"completions": args.num_images > 0, "samples": args.num_samples > 0}
-    paths = {name: os.path.join(args.output_dir, f"{name}.png") for name, wanted in names.items() if wanted}
+    # Existing grids are kept unless --overwrite, refused before any work; so is a grid inside an input.
+    inputs = [*common.inputs(args), None if upscale_factor(args.upscale_model) else args.upscale_model]
+    kinds = [name for name, count in (("completions", args.num_images), ("samples", args.num_samples)) if count > 0]
+    suffixes = ["", "_upscaled"] if args.upscale_model is not None else [""]
+    paths = {
+        f"{name}{suffix}": os.path.join(args.output_dir, f"{name}{suffix}.png")
+        for name in kinds
+        for suffix in suffixes
+    }
     for path in paths.values():
-        check_output_path(
-            path, kind="file", inputs=common.inputs(args), overwrite=args.overwrite, arg="the output file"
-        )
+        check_output_path(path, kind="file", inputs=inputs, overwrite=args.overwrite, arg="the output file")
+    upscaler = load_upscaler(args.upscale_model)
+    if isinstance(upscaler, PreTrainedModel):
+        upscaler.to(accelerator.device)
 
     config = common.load_imagegpt_config(args.model_name_or_path)
     if config.objective != "ar":
@@ -141,21 +220,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
             completions = complete(
                 model, ids, primer_rows=primer_rows, num_completions=args.num_completions, seed=args.seed, **options
             ).reshape(len(ids), args.num_completions, n_px, n_px, 3)
-            rows = []
-            for original, image_completions in zip(originals, completions):
-                primer = original.copy()
-                primer[primer_rows:] = 128  # the rows the model does not see
-                rows.append([original, primer, *image_completions])
+            rows = [[original, *image_completions] for original, image_completions in zip(originals, completions)]
             titles = ["original", "given"] + [f"sample {i + 1}" for i in range(args.num_completions)]
-            with atomic_file(paths["completions"], overwrite=args.overwrite, arg="the output file") as tmp:
-                grid(rows, upscale, titles if upscale * n_px >= 48 else None).save(tmp)
+            # Each row: the original | its top rows, the rest hidden | the completions.
+            grids = {"completions": (rows, upscale)}
+            if upscaler is not None:
+                logger.info(f"Upscaling the completions with --upscale_model {args.upscale_model}")
+                grids["completions_upscaled"] = (upscaled(rows, upscaler), 1)  # at the size the upscaler made
+            for name, (images, magnification) in grids.items():
+                hidden_from = primer_rows * images[0][0].shape[0] // n_px  # the given rows, at this size
+                cells = [[original, hide_rows(original, hidden_from), *rest] for original, *rest in images]
+                with atomic_file(paths[name], overwrite=args.overwrite, inputs=inputs, arg="the output file") as tmp:
+                    grid(cells, magnification, titles).save(tmp)
         if args.num_samples > 0:
             logger.info(f"Sampling {args.num_samples} images from scratch")
             samples = sample(model, args.num_samples, seed=args.seed + 1, **options)
             per_row = min(8, args.num_samples)
             rows = [list(samples[i : i + per_row]) for i in range(0, len(samples), per_row)]
-            with atomic_file(paths["samples"], overwrite=args.overwrite, arg="the output file") as tmp:
-                grid(rows, upscale).save(tmp)
+            grids = {"samples": (rows, upscale)}
+            if upscaler is not None:
+                logger.info(f"Upscaling the samples with --upscale_model {args.upscale_model}")
+                grids["samples_upscaled"] = (upscaled(rows, upscaler), 1)
+            for name, (images, magnification) in grids.items():
+                with atomic_file(paths[name], overwrite=args.overwrite, inputs=inputs, arg="the output file") as tmp:
+                    grid(images, magnification).save(tmp)
         for name, path in paths.items():
             logger.info(f"Wrote {name}: {path}")
     accelerator.wait_for_everyone()

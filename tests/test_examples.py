@@ -7,6 +7,7 @@ checks of bad input call the scripts' `main(argv)` in-process, since they must f
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import linear_probe  # noqa: E402
 import pretrain  # noqa: E402
 import sample  # noqa: E402
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor  # noqa: E402
+from image_gpt_hf.generation import upscale_images  # noqa: E402
 
 # A 2-layer, 32-wide model on 4x4 digits: a script run takes seconds.
 TINY_MODEL = ["--n_px", "4", "--config_overrides", "n_layer=2,n_embd=32,n_head=2"]
@@ -140,6 +142,33 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     palette = np.linspace(-1, 1, 16, dtype=np.float32)[:, None].repeat(3, axis=1)
     ImageGPTImageProcessor(clusters=palette, size={"height": 4, "width": 4}).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def swin2sr_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Swin2SR x2 super-resolution checkpoint with its image processor, saved locally (no download)."""
+    from transformers import Swin2SRConfig, Swin2SRForImageSuperResolution, Swin2SRImageProcessorPil
+
+    path = tmp_path_factory.mktemp("swin2sr")
+    config = Swin2SRConfig(
+        image_size=8, patch_size=1, embed_dim=8, depths=[1], num_heads=[1], window_size=4, upscale=2, mlp_ratio=1.0
+    )
+    torch.manual_seed(0)
+    Swin2SRForImageSuperResolution(config).save_pretrained(path)
+    Swin2SRImageProcessorPil(size_divisor=4).save_pretrained(path)
+    return path
+
+
+def grid_cells(path: Path, side: int, rows: int, columns: int, titled: bool = False) -> list[list[np.ndarray]]:
+    """The `side`-pixel cells of a grid PNG that sample.py wrote, row by row, after checking the grid's size."""
+    with PIL.Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    top, gap = (sample.HEADER if titled else 0) + sample.GAP, sample.GAP
+    assert pixels.shape == (top + rows * (side + gap), gap + columns * (side + gap), 3), path.name
+    return [
+        [pixels[top + r * (side + gap) :][:side, gap + c * (side + gap) :][:, :side] for c in range(columns)]
+        for r in range(rows)
+    ]
 
 
 def fake_checkpoint(output_dir: Path, step: int, script: str = "pretrain.py", **settings) -> Path:
@@ -431,6 +460,49 @@ def test_sample_completes_held_out_images_from_their_top_half(ar_checkpoint, tmp
 
 
 @pytest.mark.slow
+def test_sample_writes_nearest_neighbour_upscaled_grids_beside_the_originals(tiny_checkpoint, tmp_path):
+    log = run_script(
+        "sample.py", "--model_name_or_path", str(tiny_checkpoint), "--num_images", "2", "--num_completions", "2",
+        "--num_samples", "3", "--upscale", "4", "--upscale_model", "12", "--output_dir", str(tmp_path),
+    )  # fmt: skip
+    for name in ("completions", "completions_upscaled", "samples", "samples_upscaled"):
+        assert f"Wrote {name}: {tmp_path / name}.png" in log
+    # The plain grids: 4x4 images at 4x, 16-pixel cells (too narrow for titles); the upscaled ones: the same images
+    # 12 times larger, 48-pixel cells, titled. Rows of original | given (top half) | 2 completions.
+    plain = grid_cells(tmp_path / "completions.png", 16, rows=2, columns=4)
+    upscaled = grid_cells(tmp_path / "completions_upscaled.png", 48, rows=2, columns=4, titled=True)
+    plain += grid_cells(tmp_path / "samples.png", 16, rows=1, columns=3)
+    upscaled += grid_cells(tmp_path / "samples_upscaled.png", 48, rows=1, columns=3)
+    for plain_row, upscaled_row in zip(plain, upscaled):
+        for small, large in zip(plain_row, upscaled_row):
+            assert np.array_equal(large, small[::4, ::4].repeat(12, axis=0).repeat(12, axis=1))
+    for original, given, *_ in upscaled[:2]:
+        assert np.array_equal(given[:24], original[:24]) and (given[24:] == 128).all()
+
+
+@pytest.mark.slow
+def test_sample_upscales_with_a_super_resolution_checkpoint(tiny_checkpoint, swin2sr_checkpoint, tmp_path):
+    run_script(
+        "sample.py", "--model_name_or_path", str(tiny_checkpoint), "--num_images", "1", "--num_completions", "2",
+        "--num_samples", "2", "--upscale_model", str(swin2sr_checkpoint), "--output_dir", str(tmp_path),
+    )  # fmt: skip
+    # The plain grids keep their default magnification (16x: 64-pixel cells); the upscaled ones show the model's x2
+    # output at its own size (8-pixel cells, no titles), the given cell cut from the upscaled original.
+    plain = grid_cells(tmp_path / "samples.png", 64, rows=1, columns=2)
+    plain += grid_cells(tmp_path / "completions.png", 64, rows=1, columns=4, titled=True)
+    upscaled = grid_cells(tmp_path / "samples_upscaled.png", 8, rows=1, columns=2)
+    upscaled += grid_cells(tmp_path / "completions_upscaled.png", 8, rows=1, columns=4)
+    images = [PIL.Image.fromarray(np.ascontiguousarray(cell[::16, ::16])) for cell in plain[0] + plain[1][::2]]
+    expected = [np.asarray(image) for image in upscale_images(images, str(swin2sr_checkpoint))]
+    for cell, image in zip(upscaled[0] + upscaled[1][::2], expected, strict=True):
+        assert np.abs(cell.astype(int) - image).max() <= 1  # the model's output (up to rounding across processes)
+    nearest = np.asarray(images[0]).repeat(2, axis=0).repeat(2, axis=1)
+    assert np.abs(upscaled[0][0].astype(int) - nearest).max() > 8  # not a nearest-neighbour enlargement
+    original, given = upscaled[1][:2]
+    assert np.array_equal(given[:4], original[:4]) and (given[4:] == 128).all()
+
+
+@pytest.mark.slow
 def test_sample_refuses_a_bert_model(bert_checkpoint, tmp_path):
     pretrained, _ = bert_checkpoint
     with pytest.raises(ValueError, match="BERT-objective model: it predicts masked pixels"):
@@ -456,8 +528,16 @@ def test_demo_runs_every_stage_and_names_every_artifact(tmp_path):
                  "samples/samples.png", "probe/probe_results.md", "probe/probe_accuracy.png",
                  "finetuned/model.safetensors", "logs/pretrain.log"):  # fmt: skip
         assert (out / path).is_file(), path
-    for path in ("samples/completions.png", "probe/probe_accuracy.png", "finetuned"):
+    for path in ("samples/completions.png", "samples/completions_upscaled.png", "samples/samples_upscaled.png",
+                 "probe/probe_accuracy.png", "finetuned"):  # fmt: skip
         assert str(out / path) in summary
+    # Upscaled by default with nearest-neighbour pixels, 128 pixels a side (4x4 digits, 32 times), beside the originals.
+    assert "--upscale_model 32" in log
+    samples = grid_cells(out / "samples" / "samples.png", 64, rows=1, columns=2)
+    upscaled = grid_cells(out / "samples" / "samples_upscaled.png", 128, rows=1, columns=2)
+    for small, large in zip(samples[0], upscaled[0]):
+        assert np.array_equal(large, small[::16, ::16].repeat(32, axis=0).repeat(32, axis=1))
+    grid_cells(out / "samples" / "completions_upscaled.png", 128, rows=2, columns=4, titled=True)
     assert "| Layer | Pretrained | Random init |" in summary and "Raw pixels" in summary
     assert "Wall time:" in log and str(out / "SUMMARY.md") in log
 
@@ -708,13 +788,49 @@ def test_argument_errors_before_anything_is_loaded(arguments, message, tmp_path)
         pretrain.parse_args([*arguments, "--output_dir", str(tmp_path)])
 
 
-def test_demo_argument_errors():
+def test_demo_argument_errors(tmp_path):
     import demo
 
     with pytest.raises(
         ValueError, match="--num_processes must be at least 1 and divide the batch of 64 images, got 0"
     ):
         demo.parse_args(["--num_processes", "0"])
+    # The sampling stage's --upscale_model, refused before pretraining.
+    with pytest.raises(ValueError, match="--upscale_model as a factor must be at least 1, got 0"):
+        demo.parse_args(["--upscale_model", "0"])
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(ValueError, match=rf"--upscale_model '{re.escape(missing)}' is neither an integer factor"):
+        demo.parse_args(["--upscale_model", missing])
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_sample_refuses_an_upscale_factor_below_one(value, tmp_path):
+    with pytest.raises(ValueError, match=f"--upscale_model as a factor must be at least 1, got {value}"):
+        sample.parse_args(["--model_name_or_path", "unused", "--output_dir", str(tmp_path), "--upscale_model", value])
+
+
+def test_sample_refuses_a_bad_upscale_model_before_generating(monkeypatch, tiny_checkpoint, gpt2_checkpoint, tmp_path):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("generation started despite a bad --upscale_model")
+
+    monkeypatch.setattr(sample, "sample", forbidden)
+    monkeypatch.setattr(sample, "complete", forbidden)
+    out = tmp_path / "out"
+    run = ["--model_name_or_path", str(tiny_checkpoint), "--output_dir", str(out)]
+    # An Image GPT, a GPT-2 and a folder that does not exist: none is a super-resolution checkpoint.
+    for value in (str(tiny_checkpoint), str(gpt2_checkpoint), str(tmp_path / "no_such_model")):
+        with pytest.raises(
+            ValueError,
+            match=rf"--upscale_model '{re.escape(value)}' is neither an integer factor nor an image super-resolution",
+        ):
+            sample.main([*run, "--upscale_model", value])
+    assert not out.exists()
+    # The checkpoint is an input: grids are never written inside it.
+    upscaler = tmp_path / "upscaler"
+    upscaler.mkdir()
+    with pytest.raises(ValueError, match=rf"{upscaler / 'grids' / 'completions.png'} is inside the input {upscaler}"):
+        sample.main([*run[:-1], str(upscaler / "grids"), "--upscale_model", str(upscaler)])
+    assert list(upscaler.iterdir()) == []
 
 
 def test_a_broken_newest_checkpoint_is_named_with_the_intact_one_before_it(no_training, tmp_path):
