@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[dev,conversion]"
+	$(PY) -m pip install --quiet -e ".[dev,conversion,onnx]"
 	touch $@
 
 install-min: $(VENV_MIN)/.installed
@@ -30,7 +30,7 @@ $(VENV_MIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV_MIN)
 	$(PY_MIN) -m pip install --quiet --upgrade pip
 	$(PY_MIN) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY_MIN) -m pip install --quiet -e ".[dev]" "transformers==$(TRANSFORMERS_MIN)"
+	$(PY_MIN) -m pip install --quiet -e ".[dev,onnx]" "transformers==$(TRANSFORMERS_MIN)"
 	touch $@
 
 test: install

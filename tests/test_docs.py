@@ -47,7 +47,12 @@ def front_matter(text):
     return yaml.safe_load(match.group(1))
 
 
-SNIPPETS = [pytest.param(name, i, code, id=f"{name}-{i}") for name in DOCS for i, code in enumerate(snippets(name))]
+# Snippets that export to ONNX trace the model with torch's exporter (tens of seconds): the slow tier.
+SNIPPETS = [
+    pytest.param(name, i, code, id=f"{name}-{i}", marks=[pytest.mark.slow] if "export_onnx" in code else [])
+    for name in DOCS
+    for i, code in enumerate(snippets(name))
+]
 
 
 def test_docs_mark_their_runnable_snippets():

@@ -1,0 +1,196 @@
+"""Feature-extraction throughput of an ONNX export in onnxruntime against the PyTorch model, on CPU.
+
+For each case a random-weight model of a preset is exported with `image_gpt_hf.onnx_export.export_onnx`
+(`feature-extraction`: `last_hidden_state` and `pooler_output`), then both run the same ids: PyTorch as
+`model(input_ids)` in eval mode under `torch.no_grad()` (what the `image-feature-extraction` pipeline runs), onnxruntime
+as `session.run` on the CPU provider, each with the same number of threads (`--threads`, default torch's). The timed
+calls alternate between the two, after one warm-up call each; images/s = batch / median time. The script checks that
+both give the same outputs (largest absolute difference over both outputs) and prints a markdown table.
+
+    python benchmarks/bench_onnx.py
+    python benchmarks/bench_onnx.py --threads 1 2 --update_results benchmarks/RESULTS.md   # replaces its own section
+
+Needs the `onnx` extra (onnx, onnxscript, onnxruntime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import onnxscript
+import torch
+import transformers
+
+from image_gpt_hf import ImageGPTConfig, ImageGPTModel
+from image_gpt_hf.onnx_export import ONNX_FILE, export_onnx
+
+SECTION = "## ONNX Runtime (CPU)"
+# (preset, n_px, batch): the tiny demo model at a data-loader batch, and iGPT-S's size one image at a time.
+CASES = (("tiny", 32, 8), ("small", 32, 1))
+
+
+def _session(path: Path, threads: int) -> onnxruntime.InferenceSession:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_case(preset: str, n_px: int, batch_size: int, repeats: int, folder: Path, threads: list[int]) -> list[dict]:
+    """Export a random-weight `preset` model, then time PyTorch and onnxruntime on the same ids, alternating, with
+    each thread count (torch's threads and onnxruntime's intra-op threads alike); one row per thread count."""
+    torch.manual_seed(0)
+    config = ImageGPTConfig.from_preset(preset, n_px=n_px)
+    model = ImageGPTModel(config).eval()
+    start = time.perf_counter()
+    export = export_onnx(model, folder / preset, "feature-extraction")
+    export_s = time.perf_counter() - start
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.palette_size, (batch_size, config.n_positions), generator=generator)
+    rows = []
+    for count in threads:
+        session = _session(folder / preset / ONNX_FILE, count)
+        feeds = {"input_ids": ids.numpy()}
+
+        def run_torch():
+            with torch.no_grad():
+                outputs = model(ids)
+            return outputs.last_hidden_state, outputs.pooler_output
+
+        def run_onnx(session=session, feeds=feeds):
+            return session.run(["last_hidden_state", "pooler_output"], feeds)
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(count)
+        try:
+            reference, ours = run_torch(), run_onnx()  # also the warm-up calls
+            torch_times, onnx_times = [], []
+            for _ in range(repeats):
+                for function, times in ((run_torch, torch_times), (run_onnx, onnx_times)):
+                    start = time.perf_counter()
+                    function()
+                    times.append(time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(previous)
+        torch_s, onnx_s = statistics.median(torch_times), statistics.median(onnx_times)
+        rows.append(
+            {
+                "model": f"{preset} ({config.n_layer} layers, width {config.n_embd}, "
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)",
+                "tokens": config.n_positions,
+                "batch": batch_size,
+                "threads": count,
+                "torch_images_per_s": batch_size / torch_s,
+                "onnx_images_per_s": batch_size / onnx_s,
+                "ratio": torch_s / onnx_s,
+                "max_abs_diff": max(float(np.abs(o - r.numpy()).max()) for o, r in zip(ours, reference)),
+                "export_check_diff": export.max_abs_diff,
+                "export_s": export_s,
+                "opset": export.opset,
+                "model_mb": sum(f.stat().st_size for f in (folder / preset).glob(f"{ONNX_FILE}*")) / 2**20,
+            }
+        )
+    return rows
+
+
+def machine() -> str:
+    from bench import cpu_name  # benchmarks/bench.py, next to this script
+
+    return (
+        f"{cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, onnxscript "
+        f"{onnxscript.__version__}"
+    )
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| model | tokens | batch | threads | PyTorch (images/s) | onnxruntime (images/s) | onnxruntime / PyTorch | max abs diff | "
+        "export (s) | model.onnx (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['tokens']} | {row['batch']} | {row['threads']} | {row['torch_images_per_s']:.2f} | "
+            f"{row['onnx_images_per_s']:.2f} | {row['ratio']:.2f}x | {row['max_abs_diff']:.1e} | "
+            f"{row['export_s']:.0f} | {row['model_mb']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def update_results(path: Path, text: str) -> None:
+    """Replace (or append) this script's section of RESULTS.md, leaving the other sections as they are."""
+    content = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", flags=re.MULTILINE | re.DOTALL)
+    section = f"{SECTION}\n\n{text}\n\n"
+    content = (
+        pattern.sub(lambda _: section, content) if pattern.search(content) else content.rstrip() + f"\n\n{section}"
+    )
+    path.write_text(content.rstrip() + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=10, help="Timed calls per runtime (the median is reported).")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Thread counts to run with, torch's and onnxruntime's intra-op threads alike (default: torch's).",
+    )
+    parser.add_argument("--update_results", type=Path, default=None, help="Write the table into this RESULTS.md.")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}.")
+    threads = args.threads or [torch.get_num_threads()]
+    if min(threads) < 1:
+        parser.error(f"--threads must be at least 1, got {threads}.")
+    load_before = os.getloadavg()[0]
+    started = time.strftime("%Y-%m-%d %H:%M")
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [row for case in CASES for row in run_case(*case, args.repeats, Path(folder), threads)]
+    load = f"1-minute load average {load_before:.1f} before the run and {os.getloadavg()[0]:.1f} after"
+    command = "python benchmarks/bench_onnx.py"
+    if args.repeats != 10:
+        command += f" --repeats {args.repeats}"
+    if args.threads:
+        command += " --threads " + " ".join(map(str, args.threads))
+    if args.update_results is not None:
+        command += f" --update_results {args.update_results}"
+    text = "\n\n".join(
+        [
+            f"`{command}`, {started}: random-weight models of the presets at 32x32 exported with "
+            "`image_gpt_hf.onnx_export` (`--task feature-extraction`, opset "
+            f"{', '.join(sorted({str(row['opset']) for row in rows}))}); PyTorch `model(input_ids)` (eval, "
+            "`torch.no_grad()`, sdpa attention) against onnxruntime's CPU provider on the same ids, "
+            f"{args.repeats} timed calls each, alternating, after a warm-up; images/s = batch / median time; threads: "
+            "torch's threads and onnxruntime's intra-op threads alike.",
+            f"Machine: {machine()}; {load}. The machine is shared with other jobs: the ratio of the two columns, "
+            "measured side by side, is the figure to read, not the absolute rates. When the load average reaches the "
+            "number of cores, threads of either runtime wait on peers that another job has taken the core from: "
+            "compare rows of the same thread count, and trust the 1-thread rows most.",
+            table(rows),
+            "max abs diff: the largest difference between the two runtimes' `last_hidden_state` and `pooler_output` "
+            "on the timed ids (the export's own check, batch sizes 1 and 3: "
+            + ", ".join(f"{row['export_check_diff']:.1e}" for row in rows if row["threads"] == threads[0])
+            + "). export: `export_onnx` wall time, its onnxruntime check included.",
+        ]
+    )
+    print(text)
+    if args.update_results is not None:
+        update_results(args.update_results, text)
+
+
+if __name__ == "__main__":
+    main()
