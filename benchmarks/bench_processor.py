@@ -6,7 +6,8 @@ data loader hands it over); the script checks that they give the same ids and pr
 The images are made from scikit-image's bundled photos (astronaut, coffee, chelsea, rocket, immunohistochemistry,
 hubble_deep_field, retina, cat), with a seeded RNG: a random crop covering 5-100% of a photo's area at an aspect ratio
 in [3/4, 4/3], rescaled (PIL, Lanczos) so its longer side is 32-512 px. A second case is the same images already at
-n_px x n_px (the CIFAR / pre-resized data-loader case). The palette is uniform random in [-1, 1] (seed 0).
+n_px x n_px (the CIFAR / pre-resized data-loader case), a third scikit-learn's 8x8 gray digits (the demo's data)
+upsampled to n_px x n_px. The palette is uniform random in [-1, 1] (seed 0).
 
     python benchmarks/bench_processor.py
     python benchmarks/bench_processor.py --torch_threads 2 1 --update_results benchmarks/RESULTS.md
@@ -32,6 +33,7 @@ from skimage import data as skdata
 from transformers.models.imagegpt.image_processing_pil_imagegpt import ImageGPTImageProcessorPil
 
 from image_gpt_hf import ImageGPTImageProcessor
+from image_gpt_hf.palette import load_sklearn_digits
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "cat")
 SECTION = "## Image processor"
@@ -71,6 +73,7 @@ def _time(function, repeats: int) -> float:
 
 
 def _compare(case: str, images: list, ours, reference, repeats: int) -> dict:
+    """Images/s of both processors on the same call, and the fraction of ids that agree."""
     ours_ids = np.asarray(ours(images, return_tensors="np")["input_ids"])
     reference_ids = np.asarray(reference(images, return_tensors="np")["input_ids"])
     ours_s = _time(lambda: ours(images, return_tensors="np"), repeats)
@@ -95,8 +98,10 @@ def run(num_images: int = 256, n_px: int = 32, repeats: int = 5, torch_threads: 
     size = {"height": n_px, "width": n_px}
     ours = ImageGPTImageProcessor(clusters=palette, size=size)
     reference = ImageGPTImageProcessorPil(clusters=palette.tolist(), size=size)
+    gray_reference = ImageGPTImageProcessorPil(clusters=palette.tolist(), size=size, do_convert_rgb=True)
     images = make_images(num_images)
     at_n_px = [image.resize((n_px, n_px), PIL.Image.Resampling.BILINEAR) for image in images]
+    digits = [PIL.Image.fromarray(digit) for digit in load_sklearn_digits()[:num_images]]
     sizes = [max(image.size) for image in images]
     threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads or threads)
@@ -104,6 +109,7 @@ def run(num_images: int = 256, n_px: int = 32, repeats: int = 5, torch_threads: 
         rows = [
             _compare(f"photos, longer side {min(sizes)}-{max(sizes)} px, resized", images, ours, reference, repeats),
             _compare(f"the same images already {n_px}x{n_px}", at_n_px, ours, reference, repeats),
+            _compare(f"scikit-learn digits, 8x8 gray to {n_px}x{n_px}", digits, ours, gray_reference, repeats),
         ]
     finally:
         torch.set_num_threads(threads)
@@ -179,7 +185,9 @@ def main() -> None:
             f"Machine: {machine()}; {load}.",
             table(rows),
             "Images: seeded random crops (5-100% of the area, aspect 3/4-4/3) of scikit-image's bundled photos "
-            f"({', '.join(PHOTOS)}), rescaled with PIL so the longer side is 32-512 px.",
+            f"({', '.join(PHOTOS)}), rescaled with PIL so the longer side is 32-512 px; the first of scikit-learn's "
+            "1,797 digits as 8-bit gray PIL images (transformers' processor converts them to RGB with "
+            "`do_convert_rgb=True`).",
         ]
     )
     print(text)

@@ -84,6 +84,16 @@ class ImageGPTFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
             )
         return decoder
 
+    def preprocess(
+        self, image: Any, timeout: float | None = None, **image_processor_kwargs
+    ) -> dict[str, torch.Tensor]:
+        """The image processor reads the image itself (paths, URLs, PIL images alike), so a file gives the same ids as
+        the PIL image opened from it; the built-in pipeline first converts paths to 8-bit RGB, which whitens 16-bit
+        images and drops transparency."""
+        if not hasattr(self.image_processor, "clusters"):  # not an Image GPT processor: the built-in way
+            return super().preprocess(image, timeout=timeout, **image_processor_kwargs)
+        return self.image_processor(image, return_tensors="pt", **image_processor_kwargs).to(self.dtype)
+
     def _forward(self, model_inputs: dict[str, torch.Tensor], layer: int | None = None) -> dict[str, torch.Tensor]:
         decoder = self._decoder()
         if layer is None:

@@ -1,9 +1,13 @@
-"""ImageGPTImageProcessor: ids identical to transformers' processor, decoding, crops, (de)serialization, clear errors.
+"""ImageGPTImageProcessor: ids identical to transformers' processor, one reader for every kind of input (a file gives
+the same ids as a path and as a PIL image), decoding, crops, saving and loading without prompts, clear errors.
 
-Images are real photos that ship inside scikit-image (no download); palettes are random or made of the photos' own
-colors, never OpenAI's.
+Images are real photos that ship inside scikit-image, scikit-learn's handwritten digits, or files the tests write;
+palettes are random or made of the photos' own colors, never OpenAI's. The nearest-color search itself is tested in
+test_palette_search.py.
 """
 
+import base64
+import builtins
 import json
 import os
 import re
@@ -14,17 +18,21 @@ import textwrap
 import datasets
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
-from datasets import Image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from skimage import data as skdata
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, pipeline
+from transformers.dynamic_module_utils import get_imports
+from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 from transformers.models.imagegpt.image_processing_pil_imagegpt import ImageGPTImageProcessorPil
 
-from image_gpt_hf import ImageGPTImageProcessor
-from image_gpt_hf.image_processing_imagegpt import color_quantize
+from image_gpt_hf import ImageGPTConfig, ImageGPTImageProcessor, ImageGPTModel, image_processing_imagegpt
+from image_gpt_hf.image_processing_imagegpt import ImageGPTImageProcessorPil as OursPil
+from image_gpt_hf.image_processing_imagegpt import load_image_file
+from image_gpt_hf.palette import load_sklearn_digits
 
 N_PX = 32
 
@@ -78,12 +86,14 @@ def photo_palette(small_images) -> np.ndarray:
 
 
 def ours_for(palette, **kwargs) -> ImageGPTImageProcessor:
-    return ImageGPTImageProcessor(clusters=palette, size={"height": N_PX, "width": N_PX}, **kwargs)
+    return ImageGPTImageProcessor(clusters=palette, size=kwargs.pop("size", {"height": N_PX, "width": N_PX}), **kwargs)
 
 
 def reference_for(palette, **kwargs) -> ImageGPTImageProcessorPil:
     """transformers' own processor, configured as from a preprocessor_config.json (palette as a list of lists)."""
-    return ImageGPTImageProcessorPil(clusters=palette.tolist(), size={"height": N_PX, "width": N_PX}, **kwargs)
+    return ImageGPTImageProcessorPil(
+        clusters=palette.tolist(), size=kwargs.pop("size", {"height": N_PX, "width": N_PX}), **kwargs
+    )
 
 
 def ids(processor, images, **kwargs) -> np.ndarray:
@@ -98,9 +108,53 @@ def test_ids_identical_to_transformers_at_n_px(request, small_images, palette_na
     palette = request.getfixturevalue(palette_name)
     images = [PIL.Image.fromarray(image) for image in small_images]
     ours = ids(ours_for(palette), images)
-    reference = ids(reference_for(palette), images)
     assert ours.shape == (len(images), N_PX * N_PX) and ours.dtype == np.int64
+    np.testing.assert_array_equal(ours, ids(reference_for(palette), images))
+
+
+@pytest.mark.parametrize("resample", [PIL.Image.Resampling.BILINEAR, PIL.Image.Resampling.BICUBIC])
+def test_ids_identical_to_transformers_when_resizing(rgb_photos, photo_palette, resample, monkeypatch):
+    # Whole photos and off-size crops of them (up- and down-sampling, odd aspect ratios).
+    images = list(rgb_photos) + [photo[7:44, 3:94] for photo in rgb_photos] + [photo[:17, :13] for photo in rgb_photos]
+    images = [PIL.Image.fromarray(np.ascontiguousarray(image)) for image in images]
+    expected = ids(reference_for(photo_palette, resample=resample), images)
+    np.testing.assert_array_equal(ids(ours_for(photo_palette, resample=resample), images), expected)
+    # Resized in a thread pool (as large batches are), in the same order.
+    monkeypatch.setattr(image_processing_imagegpt, "THREADED_PIXELS", 0)
+    np.testing.assert_array_equal(ids(ours_for(photo_palette, resample=resample), images), expected)
+
+
+def test_gray_rgba_and_digit_images_match_transformers_on_their_rgb_conversion(photos, random_palette):
+    ours, reference = ours_for(random_palette), reference_for(random_palette)
+    # PIL images of modes L and RGBA: transformers converts them itself when asked to.
+    for image in (PIL.Image.fromarray(photos["camera"]), PIL.Image.fromarray(photos["logo"])):
+        np.testing.assert_array_equal(ids(ours, image), ids(reference, image, do_convert_rgb=True))
+    # Arrays: gray is replicated, alpha composited onto white (rounded), as transformers' `convert_to_rgb` does.
+    gray = photos["camera"]
+    np.testing.assert_array_equal(ids(ours, gray), ids(reference, np.stack([gray] * 3, -1)))
+    np.testing.assert_array_equal(ours.process_image(gray), np.stack([gray] * 3))  # one image as it is read
+    rgba = photos["logo"]
+    alpha = rgba[..., 3:] / 255.0
+    on_white = np.round(alpha * rgba[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(ids(ours, rgba), ids(reference, on_white))
+    # scikit-learn's 8x8 digits (17 gray levels) against a gray palette, where ties are everywhere; as they are and
+    # upsampled to n_px.
+    digits = list(load_sklearn_digits()[:64])
+    gray_palette = np.repeat(np.linspace(-1, 1, 16)[:, None], 3, axis=1)
+    as_rgb = [np.stack([digit] * 3, -1) for digit in digits]
+    for size in (8, N_PX):
+        ours, reference = ours_for(gray_palette, size=size), reference_for(gray_palette, size=size)
+        np.testing.assert_array_equal(ids(ours, digits), ids(reference, as_rgb))
+
+
+def test_pixel_values_identical_to_transformers(small_images, rgb_photos, random_palette):
+    images = [PIL.Image.fromarray(image) for image in small_images[:4]] + [PIL.Image.fromarray(rgb_photos[1])]
+    ours = ours_for(random_palette)(images, do_color_quantize=False, return_tensors="np")["pixel_values"]
+    reference = reference_for(random_palette)(images, do_color_quantize=False, return_tensors="np")["pixel_values"]
+    assert ours.shape == (5, 3, N_PX, N_PX) and ours.dtype == np.float32
     np.testing.assert_array_equal(ours, reference)
+    last = ours_for(random_palette)(images, do_color_quantize=False, data_format="channels_last")["pixel_values"]
+    np.testing.assert_array_equal(np.stack(last), ours.transpose(0, 2, 3, 1))
 
 
 def test_every_input_format_gives_the_same_ids(small_images, random_palette):
@@ -115,51 +169,18 @@ def test_every_input_format_gives_the_same_ids(small_images, random_palette):
         "list of CHW tensors": [torch.from_numpy(image).permute(2, 0, 1) for image in small_images],
         "float64 array in [0, 255]": stacked.astype(np.float64),
         "float32 tensor in [0, 255]": torch.from_numpy(stacked).float(),
+        "uint16 array": stacked.astype(np.uint16) * 257,
         "nested lists": [small_images[:10], small_images[10:]],
-        "datasets Column": datasets.Dataset.from_dict({"image": list(stacked)}).cast_column("image", Image())["image"],
+        "datasets Column": datasets.Dataset.from_dict({"image": list(stacked)}).cast_column("image", datasets.Image())[
+            "image"
+        ],
     }
     for name, images in formats.items():
         np.testing.assert_array_equal(ids(processor, images), expected, err_msg=name)
-    # Floats in [0, 1] with do_rescale=False are the same images.
-    np.testing.assert_array_equal(ids(processor, stacked / 255.0, do_rescale=False), expected)
+    # Floats in [0, 1] (as transformers' rescale makes them) with do_rescale=False are the same images.
+    np.testing.assert_array_equal(ids(processor, (stacked * (1 / 255)).astype(np.float32), do_rescale=False), expected)
     # One image (not a batch) gives a batch of one.
     np.testing.assert_array_equal(ids(processor, small_images[3]), expected[3:4])
-
-
-@pytest.mark.parametrize("resample", [PIL.Image.Resampling.BILINEAR, PIL.Image.Resampling.BICUBIC])
-def test_ids_match_transformers_when_resizing(rgb_photos, random_palette, resample):
-    # Whole photos and off-size crops of them (up- and down-sampling, odd aspect ratios).
-    images = list(rgb_photos) + [photo[7:44, 3:94] for photo in rgb_photos] + [photo[:17, :13] for photo in rgb_photos]
-    images = [PIL.Image.fromarray(np.ascontiguousarray(image)) for image in images]
-    ours = ids(ours_for(random_palette, resample=resample), images)
-    reference = ids(reference_for(random_palette, resample=resample), images)
-    fraction = float((ours == reference).mean())
-    assert fraction >= 0.99, f"only {fraction:.4%} of the ids agree with transformers"
-    # Same PIL resize, same arithmetic: in fact every id agrees.
-    assert fraction == 1.0, f"{fraction:.4%} of the ids agree with transformers"
-
-
-def test_gray_and_rgba_images_match_transformers_converting_to_rgb(photos, random_palette):
-    reference = reference_for(random_palette, do_convert_rgb=True)
-    for image in (PIL.Image.fromarray(photos["camera"]), PIL.Image.fromarray(photos["logo"])):  # modes L and RGBA
-        np.testing.assert_array_equal(ids(ours_for(random_palette), image), ids(reference, image))
-    # Arrays: gray is replicated, alpha composited onto white (rounded), as transformers' `convert_to_rgb` does.
-    gray = photos["camera"]
-    np.testing.assert_array_equal(ids(ours_for(random_palette), gray), ids(reference, np.stack([gray] * 3, -1)))
-    rgba = photos["logo"]
-    alpha = rgba[..., 3:] / 255.0
-    on_white = np.round(alpha * rgba[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    np.testing.assert_array_equal(ids(ours_for(random_palette), rgba), ids(reference, on_white))
-
-
-def test_pixel_values_identical_to_transformers(small_images, rgb_photos, random_palette):
-    images = [PIL.Image.fromarray(image) for image in small_images[:4]] + [PIL.Image.fromarray(rgb_photos[1])]
-    ours = ours_for(random_palette)(images, do_color_quantize=False, return_tensors="np")["pixel_values"]
-    reference = reference_for(random_palette)(images, do_color_quantize=False, return_tensors="np")["pixel_values"]
-    assert ours.shape == (5, 3, N_PX, N_PX) and ours.dtype == np.float32
-    np.testing.assert_array_equal(ours, reference)
-    last = ours_for(random_palette)(images, do_color_quantize=False, data_format="channels_last")["pixel_values"]
-    np.testing.assert_array_equal(np.stack(last), ours.transpose(0, 2, 3, 1))
 
 
 def test_return_tensors(small_images, random_palette):
@@ -174,72 +195,80 @@ def test_return_tensors(small_images, random_palette):
     assert [len(row) for row in mixed] == [N_PX * N_PX, 200]
 
 
-# ------------------------------------------------------------------------------------------- nearest palette color
-
-
-def test_color_quantize_is_chunk_independent_and_nearest(random_palette):
-    pixels = torch.from_numpy(np.random.default_rng(2).uniform(-1.2, 1.2, size=(3000, 3)).astype(np.float32))
-    expected = np.linalg.norm(pixels.double().numpy()[:, None] - random_palette[None], axis=-1).argmin(axis=1)
-    for chunk_size in (7, 1000, None):
-        np.testing.assert_array_equal(color_quantize(pixels, random_palette, chunk_size).numpy(), expected)
-    np.testing.assert_array_equal(color_quantize(pixels[:200], random_palette, 1).numpy(), expected[:200])
-
-
-@pytest.mark.parametrize("kind", ["uniform", "clustered", "duplicated", "8-bit colors", "gray ramp"])
-def test_pruned_search_is_exact(kind):
-    rng = np.random.default_rng(4)
-    levels = ((np.arange(256) * (1 / 255)).astype(np.float32) - np.float32(0.5)) / np.float32(0.5)
-    palette = {
-        "uniform": lambda: rng.uniform(-1, 1, (512, 3)),
-        "clustered": lambda: np.clip(rng.normal(0, 0.25, (512, 3)), -1, 1),
-        "duplicated": lambda: np.repeat(rng.uniform(-1, 1, (128, 3)), 4, axis=0),
-        "8-bit colors": lambda: levels[rng.integers(0, 256, (512, 3))].astype(np.float64),
-        "gray ramp": lambda: np.repeat(np.linspace(-1, 1, 100)[:, None], 3, axis=1),
-    }[kind]()
-    # 8-bit pixel values, values off the 8-bit grid, the corners of the cube, and a few outside it.
-    pixels = np.concatenate(
-        [
-            levels[rng.integers(0, 256, (6000, 3))],
-            rng.uniform(-1, 1, (1000, 3)).astype(np.float32),
-            np.array([[1, 1, 1], [-1, -1, -1], [1, -1, 0.5]], dtype=np.float32),
-            rng.uniform(-1.3, 1.3, (200, 3)).astype(np.float32),
-        ]
-    )
-    squared = (pixels**2).sum(axis=1)[:, None] - 2 * pixels @ palette.T + (palette**2).sum(axis=1)[None]
-    reference = squared.argmin(axis=1)  # transformers' formula and precisions, in numpy
-    x = torch.from_numpy(pixels)
-    np.testing.assert_array_equal(color_quantize(x, palette, prune=True).numpy(), reference)
-    np.testing.assert_array_equal(color_quantize(x, palette, prune=False).numpy(), reference)
-    np.testing.assert_array_equal(color_quantize(x[:100], palette, chunk_size=3, prune=True).numpy(), reference[:100])
-
-
-def test_ties_go_the_way_transformers_breaks_them():
-    levels = ((np.arange(256) * (1 / 255)).astype(np.float32) - np.float32(0.5)) / np.float32(0.5)
-    rng = np.random.default_rng(0)
-    # 60 pixel colors, each exactly halfway between two centers in real arithmetic (p +- delta * u, u a random
-    # direction), so float rounding alone picks the winner: about a third of them go the other way unless the
-    # arithmetic is transformers' own.
-    colors = rng.integers(20, 236, size=(60, 3))
-    pixels = levels[colors].astype(np.float64)
-    offsets = rng.normal(size=(60, 3))
-    offsets *= rng.uniform(0.01, 0.05, size=(60, 1)) / np.linalg.norm(offsets, axis=1, keepdims=True)
-    centers = np.concatenate([pixels + offsets, pixels - offsets, pixels[:4] + offsets[:4]])  # and exact duplicates
-    image = colors.reshape(5, 12, 3).astype(np.uint8)
-    ours = ids(ImageGPTImageProcessor(clusters=centers, do_resize=False), image)
-    reference = ids(ImageGPTImageProcessorPil(clusters=centers.tolist(), do_resize=False), image)
-    np.testing.assert_array_equal(ours, reference)
-    duplicated = np.array([[0.25, -0.5, 0.125]] * 3 + [[0.9, 0.9, 0.9]])
-    pixel = torch.tensor([[0.25, -0.5, 0.125]])
-    assert color_quantize(pixel, duplicated).item() == 0  # an exact tie goes to the lowest id, as in numpy
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_color_quantize_on_gpu_matches_cpu(small_images, photo_palette):
+def test_tensors_on_a_gpu_are_quantized_there_with_the_same_ids(small_images, photo_palette):
     stacked = torch.from_numpy(np.stack(small_images))
     processor = ours_for(photo_palette)
     on_gpu = processor(stacked.cuda(), return_tensors="pt")["input_ids"]
     assert on_gpu.device.type == "cuda"
     np.testing.assert_array_equal(on_gpu.cpu().numpy(), ids(processor, stacked))
+    on_cpu_device = processor(stacked, return_tensors="pt", device="cuda")["input_ids"]
+    assert on_cpu_device.device.type == "cuda"
+    np.testing.assert_array_equal(on_cpu_device.cpu().numpy(), ids(processor, stacked))
+
+
+# ------------------------------------------------------------------------------ one reader: files, URLs, PIL images
+
+
+def gray_levels_palette() -> np.ndarray:
+    """Black (id 0), middle gray (id 1) and white (id 2)."""
+    return np.array([[-1.0] * 3, [0.0] * 3, [1.0] * 3])
+
+
+def same_ids_as_path_and_as_pil_image(path, processor) -> np.ndarray:
+    from_path = ids(processor, str(path))
+    with PIL.Image.open(path) as opened:
+        np.testing.assert_array_equal(ids(processor, opened), from_path)
+    np.testing.assert_array_equal(ids(processor, path), from_path)  # a pathlib.Path too
+    return from_path[0]
+
+
+def test_a_16_bit_png_gives_the_same_ids_as_a_path_and_as_a_pil_image(tmp_path):
+    levels = np.array([[0, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)  # black, middle gray, white
+    PIL.Image.fromarray(levels).save(tmp_path / "gray16.png")
+    assert PIL.Image.open(tmp_path / "gray16.png").mode == "I;16"
+    processor = ImageGPTImageProcessor(clusters=gray_levels_palette(), do_resize=False)
+    tokens = same_ids_as_path_and_as_pil_image(tmp_path / "gray16.png", processor)
+    np.testing.assert_array_equal(tokens.reshape(4, 3), [[0, 1, 2]] * 4)  # full 16-bit range, not clipped to white
+
+
+def test_palette_transparency_is_composited_onto_white_for_paths_and_pil_images(tmp_path):
+    image = PIL.Image.new("P", (4, 2))
+    image.putpalette([0, 0, 0, 128, 128, 128] + [0] * 762)
+    image.putdata([0, 1, 0, 1, 0, 0, 1, 1])  # index 0 is transparent: white on screen
+    image.save(tmp_path / "transparent.png", transparency=0)
+    processor = ImageGPTImageProcessor(clusters=gray_levels_palette(), do_resize=False)
+    tokens = same_ids_as_path_and_as_pil_image(tmp_path / "transparent.png", processor)
+    np.testing.assert_array_equal(tokens, [2, 1, 2, 1, 2, 2, 1, 1])
+
+
+def test_exif_orientation_turns_paths_and_pil_images_upright(tmp_path, photos, random_palette):
+    photo = np.ascontiguousarray(photos["astronaut"][::8, ::4])  # 64 x 128: a rotation changes the shape
+    exif = PIL.Image.Exif()
+    exif[PIL.ExifTags.Base.Orientation] = 6  # stored rotated: displayed after a quarter turn
+    PIL.Image.fromarray(photo).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    processor = ours_for(random_palette, do_resize=False)
+    tokens = same_ids_as_path_and_as_pil_image(tmp_path / "rotated.jpg", processor)
+    with PIL.Image.open(tmp_path / "rotated.jpg") as opened:
+        upright = PIL.ImageOps.exif_transpose(opened)
+    assert upright.size == (64, 128)  # (width, height): turned
+    np.testing.assert_array_equal(tokens, ids(processor, np.asarray(upright))[0])
+
+
+def test_data_urls_and_file_errors(tmp_path, small_images, random_palette):
+    processor = ours_for(random_palette)
+    PIL.Image.fromarray(small_images[0]).save(tmp_path / "image.png")
+    url = "data:image/png;base64," + base64.b64encode((tmp_path / "image.png").read_bytes()).decode()
+    np.testing.assert_array_equal(ids(processor, url), ids(processor, small_images[0]))
+    np.testing.assert_array_equal(
+        ids(processor, [str(tmp_path / "image.png"), url]), ids(processor, small_images[:1] * 2)
+    )
+    missing = str(tmp_path / "missing.png")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"No image file at {missing!r}")):
+        processor([small_images[0], missing])
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="Could not read an image from .*notes.txt.*cannot identify image file"):
+        load_image_file(tmp_path / "notes.txt")
 
 
 # ------------------------------------------------------------------------------------------------------- decoding
@@ -271,6 +300,9 @@ def test_decode_colors_are_the_palette_in_8_bits(random_palette):
     assert single.getpixel((0, 0)) == tuple(colors[0])
     batch = processor.batch_decode([[1] * 64, [2] * 64], output_type="np")
     assert batch.shape == (2, 8, 8, 3)  # not the processor's size: the square of side sqrt(64)
+    # Without rescaling, inputs are floats in [0, 1]: the decoded colors are the same 8-bit colors.
+    unscaled = ours_for(random_palette, do_rescale=False)
+    np.testing.assert_array_equal(unscaled.decode(np.arange(512), size=(1, 512), output_type="np")[0], colors)
 
 
 def test_decode_picks_a_color_that_re_encodes_where_rounding_would_not():
@@ -311,6 +343,16 @@ def test_random_crop_is_seeded_and_covers_the_configured_region(photos, random_p
     # A crop of the whole area at the image's own aspect ratio is no crop at all.
     whole = ours_for(random_palette, do_random_crop=True, random_crop_scale=(1.0, 1.0), random_crop_ratio=(1.0, 1.0))
     np.testing.assert_array_equal(ids(whole, photos["astronaut"]), ids(ours_for(random_palette), photos["astronaut"]))
+    # A quarter of the area of a 40 x 80 image at aspect 1: a 28 x 28 window (sqrt(800) = 28.3) of the image.
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, :, 0] = np.arange(80)  # red = x
+    wide[:, :, 1] = np.arange(40)[:, None]  # green = y
+    quarter = ImageGPTImageProcessor(
+        do_color_quantize=False, do_random_crop=True, random_crop_scale=(0.25, 0.25), random_crop_ratio=(1.0, 1.0)
+    )
+    pixels = quarter(wide, do_resize=False, do_normalize=False, do_rescale=False)["pixel_values"][0]
+    assert pixels.shape == (3, 28, 28)
+    assert np.all(np.diff(pixels[0], axis=1) == 1) and np.all(np.diff(pixels[1], axis=0) == 1)
 
 
 # ---------------------------------------------------------------------------------------------- save and load
@@ -321,16 +363,18 @@ def test_save_and_load_through_auto_image_processor(tmp_path, small_images, rand
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["auto_map"] == {"AutoImageProcessor": "image_processing_imagegpt.ImageGPTImageProcessor"}
-    assert (tmp_path / "image_processing_imagegpt.py").is_file()
+    # The processor's code travels with it, and imports only what every transformers user has.
+    for source in ("image_processing_imagegpt.py", "palette_search.py"):
+        imports = set(get_imports(tmp_path / source)) - set(sys.stdlib_module_names)
+        assert imports <= {"numpy", "PIL", "torch", "transformers"}, (source, imports)
     assert saved["clusters"] == random_palette.tolist() and saved["size"] == {"height": N_PX, "width": N_PX}
     assert saved["image_processor_type"] == "ImageGPTImageProcessor" and saved["resample"] == 2
-    assert not any(key.startswith("_") for key in saved)
+    assert saved["random_crop_scale"] == [0.5, 1.0] and not any(key.startswith("_") for key in saved)
 
-    for backend in (None, "pil", "torchvision"):
-        kwargs = {} if backend is None else {"backend": backend}
-        loaded = AutoImageProcessor.from_pretrained(tmp_path, **kwargs)
-        assert isinstance(loaded, ImageGPTImageProcessor), backend
-        assert loaded.to_dict() == processor.to_dict()
+    for backend, cls in (("pil", OursPil), ("torchvision", ImageGPTImageProcessor)):
+        loaded = AutoImageProcessor.from_pretrained(tmp_path, backend=backend)
+        assert type(loaded) is cls, backend
+        assert loaded.to_dict() == processor.to_dict()  # the same file, whichever class reads it
         np.testing.assert_array_equal(ids(loaded, small_images), ids(processor, small_images))
 
 
@@ -340,10 +384,10 @@ def test_transformers_loads_our_folder_and_gives_the_same_ids(tmp_path, small_im
     np.testing.assert_array_equal(ids(reference, small_images), ids(ours_for(random_palette), small_images))
 
 
-@pytest.mark.parametrize("size", [{"height": N_PX, "width": N_PX}, N_PX])
-@pytest.mark.parametrize("with_type", [True, False])
+@pytest.mark.parametrize("size, with_type", [({"height": N_PX, "width": N_PX}, True), (N_PX, False)])
 def test_openai_preprocessor_config_loads_unchanged(tmp_path, small_images, random_palette, size, with_type):
-    # Written like openai/imagegpt-small's preprocessor_config.json (older ones have the int form of `size`).
+    # Written like openai/imagegpt-small's preprocessor_config.json; older ones have the int form of `size` and only
+    # the feature extractor's type.
     config = {
         "clusters": random_palette.tolist(),
         "do_normalize": True,
@@ -362,13 +406,30 @@ def test_openai_preprocessor_config_loads_unchanged(tmp_path, small_images, rand
         np.testing.assert_array_equal(ids(loaded, small_images), expected)
 
 
+def test_loading_a_saved_checkpoint_never_asks_to_run_its_code(tmp_path, monkeypatch):
+    # transformers asks on stdin (15 s, then gives up) before it runs a folder's code it was not told to trust.
+    prompts = []
+    monkeypatch.setattr(builtins, "input", lambda prompt="": prompts.append(prompt) or "n")
+    config = ImageGPTConfig.from_preset("tiny", n_px=8, palette_size=16)
+    ImageGPTModel(config).save_pretrained(tmp_path)
+    palette = np.random.default_rng(0).uniform(-1, 1, (16, 3))
+    ImageGPTImageProcessor(clusters=palette, size={"height": 8, "width": 8}).save_pretrained(tmp_path)
+    # `pipeline()` looks for a video processor for every image task; there is none, and nothing to run to find out.
+    with pytest.raises(ValueError):
+        AutoVideoProcessor.from_pretrained(tmp_path)
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path))  # the README's snippet
+    assert isinstance(extractor.image_processor, ImageGPTImageProcessor)
+    assert prompts == []
+
+
 @pytest.mark.slow
 def test_remote_code_loads_without_the_package(tmp_path, small_images, random_palette):
     ours_for(random_palette).save_pretrained(tmp_path / "processor")
+    ImageGPTConfig.from_preset("tiny", n_px=N_PX, palette_size=512).save_pretrained(tmp_path / "processor")
     np.save(tmp_path / "images.npy", np.stack(small_images[:4]))
     script = textwrap.dedent(
         f"""
-        import sys
+        import builtins, sys
         sys.modules["image_gpt_hf"] = None  # importing the package is impossible in this process
         try:
             import image_gpt_hf
@@ -376,9 +437,18 @@ def test_remote_code_loads_without_the_package(tmp_path, small_images, random_pa
             pass
         else:
             raise SystemExit("image_gpt_hf was importable")
+        def refuse(prompt=""):
+            raise SystemExit("asked: " + prompt)
+        builtins.input = refuse
         import numpy as np
         from transformers import AutoImageProcessor
-        processor = AutoImageProcessor.from_pretrained({str(tmp_path / "processor")!r}, trust_remote_code=True)
+        from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+        folder = {str(tmp_path / "processor")!r}
+        try:
+            AutoVideoProcessor.from_pretrained(folder)
+        except ValueError:
+            pass
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
         assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
         assert type(processor).__name__ == "ImageGPTImageProcessor"
         images = np.load({str(tmp_path / "images.npy")!r})
@@ -401,45 +471,62 @@ def bad_input_cases(palette):
     good = np.zeros((8, 8, 3), dtype=np.uint8)
     processor = ImageGPTImageProcessor(clusters=palette, size=8)
     return {
-        "empty batch": (lambda: processor([]), "empty batch"),
-        "empty 4-D batch": (lambda: processor(np.zeros((0, 8, 8, 3), np.uint8)), "empty batch"),
-        "palette shape": (lambda: ImageGPTImageProcessor(clusters=np.zeros((16, 4))), r"shape \(num_colors, 3\)"),
-        "empty palette": (lambda: ImageGPTImageProcessor(clusters=np.zeros((0, 3))), r"num_colors >= 1"),
-        "ragged palette": (lambda: ImageGPTImageProcessor(clusters=[[0, 0, 0], [0, 0]]), "could not read"),
-        "palette range": (lambda: ImageGPTImageProcessor(clusters=np.full((4, 3), 1.5)), r"in \[-1, 1\]"),
-        "palette nan": (lambda: ImageGPTImageProcessor(clusters=[[0, 0, 0], [np.nan, 0, 0]]), "non-finite"),
-        "palette at call": (lambda: processor(good, clusters=np.full((4, 3), -2.0)), r"in \[-1, 1\]"),
-        "no palette": (lambda: ImageGPTImageProcessor(size=8)(good), "needs a palette"),
+        "empty batch": (lambda: processor([]), "Got an empty batch"),
+        "empty 4-D batch": (lambda: processor(np.zeros((0, 8, 8, 3), np.uint8)), "Got an empty batch"),
+        "palette shape": (
+            lambda: ImageGPTImageProcessor(clusters=np.zeros((16, 4))),
+            r"must have shape \(num_colors, 3\) with num_colors >= 1, got shape \(16, 4\)",
+        ),
+        "empty palette": (lambda: ImageGPTImageProcessor(clusters=np.zeros((0, 3))), r"got shape \(0, 3\)"),
+        "ragged palette": (lambda: ImageGPTImageProcessor(clusters=[[0, 0, 0], [0, 0]]), "could not read it"),
+        "palette range": (lambda: ImageGPTImageProcessor(clusters=np.full((4, 3), 1.5)), r"must lie in \[-1, 1\]"),
+        "palette nan": (lambda: ImageGPTImageProcessor(clusters=[[0, 0, 0], [np.nan, 0, 0]]), r"NaN or inf\) in rows"),
+        "palette at call": (lambda: processor(good, clusters=np.full((4, 3), -2.0)), r"must lie in \[-1, 1\]"),
+        "no palette": (lambda: ImageGPTImageProcessor(size=8)(good), "Color quantization needs a palette"),
         "mixed layouts": (
             lambda: processor([np.zeros((3, 9, 9)), np.zeros((9, 9, 3)), np.zeros((3, 5, 3))]),
-            "mixes channel layouts",
+            "the batch mixes channel layouts",
         ),
-        "ambiguous layout": (lambda: processor(np.zeros((3, 5, 4), np.uint8)), "input_data_format"),
-        "no channel axis": (lambda: processor(np.zeros((5, 7, 9), np.uint8)), "Cannot infer the channel axis"),
-        "nan pixels": (lambda: processor(np.full((8, 8, 3), np.nan)), "non-finite"),
-        "inf pixels": (lambda: processor(torch.full((3, 8, 8), float("inf"))), "non-finite"),
-        "integer range": (lambda: processor(np.full((8, 8, 3), 300, np.int32)), r"\[0, 255\]"),
-        "float range": (lambda: processor(np.full((8, 8, 3), -4.0)), "must lie in"),
-        "complex dtype": (lambda: processor(np.zeros((8, 8, 3), np.complex64)), "dtype"),
-        "unsupported type": (lambda: processor({"image": good}), "Unsupported image type"),
-        "5-D array": (lambda: processor(np.zeros((1, 1, 8, 8, 3), np.uint8)), "dimensions"),
-        "empty image": (lambda: processor(np.zeros((0, 8, 3), np.uint8)), "empty image"),
-        "no rgb conversion": (lambda: processor(np.zeros((8, 8), np.uint8), do_convert_rgb=False), "do_convert_rgb"),
+        "ambiguous layout": (
+            lambda: processor(np.zeros((3, 5, 4), np.uint8)),
+            r"nothing in the batch says which\)\. Pass `input_data_format=",
+        ),
+        "bad layout": (lambda: processor(good, input_data_format="none"), "input_data_format"),
+        "unsupported type": (lambda: processor({"image": good}), "Unsupported image type dict"),
+        "5-D array": (lambda: processor(np.zeros((1, 1, 8, 8, 3), np.uint8)), r"got shape \(1, 1, 8, 8, 3\)"),
+        "no rgb conversion": (
+            lambda: processor(np.zeros((8, 8), np.uint8), do_convert_rgb=False),
+            r"1 channel\(s\) and `do_convert_rgb=False`",
+        ),
+        "no rgb conversion, PIL": (
+            lambda: processor(PIL.Image.new("LA", (8, 8)), do_convert_rgb=False),
+            "mode 'LA' with `do_convert_rgb=False`",
+        ),
         "sizes differ": (
             lambda: processor([good, np.zeros((9, 9, 3), np.uint8)], do_resize=False, return_tensors="np"),
             "different sizes",
         ),
+        "size not positive": (lambda: processor(good, size={"height": 0, "width": 8}), "`size` must be positive"),
+        "size longest edge only": (lambda: processor(good, size={"longest_edge": 8}), "`size` must be {'height'"),
         "crop too large": (
             lambda: processor(good, do_center_crop=True, crop_size={"height": 9, "width": 9}),
-            "crop_size",
+            r"`crop_size` \(9x9\) is larger than the resized image \(8x8\)",
         ),
-        "bad crop scale": (lambda: processor(good, do_random_crop=True, random_crop_scale=(0.5, 2.0)), "random_crop"),
-        "padding": (lambda: processor(good, do_pad=True, pad_size={"height": 9, "width": 9}), "do_pad"),
-        "decode id too large": (lambda: processor.decode([0] * 63 + [len(palette)]), "palette ids"),
-        "decode negative id": (lambda: processor.decode([-1] * 64), "palette ids"),
-        "decode float ids": (lambda: processor.decode(np.zeros(64)), "integer"),
-        "decode size": (lambda: processor.decode([0] * 63, size=(8, 8)), "does not hold"),
-        "decode not square": (lambda: ImageGPTImageProcessor(clusters=palette, size=8).decode([0] * 60), "size"),
+        "bad crop scale": (
+            lambda: processor(good, do_random_crop=True, random_crop_scale=(0.5, 2.0)),
+            "`random_crop_scale` must be",
+        ),
+        "bad crop ratio": (
+            lambda: processor(good, do_random_crop=True, random_crop_ratio=(2.0, 1.0)),
+            "`random_crop_ratio` must be",
+        ),
+        "padding": (lambda: processor(good, do_pad=True, pad_size={"height": 9, "width": 9}), "`do_pad=True`"),
+        "decode id too large": (lambda: processor.decode([0] * 63 + [len(palette)]), "must be palette ids"),
+        "decode negative id": (lambda: processor.decode([-1] * 64), r"must be palette ids in \[0, 512\), got \[-1\]"),
+        "decode float ids": (lambda: processor.decode(np.zeros(64)), "must be integer palette ids"),
+        "decode size": (lambda: processor.decode([0] * 63, size=(8, 8)), "does not hold sequences of 63 ids"),
+        "decode not square": (lambda: processor.decode([0] * 60), "Cannot tell the image size of sequences of 60"),
+        "decode output type": (lambda: processor.decode([0] * 64, output_type="pt"), "`output_type` must be"),
     }
 
 
@@ -457,59 +544,162 @@ def test_sos_token_is_named_when_decoding(random_palette):
 
 # ------------------------------------------------------------------------------------------- property-based
 
-DTYPES = [np.uint8, np.uint16, np.int16, np.int32, np.int64, np.bool_, np.float16, np.float32, np.float64]
-PIL_MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "I;16", "I", "F", "RGBX", "PA"]
+PALETTE_16 = np.random.default_rng(7).uniform(-1, 1, size=(16, 3))
 
 
 @st.composite
-def any_image(draw):
-    """An image of random size, channels, layout, dtype and values; or a PIL image of a random mode."""
-    height, width = draw(st.integers(0, 24)), draw(st.integers(1, 24))
-    channels = draw(st.sampled_from([None, 1, 2, 3, 4, 5]))
-    dtype = draw(st.sampled_from(DTYPES))
-    shape = (height, width) if channels is None else (height, width, channels)
-    seed = draw(st.integers(0, 2**16))
-    rng = np.random.default_rng(seed)
-    if np.issubdtype(dtype, np.floating):
-        scale = draw(st.sampled_from([1.0, 255.0, 300.0]))
-        values = rng.uniform(0, scale, size=shape)
-        if draw(st.booleans()) and values.size:
-            values.flat[0] = draw(st.sampled_from([np.nan, np.inf, -1.0]))
-        array = values.astype(dtype)
-    elif dtype is np.bool_:
-        array = rng.integers(0, 2, size=shape).astype(bool)
-    else:
-        high = draw(st.sampled_from([256, int(np.iinfo(dtype).max)]))
-        array = rng.integers(0, high, size=shape, endpoint=False).astype(dtype)
-    container = draw(st.sampled_from(["numpy", "numpy channels first", "torch", "pil"]))
-    if container == "pil":
-        mode = draw(st.sampled_from(PIL_MODES))
-        base = PIL.Image.fromarray(rng.integers(0, 256, size=(max(height, 1), width, 3), dtype=np.uint8))
-        return base.convert(mode) if mode not in ("I;16",) else base.convert("L").convert("I;16")
-    if channels is not None and container != "numpy":
-        array = np.moveaxis(array, -1, 0)
-    if container == "torch" and dtype not in (np.uint16,):
-        return torch.from_numpy(np.ascontiguousarray(array))
-    return array
+def pictures(draw):
+    """(one image in some representation, the call's options, the 8-bit RGB picture it shows on screen)."""
+    height, width = draw(st.integers(5, 12)), draw(st.integers(5, 12))  # >= 5: the channel axis is never ambiguous
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    gray = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (height, width, 1), dtype=np.uint8)
+    on_white = np.round(alpha / 255.0 * rgb + (1 - alpha / 255.0) * 255).astype(np.uint8)
+    three = np.stack([gray] * 3, -1)
+    kinds = {
+        "PIL RGB": lambda: (PIL.Image.fromarray(rgb), {}, rgb),
+        "PIL CMYK": lambda: (PIL.Image.fromarray(rgb).convert("CMYK"), {}, rgb),
+        "PIL RGBA": lambda: (
+            PIL.Image.fromarray(np.concatenate([rgb, alpha], -1)),
+            {},
+            np.asarray(
+                PIL.Image.alpha_composite(
+                    PIL.Image.new("RGBA", (width, height), (255,) * 4),
+                    PIL.Image.fromarray(np.concatenate([rgb, alpha], -1)),
+                ).convert("RGB")
+            ),
+        ),
+        "PIL L": lambda: (PIL.Image.fromarray(gray), {}, three),
+        "PIL LA opaque": lambda: (PIL.Image.fromarray(gray).convert("LA"), {}, three),
+        "PIL I;16": lambda: (PIL.Image.fromarray(gray.astype(np.uint16) * 257), {}, three),
+        "PIL I": lambda: (PIL.Image.fromarray(gray.astype(np.int32)), {}, three),
+        "PIL F": lambda: (PIL.Image.fromarray(gray.astype(np.float32)), {}, three),
+        "HWC uint8": lambda: (rgb, {}, rgb),
+        "CHW uint8": lambda: (rgb.transpose(2, 0, 1).copy(), {}, rgb),
+        "CHW tensor": lambda: (torch.from_numpy(rgb).permute(2, 0, 1), {}, rgb),
+        "HWC int64": lambda: (rgb.astype(np.int64), {}, rgb),
+        "HWC uint16": lambda: (rgb.astype(np.uint16) * 257, {}, rgb),
+        "HWC float64 in [0, 255]": lambda: (rgb.astype(np.float64), {}, rgb),
+        "HWC float16 tensor": lambda: (torch.from_numpy(rgb).half(), {}, rgb),
+        # Float images are resized in float, without rounding to 8 bits: the same ids as 8-bit ones only unresized.
+        "HWC float32 in [0, 1]": lambda: (
+            (rgb * (1 / 255)).astype(np.float32),
+            {"do_rescale": False, "do_resize": False},
+            rgb,
+        ),
+        "HWC RGBA": lambda: (np.concatenate([rgb, alpha], -1), {}, on_white),
+        "gray (H, W)": lambda: (gray, {}, three),
+        "gray (1, H, W) tensor": lambda: (torch.from_numpy(gray)[None], {}, three),
+        "gray (H, W, 1)": lambda: (gray[..., None], {}, three),
+        "gray + alpha": lambda: (
+            np.stack([gray, np.full_like(gray, 255)], -1),
+            {"input_data_format": "channels_last"},
+            three,
+        ),
+        "bool": lambda: (gray > 127, {}, np.stack([(gray > 127).astype(np.uint8) * 255] * 3, -1)),
+    }
+    return kinds[draw(st.sampled_from(sorted(kinds)))]()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(images=st.lists(any_image(), min_size=1, max_size=3), do_resize=st.booleans())
-def test_any_input_gives_ids_or_a_value_error(images, do_resize):
-    palette = np.random.default_rng(0).uniform(-1, 1, size=(16, 3))
-    processor = ImageGPTImageProcessor(clusters=palette, size=8, do_resize=do_resize)
-    try:
-        out = processor(images)["input_ids"]
-    except ValueError as err:
-        assert str(err)  # a message that says what is wrong
-        return
-    assert len(out) == len(images)
-    for row in out:
-        assert row.dtype == np.int64 and row.ndim == 1
-        assert ((0 <= row) & (row < len(palette))).all()
-        if do_resize:
-            assert row.shape == (64,)
-    # Decoding what came out and encoding it again is stable.
-    if do_resize:
-        tokens = np.stack(out)
-        np.testing.assert_array_equal(ids(processor, processor.decode(tokens)), tokens)
+@given(picture=pictures(), do_resize=st.booleans())
+def test_any_representation_of_a_picture_gives_transformers_ids_of_its_rgb(picture, do_resize):
+    image, options, rgb = picture
+    do_resize = options.get("do_resize", do_resize)
+    ours = ImageGPTImageProcessor(clusters=PALETTE_16, size=8, do_resize=do_resize)
+    expected = ids(reference_for(PALETTE_16, size=8, do_resize=do_resize), rgb)
+    np.testing.assert_array_equal(ids(ours, image, **options), expected)
+    if "do_rescale" not in options:  # in a batch with the plain RGB array, each gives its own ids
+        np.testing.assert_array_equal(ids(ours, [rgb, image, rgb], **options), np.concatenate([expected] * 3))
+
+
+@st.composite
+def broken_images(draw):
+    """(an image the processor cannot read, the call's options, the exception, a pattern of its message)."""
+    height, width = draw(st.integers(5, 12)), draw(st.integers(5, 12))
+    value = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    out_of_range = draw(st.sampled_from([-1.0, 255.5 * 1.01, 1e6]))
+    big = draw(st.integers(256, 2**31 - 1))
+    rgb = np.zeros((height, width, 3), np.uint8)
+    row, column = draw(st.integers(0, height - 1)), draw(st.integers(0, width - 1))
+
+    def with_value(array, v):
+        array = array.copy()
+        array[row, column, 0] = v
+        return array
+
+    kinds = {
+        "non-finite": lambda: (with_value(rgb.astype(np.float32), value), {}, ValueError, "non-finite pixel values"),
+        "non-finite tensor": lambda: (
+            torch.from_numpy(with_value(rgb.astype(np.float64), value)),
+            {},
+            ValueError,
+            "non-finite pixel values",
+        ),
+        "float out of range": lambda: (
+            with_value(rgb.astype(np.float64), out_of_range),
+            {},
+            ValueError,
+            r"Float pixel values must lie in \[0, 255\]",
+        ),
+        "float out of [0, 1] without rescaling": lambda: (
+            with_value(rgb.astype(np.float32), 2.0),
+            {"do_rescale": False},
+            ValueError,
+            r"Float pixel values must lie in \[0, 1\]",
+        ),
+        "integer out of range": lambda: (
+            with_value(rgb.astype(np.int64), big),
+            {},
+            ValueError,
+            rf"Integer pixel values must lie in \[0, 255\].*got values in \[0, {big}\]",
+        ),
+        "negative integer": lambda: (
+            with_value(rgb.astype(np.int16), -1),
+            {},
+            ValueError,
+            r"Integer pixel values must lie in \[0, 255\].*\[-1, 0\]",
+        ),
+        "PIL I out of range": lambda: (
+            PIL.Image.fromarray(with_value(rgb.astype(np.int32), big)[..., 0]),
+            {},
+            ValueError,
+            r"Integer pixel values must lie in \[0, 255\]",
+        ),
+        "5 channels": lambda: (
+            np.zeros((height, width, 5), np.uint8),
+            {},
+            ValueError,
+            "Cannot infer the channel axis",
+        ),
+        "5 channels, channels last": lambda: (
+            np.zeros((height, width, 5), np.uint8),
+            {"input_data_format": "channels_last"},
+            ValueError,
+            "An image has 1, 2, 3 or 4 channels, got 5",
+        ),
+        "2 channels": lambda: (
+            np.zeros((height, width, 2), np.uint8),
+            {},
+            ValueError,
+            "pass `input_data_format` for 2",
+        ),
+        "empty": lambda: (np.zeros((0, width, 3), np.uint8), {}, ValueError, r"empty image \(no pixels\)"),
+        "empty PIL": lambda: (PIL.Image.new("RGB", (0, height)), {}, ValueError, r"empty image \(no pixels\)"),
+        "complex": lambda: (rgb.astype(np.complex64), {}, ValueError, "Unsupported pixel dtype complex64"),
+        "1-D": lambda: (np.zeros(width, np.uint8), {}, ValueError, r"got shape \(\d+,\)"),
+        "missing file": lambda: ("/nonexistent/missing.png", {}, FileNotFoundError, "No image file at"),
+        "not an image": lambda: (3.5, {}, ValueError, "Unsupported image type float"),
+    }
+    return kinds[draw(st.sampled_from(sorted(kinds)))]()
+
+
+@settings(max_examples=60, deadline=None)
+@given(broken=broken_images(), position=st.integers(0, 2))
+def test_an_unreadable_image_in_a_batch_raises_its_specific_error(broken, position):
+    image, options, error, message = broken
+    batch = [np.zeros((8, 8, 3), np.uint8)] * 2
+    batch.insert(position, image)
+    with pytest.raises(error, match=message):
+        ImageGPTImageProcessor(clusters=PALETTE_16, size=8)(batch, **options)

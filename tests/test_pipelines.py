@@ -308,3 +308,20 @@ def test_pipelines_with_remote_code_where_the_package_cannot_be_imported(checkpo
     order = probabilities.argsort(descending=True)
     assert results["labels"] == [LABELS[int(i)] for i in order]
     torch.testing.assert_close(results["scores"], probabilities[order], atol=1e-5, rtol=0)
+
+
+def test_a_16_bit_png_gives_the_same_features_as_a_path_and_as_a_pil_image(checkpoint, tmp_path):
+    """The pipeline hands paths to the processor's own reader: transformers' `load_image` would make this file white."""
+    folder, model, *_ = checkpoint
+    levels = np.array([[0, 32768, 65535]], dtype=np.uint16).repeat(12, axis=0).repeat(4, axis=1)  # 12x12, 3 grays
+    PIL.Image.fromarray(levels).save(tmp_path / "gray16.png")
+    extractor = pipeline(
+        "image-feature-extraction", model=str(folder), pipeline_class=ImageGPTFeatureExtractionPipeline
+    )
+    from_path = extractor(str(tmp_path / "gray16.png"), return_tensors=True)
+    with PIL.Image.open(tmp_path / "gray16.png") as opened:
+        from_image = extractor(opened, return_tensors=True)
+        ids = extractor.image_processor(opened, return_tensors="pt")["input_ids"]
+    assert ids.unique().numel() > 1  # not all white
+    assert torch.equal(from_path, from_image)
+    assert (from_path - model(ids).last_hidden_state).abs().max() < TOL
