@@ -669,7 +669,7 @@ def forward_inputs(draw):
     return batch, length, name, shape, dtype, low, high, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)  # the same examples in every run (CI)
 @given(forward_inputs())
 def test_forward_gives_the_well_formed_result_or_names_the_bad_argument(case):
     batch, length, name, shape, dtype, low, high, seed = case
