@@ -602,7 +602,7 @@ def pictures(draw):
     return kinds[draw(st.sampled_from(sorted(kinds)))]()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(picture=pictures(), do_resize=st.booleans())
 def test_any_representation_of_a_picture_gives_transformers_ids_of_its_rgb(picture, do_resize):
     image, options, rgb = picture
@@ -695,7 +695,7 @@ def broken_images(draw):
     return kinds[draw(st.sampled_from(sorted(kinds)))]()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(broken=broken_images(), position=st.integers(0, 2))
 def test_an_unreadable_image_in_a_batch_raises_its_specific_error(broken, position):
     image, options, error, message = broken
