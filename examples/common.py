@@ -1,5 +1,6 @@
 """The boring parts the example scripts share: argument groups, the Accelerator, the bundled digits, images ->
-palette ids, checkpoints (find, check, save, resume) with the bookkeeping of a training loop, and the model folder.
+palette ids, the paper's low-data label subsets and BERT evaluation masks, checkpoints (find, check, save, resume)
+with the bookkeeping of a training loop, and the model folder.
 
 Each script (`pretrain.py`, `finetune.py`, `linear_probe.py`, `sample.py`) holds its own data preparation, model,
 training loop, evaluation and saving in `main()`, like transformers' `run_*_no_trainer.py`; copy one script and this
@@ -445,6 +446,7 @@ class ImageGPTCollator:
     seed: int = 0
     pixel_values: bool = False
     epoch: int = 0  # set it every epoch: new crops and masks
+    indices: bool = False  # also return the examples' `indices` (what evaluation masks are seeded by)
 
     def __call__(self, examples: list[tuple[int, dict]]) -> dict[str, torch.Tensor]:
         indices = [index for index, _ in examples]
@@ -454,7 +456,7 @@ class ImageGPTCollator:
                 0
             ]
         )
-        batch = {}
+        batch = {"indices": torch.tensor(indices)} if self.indices else {}
         if self.label_column is not None:
             labels = [example[self.label_column] for _, example in examples]
             batch["labels"] = torch.tensor([self.label_map[x] for x in labels] if self.label_map else labels)
@@ -496,6 +498,94 @@ def dataloader(
         # Only seeds worker processes; it keeps the iterator from drawing on the global RNG (see resume).
         generator=torch.Generator().manual_seed(args.seed) if train else None,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The paper's evaluation protocol: low-data label subsets and BERT mask ensembles (linear_probe.py, finetune.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evaluation protocol")
+    group.add_argument(
+        "--num_labels_per_class",
+        type=int,
+        default=None,
+        help="Train on N labelled images of every class, drawn by --seed (the paper's low-data subsets: CIFAR-10's "
+        "40, 250 and 4,000 labels are 4, 25 and 400 per class). Default: the whole training split.",
+    )
+    group.add_argument(
+        "--num_eval_masks",
+        type=int,
+        default=1,
+        help="BERT models: evaluate every image under K random masks (--eval_mask_prob) and average the class "
+        "probabilities; both the single-mask and the K-mask accuracy are reported. Default 1.",
+    )
+    group.add_argument(
+        "--eval_mask_prob",
+        type=float,
+        default=0.0,
+        help="BERT models: probability that a pixel is masked in each evaluation view (the paper's 0.15, the masked "
+        "input distribution the model was trained on). Default 0: whole, unmasked images.",
+    )
+
+
+def check_evaluation_arguments(args: argparse.Namespace) -> None:
+    if args.num_labels_per_class is not None and args.num_labels_per_class < 1:
+        raise ValueError(f"--num_labels_per_class must be at least 1, got {args.num_labels_per_class}.")
+    if args.num_eval_masks < 1:
+        raise ValueError(f"--num_eval_masks must be at least 1, got {args.num_eval_masks}.")
+    if not 0.0 <= args.eval_mask_prob < 1.0:
+        raise ValueError(f"--eval_mask_prob must be in [0, 1), got {args.eval_mask_prob}.")
+    if args.num_eval_masks > 1 and args.eval_mask_prob == 0:
+        raise ValueError(
+            f"--num_eval_masks {args.num_eval_masks} needs --eval_mask_prob > 0 (the paper's is 0.15): without "
+            "masks every view is the same image."
+        )
+
+
+def check_eval_masks(args: argparse.Namespace, config: ImageGPTConfig) -> None:
+    """Evaluation masks are for BERT models: an AR model never saw a masked pixel."""
+    if args.eval_mask_prob > 0 and config.objective != "bert":
+        raise ValueError(
+            f"--eval_mask_prob {args.eval_mask_prob} masks pixels for BERT models, but {args.model_name_or_path} is "
+            f"an {config.objective.upper()} model, trained on whole images; leave --eval_mask_prob at 0."
+        )
+
+
+def class_balanced_subset(
+    split: datasets.Dataset,
+    label_column: str,
+    names: Sequence[str],
+    label_map: dict[Any, int] | None,
+    per_class: int,
+    seed: int,
+) -> datasets.Dataset:
+    """`per_class` examples of every class of `split`, in the split's order: the first `per_class` of each class in
+    one permutation drawn by `seed`, so that the subsets of one seed are nested (the 4 per class are among the 25)."""
+    labels = split[label_column]
+    labels = np.asarray([label_map[x] for x in labels] if label_map else labels, dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    chosen = []
+    for class_id, name in enumerate(names):
+        members = order[labels[order] == class_id]
+        if len(members) < per_class:
+            raise ValueError(
+                f"--num_labels_per_class {per_class}: the class {name!r} has only {len(members)} training images. "
+                "Pass a smaller --num_labels_per_class."
+            )
+        chosen.append(members[:per_class])
+    return split.select(np.sort(np.concatenate(chosen)))
+
+
+def evaluation_masks(indices: torch.Tensor, length: int, mask_prob: float, seed: int, view: int) -> torch.Tensor:
+    """The `view`-th evaluation mask of each example, `(len(indices), length)`: drawn from a seed of (seed, view, the
+    example's index), so that it is the same whatever the batch, the process or the run."""
+    masks = []
+    for index in indices.tolist():
+        state = int(np.random.SeedSequence([seed, view, index]).generate_state(1)[0])
+        masks.append(random_bert_mask((length,), mask_prob, generator=torch.Generator().manual_seed(state)))
+    return torch.stack(masks)
 
 
 def data_name(args: argparse.Namespace) -> str:
@@ -636,6 +726,8 @@ def run_settings(args: argparse.Namespace, accelerator: Accelerator, script: str
     """What fixes a run's data order and schedule: a checkpoint resumes only into a run of the same settings."""
     names = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs"]
     settings = {name: getattr(args, name) for name in names + ["max_train_samples", "seed"]}
+    if hasattr(args, "num_labels_per_class"):  # a label subset is other data
+        settings["num_labels_per_class"] = args.num_labels_per_class
     return {"script": script, "num_processes": accelerator.num_processes, **settings}
 
 

@@ -7,6 +7,11 @@ The classifier is a linear layer on the average-pooled final features (or `--cla
 OpenAI's `[SOS, x_1, ..., x_{n-1}]` input and their generative loss covers all n pixels; BERT models draw the paper's
 15% masks for their generative loss. Labels and their names come from the dataset; accuracy is measured on its
 evaluation split. The output folder loads with `AutoModelForImageClassification` and `AutoImageProcessor`.
+
+The paper's evaluation protocol: `--num_labels_per_class N` fine-tunes on a fixed, seeded, class-balanced subset of
+the labels (its low-data table), and BERT models can be evaluated under `--num_eval_masks K` random masks of
+`--eval_mask_prob` (0.15 in the paper), their class probabilities averaged; both the single-mask and the K-mask
+accuracy are reported.
 """
 
 from __future__ import annotations
@@ -57,11 +62,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Start from a classifier with another number of labels, replacing its classification layer.",
     )
+    common.add_evaluation_arguments(parser)
     common.add_data_arguments(parser)
     common.add_processor_arguments(parser)
     common.add_training_arguments(parser, learning_rate=3e-4, num_train_epochs=3)
     args = parser.parse_args(argv)
     common.check_training_arguments(args)
+    common.check_evaluation_arguments(args)
     if args.gen_loss_weight < 0:
         raise ValueError(f"--gen_loss_weight must be >= 0, got {args.gen_loss_weight}.")
     if not 0.0 < args.mask_prob < 1.0:
@@ -69,19 +76,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, eval_dataloader: DataLoader) -> dict[str, float]:
-    """Top-1 accuracy and the classification loss on the evaluation split (unmasked images)."""
+def evaluate(
+    accelerator: Accelerator, model: torch.nn.Module, eval_dataloader: DataLoader, args: argparse.Namespace
+) -> dict[str, float]:
+    """Top-1 accuracy and the classification loss on the evaluation split: of whole images, or for BERT models of
+    the images under a seeded random mask (--eval_mask_prob); with --num_eval_masks K > 1, also of the class
+    probabilities averaged over K masks (`eval_ensemble_accuracy`, `eval_ensemble_loss`)."""
     model.eval()
-    correct, losses = [], []
+    correct, losses, ensemble_correct, ensemble_losses = [], [], [], []
     for batch in common.progress_bar(accelerator, iterable=eval_dataloader, desc="eval", leave=False):
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"]).logits
-        loss = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        predictions, references, loss = accelerator.gather_for_metrics((logits.argmax(dim=-1), batch["labels"], loss))
-        correct.append(predictions == references)
-        losses.append(loss)
+        ids, labels, probabilities = batch["input_ids"], batch["labels"], 0.0
+        for view in range(args.num_eval_masks):
+            kwargs = {}
+            if args.eval_mask_prob > 0:  # the view-th mask of every image, seeded by its index
+                masks = common.evaluation_masks(batch["indices"], ids.shape[1], args.eval_mask_prob, args.seed, view)
+                kwargs["bool_masked_pos"] = masks.to(ids.device)
+            with torch.no_grad():
+                logits = model(input_ids=ids, **kwargs).logits
+            if view == 0:
+                loss = F.cross_entropy(logits.float(), labels, reduction="none")
+                predictions, references, loss = accelerator.gather_for_metrics((logits.argmax(dim=-1), labels, loss))
+                correct.append(predictions == references)
+                losses.append(loss)
+            probabilities = probabilities + logits.float().softmax(-1) / args.num_eval_masks
+        if args.num_eval_masks > 1:
+            loss = -probabilities.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12).log()
+            predictions, references, loss = accelerator.gather_for_metrics((probabilities.argmax(-1), labels, loss))
+            ensemble_correct.append(predictions == references)
+            ensemble_losses.append(loss)
     model.train()
-    return {"eval_accuracy": torch.cat(correct).float().mean().item(), "eval_loss": torch.cat(losses).mean().item()}
+    metrics = {"eval_accuracy": torch.cat(correct).float().mean().item(), "eval_loss": torch.cat(losses).mean().item()}
+    if ensemble_correct:
+        metrics["eval_ensemble_accuracy"] = torch.cat(ensemble_correct).float().mean().item()
+        metrics["eval_ensemble_loss"] = torch.cat(ensemble_losses).mean().item()
+    return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -93,11 +121,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     # Checkpoint, data, labels and processor first: every bad input fails here, before a model is built.
     config = common.load_imagegpt_config(args.model_name_or_path)
+    common.check_eval_masks(args, config)
     with accelerator.main_process_first():
         dataset, eval_split = common.load_image_dataset(args)
     image_column = common.find_image_column(dataset, args.image_column_name)
     label_column = common.find_label_column(dataset, args.label_column_name, required=True)
     labels, label_map = common.label_names(dataset, label_column)
+    if args.num_labels_per_class is not None:
+        dataset["train"] = common.class_balanced_subset(
+            dataset["train"], label_column, labels, label_map, args.num_labels_per_class, args.seed
+        )
+        logger.info(f"Training on {args.num_labels_per_class} labelled images per class (seed {args.seed})")
     processor = common.checkpoint_processor(args.model_name_or_path, config, args.processor_name_or_path, args.n_px)
 
     # The classifier: the pretrained decoder (+ its LM head for the generative loss) and a new linear layer.
@@ -128,14 +162,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         f"loss L_clf + {args.gen_loss_weight:g} L_gen, {common.processor_n_px(processor)}px"
     )
 
-    # DataLoaders with labels. BERT's generative loss needs masked pixels; the classifier is evaluated unmasked.
+    # DataLoaders with labels. BERT's generative loss needs masked pixels; the classifier is evaluated unmasked, or
+    # under evaluation masks seeded by the images' indices (--eval_mask_prob).
     mask_prob = args.mask_prob if config.objective == "bert" and args.gen_loss_weight > 0 else None
     crop_scale = None if args.no_random_crop else tuple(args.random_crop_scale)
     columns = (image_column, label_column, label_map)
     train_collator = common.ImageGPTCollator(
         processor, *columns, train=True, random_crop_scale=crop_scale, mask_prob=mask_prob, seed=args.seed
     )
-    eval_collator = common.ImageGPTCollator(processor, *columns, train=False, seed=args.seed)
+    eval_collator = common.ImageGPTCollator(
+        processor, *columns, train=False, seed=args.seed, indices=args.eval_mask_prob > 0
+    )
     train_dataloader = accelerator.prepare(common.dataloader(dataset["train"], train_collator, args, train=True))
     eval_dataloader = accelerator.prepare(common.dataloader(dataset["validation"], eval_collator, args, train=False))
 
@@ -156,14 +193,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             common.optimizer_step(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm)
         accuracy = (outputs.logits.argmax(dim=-1) == batch["labels"]).float().mean()
         if progress.step(lr_scheduler, train_loss=outputs.loss, train_accuracy=accuracy):  # an evaluation is due
-            metrics = evaluate(accelerator, model, eval_dataloader)
+            metrics = evaluate(accelerator, model, eval_dataloader, args)
             progress.log(metrics)
-    metrics = metrics or evaluate(accelerator, model, eval_dataloader)  # resumed from the last step
+    metrics = metrics or evaluate(accelerator, model, eval_dataloader, args)  # resumed from the last step
     progress.close()
 
     loss = f"L_clf + {args.gen_loss_weight:g} L_gen"
+    subset = f", {args.num_labels_per_class} labelled images per class" if args.num_labels_per_class else ""
     trained = f"Fine-tuned from {args.model_name_or_path} with examples/finetune.py on {loss}, {max_train_steps} steps"
+    trained += subset
     accuracy = {"metric": "accuracy", "name": "top-1 accuracy (fine-tuned)", "value": metrics["eval_accuracy"]}
+    if args.eval_mask_prob > 0:  # the model card reports the evaluation as it ran: masked, ensembled over K masks
+        views = f"{args.num_eval_masks}-mask ensemble" if args.num_eval_masks > 1 else "one mask"
+        accuracy["name"] = f"top-1 accuracy (fine-tuned; {views}, {args.eval_mask_prob:g} of the pixels masked)"
+        accuracy["value"] = metrics.get("eval_ensemble_accuracy", metrics["eval_accuracy"])
     common.save_model(
         accelerator,
         model,
