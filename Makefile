@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PY_MIN := $(VENV_MIN)/bin/python
 TORCH_PIN ?= torch==2.13.0
 # The lowest supported transformers release (the floor of `transformers>=...` in pyproject.toml).
-TRANSFORMERS_MIN ?= 5.18.0
+TRANSFORMERS_MIN ?= 5.22.0
 BENCH_DEVICE ?= cpu
 
 .PHONY: install install-min test test-min test-fast demo lint bench

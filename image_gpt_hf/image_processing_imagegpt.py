@@ -48,15 +48,15 @@ THREADED_PIXELS = 1 << 20
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_image_file(source: str | os.PathLike) -> PIL.Image.Image:
+def load_image_file(source: str | os.PathLike, timeout: float | None = None) -> PIL.Image.Image:
     """The image in a file, at an http(s) URL or in a `data:` URL, decoded as stored (mode and EXIF kept).
 
     The processor reads what this returns exactly as it reads a PIL image the user opened, so a file gives the same
-    ids whether it is passed as a path or as `PIL.Image.open(path)`.
+    ids whether it is passed as a path or as `PIL.Image.open(path)`. `timeout` (seconds) bounds a URL's download.
     """
     source = os.fspath(source)
     if source.startswith(("http://", "https://", "data:")):
-        with urllib.request.urlopen(source) as response:
+        with urllib.request.urlopen(source, timeout=timeout) as response:
             stream = io.BytesIO(response.read())
     elif os.path.isfile(source):
         stream = source

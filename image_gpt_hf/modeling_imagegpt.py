@@ -450,8 +450,13 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         for name in ("output_hidden_states", "use_cache", "return_dict"):
             if name in kwargs:
                 raise ValueError(f"`extract_features` sets `{name}` itself; do not pass it.")
-        outputs = self(input_ids, output_hidden_states=True, use_cache=False, **kwargs)
         mask = kwargs.get("attention_mask")
+        if pool and mask is not None and mask.dim() != 2:
+            raise ValueError(
+                "Pooled features skip padded positions by a 2-D `attention_mask` (batch, length); got one of shape "
+                f"{tuple(mask.shape)}. Pass the 2-D padding mask, or `pool=False`."
+            )
+        outputs = self(input_ids, output_hidden_states=True, use_cache=False, **kwargs)
         features = [self.normed_features(outputs.hidden_states[layer], layer) for layer in layers]
         return torch.stack([_mean_pool(f, mask) if pool else f for f in features])
 
@@ -499,12 +504,18 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         return_pooler_output (`bool`, *optional*, defaults to `True`):
             Compute `pooler_output`. The heads that do not read it pass `False` to save a norm and a mean per call.
         """
+        config = self.config
         unexpected = set(kwargs) - OUTPUT_FLAGS
         if unexpected:
             raise TypeError(
                 f"{type(self).__name__}.forward() got unexpected argument(s): {', '.join(sorted(unexpected))}."
             )
-        config = self.config
+        if kwargs.get("output_attentions", config.output_attentions) and config._attn_implementation != "eager":
+            raise ValueError(
+                f"`output_attentions` needs attn_implementation='eager': {config._attn_implementation!r} computes no "
+                "attention weights. Load the model with `attn_implementation='eager'` (or "
+                "`model.set_attn_implementation('eager')`) to get them."
+            )
         cache = resolve_cache(cache, past_key_values)
         prepend_sos = config.prepend_sos if prepend_sos is None else prepend_sos
 
@@ -979,7 +990,9 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
             clf_loss = self.loss_function(labels, logits, self.config)
             loss = clf_loss
             if self.config.gen_loss_weight > 0:
-                gen_loss = self._gen_loss(outputs.last_hidden_state, input_ids, bool_masked_pos, prepend_sos)
+                gen_loss = self._gen_loss(
+                    outputs.last_hidden_state, input_ids, bool_masked_pos, prepend_sos, attention_mask
+                )
                 loss = clf_loss + self.config.gen_loss_weight * gen_loss
 
         return ImageGPTImageClassifierOutput(
@@ -992,18 +1005,22 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
             **cache_output(output_cache(outputs)),
         )
 
-    def _gen_loss(self, last_hidden_state, input_ids, bool_masked_pos, prepend_sos) -> torch.Tensor:
+    def _gen_loss(self, last_hidden_state, input_ids, bool_masked_pos, prepend_sos, attention_mask) -> torch.Tensor:
         if input_ids is None:
             raise ValueError("The generative part of the loss needs `input_ids` (the targets), not `inputs_embeds`.")
         gen_logits = self.lm_head(last_hidden_state)
+        # Padded positions (a 2-D mask's zeros) are no targets, as they count in no pooled feature either.
+        padded = attention_mask == 0 if attention_mask is not None and attention_mask.dim() == 2 else None
         if self.config.objective == "bert":
             if bool_masked_pos is None:
                 raise ValueError(
                     "BERT fine-tuning with gen_loss_weight > 0 needs `bool_masked_pos` (see `random_bert_mask`)."
                 )
-            _check_range("input_ids (generative targets)", input_ids, self.config.palette_size)
-            return _gen_loss_bert(gen_logits, input_ids, bool_masked_pos)
-        targets = _ar_targets(input_ids, gen_logits.shape[:2], self.config.palette_size, shifted=not prepend_sos)
+            targets = input_ids if padded is None else input_ids.masked_fill(padded, -100)
+            _check_range("input_ids (generative targets)", targets, self.config.palette_size, allow_ignore=True)
+            return _gen_loss_bert(gen_logits, targets, bool_masked_pos)
+        targets = input_ids if padded is None else input_ids.masked_fill(padded, -100)
+        targets = _ar_targets(targets, gen_logits.shape[:2], self.config.palette_size, shifted=not prepend_sos)
         return _gen_loss_ar(gen_logits, targets, shifted=not prepend_sos)
 
 

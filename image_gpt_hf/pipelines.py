@@ -4,15 +4,17 @@ transformers' own `ImageFeatureExtractionPipeline` already works on this package
 the first model output (`last_hidden_state`, the final normed layer `n^L`), and with `pool=True` the model's
 `pooler_output`, which is the paper's linear-probe feature: the normed hidden state of `config.feature_layer`
 (default: the middle layer, `n_layer // 2`), averaged over positions. What it cannot do is read per-position features
-from another layer; it also ignores arguments it does not know, so `layer=` would be silently dropped. This subclass
-adds `layer` and otherwise returns exactly what the built-in pipeline returns.
+from another layer (it also ignores arguments it does not know, so `layer=` would be silently dropped), and it reads
+every image through transformers' `load_image`, as 8-bit RGB: a 16-bit image comes out nearly white and transparency
+is dropped. This subclass adds `layer` and hands images to the image processor's own reader, which reads paths, URLs
+and PIL images alike; for 8-bit RGB images it returns exactly what the built-in pipeline returns.
 
 Ways to get it (`layer` and `pool` can be given when the pipeline is built or on each call):
 - with this package installed: `pipeline("image-feature-extraction", model=..., pipeline_class=ImageGPTFeatureExtractionPipeline)`;
 - without it: `pipe.save_pretrained(folder)` / `pipe.push_to_hub(repo_id)` ship this file next to the model and name it
   under `custom_pipelines` in config.json, so `pipeline(model=folder_or_repo, trust_remote_code=True)` builds it.
 
-This file is shipped as remote code: it imports only torch and transformers.
+This file is shipped as remote code: it imports only torch, transformers and the image processor's module.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 from transformers import ImageFeatureExtractionPipeline
 from transformers.dynamic_module_utils import custom_object_save
+
+from .image_processing_imagegpt import load_image_file
 
 TASK = "image-feature-extraction"
 
@@ -92,6 +96,8 @@ class ImageGPTFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
         images and drops transparency."""
         if not hasattr(self.image_processor, "clusters"):  # not an Image GPT processor: the built-in way
             return super().preprocess(image, timeout=timeout, **image_processor_kwargs)
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image_file(image, timeout=timeout)
         return self.image_processor(image, return_tensors="pt", **image_processor_kwargs).to(self.dtype)
 
     def _forward(self, model_inputs: dict[str, torch.Tensor], layer: int | None = None) -> dict[str, torch.Tensor]:

@@ -150,6 +150,8 @@ def check_output_path(
     if kind not in ("dir", "file"):
         raise ValueError(f"`kind` must be 'dir' or 'file', got {kind!r}.")
     output = _absolute(path)
+    # What a killed run left first: a folder it had moved aside comes back, so the checks below see it.
+    clean_stale_staging(output.parent, output.name)
     what = "folder" if kind == "dir" else "file"
     if os.path.islink(output):
         raise OutputPathError(

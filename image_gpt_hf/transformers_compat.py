@@ -1,6 +1,6 @@
 """What depends on the installed transformers release, in one place.
 
-Supported: transformers >= 5.18, < 6. Each difference is read off the installed library itself (a signature or a
+Supported: transformers >= 5.22, < 6. Each difference is read off the installed library itself (a signature or a
 dataclass field), not off its version number, so a release that backports or reverts a change is handled as it is.
 Every entry has a test in tests/test_transformers_compat.py, and CI runs the suite on the lowest supported release and
 on the newest one.
@@ -10,7 +10,7 @@ on the newest one.
   the cache under both names on every release and return it under the field the installed release has.
 - `output_hidden_states=[i, j]` (indices into the tuple of hidden states, negative ones from the end) gives a tuple of
   full length with `None` where a state is not selected since transformers' output capturing learned to select by
-  index (`selected_hidden_states`, after 5.18); before, it counted from the first layer's output instead. This
+  index (`selected_hidden_states`, 5.23); before, it counted from the first layer's output instead. This
   package's models give the newer result on every release.
 
 This module is shipped as remote code next to modeling_imagegpt.py: it imports only transformers.
@@ -80,9 +80,19 @@ def resolve_cache(cache: Any, past_key_values: Any) -> Any:
             "`past_key_values` is deprecated: transformers 5.24 renamed the cache argument `cache`. Pass `cache=` "
             "(image_gpt_hf's models take it on every transformers release they support).",
             FutureWarning,
-            stacklevel=3,
+            stacklevel=_callers_stacklevel(),
         )
     return past_key_values
+
+
+def _callers_stacklevel() -> int:
+    """The `stacklevel` that attributes a warning to the first frame outside this package, transformers and torch (the
+    user's call), however many decorators wrap the forward that warns."""
+    level, frame = 1, inspect.currentframe()
+    internal = ("image_gpt_hf", "transformers", "torch")  # remote code runs as transformers_modules.*
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0].startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return max(level - 1, 1)
 
 
 def cache_output(cache: Any) -> dict[str, Any]:

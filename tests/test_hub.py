@@ -43,9 +43,7 @@ from image_gpt_hf import (
 )
 from image_gpt_hf.pipelines import ImageGPTFeatureExtractionPipeline
 
-# head_dim 16: transformers 5.18-5.21 truncated sqrt(head_dim) to an int in its ImageGPT, so a square head_dim keeps
-# the comparisons with it exact across the supported range.
-DIMS = {"vocab_size": 17, "n_positions": 64, "n_embd": 32, "n_layer": 3, "n_head": 2}
+DIMS = {"vocab_size": 17, "n_positions": 64, "n_embd": 32, "n_layer": 3, "n_head": 4}
 PALETTE = np.random.default_rng(0).uniform(-1, 1, (DIMS["vocab_size"] - 1, 3))
 COMMIT = hashlib.sha1(b"image_gpt_hf fake hub commit").hexdigest()
 LFS_SUFFIXES = (".safetensors", ".bin")  # stored in Git LFS on the Hub: blobs are named by their sha256

@@ -34,9 +34,9 @@ from image_gpt_hf import (
 from image_gpt_hf.transformers_compat import output_cache
 
 TOL = 1e-5  # max abs difference allowed against transformers' ImageGPT in float32
-# head_dim 16: transformers 5.18-5.20 truncated sqrt(head_dim) to an int in its ImageGPT (fixed in 5.22), so a
-# square head_dim keeps the parity tests meaningful across the supported range.
-DIMS = {"vocab_size": 17, "n_positions": 64, "n_embd": 32, "n_layer": 3, "n_head": 2}
+# head_dim 8: not a perfect square, so the parity tests see the attention scale exactly (transformers' ImageGPT before
+# 5.22, below the supported range, rounded sqrt(head_dim)).
+DIMS = {"vocab_size": 17, "n_positions": 64, "n_embd": 32, "n_layer": 3, "n_head": 4}
 PALETTE = DIMS["vocab_size"] - 1
 SOS = DIMS["vocab_size"] - 1
 ATTN = ["eager", "sdpa"]

@@ -354,3 +354,14 @@ def test_a_folder_moved_aside_by_a_killed_process_is_restored(tmp_path):
     (aside / "config.json").write_text("old model")
     assert clean_stale_staging(tmp_path, "out") == [aside]
     assert (tmp_path / "out" / "config.json").read_text() == "old model"
+
+
+def test_the_early_check_sees_a_folder_a_killed_run_had_moved_aside(tmp_path):
+    """The next run must refuse before its work, not after it, when the restored folder is not empty."""
+    host = staging_path(tmp_path / "out").name.split("-")[1]
+    aside = tmp_path / f".out.old-{host}-{dead_pid()}-0123abcd"
+    aside.mkdir()
+    (aside / "config.json").write_text("old model")
+    with pytest.raises(OutputPathError, match="not empty"):
+        check_output_path(tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").read_text() == "old model"
