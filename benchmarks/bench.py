@@ -43,6 +43,7 @@ from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig a
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402
 from image_gpt_hf.modeling_imagegpt import BLOCKWISE_SDPA  # noqa: E402
+from image_gpt_hf.safe_io import atomic_file  # noqa: E402
 
 PROCESSOR_SECTION = "## Image processor"
 HEADER = """# Benchmarks
@@ -328,7 +329,7 @@ def bench_generation(
         if bench.over_budget(f"generation {preset} batch {batch}"):
             continue
         rows.append(generation_case(bench, preset, batch, new_tokens, with_compile, repeats, compile_mode, dtype))
-        torch._dynamo.reset()
+        torch.compiler.reset()
     return rows
 
 
@@ -397,7 +398,7 @@ def compiled_generate(bench: Bench, model, start: torch.Tensor, options: dict, m
             return call, attempt, time.perf_counter() - begin
         except Exception as error:  # noqa: BLE001
             print(f"[bench] compile mode {attempt!r} failed: {error!r}", file=sys.stderr)
-            torch._dynamo.reset()
+            torch.compiler.reset()
     raise RuntimeError("torch.compile failed in every mode tried")
 
 
@@ -513,7 +514,7 @@ def bench_mfu(bench: Bench, batch: int, repeats: int) -> dict:
         del ours, model, step
         gc.collect()
         torch.cuda.empty_cache()
-        torch._dynamo.reset()
+        torch.compiler.reset()
     return result
 
 
@@ -915,7 +916,8 @@ def write_results(path: Path, section: str, device: str) -> None:
     order = ["## CPU", "## CUDA", PROCESSOR_SECTION]
     body = [sections[name] for name in order if name in sections]
     body += [text for name, text in sections.items() if name not in order]
-    path.write_text(HEADER + "\n" + "\n".join(body))
+    with atomic_file(path, overwrite=True, arg="--output") as staged:
+        staged.write_text(HEADER + "\n" + "\n".join(body))
 
 
 # ---------------------------------------------------------------------------------------------------------- main

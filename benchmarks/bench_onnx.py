@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ import onnxruntime
 import onnxscript
 import torch
 import transformers
+from results import replace_section
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTModel
 from image_gpt_hf.onnx_export import ONNX_FILE, export_onnx
@@ -128,17 +128,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_results(path: Path, text: str) -> None:
-    """Replace (or append) this script's section of RESULTS.md, leaving the other sections as they are."""
-    content = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", flags=re.MULTILINE | re.DOTALL)
-    section = f"{SECTION}\n\n{text}\n\n"
-    content = (
-        pattern.sub(lambda _: section, content) if pattern.search(content) else content.rstrip() + f"\n\n{section}"
-    )
-    path.write_text(content.rstrip() + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=10, help="Timed calls per runtime (the median is reported).")
@@ -189,7 +178,7 @@ def main() -> None:
     )
     print(text)
     if args.update_results is not None:
-        update_results(args.update_results, text)
+        replace_section(args.update_results, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import PIL
 import PIL.Image
 import torch
 import transformers
+from results import replace_section
 from skimage import data as skdata
 from transformers.models.imagegpt.image_processing_pil_imagegpt import ImageGPTImageProcessorPil
 
@@ -141,17 +141,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_results(path: Path, text: str) -> None:
-    """Replace (or append) this script's section of RESULTS.md, leaving the other sections as they are."""
-    content = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", flags=re.MULTILINE | re.DOTALL)
-    section = f"{SECTION}\n\n{text}\n\n"
-    content = (
-        pattern.sub(lambda _: section, content) if pattern.search(content) else content.rstrip() + f"\n\n{section}"
-    )
-    path.write_text(content.rstrip() + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_images", type=int, default=256)
@@ -192,7 +181,7 @@ def main() -> None:
     )
     print(text)
     if args.update_results is not None:
-        update_results(args.update_results, text)
+        replace_section(args.update_results, SECTION, text)
 
 
 if __name__ == "__main__":

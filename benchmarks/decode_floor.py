@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import re
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 from bench import Bench, compiled_generate, cpu_name  # benchmarks/bench.py, next to this script
+from results import replace_section
 from transformers.models.imagegpt import modeling_imagegpt as hf
 from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
 
@@ -72,18 +72,6 @@ def tokens_per_s(
         out = call()
         times.append(time.perf_counter() - start)
     return tokens / statistics.median(times), out
-
-
-def update_results(path: Path, text: str) -> None:
-    """Replace (or append) this script's section of RESULTS.md, leaving the other sections as they are."""
-    content = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", flags=re.MULTILINE | re.DOTALL)
-    section = f"{SECTION}\n\n{text.strip()}\n\n"
-    if pattern.search(content):
-        content = pattern.sub(lambda _: section, content)
-    else:
-        content = content.rstrip() + f"\n\n{section}"
-    path.write_text(content.rstrip() + "\n")
 
 
 def main() -> None:
@@ -170,7 +158,7 @@ def main() -> None:
                 row.append(f"{compiled:,.1f}")
                 same = same and torch.equal(ids_compiled, ids_theirs)
                 del call
-                torch._dynamo.reset()
+                torch.compiler.reset()
             row += [f"{ceiling / reference:.2f}x", str(same)]
             lines.append("| " + " | ".join(row) + " |")
             print(lines[-1], file=sys.stderr, flush=True)
@@ -197,7 +185,7 @@ def main() -> None:
     )
     print(text)
     if args.update_results is not None:
-        update_results(args.update_results, text)
+        replace_section(args.update_results, SECTION, text)
 
 
 if __name__ == "__main__":

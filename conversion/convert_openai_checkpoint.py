@@ -51,7 +51,7 @@ from image_gpt_hf import (  # noqa: E402
     ImageGPTPreTrainedModel,
 )
 from image_gpt_hf.generation import openai_generation_config  # noqa: E402
-from image_gpt_hf.image_processing_imagegpt import ImageGPTImageProcessor  # noqa: E402
+from image_gpt_hf.image_processing_imagegpt import ImageGPTImageProcessor, validate_palette  # noqa: E402
 from image_gpt_hf.model_card import write_model_card  # noqa: E402
 from image_gpt_hf.safe_io import OutputPathError, check_output_path, staged_dir  # noqa: E402
 
@@ -349,13 +349,6 @@ def check_palette(palette: np.ndarray, what: str, palette_size: int) -> np.ndarr
     `what` starts the messages ("The palette kmeans_centers.npy").
     """
     palette = np.asarray(palette)
-    if palette.dtype.kind == "c":
-        raise ConversionError(
-            f"{what} holds complex numbers ({palette.dtype}); expected real RGB colors in [-1, 1]. Dropping the "
-            "imaginary part would be a guess: convert the array to real values yourself if that is right."
-        )
-    if palette.dtype.kind not in "fiu":
-        raise ConversionError(f"{what} holds {palette.dtype} values; expected real RGB colors in [-1, 1].")
     if palette.ndim != 2 or palette.shape[1] != 3:
         raise ConversionError(
             f"{what} has shape {palette.shape} ({palette.dtype}); expected ({palette_size}, 3) RGB colors."
@@ -365,13 +358,10 @@ def check_palette(palette: np.ndarray, what: str, palette_size: int) -> np.ndarr
             f"{what} has {palette.shape[0]} colors but the checkpoint has {palette_size}; expected shape "
             f"({palette_size}, 3)."
         )
-    if not np.isfinite(palette).all():
-        raise ConversionError(f"{what} holds NaN or infinite values.")
-    if palette.min() < -1 or palette.max() > 1:
-        raise ConversionError(
-            f"{what} has values in [{palette.min()}, {palette.max()}]; OpenAI's colors lie in [-1, 1] "
-            "(pixels are scaled as x / 127.5 - 1)."
-        )
+    try:
+        validate_palette(palette)  # the image processor's checks: real numbers, finite, in [-1, 1]
+    except ValueError as err:
+        raise ConversionError(f"{what}: {err}") from None
     return palette if palette.dtype.kind == "f" else palette.astype(np.float64)  # the file's own precision kept
 
 

@@ -110,7 +110,8 @@ def complete(
     Args:
         model: an `ImageGPTForCausalImageModeling` (or transformers' own ImageGPT causal model).
         images: images the processor reads (a PIL image, an array, or a list of them), or palette ids already: an
-            int64 tensor of shape `(n_px * n_px,)` or `(batch, n_px * n_px)`.
+            integer tensor (any integer dtype but uint8, which is pixels) of shape `(n_px * n_px,)` or
+            `(batch, n_px * n_px)`, or an integer numpy array (not uint8) of that shape.
         processor: encodes the images and decodes the results; by default loaded from the model's `name_or_path`.
             Not needed when `images` are ids and `output_type="ids"`.
         primer_rows: rows kept from each image (default: the top half, `n_px // 2`); 0 samples whole new images.
@@ -135,7 +136,7 @@ def complete(
             f"rows below it), got {primer_rows!r}."
         )
 
-    is_ids = isinstance(images, torch.Tensor) and images.dtype == torch.long
+    is_ids = _are_ids(images, n_px)
     processor = _resolve_processor(model, processor, output_type, needed=not is_ids)
     _check_palette(processor, palette_size=sos)  # the SOS id is the palette size
     ids = _check_ids(images, n_px, model.config.vocab_size - 1) if is_ids else _encode(images, processor, n_px)
@@ -353,7 +354,20 @@ def _check_output_type(output_type: str) -> None:
         raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
 
 
-def _check_ids(ids: torch.Tensor, n_px: int, palette_size: int) -> torch.LongTensor:
+def _are_ids(images: Any, n_px: int) -> bool:
+    """Whether `complete`'s `images` are palette ids: an integer tensor other than uint8 (any shape: a wrong one is
+    refused as ids), or an integer numpy array other than uint8 whose last axis holds `n_px * n_px` values. uint8 arrays
+    and tensors are pixels."""
+    if isinstance(images, torch.Tensor):
+        return not (images.is_floating_point() or images.is_complex() or images.dtype in (torch.bool, torch.uint8))
+    if isinstance(images, np.ndarray):
+        is_integer = np.issubdtype(images.dtype, np.integer) and images.dtype != np.uint8
+        return is_integer and images.ndim in (1, 2) and images.shape[-1] == n_px * n_px
+    return False
+
+
+def _check_ids(ids: torch.Tensor | np.ndarray, n_px: int, palette_size: int) -> torch.LongTensor:
+    ids = torch.as_tensor(ids).long()
     ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
     if ids.dim() != 2 or ids.shape[1] != n_px * n_px or len(ids) == 0:
         raise ValueError(

@@ -35,11 +35,10 @@ from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType, logging
 
 from .palette_search import color_quantize
+from .transformers_compat import NO_VIDEO_PROCESSOR
 
 logger = logging.get_logger(__name__)
 
-# The `video_processor_type` this processor saves: the name of no class (see `ImageGPTImageProcessor.to_dict`).
-NO_VIDEO_PROCESSOR = "none"
 # From this many input pixels in a call, images are cropped and resized in a thread pool (PIL releases the GIL).
 THREADED_PIXELS = 1 << 20
 
@@ -366,16 +365,25 @@ def _resize_and_crop(
     return array
 
 
-def _validate_palette(clusters: Any) -> np.ndarray:
+def validate_palette(clusters: Any) -> np.ndarray:
     """The palette as a `(K, 3)` float64 array in [-1, 1], or a ValueError that says what is wrong with it."""
     try:
         if isinstance(clusters, torch.Tensor):
-            clusters = clusters.detach().to("cpu", torch.float64).numpy()
-        palette = np.asarray(clusters, dtype=np.float64)
+            clusters = clusters.detach().cpu().numpy()
+        raw = np.asarray(clusters)
+        kind = raw.dtype.kind
+        palette = raw.astype(np.float64) if kind in "fiu" else None
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(
             f"The palette (`clusters`) must be a (num_colors, 3) array of numbers in [-1, 1]; could not read it: {err}"
         ) from None
+    if kind == "c":
+        raise ValueError(
+            "The palette (`clusters`) holds complex numbers; expected real RGB colors in [-1, 1]. Dropping the "
+            "imaginary part would be a guess: convert the array to real values yourself if that is right."
+        )
+    if palette is None:
+        raise ValueError(f"The palette (`clusters`) holds {raw.dtype} values; expected real RGB colors in [-1, 1].")
     if palette.ndim != 2 or palette.shape[1] != 3 or palette.shape[0] == 0:
         raise ValueError(
             f"The palette (`clusters`) must have shape (num_colors, 3) with num_colors >= 1, got shape {palette.shape}."
@@ -496,7 +504,7 @@ class ImageGPTImageProcessor(PilBackend):
         clusters: np.ndarray | list[list[float]] | torch.Tensor | None = None,
         **kwargs: Unpack[ImageGPTImageProcessorKwargs],
     ) -> None:
-        super().__init__(clusters=None if clusters is None else _validate_palette(clusters), **kwargs)
+        super().__init__(clusters=None if clusters is None else validate_palette(clusters), **kwargs)
 
     # -- reading ------------------------------------------------------------------------------------------------------
 
@@ -576,7 +584,7 @@ class ImageGPTImageProcessor(PilBackend):
                     "Color quantization needs a palette: pass `clusters` (a (num_colors, 3) array in [-1, 1]) to the "
                     "processor or to this call, or set `do_color_quantize=False` to get `pixel_values`."
                 )
-            palette = _validate_palette(clusters)
+            palette = validate_palette(clusters)
         if do_center_crop and (crop_size is None or not (crop_size.height and crop_size.width)):
             raise ValueError(f"`crop_size` must be {{'height': h, 'width': w}}, got {crop_size}.")
         boxes = [None] * len(images)
@@ -703,7 +711,7 @@ class ImageGPTImageProcessor(PilBackend):
         """
         if output_type not in ("pil", "np"):
             raise ValueError(f"`output_type` must be 'pil' or 'np', got {output_type!r}.")
-        palette = self.clusters if clusters is None else _validate_palette(clusters)
+        palette = self.clusters if clusters is None else validate_palette(clusters)
         if palette is None:
             raise ValueError("Decoding needs a palette: pass `clusters` or set it on the processor.")
         ids = _as_id_array(input_ids)
@@ -813,10 +821,7 @@ class ImageGPTImageProcessor(PilBackend):
         for key in ("random_crop_scale", "random_crop_ratio"):
             if isinstance(output.get(key), tuple):
                 output[key] = list(output[key])
-        # Says "no video processor here". Without it, transformers' AutoVideoProcessor (which `pipeline()` calls for
-        # every image task) finds no `video_processor_type`, derives remote code from `auto_map["AutoImageProcessor"]`
-        # ("image_processing_imagegpt.ImageGPTVideoProcessor", which does not exist) and asks, for 15 s, whether to
-        # run it. A value that names no class makes it raise a ValueError instead, which pipelines skip.
+        # "No video processor here" (see transformers_compat.NO_VIDEO_PROCESSOR): else pipeline() asks to run code.
         output["video_processor_type"] = NO_VIDEO_PROCESSOR
         return output
 

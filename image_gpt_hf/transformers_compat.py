@@ -2,8 +2,9 @@
 
 Supported: transformers >= 5.22, < 6. Each difference is read off the installed library itself (a signature or a
 dataclass field), not off its version number, so a release that backports or reverts a change is handled as it is.
-Every entry has a test in tests/test_transformers_compat.py, and CI runs the suite on the lowest supported release and
-on the newest one.
+Every entry has a test (tests/test_transformers_compat.py; the video processor one is
+tests/test_image_processing.py::test_loading_a_saved_checkpoint_never_asks_to_run_its_code), and CI runs the suite on
+the lowest supported release and on the newest one.
 
 - 5.24 renamed the key/value cache from `past_key_values` to `cache`: in model outputs (`outputs.cache`), in the
   model inputs `generate()` builds, and in the masking utilities' keyword arguments. This package's models accept
@@ -13,7 +14,14 @@ on the newest one.
   index (`selected_hidden_states`, 5.23); before, it counted from the first layer's output instead. This
   package's models give the newer result on every release.
 
-This module is shipped as remote code next to modeling_imagegpt.py: it imports only transformers.
+- Since transformers' `pipeline()` looks for a video processor for every image task (5.2x), a saved
+  `preprocessor_config.json` without a `video_processor_type` makes AutoVideoProcessor derive one from
+  `auto_map["AutoImageProcessor"]` (a class that does not exist) and ask, for 15 s, whether to run the folder's code.
+  The image processor saves `video_processor_type: NO_VIDEO_PROCESSOR`, a name of no class: AutoVideoProcessor then
+  raises a ValueError, which pipelines skip.
+
+This module is shipped as remote code next to modeling_imagegpt.py and image_processing_imagegpt.py: it imports only
+transformers.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ CACHE_OUTPUT_FIELD = (
     "cache" if "cache" in {field.name for field in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
 )
 """The name of the cache field of transformers' model outputs (and of the cache in generate()'s model inputs)."""
+
+NO_VIDEO_PROCESSOR = "none"
+"""The `video_processor_type` the image processor saves: the name of no class (see the module docstring)."""
 
 MASK_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 """The keyword `create_causal_mask` / `create_bidirectional_mask` take the cache under."""
@@ -111,6 +122,7 @@ def mask_cache_argument(cache: Any) -> dict[str, Any]:
 
 
 __all__ = [
+    "NO_VIDEO_PROCESSOR",
     "SELECTS_HIDDEN_STATES_BY_INDEX",
     "select_hidden_states_by_index",
     "CACHE_OUTPUT_FIELD",

@@ -1,6 +1,7 @@
 """Shared fixtures. Tests build tiny random models and read real images that ship inside installed packages."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,3 +41,17 @@ def attention_calls():
     yield count
     for name, original in restore.items():
         AttentionInterface.register(name, original)
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """Every entry below `root`: file bytes, link targets, folders; what a refused or finished command must keep."""
+    entries: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            entries[key] = ("link", os.readlink(path))
+        elif path.is_dir():
+            entries[key] = "dir"
+        else:
+            entries[key] = path.read_bytes()
+    return entries

@@ -35,8 +35,6 @@ from transformers import (
 )
 
 import image_gpt_hf  # noqa: F401  (registers the Auto classes)
-
-# conversion/ holds scripts, not an installed package; pytest's `pythonpath = ["."]` (pyproject.toml) finds it.
 from conversion import convert_hub_checkpoint as hub
 from conversion import convert_openai_checkpoint as convert
 from conversion import verify
@@ -44,6 +42,9 @@ from conversion.openai_reference import openai_forward
 from image_gpt_hf import ImageGPTForCausalImageModeling, random_bert_mask
 from image_gpt_hf.image_processing_imagegpt import ImageGPTImageProcessor
 from image_gpt_hf.safe_io import staging_path
+
+# conversion/ holds scripts, not an installed package; pytest's `pythonpath = ["."]` (pyproject.toml) finds it.
+from tests.conftest import snapshot
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,20 +194,6 @@ def max_diff(ours: torch.Tensor, reference: np.ndarray | float) -> float:
 def tree(path: Path) -> list[str]:
     """Everything below `path` (names relative to it), to check that a failed conversion left nothing behind."""
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    """Every entry below `root`: file bytes, link targets, folders; what a refused or finished command must keep."""
-    entries: dict[str, object] = {}
-    for path in sorted(root.rglob("*")):
-        key = str(path.relative_to(root))
-        if path.is_symlink():
-            entries[key] = ("link", os.readlink(path))
-        elif path.is_dir():
-            entries[key] = "dir"
-        else:
-            entries[key] = path.read_bytes()
-    return entries
 
 
 def user_arena(root: Path) -> tuple[Path, Path]:

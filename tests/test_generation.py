@@ -331,3 +331,11 @@ def test_complete_upscales_with_a_super_resolution_model(model, processor, swin2
 def test_bad_upscale_arguments_are_refused(model, processor, call, message):
     with pytest.raises(ValueError, match=message):
         call(model, processor)
+
+
+@pytest.mark.parametrize("convert", [lambda x: x.int(), lambda x: x.short(), lambda x: x.numpy(), lambda x: x[0]])
+def test_complete_takes_ids_of_any_integer_dtype_as_ids(model, convert):
+    ids = sample(model, 2, seed=3, output_type="ids", progress=False)
+    expected = complete(model, ids[:1] if convert(ids).ndim == 1 else ids, seed=5, output_type="ids", progress=False)
+    got = complete(model, convert(ids), seed=5, output_type="ids", progress=False)
+    assert torch.equal(got, expected) and got.shape[0] == expected.shape[0]

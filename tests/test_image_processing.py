@@ -703,3 +703,16 @@ def test_an_unreadable_image_in_a_batch_raises_its_specific_error(broken, positi
     batch.insert(position, image)
     with pytest.raises(error, match=message):
         ImageGPTImageProcessor(clusters=PALETTE_16, size=8)(batch, **options)
+
+
+@pytest.mark.parametrize(
+    "clusters, message",
+    [
+        (np.full((4, 3), 0.5 + 0.25j), "complex numbers"),
+        (np.zeros((4, 3), dtype=bool), "holds bool values"),
+        (np.array([["a", "b", "c"]]), "holds <U1 values"),
+    ],
+)
+def test_palette_of_other_than_real_numbers_is_refused(clusters, message):
+    with pytest.raises(ValueError, match=message):
+        ImageGPTImageProcessor(clusters=clusters)

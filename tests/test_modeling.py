@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ from image_gpt_hf import (
     ImageGPTModel,
     random_bert_mask,
 )
-from image_gpt_hf.transformers_compat import output_cache
+from image_gpt_hf.transformers_compat import CACHE_OUTPUT_FIELD, output_cache
 
 TOL = 1e-5  # max abs difference allowed against transformers' ImageGPT in float32
 # head_dim 8: not a perfect square, so the parity tests see the attention scale exactly (transformers' ImageGPT before
@@ -669,6 +670,29 @@ def forward_inputs(draw):
     return batch, length, name, shape, dtype, low, high, draw(st.integers(0, 2**16))
 
 
+def well_formed(name: str, value: torch.Tensor, batch: int, length: int) -> bool:
+    """What the forward must accept, judged here independently of the model's checks."""
+    if name == "input_ids":  # alone, any non-empty (batch, length) is well formed
+        shape_ok = value.dim() == 2 and value.numel() > 0
+    else:
+        shape_ok = tuple(value.shape) in {(batch, length)} | (
+            {(length,), (1, length)} if name == "position_ids" else set()
+        )
+    if not shape_ok:
+        return False
+    if value.dtype == torch.bool:
+        return name in ("attention_mask", "bool_masked_pos")
+    if (
+        value.is_floating_point() and name != "attention_mask"
+    ):  # a float mask of 0s and 1s is a mask; float ids are not
+        return False
+    numbers = value.long()
+    checked = numbers[:, 1:] if name == "labels" else numbers  # position 0 of shifted labels is never a target
+    low, high = VALID[name]
+    valid = ((checked >= low) & (checked < high)) | ((checked == -100) & (name == "labels"))
+    return bool(valid.all())
+
+
 @settings(max_examples=200, deadline=None, derandomize=True)  # the same examples in every run (CI)
 @given(forward_inputs())
 def test_forward_gives_the_well_formed_result_or_names_the_bad_argument(case):
@@ -679,23 +703,16 @@ def test_forward_gives_the_well_formed_result_or_names_the_bad_argument(case):
     values = torch.randint(low, high, shape, generator=g) if math.prod(shape) else torch.zeros(shape, dtype=torch.long)
     value = values != 0 if dtype == torch.bool else values.to(dtype)  # what a cast to uint8 makes of -1 is tested too
     inputs[name] = value
+    accept = well_formed(name, value, batch, length)
     try:
         result = model(**inputs)
     except ValueError as error:
+        assert not accept, (name, tuple(value.shape), value.dtype, "well formed, but refused:", str(error))
         assert f"`{name}`" in str(error), (name, str(error))
         return
-    # Accepted: then it held valid values of the right shape, and gives what the canonical form of them gives.
-    if name == "input_ids":  # alone, any non-empty (batch, length) is well formed
-        assert value.dim() == 2 and value.numel() > 0, tuple(value.shape)
-    else:
-        expected_shapes = {(batch, length)} | ({(length,), (1, length)} if name == "position_ids" else set())
-        assert tuple(value.shape) in expected_shapes, (name, tuple(value.shape))
-    assert not value.is_floating_point() or name == "attention_mask", (name, value.dtype)
-    numbers = value.long()
-    checked = numbers[:, 1:] if name == "labels" else numbers  # position 0 of shifted labels is never a target
-    valid_low, valid_high = VALID[name]
-    assert bool(((checked >= valid_low) & (checked < valid_high) | (checked == -100) & (name == "labels")).all())
-    canonical = numbers.bool() if name == "bool_masked_pos" else numbers
+    assert accept, (name, tuple(value.shape), value.dtype, "ill formed, but accepted")
+    # Accepted: it gives what the canonical form of the same numbers gives.
+    canonical = value.bool() if name == "bool_masked_pos" else value.long()
     if name == "labels":
         canonical = canonical.clone()
         canonical[:, 0] = 0
@@ -795,3 +812,48 @@ def test_extract_features_with_openai_inputs_and_padding_mask():
     masked = model.extract_features(x, layers=[0], attention_mask=mask)
     unmasked = model.extract_features(x, layers=[0], pool=False)
     assert max_diff(masked[0], unmasked[0, :, :32].mean(1)) < TOL
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_attention_weights_need_eager_attention(attn):
+    model = make(ImageGPTForCausalImageModeling, attn)
+    with pytest.raises(ValueError, match="output_attentions.*eager"):
+        model(pixels(), output_attentions=True)
+    model.set_attn_implementation("eager")
+    assert len(model(pixels(), output_attentions=True).attentions) == DIMS["n_layer"]
+
+
+def test_extract_features_pools_with_a_padding_mask_only():
+    model = make(ImageGPTModel)
+    causal = torch.ones(64, 64, dtype=torch.bool).tril().expand(3, 1, 64, 64)
+    with pytest.raises(ValueError, match="2-D `attention_mask`"):
+        model.extract_features(pixels(), layers=[1], attention_mask=causal)
+    assert model.extract_features(pixels(), layers=[1], attention_mask=causal, pool=False).shape == (1, 3, 64, 32)
+
+
+def test_joint_loss_leaves_padded_positions_out():
+    model = make(ImageGPTForImageClassification, num_labels=2, gen_loss_weight=1.0)
+    x, y = pixels(2), torch.tensor([0, 1])
+    mask = torch.ones_like(x)
+    mask[0, 40:] = 0  # right padding
+    out = model(x, attention_mask=mask, labels=y)
+    other = x.clone()
+    other[0, 40:] = (other[0, 40:] + 3) % PALETTE  # what the padding holds does not count
+    assert abs(model(other, attention_mask=mask, labels=y).gen_loss.item() - out.gen_loss.item()) < TOL
+    logits = model.lm_head(model.transformer(x, attention_mask=mask).last_hidden_state)
+    targets = x.masked_fill(mask == 0, -100)[:, 1:]
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, PALETTE), targets.reshape(-1), ignore_index=-100)
+    assert abs(out.gen_loss.item() - expected.item()) < TOL
+
+
+def test_the_old_cache_name_warns_at_the_users_call():
+    model = make(ImageGPTForCausalImageModeling)
+    cache = output_cache(model(pixels(1, 4), use_cache=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(pixels(1, 1), past_key_values=cache)
+    future = [w for w in caught if issubclass(w.category, FutureWarning)]
+    if CACHE_OUTPUT_FIELD == "cache":  # the release renamed it
+        assert len(future) == 1 and future[0].filename == __file__
+    else:
+        assert future == []

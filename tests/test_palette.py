@@ -29,6 +29,7 @@ from image_gpt_hf.palette import (
     sample_pixels,
     save_palette,
 )
+from tests.conftest import snapshot
 
 
 @pytest.fixture(scope="module")
@@ -184,20 +185,6 @@ def test_cli_runs_as_a_module(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- what the command may write
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    """Every entry below `root`: file bytes, link targets, folders; what must not change."""
-    entries: dict[str, object] = {}
-    for path in sorted(root.rglob("*")):
-        key = str(path.relative_to(root))
-        if path.is_symlink():
-            entries[key] = ("link", os.readlink(path))
-        elif path.is_dir():
-            entries[key] = "dir"
-        else:
-            entries[key] = path.read_bytes()
-    return entries
 
 
 def save_images(folder: Path, images: list[PIL.Image.Image], suffix: str = ".png") -> None:

@@ -26,22 +26,9 @@ from image_gpt_hf.safe_io import (
     staged_dir,
     staging_path,
 )
+from tests.conftest import snapshot
 
 SAFE_IO = Path(__file__).resolve().parents[1] / "image_gpt_hf" / "safe_io.py"
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    """Every entry below `root`: file bytes, link targets, folders; what must not change."""
-    entries: dict[str, object] = {}
-    for path in sorted(root.rglob("*")):
-        key = str(path.relative_to(root))
-        if path.is_symlink():
-            entries[key] = ("link", os.readlink(path))
-        elif path.is_dir():
-            entries[key] = "dir"
-        else:
-            entries[key] = path.read_bytes()
-    return entries
 
 
 def siblings(path: Path) -> list[str]:

@@ -87,17 +87,6 @@ def test_model_takes_the_cache_under_both_names_and_returns_it_under_the_release
     assert (torch.cat([first.logits, step.logits], 1) - full).abs().max() < 1e-5
 
 
-def test_hidden_state_selection_by_index_is_native_or_done_here():
-    from transformers.utils import output_capturing
-
-    from image_gpt_hf.transformers_compat import SELECTS_HIDDEN_STATES_BY_INDEX, select_hidden_states_by_index
-
-    assert SELECTS_HIDDEN_STATES_BY_INDEX == hasattr(output_capturing, "selected_hidden_states")
-    forward = ImageGPTForCausalImageModeling.forward
-    assert (select_hidden_states_by_index(forward) is forward) == SELECTS_HIDDEN_STATES_BY_INDEX
-    # Either way the models select by index (tests/test_modeling.py::test_selected_hidden_states_only).
-
-
 def test_no_deprecation_message_from_this_packages_use_of_transformers(tmp_path, capfd):
     """Forward with and without a cache, generate() with a dynamic and a static cache, save and load, on whichever
     release is installed: transformers prints no deprecation notice (its `warning_once` messages go to stderr)."""
