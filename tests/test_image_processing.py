@@ -422,7 +422,6 @@ def test_loading_a_saved_checkpoint_never_asks_to_run_its_code(tmp_path, monkeyp
     assert prompts == []
 
 
-@pytest.mark.slow
 def test_remote_code_loads_without_the_package(tmp_path, small_images, random_palette):
     ours_for(random_palette).save_pretrained(tmp_path / "processor")
     ImageGPTConfig.from_preset("tiny", n_px=N_PX, palette_size=512).save_pretrained(tmp_path / "processor")

@@ -56,6 +56,7 @@ def test_masking_utilities_take_the_cache_without_a_warning(create_mask):
     assert mask.shape[-2:] == (3, 3) and bool((mask[0, 0, :, 0] < 0).all())  # the padded key is masked everywhere
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # tested below
 def test_resolve_cache_takes_either_name_once():
     cache = DynamicCache()
     assert resolve_cache(cache, None) is cache
