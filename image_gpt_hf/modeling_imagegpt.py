@@ -511,10 +511,11 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
                 f"{type(self).__name__}.forward() got unexpected argument(s): {', '.join(sorted(unexpected))}."
             )
         if kwargs.get("output_attentions", config.output_attentions) and config._attn_implementation != "eager":
-            raise ValueError(
-                f"`output_attentions` needs attn_implementation='eager': {config._attn_implementation!r} computes no "
-                "attention weights. Load the model with `attn_implementation='eager'` (or "
-                "`model.set_attn_implementation('eager')`) to get them."
+            # As transformers' models do with sdpa: the call runs, says so, and `attentions` holds no weights.
+            logger.warning_once(
+                f"`output_attentions=True` needs attn_implementation='eager': {config._attn_implementation!r} "
+                "computes no attention weights, so `attentions` holds none. Load the model with "
+                "`attn_implementation='eager'` (or call `model.set_attn_implementation('eager')`) to get them."
             )
         cache = resolve_cache(cache, past_key_values)
         prepend_sos = config.prepend_sos if prepend_sos is None else prepend_sos
