@@ -108,14 +108,21 @@ def classifier_accuracy(folder: Path, count: int) -> float:
     return (predictions == torch.tensor(test["label"])).float().mean().item()
 
 
+PLANTED_LINK = "config.json"  # where pretraining writes a file of its own: a link there must not be followed
+
+
 @pytest.fixture(scope="module")
 def ar_checkpoint(tmp_path_factory) -> tuple[Path, str]:
-    """30 steps of AR pretraining, written with --overwrite over a folder of an earlier, sharded model."""
+    """30 steps of AR pretraining, written with --overwrite over a folder of an earlier, sharded model that also
+    holds a link to a file of the user's elsewhere (`PLANTED_LINK`): the link goes, the file it points to stays."""
     out = tmp_path_factory.mktemp("pretrain_ar")
     for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         save_file({"w": torch.zeros(2)}, out / name)
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00002"}}))
     (out / "README.md").write_text("An earlier model.")
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "config.json"
+    elsewhere.write_text("the user's own config")
+    (out / PLANTED_LINK).symlink_to(elsewhere)
     log = run_script(
         "pretrain.py", "--objective", "ar", *TINY_MODEL, *LEARN, "--max_train_steps", "30",
         "--checkpointing_steps", "30", "--output_dir", str(out), "--overwrite",
@@ -301,6 +308,10 @@ def test_pretrain_ar_learns_and_writes_a_model_that_generates(ar_checkpoint):
     assert isinstance(processor, ImageGPTImageProcessor) and len(processor.clusters) == common.DIGITS_PALETTE_SIZE
     # --overwrite replaced the earlier model: none of its shards or its index is left to be read with the new one.
     assert not list(out.glob("model-0000*")) and not (out / "model.safetensors.index.json").exists()
+    # The planted link was replaced by the model's own config, and the file it pointed to is untouched.
+    assert not (out / PLANTED_LINK).is_symlink() and json.loads((out / PLANTED_LINK).read_text())["n_layer"] == 2
+    elsewhere = next(out.parent.glob("elsewhere*")) / "config.json"
+    assert elsewhere.read_text() == "the user's own config"
     assert "An earlier model." not in (out / "README.md").read_text()
 
     # A plain generate() draws a whole image from SOS: the saved generation config starts and sizes it.
@@ -886,6 +897,16 @@ def test_existing_output_is_kept_unless_overwrite(tiny_checkpoint, tmp_path):
     (samples / "samples.png").write_bytes(b"my samples")
     with pytest.raises(ValueError, match=rf"{samples / 'samples.png'} exists.*--overwrite"):
         sample.main(["--model_name_or_path", str(tiny_checkpoint), "--num_images", "0", "--output_dir", str(samples)])
+    assert (samples / "samples.png").read_bytes() == b"my samples"
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "samples.png").symlink_to(samples / "samples.png")  # a link out of the output folder
+    for overwrite in ([], ["--overwrite"]):
+        with pytest.raises(ValueError, match="symbolic link"):
+            sample.main(
+                ["--model_name_or_path", str(tiny_checkpoint), "--num_images", "0", "--output_dir", str(linked)]
+                + overwrite
+            )
     assert (samples / "samples.png").read_bytes() == b"my samples"
     (samples / "probe_results.md").write_text("my table")
     with pytest.raises(ValueError, match=rf"{samples / 'probe_results.md'} exists.*--overwrite"):
