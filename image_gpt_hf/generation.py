@@ -29,7 +29,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
 from .configuration_imagegpt import ImageGPTConfig, image_side
-from .image_processing_imagegpt import ImageGPTImageProcessor
+from .image_processing_imagegpt import ImageGPTImageProcessor, check_palette_fits
 
 OutputType = Literal["pil", "np", "ids"]
 # An integer factor (nearest-neighbour) or a super-resolution model (a path, a Hub id or the model).
@@ -78,7 +78,7 @@ def sample(
     batch_size = _check_batch_size(batch_size, num_images)
     _check_output_type(output_type)
     processor = _resolve_processor(model, processor, output_type)
-    _check_palette(processor, palette_size=sos)  # the SOS id is the palette size
+    check_palette_fits(processor, model.config)
 
     prompts = torch.full((num_images, 1), sos, dtype=torch.long, device=model.device)
     ids = _generate(
@@ -138,7 +138,7 @@ def complete(
 
     is_ids = _are_ids(images, n_px)
     processor = _resolve_processor(model, processor, output_type, needed=not is_ids)
-    _check_palette(processor, palette_size=sos)  # the SOS id is the palette size
+    check_palette_fits(processor, model.config)
     ids = _check_ids(images, n_px, model.config.vocab_size - 1) if is_ids else _encode(images, processor, n_px)
     batch_size = _check_batch_size(batch_size, len(ids) * num_completions)
 
@@ -325,16 +325,6 @@ def _check_model(model: PreTrainedModel) -> tuple[int, int]:
             f"(objective={config.objective!r}), which predicts masked pixels instead of the next one."
         )
     return image_side(config.n_positions), config.vocab_size - 1
-
-
-def _check_palette(processor: ImageGPTImageProcessor | None, palette_size: int) -> None:
-    """The processor decodes (and encodes) with a palette of the model's size, or the images come out wrong."""
-    clusters = getattr(processor, "clusters", None)
-    if processor is not None and clusters is not None and len(clusters) != palette_size:
-        raise ValueError(
-            f"The processor's palette has {len(clusters)} colors but the model predicts {palette_size}: "
-            "use the processor saved with the model (`ImageGPTImageProcessor.from_pretrained(model_path)`)."
-        )
 
 
 def _check_count(name: str, value: int) -> None:

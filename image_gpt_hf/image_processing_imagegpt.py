@@ -399,6 +399,19 @@ def validate_palette(clusters: Any) -> np.ndarray:
     return palette
 
 
+def check_palette_fits(processor: Any, config: Any, source: str = "The processor") -> None:
+    """The one rule that a processor and a model belong together: the processor's palette has the colors the model
+    predicts (vocab_size minus SOS, for this package's config and transformers' own), or its ids and decoded images
+    mean something else. A processor without a palette (None, or no `clusters`) has nothing to check."""
+    clusters, palette_size = getattr(processor, "clusters", None), config.vocab_size - 1
+    if clusters is not None and len(clusters) != palette_size:
+        raise ValueError(
+            f"{source}'s palette has {len(clusters)} colors but the model predicts {palette_size} "
+            f"(vocab_size {config.vocab_size} = palette + SOS): they do not belong to the same checkpoint; use the "
+            "processor saved with the model (`ImageGPTImageProcessor.from_pretrained(model_path)`)."
+        )
+
+
 def _as_id_array(input_ids: Any) -> np.ndarray:
     """Token ids as an int64 numpy array, or a ValueError if they are not integers."""
     if isinstance(input_ids, torch.Tensor):

@@ -25,6 +25,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
 from .configuration_imagegpt import PRESETS, ImageGPTConfig
+from .image_processing_imagegpt import check_palette_fits
 from .safe_io import atomic_file, check_output_path
 
 TEMPLATE_NAME = "MODEL_CARD.md"
@@ -201,15 +202,10 @@ def _input_size(config: ImageGPTConfig) -> str:
 
 def _processor_facts(processor: Any, config: ImageGPTConfig) -> list[tuple[str, str]]:
     rows = []
+    check_palette_fits(processor, config)
     clusters = getattr(processor, "clusters", None)
     if clusters is not None:
-        colors = len(clusters)
-        if colors != config.palette_size:
-            raise ValueError(
-                f"The processor's palette has {colors} colors but the model predicts {config.palette_size} "
-                f"(vocab_size {config.vocab_size} = palette + SOS): they do not belong to the same checkpoint."
-            )
-        rows.append(("Processor palette", f"{colors} colors (`clusters` in preprocessor_config.json)"))
+        rows.append(("Processor palette", f"{len(clusters)} colors (`clusters` in preprocessor_config.json)"))
     size = getattr(processor, "size", None)
     if getattr(processor, "do_resize", True) and size is not None:
         size = dict(size) if not isinstance(size, int) else {"shortest_edge": size}

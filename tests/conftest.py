@@ -11,6 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The tiny model every test file builds on (`from conftest import TINY_DIMS`), varied per file where a test needs it:
+# a 16-color palette + SOS, 8x8 images, head_dim 8 (not a perfect square, so parity tests see the exact attention
+# scale).
+TINY_DIMS = {"vocab_size": 17, "n_positions": 64, "n_embd": 32, "n_layer": 3, "n_head": 4}
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY_DIMS
 from huggingface_hub import ModelCard
 
 from image_gpt_hf import (
@@ -151,7 +152,7 @@ def test_wheel_ships_the_card_template(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- write_model_card
 
-DIMS = {"vocab_size": 17, "n_positions": 64, "n_embd": 32, "n_layer": 4, "n_head": 4}
+DIMS = {**TINY_DIMS, "n_layer": 4}
 
 
 def read_card(path):

@@ -5,6 +5,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import TINY_DIMS
 from transformers import DynamicCache
 from transformers.models.imagegpt import modeling_imagegpt as hf
 from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
@@ -18,7 +19,7 @@ from image_gpt_hf import (
 from image_gpt_hf.generation import complete, sample, upscale_images
 
 N_PX = 8
-DIMS = {"vocab_size": 17, "n_positions": N_PX * N_PX, "n_embd": 32, "n_layer": 2, "n_head": 4}
+DIMS = {**TINY_DIMS, "n_layer": 2}
 PALETTE = DIMS["vocab_size"] - 1
 SOS = DIMS["vocab_size"] - 1
 

@@ -19,6 +19,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import TINY_DIMS
 from huggingface_hub import CommitInfo, HfApi, RepoUrl, constants, hf_hub_download, scan_cache_dir
 from huggingface_hub.utils import set_client_factory
 from huggingface_hub.utils._http import default_client_factory
@@ -43,7 +44,7 @@ from image_gpt_hf import (
 )
 from image_gpt_hf.pipelines import ImageGPTFeatureExtractionPipeline
 
-DIMS = {"vocab_size": 17, "n_positions": 64, "n_embd": 32, "n_layer": 3, "n_head": 4}
+DIMS = TINY_DIMS
 PALETTE = np.random.default_rng(0).uniform(-1, 1, (DIMS["vocab_size"] - 1, 3))
 COMMIT = hashlib.sha1(b"image_gpt_hf fake hub commit").hexdigest()
 LFS_SUFFIXES = (".safetensors", ".bin")  # stored in Git LFS on the Hub: blobs are named by their sha256

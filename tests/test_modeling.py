@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_DIMS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import (
@@ -38,7 +39,7 @@ from image_gpt_hf.transformers_compat import CACHE_OUTPUT_FIELD, output_cache
 TOL = 1e-5  # max abs difference allowed against transformers' ImageGPT in float32
 # head_dim 8: not a perfect square, so the parity tests see the attention scale exactly (transformers' ImageGPT before
 # 5.22, below the supported range, rounded sqrt(head_dim)).
-DIMS = {"vocab_size": 17, "n_positions": 64, "n_embd": 32, "n_layer": 3, "n_head": 4}
+DIMS = TINY_DIMS
 PALETTE = DIMS["vocab_size"] - 1
 SOS = DIMS["vocab_size"] - 1
 ATTN = ["eager", "sdpa"]

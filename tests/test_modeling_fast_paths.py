@@ -3,13 +3,14 @@ CPU training with dropout; and wrapped or offloaded models still go through thei
 
 import torch
 import torch.nn.functional as F
+from conftest import TINY_DIMS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling
 from image_gpt_hf.modeling_imagegpt import BLOCKWISE_SDPA, ImageGPTLayerNorm, blockwise_causal_sdpa_forward
 from image_gpt_hf.transformers_compat import output_cache
 
-DIMS = {"vocab_size": 17, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4}
+DIMS = {**TINY_DIMS, "n_layer": 2}
 SOS = DIMS["vocab_size"] - 1
 
 

@@ -17,6 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import onnx  # noqa: E402
+from conftest import TINY_DIMS  # noqa: E402
 from transformers import GPT2Config, pipeline  # noqa: E402
 
 from image_gpt_hf import (  # noqa: E402
@@ -29,7 +30,7 @@ from image_gpt_hf import (  # noqa: E402
 )
 from image_gpt_hf.onnx_export import ONNX_FILE, _check_opset, export_onnx, greedy_generate, main  # noqa: E402
 
-DIMS = {"vocab_size": 17, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}
+DIMS = {**TINY_DIMS, "n_layer": 2, "n_head": 2}
 TOL = 1e-4
 BATCH_SIZES = (1, 3)
 PRETRAINED = {"ar": ImageGPTForCausalImageModeling, "bert": ImageGPTForMaskedImageModeling}

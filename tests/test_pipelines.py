@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import TINY_DIMS
 from transformers import ImageFeatureExtractionPipeline, pipeline
 from transformers.dynamic_module_utils import get_imports
 
@@ -23,7 +24,7 @@ from image_gpt_hf import (
 )
 from image_gpt_hf.pipelines import ImageGPTFeatureExtractionPipeline
 
-DIMS = {"vocab_size": 17, "n_positions": 64, "n_embd": 32, "n_layer": 4, "n_head": 4}
+DIMS = {**TINY_DIMS, "n_layer": 4}
 LABELS = {0: "ant", 1: "bee", 2: "cat"}
 TOL = 1e-5
 

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import TINY_DIMS
 from transformers import DynamicCache, GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -22,7 +23,7 @@ from image_gpt_hf.transformers_compat import (
     resolve_cache,
 )
 
-DIMS = {"vocab_size": 17, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 2}
+DIMS = {**TINY_DIMS, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 2}
 
 
 def test_cache_output_field_is_the_releases():
