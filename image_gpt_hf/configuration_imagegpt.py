@@ -45,7 +45,8 @@ class ImageGPTConfig(PreTrainedConfig):
     vocab_size (`int`, defaults to 513):
         Palette size + 1. The last id is the start-of-sequence (SOS) token; the LM head predicts the palette only.
     n_positions (`int`, defaults to 1024):
-        Sequence length the model can see, `n_px * n_px`.
+        Sequence length the model can see, `n_px * n_px`: the image size is set here (`n_px` is derived from it;
+        `from_preset` takes `n_px`).
     objective (`"ar"` or `"bert"`, defaults to `"ar"`):
         The pre-training objective. `"ar"` gives causal attention (next-pixel prediction); `"bert"` gives bidirectional
         attention (masked-pixel prediction, as OpenAI's `-bert` checkpoints). transformers' own ImageGPT ignores this
@@ -67,6 +68,13 @@ class ImageGPTConfig(PreTrainedConfig):
         The layer whose normed hidden state `ImageGPTModel` averages into `pooler_output` (what the
         `image-feature-extraction` pipeline returns with `pool=True`). `None` is the middle of the network
         (`n_layer // 2`), where the paper finds the best linear-probe features.
+
+    Which layer is pooled: every pooled feature is a hidden state `l` (0 is the embedding output, `n_layer` the final
+    normed output) read through the norm of the block that follows it (the paper's `n^l`) and averaged over the
+    `n_positions` pixels of a whole image (other lengths are refused). `feature_layer` picks `l` for `ImageGPTModel`'s
+    `pooler_output`; `classifier_layer` picks it for `ImageGPTForImageClassification`'s logits; a forward's
+    `pooler_layer` argument overrides `feature_layer` for one call (the classifier passes its `classifier_layer` there),
+    and its `return_pooler_output` says whether to pool at all (`None`: for whole images only).
 
     A config whose added fields keep their defaults describes a model transformers' built-in ImageGPT computes
     exactly; it is saved with `model_type: "imagegpt"` and moves both ways. Any other (a BERT objective, `prepend_sos`,
@@ -114,6 +122,20 @@ class ImageGPTConfig(PreTrainedConfig):
     gen_loss_weight: float | int = 0.0
     feature_layer: int | None = None
 
+    def __post_init__(self, n_px: int | None = None, **kwargs):
+        # `n_px` is derived from `n_positions`, not a field: taken only where it agrees (a config.json holding both).
+        if n_px is not None and (
+            isinstance(n_px, bool) or not isinstance(n_px, int) or n_px * n_px != self.n_positions
+        ):
+            hint = (
+                f"`n_positions={n_px * n_px}`" if isinstance(n_px, int) and n_px > 0 else "`n_positions=n_px * n_px`"
+            )
+            raise ValueError(
+                f"`n_px`={n_px!r} does not match `n_positions`={self.n_positions}: ImageGPTConfig sets the image size "
+                f"by `n_positions = n_px * n_px`, so pass {hint} (or use `ImageGPTConfig.from_preset(name, n_px=...)`)."
+            )
+        super().__post_init__(**kwargs)
+
     def validate_architecture(self):
         """Part of `@strict`-powered validation: reject configs no model can be built from."""
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
@@ -140,8 +162,8 @@ class ImageGPTConfig(PreTrainedConfig):
             raise ValueError(f"`n_embd` ({self.n_embd}) must be divisible by `n_head` ({self.n_head}).")
         if self.objective not in ("ar", "bert"):
             raise ValueError(f"`objective` must be 'ar' or 'bert', got {self.objective!r}.")
-        if self.gen_loss_weight < 0:
-            raise ValueError(f"`gen_loss_weight` must be >= 0, got {self.gen_loss_weight}.")
+        if not (math.isfinite(self.gen_loss_weight) and self.gen_loss_weight >= 0):
+            raise ValueError(f"`gen_loss_weight` must be a finite number >= 0, got {self.gen_loss_weight}.")
         if self.prepend_sos and self.objective == "bert":
             raise ValueError("`prepend_sos` applies to autoregressive models only, not to objective='bert'.")
         for name in ("classifier_layer", "feature_layer"):
@@ -186,6 +208,8 @@ class ImageGPTConfig(PreTrainedConfig):
         the fields, so a config reads the same whichever of the two types it was saved under."""
         if config_dict.get("model_type") in (cls.model_type, EXTENDED_MODEL_TYPE):
             config_dict = {key: value for key, value in config_dict.items() if key != "model_type"}
+        if "n_px" in config_dict and "n_positions" not in config_dict and isinstance(config_dict["n_px"], int):
+            config_dict = {**config_dict, "n_positions": config_dict["n_px"] ** 2}  # the one size it names
         return super().from_dict(config_dict, **kwargs)
 
     @property
@@ -204,18 +228,32 @@ class ImageGPTConfig(PreTrainedConfig):
         return image_side(self.n_positions)
 
     @classmethod
-    def from_preset(cls, name: str, n_px: int = 32, palette_size: int = 512, **kwargs) -> ImageGPTConfig:
-        """A config for one of the named sizes in `PRESETS` at `n_px x n_px` input (the paper used 32, 48, 64).
+    def from_preset(
+        cls, name: str, n_px: int | None = None, palette_size: int | None = None, **kwargs
+    ) -> ImageGPTConfig:
+        """A config for one of the named sizes in `PRESETS` at `n_px x n_px` input (default 32; the paper used 32, 48,
+        64) with a palette of `palette_size` colors (default 512).
 
         Any other field can be given as a keyword, e.g. `ImageGPTConfig.from_preset("small", 48, objective="bert")`.
+        `n_positions` and `vocab_size` may replace `n_px` and `palette_size`; keywords that disagree are refused.
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-        if not isinstance(n_px, int) or n_px < 1:
-            raise ValueError(f"`n_px` must be a positive integer, got {n_px!r}.")
-        if not isinstance(palette_size, int) or palette_size < 1:
-            raise ValueError(f"`palette_size` must be a positive integer, got {palette_size!r}.")
-        fields = {**PRESETS[name], "n_positions": n_px * n_px, "vocab_size": palette_size + 1, **kwargs}
+        for keyword, value, field, derived in (
+            ("n_px", n_px, "n_positions", lambda side: side * side),
+            ("palette_size", palette_size, "vocab_size", lambda size: size + 1),
+        ):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{keyword}` must be a positive integer, got {value!r}.")
+            if field in kwargs and kwargs[field] != derived(value):
+                raise ValueError(
+                    f"`{keyword}`={value} and `{field}`={kwargs[field]} disagree ({field} = {derived(value)} for "
+                    f"{keyword}={value}): give one of them."
+                )
+            kwargs[field] = derived(value)
+        fields = {**PRESETS[name], "n_positions": 32 * 32, "vocab_size": 512 + 1, **kwargs}
         return cls(**fields)
 
 

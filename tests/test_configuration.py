@@ -117,6 +117,38 @@ def test_paper_sizes():
 def test_preset_overrides_and_palette_size():
     config = ImageGPTConfig.from_preset("small", n_px=48, palette_size=16, objective="bert", n_layer=2)
     assert config.vocab_size == 17 and config.objective == "bert" and config.n_layer == 2
+    assert (config.n_positions, config.n_px) == (48 * 48, 48)
+    # The fields themselves may stand in for n_px and palette_size, and agreeing keywords are accepted.
+    config = ImageGPTConfig.from_preset("tiny", n_positions=64, vocab_size=17)
+    assert (config.n_px, config.palette_size) == (8, 16)
+    assert ImageGPTConfig.from_preset("tiny", n_px=8, n_positions=64, palette_size=16, vocab_size=17).n_px == 8
+    default = ImageGPTConfig.from_preset("tiny")
+    assert (default.n_px, default.palette_size) == (32, 512)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_px": 8, "palette_size": 16, "vocab_size": 100}, r"`palette_size`=16 and `vocab_size`=100 disagree"),
+        ({"n_px": 8, "n_positions": 100}, r"`n_px`=8 and `n_positions`=100 disagree"),
+    ],
+)
+def test_preset_keywords_that_disagree_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ImageGPTConfig.from_preset("tiny", **kwargs)
+
+
+def test_the_image_size_is_n_positions_and_n_px_is_read_where_it_agrees(tmp_path):
+    with pytest.raises(ValueError, match=r"`n_px`=8 does not match `n_positions`=1024.*pass `n_positions=64`"):
+        ImageGPTConfig(n_px=8)
+    assert ImageGPTConfig(n_px=8, n_positions=64).n_px == 8
+    # A config.json that names the image side: alone it is unambiguous; beside a different n_positions it is refused.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "imagegpt", "n_px": 8, "vocab_size": 17}))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, ImageGPTConfig) and config.n_positions == 64 and "n_px" not in config.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "imagegpt", "n_px": 8, "n_positions": 100}))
+    with pytest.raises(ValueError, match=r"`n_px`=8 does not match `n_positions`=100"):
+        ImageGPTConfig.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -127,6 +159,8 @@ def test_preset_overrides_and_palette_size():
         ({"classifier_layer": 30}, "classifier_layer"),
         ({"feature_layer": -26}, "feature_layer"),
         ({"gen_loss_weight": -1.0}, "gen_loss_weight"),
+        ({"gen_loss_weight": float("nan")}, "gen_loss_weight"),
+        ({"gen_loss_weight": float("inf")}, "gen_loss_weight"),
         ({"objective": "bert", "prepend_sos": True}, "prepend_sos"),
         ({"vocab_size": 1}, "vocab_size"),
         ({"n_layer": 2.5}, "n_layer"),
