@@ -20,6 +20,7 @@ from transformers import (
 from transformers.utils import logging
 
 from .configuration_imagegpt import EXTENDED_MODEL_TYPE, PAPER_RESOLUTIONS, PRESETS, ImageGPTConfig
+from .data import ImageGPTDataCollator, load_digits
 from .image_processing_imagegpt import ImageGPTImageProcessor, ImageGPTImageProcessorPil
 from .modeling_imagegpt import (
     ImageGPTForCausalImageModeling,
@@ -62,6 +63,7 @@ __all__ = [
     "PAPER_RESOLUTIONS",
     "PRESETS",
     "ImageGPTConfig",
+    "ImageGPTDataCollator",
     "ImageGPTForCausalImageModeling",
     "ImageGPTForImageClassification",
     "ImageGPTForMaskedImageModeling",
@@ -70,5 +72,6 @@ __all__ = [
     "ImageGPTModel",
     "ImageGPTModelOutput",
     "ImageGPTPreTrainedModel",
+    "load_digits",
     "random_bert_mask",
 ]

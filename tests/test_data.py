@@ -1,0 +1,141 @@
+"""image_gpt_hf.data: the public data collator and the bundled digits, also under transformers' Trainer."""
+
+import numpy as np
+import pytest
+import torch
+
+from image_gpt_hf import ImageGPTConfig, ImageGPTDataCollator, ImageGPTImageProcessor, load_digits
+
+PALETTE = np.linspace(-1, 1, 16, dtype=np.float32)[:, None].repeat(3, axis=1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return ImageGPTImageProcessor(clusters=PALETTE, size={"height": 4, "width": 4})
+
+
+def test_digits_are_a_fixed_stratified_split(digits):
+    assert (len(digits["train"]), len(digits["test"])) == (1437, 360)
+    assert digits["train"].features["label"].names == [str(d) for d in range(10)]
+    image = digits["train"][0]["image"]
+    assert image.size == (8, 8) and image.mode == "L"
+    counts = np.bincount(digits["test"]["label"], minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 of each digit
+    again = load_digits()
+    assert list(again["test"]["label"]) == list(digits["test"]["label"])
+    assert np.array_equal(np.asarray(again["test"][5]["image"]), np.asarray(digits["test"][5]["image"]))
+
+
+def test_images_and_processor_output_give_the_same_batch(digits, processor):
+    examples = [digits["train"][i] for i in range(6)]
+    expected = processor([e["image"] for e in examples], return_tensors="pt")["input_ids"]
+    from_images = ImageGPTDataCollator(processor)(examples)
+    assert torch.equal(from_images["input_ids"], expected) and from_images["input_ids"].dtype == torch.long
+    assert torch.equal(from_images["labels"], expected)  # AR: the pixels are the targets
+    rows = [{"input_ids": row.tolist(), "label": e["label"]} for row, e in zip(expected, examples)]
+    from_ids = ImageGPTDataCollator()(rows)
+    assert from_ids.keys() == {"input_ids", "labels"} and torch.equal(from_ids["input_ids"], expected)
+    bare = ImageGPTDataCollator(processor, objective=None)([e["image"] for e in examples])
+    assert bare.keys() == {"input_ids"} and torch.equal(bare["input_ids"], expected)
+    classes = ImageGPTDataCollator(objective=None, label_column="label")(rows)
+    assert classes["labels"].tolist() == [e["label"] for e in examples]
+    numpy = ImageGPTDataCollator(objective="bert", return_tensors="np")(rows)
+    assert isinstance(numpy["input_ids"], np.ndarray) and numpy["bool_masked_pos"].dtype == np.bool_
+
+
+def test_bert_masks_are_seeded_per_example(digits, processor):
+    rows = [{"input_ids": ids} for ids in processor(digits["train"][:64]["image"], return_tensors="pt")["input_ids"]]
+    collator = ImageGPTDataCollator(objective="bert", seed=3)
+    rng_before = torch.get_rng_state()
+    batch = collator(rows)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG (dropout) is untouched
+    masks = batch["bool_masked_pos"]
+    assert masks.shape == (64, 16) and 0.08 < masks.float().mean() < 0.25
+    assert torch.equal(batch["labels"], batch["input_ids"])
+    # The same mask for an example whatever the batch it is in, its position there or the worker drawing it.
+    reordered = collator(rows[::-1][:10])["bool_masked_pos"]
+    assert torch.equal(reordered, masks.flip(0)[:10])
+    assert not torch.equal(ImageGPTDataCollator(objective="bert", seed=4)(rows)["bool_masked_pos"], masks)
+    collator.epoch = 1  # new masks every epoch
+    assert not torch.equal(collator(rows)["bool_masked_pos"], masks)
+    assert torch.equal(collator.masks(batch["input_ids"], epoch=0), masks)
+    heavy = ImageGPTDataCollator(objective="bert", mask_probability=0.5)(rows)["bool_masked_pos"]
+    assert 0.4 < heavy.float().mean() < 0.6
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"objective": "mlm"}, "`objective` must be 'ar', 'bert' or None"),
+        ({"mask_probability": 0.3}, "with objective='ar' nothing is masked"),
+        ({"objective": "bert", "mask_probability": 1.0}, r"`mask_probability` must be in \(0, 1\)"),
+        ({"return_tensors": "tf"}, "`return_tensors` must be 'pt' or 'np'"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ImageGPTDataCollator(**kwargs)
+
+
+def test_bad_batches_are_refused(digits, processor):
+    with pytest.raises(ValueError, match="pass an `image_processor`"):
+        ImageGPTDataCollator()([digits["train"][0]])
+    with pytest.raises(ValueError, match=r"have \[9, 16\] pixels: a batch needs images of one n_px"):
+        ImageGPTDataCollator()([{"input_ids": [0] * 16}, {"input_ids": [0] * 9}])
+    with pytest.raises(ValueError, match="`label_column` 'label' is missing"):
+        ImageGPTDataCollator(label_column="label")([{"input_ids": [0] * 16}])
+    with pytest.raises(ValueError, match="neither `input_ids` nor an image under `image_column` 'image'"):
+        ImageGPTDataCollator(processor)([{"img": digits["train"][0]["image"]}])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+def test_trainer_trains_with_the_collator_and_saves_a_loadable_model(objective, digits, processor, tmp_path):
+    """transformers' Trainer with `data_collator=ImageGPTDataCollator`: the loss falls on the digits, and the saved
+    folder loads with the Auto classes."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoModelForMaskedImageModeling,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from image_gpt_hf import ImageGPTForCausalImageModeling, ImageGPTForMaskedImageModeling
+
+    torch.manual_seed(0)
+    config = ImageGPTConfig.from_preset("tiny", n_px=4, palette_size=16, n_layer=2, n_embd=32, n_head=2)
+    config.objective, config.prepend_sos = objective, objective == "ar"
+    model_class = ImageGPTForCausalImageModeling if objective == "ar" else ImageGPTForMaskedImageModeling
+    model = model_class(config)
+    train = digits["train"].select(range(512)).with_transform(lambda batch: processor(batch["image"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=32,
+        learning_rate=3e-3,
+        max_steps=40,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        remove_unused_columns=False,  # the transform reads the image column
+        seed=0,
+    )
+    collator = ImageGPTDataCollator(objective=objective, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 40 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+    trainer.save_model(str(tmp_path / "model"))
+    processor.save_pretrained(tmp_path / "model")
+    auto = AutoModelForCausalLM if objective == "ar" else AutoModelForMaskedImageModeling
+    loaded = auto.from_pretrained(tmp_path / "model")
+    assert isinstance(loaded, model_class) and loaded.config.objective == objective
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.cpu()), key
+    assert np.array_equal(AutoImageProcessor.from_pretrained(tmp_path / "model").clusters, processor.clusters)
