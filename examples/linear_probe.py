@@ -1,210 +1,227 @@
-"""Linear probes of Image GPT features, layer by layer, as in the paper: how linearly separable are the classes in
-the average-pooled features `n^l` of each layer `l`?
+"""Linear probes of Image GPT features, layer by layer, as in the paper: a logistic-regression probe on the
+average-pooled features `n^l` of every layer `l` (one forward pass per batch, `ImageGPTModel.extract_features`), and
+the same for a randomly initialised model and the raw pixels. Writes probe_results.json, .md and probe_accuracy.png.
 
     accelerate launch examples/linear_probe.py --model_name_or_path igpt-tiny-digits --output_dir probe-digits
 
-One forward pass per batch gives the features of every layer (`ImageGPTModel.extract_features`). Each layer gets a
-logistic-regression probe (scikit-learn, features standardized, L2 strength chosen on a held-out part of the
-training split), fitted on the training split and scored on the evaluation split. Two baselines run the same way: a
-randomly initialised model of the same config (what the architecture alone gives) and the raw pixels. Writes
-probe_results.json, probe_results.md and probe_accuracy.png to --output_dir.
-
-The rest of the paper's protocol: probes on several layers' features side by side (`--concat_layers`,
-`--concat_window`), BERT models evaluated under K random masks (`--num_eval_masks`, `--eval_mask_prob`: one probe,
-its class probabilities averaged over the masks), fixed low-data label subsets (`--num_labels_per_class`), and
-datasets beyond memory: `--feature_dir` streams the features to disk as batches arrive (one shard per process,
-resumable after a kill) and `--probe torch` fits the probe from there a chunk at a time (examples/probe_data.py).
+The rest of the paper's protocol: layers side by side (`--concat_layers`, `--concat_window`), BERT models under K
+masks (`--num_eval_masks`, `--eval_mask_prob`), seeded class-balanced label subsets (`--num_labels_per_class`), and
+features on disk (`--feature_dir`: resumable after a kill, reused only for the same images) with a probe that reads
+them a chunk at a time (`--probe torch`), both in examples/feature_store.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import datasets
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list, set_seed
+from datasets import ClassLabel, DatasetDict, load_dataset
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import DataLoader
+from transformers import AutoConfig
 
-import common
-import probe_data
-from common import logger
-from image_gpt_hf import ImageGPTModel
+import feature_store
+from image_gpt_hf import ImageGPTConfig, ImageGPTImageProcessor, ImageGPTModel, load_digits, random_bert_mask
+from image_gpt_hf.image_processing_imagegpt import check_palette_fits
 from image_gpt_hf.safe_io import atomic_file, check_output_path, clean_stale_staging
 
 matplotlib.use("Agg")  # files only, no display
+logger = get_logger(__name__)
 
+DIGITS = "sklearn-digits"  # scikit-learn's bundled 8x8 handwritten digits: no download
 SETS = ("pretrained", "random_init", "raw_pixels")  # the feature sets, as a --feature_dir names them
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Linear probes on every layer of an Image GPT model.")
-    parser.add_argument(
-        "--model_name_or_path", type=str, required=True, help="An Image GPT checkpoint (folder or Hub id)."
+    add = parser.add_argument
+    add("--model_name_or_path", required=True, help="An Image GPT checkpoint (folder or Hub id).")
+    add("--processor_name_or_path", default=None, help="A processor with the model's palette (default: the model's).")
+    add("--n_px", type=int, default=None, help="Input resolution (default: the model's).")
+    add("--output_dir", required=True, help="Where to write probe_results.json, .md and probe_accuracy.png.")
+    add("--overwrite", action="store_true", help="Replace earlier results (and a --feature_dir of other settings).")
+    add("--layers", type=int, nargs="+", default=None, help="Hidden states to probe (0 = embeddings; default: all).")
+    add("--concat_layers", type=int, nargs="+", default=None, help="Also probe these layers side by side.")
+    add("--concat_window", type=int, default=None, help="Also probe W layers side by side around the best one.")
+    add("--probe_c", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="Inverse L2 strengths to choose from.")
+    add("--probe_holdout", type=float, default=0.2, help="Fraction of the training split used to choose --probe_c.")
+    add("--probe_max_iter", type=int, default=2000, help="lbfgs iterations per probe.")
+    add("--no_baselines", action="store_true", help="Skip the random-init and raw-pixel probes.")
+    add("--per_device_eval_batch_size", type=int, default=128, help="Feature extraction batch size.")
+    add("--seed", type=int, default=42, help="Seeds the random-init baseline, the hold-out, label subsets, masks.")
+    add(
+        "--feature_dir", default=None, help="Stream the features to this folder (resumable, reused) instead of memory."
     )
-    common.add_output_arguments(parser, what="the results")
-    parser.add_argument(
-        "--layers",
-        type=int,
-        nargs="+",
-        default=None,
-        help="Hidden-state indices to probe (0 = embeddings, n_layer = final output). Default: all.",
-    )
-    parser.add_argument(
-        "--concat_layers",
-        type=int,
-        nargs="+",
-        default=None,
-        help="Also probe these layers' features side by side (concatenated), e.g. 2 3 4.",
-    )
-    parser.add_argument(
-        "--concat_window",
-        type=int,
-        default=None,
-        help="Also probe W neighbouring probed layers concatenated, centered at the best single layer (the paper: "
-        "11 layers for iGPT-L, 5 for iGPT-XL).",
-    )
-    parser.add_argument(
-        "--probe_c",
-        type=float,
-        nargs="+",
-        default=[0.01, 0.1, 1.0],
-        help="Inverse L2 strengths to choose from on the held-out part of the training split (one value: no search).",
-    )
-    parser.add_argument(
-        "--probe_holdout", type=float, default=0.2, help="Fraction of the training split used to choose --probe_c."
-    )
-    parser.add_argument("--probe_max_iter", type=int, default=2000, help="lbfgs iterations per probe.")
-    parser.add_argument("--no_baselines", action="store_true", help="Skip the random-init and raw-pixel probes.")
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=128, help="Feature extraction batch size.")
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=42,
-        help="Seeds the random-init baseline, the held-out split, label subsets, masks.",
-    )
-    group = parser.add_argument_group("features beyond memory")
-    group.add_argument(
-        "--feature_dir",
-        default=None,
-        help="Write the features here as batches arrive (one shard per process) instead of holding them in memory; "
-        "a run killed midway resumes where it stopped, and a run of the same settings reuses them.",
-    )
-    group.add_argument(
-        "--probe",
-        choices=["sklearn", "torch"],
-        default="sklearn",
-        help="sklearn (default): scikit-learn's LogisticRegression on features loaded into memory, one probe at a "
-        "time. torch: the same model and objective fitted with L-BFGS in torch, reading --probe_chunk_size rows at a "
-        "time, on the GPU when there is one.",
-    )
-    group.add_argument("--probe_chunk_size", type=int, default=4096, help="Rows per chunk of --probe torch.")
-    common.add_evaluation_arguments(parser)
-    common.add_data_arguments(parser)
-    common.add_processor_arguments(parser, augment=False)
+    add("--probe", choices=["sklearn", "torch"], default="sklearn", help="torch: L-BFGS over chunks, on the GPU.")
+    add("--probe_chunk_size", type=int, default=4096, help="Rows per chunk of --probe torch.")
+    add("--num_labels_per_class", type=int, default=None, help="Probe on N seeded training images of every class.")
+    add("--num_eval_masks", type=int, default=1, help="BERT models: evaluate under K masks, probabilities averaged.")
+    add("--eval_mask_prob", type=float, default=0.0, help="BERT models: masked fraction of each view (paper: 0.15).")
+    add("--dataset_name", default=DIGITS, help=f"A `datasets` image dataset, or {DIGITS!r} (default, bundled).")
+    add("--dataset_config_name", default=None, help="The dataset configuration name.")
+    add("--train_dir", default=None, help="An imagefolder of training images (one subfolder per class).")
+    add("--validation_dir", default=None, help="An imagefolder of evaluation images.")
+    add("--image_column_name", default=None, help="Default: the first column of `Image` type.")
+    add("--label_column_name", default=None, help="Default: the first `ClassLabel` column, else 'label(s)'.")
+    add("--train_val_split", type=float, default=0.15, help="Train held out when there is no evaluation split.")
+    add("--max_train_samples", type=int, default=None, help="Truncate the training split.")
+    add("--max_eval_samples", type=int, default=None, help="Truncate the evaluation split.")
+    add("--cache_dir", default=None, help="Where `datasets` caches downloads.")
+    add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     args = parser.parse_args(argv)
-    common.check_data_arguments(args)
-    common.check_evaluation_arguments(args)
-    for name in ("per_device_eval_batch_size", "probe_max_iter", "probe_chunk_size"):
-        if getattr(args, name) < 1:
+    positive = ["per_device_eval_batch_size", "probe_max_iter", "probe_chunk_size", "num_eval_masks"]
+    for name in [*positive, "num_labels_per_class", "max_train_samples", "max_eval_samples"]:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+    for name in ("train_dir", "validation_dir"):
+        if getattr(args, name) is not None and not os.path.isdir(getattr(args, name)):
+            raise ValueError(f"--{name} {getattr(args, name)!r} is not a folder of images.")
+    if args.validation_dir is not None and args.train_dir is None:
+        raise ValueError("--validation_dir needs a --train_dir to go with it.")
+    for name in ("train_val_split", "eval_mask_prob"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ValueError(f"--{name} is a fraction and must be in [0, 1), got {getattr(args, name)}.")
     if not 0.0 < args.probe_holdout < 1.0:
         raise ValueError(f"--probe_holdout must be in (0, 1), got {args.probe_holdout}.")
+    if args.num_eval_masks > 1 and args.eval_mask_prob == 0:
+        raise ValueError(
+            f"--num_eval_masks {args.num_eval_masks} needs --eval_mask_prob > 0 (the paper's is 0.15): without "
+            "masks every view is the same image."
+        )
     if any(c <= 0 for c in args.probe_c):
         raise ValueError(f"--probe_c values must be positive, got {args.probe_c}.")
-    if args.concat_layers is not None and (len(set(args.concat_layers)) < 2):
+    if args.concat_layers is not None and len(set(args.concat_layers)) < 2:
         raise ValueError(f"--concat_layers needs at least 2 different layers, got {args.concat_layers}.")
     if args.concat_window is not None and args.concat_window < 2:
         raise ValueError(f"--concat_window must be at least 2 layers, got {args.concat_window}.")
     return args
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Features: in memory (gathered from every process) or streamed to --feature_dir (a shard per process)
-# ---------------------------------------------------------------------------------------------------------------------
+def load_data(args: argparse.Namespace) -> tuple[DatasetDict, str]:
+    """ "train" and "validation" splits of --dataset_name / --train_dir, and the name of the split evaluated on."""
+    if args.train_dir is not None:
+        files = {"train": os.path.join(args.train_dir, "**")}
+        if args.validation_dir is not None:
+            files["validation"] = os.path.join(args.validation_dir, "**")
+        dataset = load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir)
+    elif args.dataset_name == DIGITS:
+        dataset = load_digits()
+    else:
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+    if "train" not in dataset:
+        raise ValueError(f"The dataset has no 'train' split; its splits are {list(dataset)}.")
+    eval_split = next((name for name in ("validation", "test") if name in dataset), None)
+    if eval_split is None:
+        if args.train_val_split == 0:
+            raise ValueError("The dataset has no validation or test split; pass --train_val_split > 0.")
+        dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
+        dataset, eval_split = {"train": dataset["train"], "test": dataset["test"]}, "test"
+        eval_name = f"{args.train_val_split:.0%} of train held out"
+    else:
+        eval_name = eval_split
+    dataset = DatasetDict({"train": dataset["train"], "validation": dataset[eval_split]})
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit is not None:
+            dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
+    return dataset, eval_name
 
 
-def batch_features(
-    model: ImageGPTModel, batch: dict[str, torch.Tensor], layers: list[int], mask: tuple[float, int, int] | None
-) -> torch.Tensor:
-    """`(len(layers), B, d)`: the pooled `n^l` of a batch, under the evaluation mask `(mask_prob, seed, view)`."""
-    kwargs: dict[str, Any] = {"prepend_sos": True} if model.config.objective == "ar" else {}
-    if mask is not None:  # BERT mask ensembles: the view-th mask of every image, seeded by its index
-        ids = batch["input_ids"]
-        kwargs["bool_masked_pos"] = common.evaluation_masks(batch["indices"], ids.shape[1], *mask).to(ids.device)
-    return model.extract_features(batch["input_ids"], layers=layers, **kwargs)
+def find_columns(dataset: DatasetDict, args: argparse.Namespace) -> tuple[str, str, list[str], dict | None]:
+    """The image and label columns, the class names, and the map from raw labels to class ids (None: ClassLabel)."""
+    features = dataset["train"].features
+    for name in (args.image_column_name, args.label_column_name):
+        if name is not None and name not in features:
+            flag = "--image_column_name" if name == args.image_column_name else "--label_column_name"
+            raise ValueError(f"{flag} {name!r} is not a column of the dataset; its columns are {list(features)}.")
+    image = args.image_column_name or next((n for n, f in features.items() if isinstance(f, datasets.Image)), None)
+    if image is None or not isinstance(features[image], datasets.Image):
+        raise ValueError(
+            f"The dataset has no column of `Image` type among {list(features)}; pass --image_column_name."
+        )
+
+    def holds_labels(name: str) -> bool:  # ClassLabels, integers or strings
+        return isinstance(features[name], ClassLabel) or getattr(features[name], "dtype", "").lstrip("u")[:3] in (
+            "int",
+            "str",
+        )
+
+    if args.label_column_name is not None and not holds_labels(args.label_column_name):
+        raise ValueError(
+            f"--label_column_name {args.label_column_name!r} holds {type(features[args.label_column_name]).__name__} "
+            f"values, not class labels; pass a column of class labels (ClassLabel, integers or strings)."
+        )
+    candidates = [n for n, f in features.items() if isinstance(f, ClassLabel)] + ["label", "labels"]
+    label = args.label_column_name or next((n for n in candidates if n in features and holds_labels(n)), None)
+    if label is None:
+        raise ValueError(
+            f"This script needs class labels, but the dataset has no label column (columns: {list(features)}). Pass "
+            "--label_column_name, or give --train_dir an imagefolder with one subfolder per class (at least two)."
+        )
+    if isinstance(features[label], ClassLabel):
+        return image, label, list(features[label].names), None
+    values = sorted(set(dataset["train"][label]) | set(dataset["validation"][label]))
+    if len(values) < 2:
+        raise ValueError(f"The label column {label!r} holds {len(values)} distinct value(s); need at least 2.")
+    return image, label, [str(v) for v in values], {value: index for index, value in enumerate(values)}
 
 
-@torch.no_grad()
-def model_features(
-    accelerator: Accelerator,
-    model: ImageGPTModel,
-    dataloader: DataLoader,
-    layers: list[int],
-    desc: str,
-    mask: tuple[float, int, int] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean-pooled `n^l` features of `layers` for every image: `(num_layers, N, d)`, and the labels `(N,)`.
-
-    AR models read OpenAI's [SOS, x_1, ..., x_{n-1}], the input they were trained on; BERT models read the image
-    under `mask` (`(mask_prob, seed, view)`; the collator must return `indices`), or whole without one."""
-    features, labels = [], []
-    for batch in common.progress_bar(accelerator, iterable=dataloader, desc=desc, leave=False):
-        pooled = batch_features(model, batch, layers, mask)  # (L, B, d)
-        pooled, batch_labels = accelerator.gather_for_metrics((pooled.transpose(0, 1).contiguous(), batch["labels"]))
-        features.append(pooled.float().cpu())
-        labels.append(batch_labels.cpu())
-    return torch.cat(features).transpose(0, 1).numpy(), torch.cat(labels).numpy()
+def class_balanced_subset(labels: np.ndarray, names: list[str], n: int, seed: int) -> np.ndarray:
+    """n examples of every class, in the split's order: the first n of each class in one permutation drawn by `seed`,
+    so that the subsets of one seed are nested (the 4 per class are among the 25)."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    chosen = []
+    for class_id, name in enumerate(names):
+        members = order[labels[order] == class_id]
+        if len(members) < n:
+            raise ValueError(
+                f"--num_labels_per_class {n}: the class {name!r} has only {len(members)} training images. Pass a "
+                "smaller --num_labels_per_class."
+            )
+        chosen.append(members[:n])
+    return np.sort(np.concatenate(chosen))
 
 
-def pixel_features(accelerator: Accelerator, dataloader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
-    """The raw-pixel baseline: every image's normalized RGB values at n_px x n_px, flattened."""
-    features, labels = [], []
-    for batch in common.progress_bar(accelerator, iterable=dataloader, desc="raw pixels", leave=False):
-        pixels, batch_labels = accelerator.gather_for_metrics((batch["pixel_values"].flatten(1), batch["labels"]))
-        features.append(pixels.cpu())
-        labels.append(batch_labels.cpu())
-    return torch.cat(features).numpy(), torch.cat(labels).numpy()
+def image_digest(split: datasets.Dataset, image_column: str) -> str:
+    """A digest of the images' encoded bytes in the split's order (files read where they lie): a feature store is
+    reused only for the same pixels, not only the same file names."""
+    raw = split.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+
+    def contents():
+        for start in range(0, len(raw), 1024):
+            for value in raw[start : start + 1024][image_column]:
+                yield value["bytes"] if value["bytes"] is not None else Path(value["path"]).read_bytes()
+
+    return feature_store.digest(contents())
 
 
-def store_settings(
-    args: argparse.Namespace,
-    processor: Any,
-    labels: dict[str, np.ndarray],
-    models: dict[str, ImageGPTModel],
-    layers: list[int],
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """What a --feature_dir's features depend on: the data (and the palette and masks that turn it into inputs), and
-    per feature set the model's weights and the layers. A store of other settings is never reused."""
-    data_args = ["dataset_name", "dataset_config_name", "train_dir", "validation_dir", "image_column_name"]
-    data_args += ["label_column_name", "train_val_split", "max_train_samples", "max_eval_samples"]
-    data_args += ["num_labels_per_class", "seed", "eval_mask_prob"]
-    data = {name: getattr(args, name) for name in data_args}
-    data["rows"] = {split: len(y) for split, y in labels.items()}
-    data["labels"] = probe_data.digest(labels.values())
-    data["palette"] = probe_data.digest([np.asarray(processor.clusters, dtype=np.float32)])
-    data["n_px"] = common.processor_n_px(processor)
-    sets = {
-        name: {"model": args.model_name_or_path, "weights": probe_data.digest(model.state_dict().values())}
-        | {"layers": layers, "objective": model.config.objective}
-        for name, model in models.items()
-    }
-    if not args.no_baselines:
-        sets["raw_pixels"] = {}
-    return data, sets
+def evaluation_masks(indices: torch.Tensor, length: int, mask_prob: float, seed: int, view: int) -> torch.Tensor:
+    """The `view`-th mask of each image, `(B, length)`, drawn from a seed of (seed, view, the image's index in its
+    split): the same whatever the batch, the process or the run."""
+    masks = []
+    for index in indices.tolist():
+        state = int(np.random.SeedSequence([seed, view, index]).generate_state(1)[0])
+        masks.append(random_bert_mask((length,), mask_prob, generator=torch.Generator().manual_seed(state)))
+    return torch.stack(masks)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -212,98 +229,45 @@ def store_settings(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def fit_probe(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    eval_x: np.ndarray,
-    eval_y: np.ndarray,
-    args: argparse.Namespace,
-    more_eval_x: Sequence[np.ndarray] = (),
-) -> dict[str, Any]:
-    """A standardized logistic-regression probe: C chosen on a held-out part of train, refit on all of it. With
-    `more_eval_x` (more mask views of the evaluation images), also the accuracy of the views' averaged probabilities.
-    """
+def fit_probe(train: Any, eval_views: Sequence[Any], names: list[str], args: argparse.Namespace, device) -> dict:
+    """One probe of the features `names` side by side: C chosen on a stratified hold-out of train, refit on all of
+    it, scored on the first evaluation view; with several views (BERT masks) also on their averaged probabilities."""
+    if args.probe == "torch":
+        options = dict(c_values=args.probe_c, holdout=args.probe_holdout, seed=args.seed, max_iter=args.probe_max_iter)
+        return feature_store.fit_torch_probe(
+            train, eval_views, names, chunk_size=args.probe_chunk_size, device=device, **options
+        )
+    train_x, train_y = train.load(names), train.labels
 
     def fit(x: np.ndarray, y: np.ndarray, c: float):
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=args.probe_max_iter))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             probe.fit(x, y)
-        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        return probe, converged
+        return probe, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
-    holdout_accuracy = {}
+    holdout_accuracy, best_c = {}, args.probe_c[0]
     if len(args.probe_c) > 1:
         fit_x, held_x, fit_y, held_y = train_test_split(
             train_x, train_y, test_size=args.probe_holdout, stratify=train_y, random_state=args.seed
         )
         for c in args.probe_c:
-            probe, _ = fit(fit_x, fit_y, c)
-            holdout_accuracy[c] = float(probe.score(held_x, held_y))
+            holdout_accuracy[c] = float(fit(fit_x, fit_y, c)[0].score(held_x, held_y))
         best_c = max(args.probe_c, key=lambda c: (holdout_accuracy[c], -c))  # ties: the stronger regularisation
-    else:
-        best_c = args.probe_c[0]
     probe, converged = fit(train_x, train_y, best_c)
-    result = {
-        "accuracy": float(probe.score(eval_x, eval_y)),
-        "C": best_c,
-        "holdout_accuracy": holdout_accuracy,
-        "converged": converged,
-    }
-    if more_eval_x:
-        probabilities = np.mean([probe.predict_proba(x) for x in (eval_x, *more_eval_x)], axis=0)
-        result["ensemble_accuracy"] = float((probe.classes_[probabilities.argmax(1)] == eval_y).mean())
-    return result
-
-
-def probe(train: Any, eval_views: Sequence[Any], names: list[str], args: argparse.Namespace, device) -> dict:
-    """One probe of the features `names` (side by side), by --probe, scored on every evaluation view."""
-    if args.probe == "torch":
-        return probe_data.fit_torch_probe(
-            train,
-            eval_views,
-            names,
-            c_values=args.probe_c,
-            holdout=args.probe_holdout,
-            seed=args.seed,
-            max_iter=args.probe_max_iter,
-            chunk_size=args.probe_chunk_size,
-            device=device,
-        )
     views = [view.load(names) for view in eval_views]
-    return fit_probe(train.load(names), train.labels, views[0], eval_views[0].labels, args, views[1:])
+    labels = eval_views[0].labels
+    result = {"accuracy": float(probe.score(views[0], labels)), "C": best_c}
+    result |= {"holdout_accuracy": holdout_accuracy, "converged": converged}
+    if len(views) > 1:
+        probabilities = np.mean([probe.predict_proba(x) for x in views], axis=0)
+        result["ensemble_accuracy"] = float((probe.classes_[probabilities.argmax(1)] == labels).mean())
+    return result
 
 
 def describe(result: dict[str, Any]) -> str:
     ensemble = f", mask ensemble {result['ensemble_accuracy']:.4f}" if "ensemble_accuracy" in result else ""
     return f"accuracy {result['accuracy']:.4f}{ensemble} (C={result['C']:g})"
-
-
-def probe_layers(
-    name: str, train: Any, eval_views: Sequence[Any], layers: list[int], args: argparse.Namespace, device
-) -> dict[int, dict[str, Any]]:
-    results = {}
-    for layer in layers:
-        results[layer] = probe(train, eval_views, [f"layer{layer}"], args, device)
-        logger.info(f"{name} layer {layer}: {describe(results[layer])}")
-        if not results[layer]["converged"]:
-            logger.warning(f"{name} layer {layer}: lbfgs did not converge in {args.probe_max_iter} iterations")
-    return results
-
-
-def concat_groups(args: argparse.Namespace, layers: list[int], best_layer: int) -> list[tuple[str, list[int]]]:
-    """The layer groups to probe concatenated: --concat_layers, and --concat_window layers around the best one."""
-    groups = []
-    if args.concat_layers is not None:
-        groups.append(("--concat_layers", sorted(set(args.concat_layers))))
-    if args.concat_window is not None:
-        ordered = sorted(layers)
-        start = ordered.index(best_layer) - (args.concat_window - 1) // 2
-        start = min(max(start, 0), len(ordered) - args.concat_window)  # shifted to stay inside the probed layers
-        window = ordered[start : start + args.concat_window]
-        if not groups or groups[0][1] != window:  # the same layers are probed once
-            groups.append((f"--concat_window {args.concat_window}", window))
-    return groups
 
 
 def check_holdout(train_labels: np.ndarray, args: argparse.Namespace) -> None:
@@ -321,28 +285,18 @@ def check_holdout(train_labels: np.ndarray, args: argparse.Namespace) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Outputs
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 def write_outputs(results: dict[str, Any], paths: dict[str, str], overwrite: bool) -> str:
     """probe_results.json, probe_results.md (the table) and probe_accuracy.png (the plot); returns the table."""
-    with atomic_file(paths["json"], overwrite=overwrite, arg="the output file") as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
-
-    layers, masks = results["layers"], results["eval_masks"]
-    pretrained, random_init = results["pretrained"], results.get("random_init")
-    ensemble = masks["num_eval_masks"] > 1
-    single = " (1 mask)" if masks["eval_mask_prob"] > 0 else ""
+    layers, masks, pretrained, random_init = results["layers"], results["eval_masks"], results["pretrained"], None
+    random_init = results.get("random_init")
+    ensemble, single = masks["num_eval_masks"] > 1, " (1 mask)" if masks["eval_mask_prob"] > 0 else ""
     columns = [f"Pretrained{single}"] + ([f"Pretrained, {masks['num_eval_masks']}-mask ensemble"] if ensemble else [])
     columns += [f"Random init{single}"] if random_init else []
 
     def cells(result: dict[str, Any], extra: dict[str, Any] | None, best: bool = False) -> str:
         row = [f"{result['accuracy']:.4f}" + (" **(best)**" if best else "")]
         row += [f"{result['ensemble_accuracy']:.4f}"] if ensemble else []
-        row += [f"{extra['accuracy']:.4f}"] if extra else []
-        return " | ".join(row)
+        return " | ".join(row + ([f"{extra['accuracy']:.4f}"] if extra else []))
 
     subset = f"{results['num_labels_per_class']} per class, " if results["num_labels_per_class"] else ""
     lines = [
@@ -363,16 +317,12 @@ def write_outputs(results: dict[str, Any], paths: dict[str, str], overwrite: boo
         label = " + ".join(str(layer) for layer in group["layers"])
         lines.append(f"| {label} (concatenated) | {cells(group['pretrained'], group.get('random_init'))} |")
     if "raw_pixels" in results:
-        lines += [
-            "",
-            f"Raw pixels ({results['n_px']}x{results['n_px']}x3 values): {results['raw_pixels']['accuracy']:.4f}",
-        ]
+        n_px, accuracy = results["n_px"], results["raw_pixels"]["accuracy"]
+        lines += ["", f"Raw pixels ({n_px}x{n_px}x3 values): {accuracy:.4f}"]
     lines += [
         "",
         f"Best layer: {results['best_layer']} of {results['n_layer']}, accuracy {results['best_accuracy']:.4f}.",
     ]
-    with atomic_file(paths["markdown"], overwrite=overwrite, arg="the output file") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot(layers, [pretrained[str(layer)]["accuracy"] for layer in layers], "o-", label=f"pretrained{single}")
@@ -388,69 +338,99 @@ def write_outputs(results: dict[str, Any], paths: dict[str, str], overwrite: boo
         name = f"layers {span[0]}-{span[-1]}" if span == list(range(span[0], span[-1] + 1)) else f"layers {span}"
         ax.plot([span[0], span[-1]], [accuracy, accuracy], "|-", linewidth=3, markersize=12, label=f"{name} concat.")
     ax.plot([results["best_layer"]], [results["best_accuracy"]], "r*", markersize=14, label="best layer")
-    ax.set_xlabel("layer (0 = embeddings)")
-    ax.set_ylabel(f"linear probe accuracy ({results['eval_split']})")
+    ax.set(xlabel="layer (0 = embeddings)", ylabel=f"linear probe accuracy ({results['eval_split']})", xticks=layers)
     model_name = os.path.basename(os.path.normpath(results["model"]))
     ax.set_title(f"Linear probe accuracy by layer\n{model_name} on {results['dataset']}", fontsize=10)
-    ax.set_xticks(layers)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=4, fontsize=8, frameon=False)
     fig.tight_layout()
-    with atomic_file(paths["plot"], overwrite=overwrite, arg="the output file") as tmp:
-        fig.savefig(tmp)
+    for kind, write in (
+        ("json", lambda tmp: tmp.write_text(json.dumps(results, indent=2))),
+        ("markdown", lambda tmp: tmp.write_text("\n".join(lines) + "\n")),
+        ("plot", fig.savefig),
+    ):
+        with atomic_file(paths[kind], overwrite=overwrite, arg="the output file") as tmp:
+            write(tmp)
     plt.close(fig)
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    accelerator = common.create_accelerator(args)
+    # Several CPU processes (accelerate launch without GPUs) join one run only when Accelerate is told to use the CPU.
+    accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
     set_seed(args.seed)
     names = {"json": "probe_results.json", "markdown": "probe_results.md", "plot": "probe_accuracy.png"}
     paths = {kind: os.path.join(args.output_dir, name) for kind, name in names.items()}
+    inputs = [args.model_name_or_path, args.processor_name_or_path, args.train_dir, args.validation_dir]
+    inputs.append(args.dataset_name)
     for path in paths.values():  # existing results are kept unless --overwrite, refused before any work
-        check_output_path(
-            path, kind="file", inputs=common.inputs(args), overwrite=args.overwrite, arg="the output file"
-        )
+        check_output_path(path, kind="file", inputs=inputs, overwrite=args.overwrite, arg="the output file")
     if args.feature_dir is not None:  # a store of features may be resumed or reused; anything else is refused
         if accelerator.is_main_process:  # what a process killed while writing the store's settings left behind
-            clean_stale_staging(args.feature_dir, probe_data.SETTINGS_FILE)
+            clean_stale_staging(args.feature_dir, feature_store.SETTINGS_FILE)
         accelerator.wait_for_everyone()
-        keep = [probe_data.SETTINGS_FILE, *SETS]
-        check_output_path(
-            args.feature_dir, inputs=common.inputs(args), overwrite=args.overwrite, keep=keep, arg="--feature_dir"
-        )
+        keep = [feature_store.SETTINGS_FILE, *SETS]
+        check_output_path(args.feature_dir, inputs=inputs, overwrite=args.overwrite, keep=keep, arg="--feature_dir")
 
-    # The checkpoint's config and processor, the layers, the data and its labels: every bad input fails here, before
-    # a model is loaded.
-    config = common.load_imagegpt_config(args.model_name_or_path)
-    processor = common.checkpoint_processor(args.model_name_or_path, config, args.processor_name_or_path, args.n_px)
+    # The checkpoint's config and processor, the layers, the data and its labels: bad input fails before a model loads.
+    try:
+        config = AutoConfig.from_pretrained(args.model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Cannot load a model config from {args.model_name_or_path!r}: {err}") from err
+    if not isinstance(config, ImageGPTConfig):
+        raise ValueError(
+            f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint ({type(config).__name__}); these "
+            "examples need an Image GPT checkpoint (model_type 'imagegpt'), e.g. one written by examples/pretrain.py."
+        )
+    n_px = args.n_px or config.n_px
+    if not 1 <= n_px <= config.n_px:
+        raise ValueError(
+            f"--n_px {n_px} needs {n_px * n_px} positions but the model ({args.model_name_or_path}) has n_positions="
+            f"{config.n_positions} (n_px {config.n_px}). Use 1 <= --n_px <= {config.n_px}."
+        )
+    source = args.processor_name_or_path or args.model_name_or_path
+    try:
+        processor = ImageGPTImageProcessor.from_pretrained(source)
+    except OSError:
+        processor = None
+    if getattr(processor, "clusters", None) is None:
+        raise ValueError(
+            f"{source!r} has no preprocessor_config.json with a palette ('clusters'). The model's token ids index the "
+            "palette it was trained with; pass the processor it was trained with as --processor_name_or_path."
+        )
+    check_palette_fits(processor, config, f"The processor from {source!r}")
     layers = args.layers if args.layers is not None else list(range(config.n_layer + 1))
     bad = [layer for layer in layers if not 0 <= layer <= config.n_layer]
     if bad:
-        raise ValueError(
-            f"--layers {bad} are not hidden-state indices of a {config.n_layer}-layer model (0..{config.n_layer})."
-        )
+        raise ValueError(f"--layers {bad} are not hidden-state indices of a {config.n_layer}-layer model.")
     missing = sorted(set(args.concat_layers or ()) - set(layers))
     if missing:
         raise ValueError(f"--concat_layers {missing} are not among the probed --layers {layers}; add them there.")
     if args.concat_window is not None and args.concat_window > len(layers):
         raise ValueError(f"--concat_window {args.concat_window} is more than the {len(layers)} probed layers.")
-    common.check_eval_masks(args, config)
-    with accelerator.main_process_first():
-        dataset, eval_split = common.load_image_dataset(args)
-    image_column = common.find_image_column(dataset, args.image_column_name)
-    label_column = common.find_label_column(dataset, args.label_column_name, required=True)
-    label_list, label_map = common.label_names(dataset, label_column)
-    if args.num_labels_per_class is not None:
-        dataset["train"] = common.class_balanced_subset(
-            dataset["train"], label_column, label_list, label_map, args.num_labels_per_class, args.seed
+    if args.eval_mask_prob > 0 and config.objective != "bert":
+        raise ValueError(
+            f"--eval_mask_prob {args.eval_mask_prob} masks pixels for BERT models, but {args.model_name_or_path} is "
+            f"an {config.objective.upper()} model, trained on whole images; leave --eval_mask_prob at 0."
         )
-        logger.info(f"Training on {args.num_labels_per_class} labelled images per class (seed {args.seed})")
+    with accelerator.main_process_first():
+        dataset, eval_split = load_data(args)
+    image_column, label_column, label_names, label_map = find_columns(dataset, args)
     labels = {
         split: np.asarray([label_map[x] for x in values] if label_map else values, dtype=np.int64)
         for split, values in ((split, dataset[split][label_column]) for split in ("train", "validation"))
     }
+    if args.num_labels_per_class is not None:
+        rows = class_balanced_subset(labels["train"], label_names, args.num_labels_per_class, args.seed)
+        dataset["train"], labels["train"] = dataset["train"].select(rows), labels["train"][rows]
+        logger.info(f"Probing on {args.num_labels_per_class} labelled images per class (seed {args.seed})")
+    for split in dataset:  # the image's index in its split seeds its evaluation masks
+        columns = dataset[split].select_columns([image_column, label_column])
+        dataset[split] = columns.add_column("index", np.arange(len(columns)))
+    logger.info(f"Data: {len(labels['train'])} training, {len(labels['validation'])} {eval_split} images")
     check_holdout(labels["train"], args)
 
     model, loading_info = ImageGPTModel.from_pretrained(args.model_name_or_path, output_loading_info=True)
@@ -461,55 +441,70 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         models["random_init"] = ImageGPTModel(config).eval()
     store = None
-    if args.feature_dir is not None:
-        store = probe_data.FeatureStore(args.feature_dir)
-        data, sets = store_settings(args, processor, labels, models, layers)
+    if args.feature_dir is not None:  # what the features depend on: a store of other settings is never reused
+        store = feature_store.FeatureStore(args.feature_dir)
+        names = ["dataset_name", "dataset_config_name", "train_dir", "validation_dir", "image_column_name"]
+        names += ["label_column_name", "train_val_split", "max_train_samples", "max_eval_samples"]
+        data = {name: getattr(args, name) for name in [*names, "num_labels_per_class", "seed", "eval_mask_prob"]}
+        images = [
+            image_digest(dataset[split], image_column) if accelerator.is_main_process else None for split in labels
+        ]
+        data["images"] = dict(zip(labels, broadcast_object_list(images)))  # read once, on the main process
+        data |= {
+            "rows": {split: len(y) for split, y in labels.items()},
+            "labels": feature_store.digest(labels.values()),
+        }
+        data |= {"palette": feature_store.digest([np.asarray(processor.clusters, dtype=np.float32)]), "n_px": n_px}
+        sets = {
+            name: {"model": args.model_name_or_path, "weights": feature_store.digest(m.state_dict().values())}
+            | {"layers": layers, "objective": m.config.objective}
+            for name, m in models.items()
+        } | ({} if args.no_baselines else {"raw_pixels": {}})
         store.prepare(data, sets, overwrite=args.overwrite, main=accelerator.is_main_process)
         accelerator.wait_for_everyone()
     models = {name: m.to(accelerator.device) for name, m in models.items()}
 
+    # Images as the model sees them: shortest edge to n_px, the center n_px x n_px, palette ids (or the normalized
+    # pixels of the raw-pixel baseline).
+    center = {"size": {"shortest_edge": n_px}, "do_center_crop": True, "crop_size": {"height": n_px, "width": n_px}}
+
+    def collate(rows: list[dict], pixels: bool) -> dict[str, torch.Tensor]:
+        images, values = [row[image_column] for row in rows], [row[label_column] for row in rows]
+        batch = {"index": torch.tensor([row["index"] for row in rows])}
+        batch["labels"] = torch.tensor([label_map[x] for x in values] if label_map else values)
+        if pixels:
+            batch["pixels"] = processor(images, return_tensors="pt", do_color_quantize=False, **center)["pixel_values"]
+        else:
+            batch["input_ids"] = processor(images, return_tensors="pt", **center)["input_ids"].long()
+        return batch
+
     # Evaluation views: whole images, or for BERT mask ensembles the k-th seeded mask of every image (k < K); the
-    # probe is fitted on the training images under mask 0.
+    # probe is fitted on the training images under mask 0. AR models read OpenAI's [SOS, x_1, ..., x_{n-1}].
     masked = args.eval_mask_prob > 0
     views = [(f"validation-mask{k}" if k else "validation", k) for k in range(args.num_eval_masks)]
-
-    def collator(pixel_values: bool = False) -> common.ImageGPTCollator:
-        return common.ImageGPTCollator(
-            processor, image_column, label_column, label_map, pixel_values=pixel_values, indices=masked
-        )
 
     def extract(name: str, split: str, part: str, view: int) -> Any:
         """The features of one set on one split (one view), in memory or through --feature_dir."""
         pixels = name == "raw_pixels"
-        mask = (args.eval_mask_prob, args.seed, view) if masked and not pixels else None
-        if store is None:
-            loader = accelerator.prepare(common.dataloader(dataset[split], collator(pixels), args, train=False))
-            if pixels:
-                x, y = pixel_features(accelerator, loader)
-                return probe_data.ArrayFeatures({"pixels": x}, y)
-            x, y = model_features(accelerator, models[name], loader, layers, f"{name} ({part})", mask)
-            return probe_data.ArrayFeatures({f"layer{layer}": x[i] for i, layer in enumerate(layers)}, y)
 
+        @torch.no_grad()
         def compute(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if pixels:
-                return {"pixels": batch["pixel_values"].flatten(1)}
-            features = batch_features(models[name], batch, layers, mask)
+                return {"pixels": batch["pixels"].flatten(1).float()}
+            ids, kwargs = batch["input_ids"], {"prepend_sos": True} if config.objective == "ar" else {}
+            if masked:
+                mask = evaluation_masks(batch["index"], ids.shape[1], args.eval_mask_prob, args.seed, view)
+                kwargs["bool_masked_pos"] = mask.to(ids.device)
+            features = models[name].extract_features(ids, layers=layers, **kwargs)
             return {f"layer{layer}": features[i] for i, layer in enumerate(layers)}
 
-        columns = [image_column, label_column]
-        images = common.ImageDataset(dataset[split], image_column, columns)
-        return probe_data.features_to_disk(
-            accelerator,
-            store,
-            name,
-            part,
-            images,
-            collator(pixels),
-            compute,
-            batch_size=args.per_device_eval_batch_size,
-            num_workers=args.dataloader_num_workers,
-            overwrite=args.overwrite,
-        )
+        loader = {"batch_size": args.per_device_eval_batch_size, "num_workers": args.dataloader_num_workers}
+        loader["collate_fn"] = lambda rows: collate(rows, pixels)
+        if store is not None:
+            return feature_store.features_to_disk(
+                accelerator, store, name, part, dataset[split], compute, overwrite=args.overwrite, **loader
+            )
+        return feature_store.features_in_memory(accelerator, f"{name} ({part})", dataset[split], compute, **loader)
 
     logger.info(f"Extracting the features of layers {layers} from {args.model_name_or_path}")
     features = {}
@@ -518,17 +513,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train = extract(name, "train", "train", 0)
         features[name] = (train, [extract(name, "validation", part, view) for part, view in eval_views])
 
-    results: dict[str, Any] = {}
     if accelerator.is_main_process:
         device = accelerator.device
-        results = {
+        data_name = "scikit-learn handwritten digits (8x8 scans)" if args.dataset_name == DIGITS else args.dataset_name
+        results: dict[str, Any] = {
             "model": args.model_name_or_path,
-            "dataset": common.data_name(args),
+            "dataset": f"the imagefolder {args.train_dir}" if args.train_dir else data_name,
             "eval_split": eval_split,
-            "num_train": int(len(labels["train"])),
-            "num_eval": int(len(labels["validation"])),
+            "num_train": len(labels["train"]),
+            "num_eval": len(labels["validation"]),
             "num_labels_per_class": args.num_labels_per_class,
-            "n_px": common.processor_n_px(processor),
+            "n_px": n_px,
             "n_layer": config.n_layer,
             "objective": config.objective,
             "layers": layers,
@@ -537,26 +532,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "eval_masks": {"num_eval_masks": args.num_eval_masks, "eval_mask_prob": args.eval_mask_prob},
         }
         for name in models:
-            per_layer = probe_layers(name, *features[name], layers, args, device)
-            results[name] = {str(layer): value for layer, value in per_layer.items()}
+            results[name] = {}
+            for layer in layers:
+                result = results[name][str(layer)] = fit_probe(*features[name], [f"layer{layer}"], args, device)
+                logger.info(f"{name} layer {layer}: {describe(result)}")
+                if not result["converged"]:
+                    logger.warning(f"{name} layer {layer}: lbfgs did not converge in {args.probe_max_iter} iterations")
         if not args.no_baselines:
-            results["raw_pixels"] = probe(*features["raw_pixels"], ["pixels"], args, device)
+            results["raw_pixels"] = fit_probe(*features["raw_pixels"], ["pixels"], args, device)
             logger.info(f"raw pixels: accuracy {results['raw_pixels']['accuracy']:.4f}")
         best_layer = max(layers, key=lambda layer: results["pretrained"][str(layer)]["accuracy"])
-        results["best_layer"] = best_layer
-        results["best_accuracy"] = results["pretrained"][str(best_layer)]["accuracy"]
+        results |= {"best_layer": best_layer, "best_accuracy": results["pretrained"][str(best_layer)]["accuracy"]}
+        # Layers side by side: --concat_layers, and --concat_window probed layers centered at the best one (shifted to
+        # stay inside the probed layers).
+        groups = [("--concat_layers", sorted(set(args.concat_layers)))] if args.concat_layers else []
+        if args.concat_window is not None:
+            ordered = sorted(layers)
+            start = ordered.index(best_layer) - (args.concat_window - 1) // 2
+            start = min(max(start, 0), len(ordered) - args.concat_window)
+            window = ordered[start : start + args.concat_window]
+            if not groups or groups[0][1] != window:  # the same layers are probed once
+                groups.append((f"--concat_window {args.concat_window}", window))
         results["concat"] = []
-        for source, group in concat_groups(args, layers, best_layer):
+        for source, group in groups:
             entry: dict[str, Any] = {"layers": group, "from": source}
             for name in models:
-                entry[name] = probe(*features[name], [f"layer{layer}" for layer in group], args, device)
+                entry[name] = fit_probe(*features[name], [f"layer{layer}" for layer in group], args, device)
                 logger.info(f"{name} layers {group} concatenated: {describe(entry[name])}")
             results["concat"].append(entry)
         print(write_outputs(results, paths, args.overwrite))
         logger.info(f"Best layer {best_layer} of {config.n_layer}: accuracy {results['best_accuracy']:.4f}")
         logger.info(f"Wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")
     accelerator.wait_for_everyone()
-    return results
 
 
 if __name__ == "__main__":

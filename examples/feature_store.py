@@ -1,13 +1,14 @@
-"""Features beyond memory for linear_probe.py: a feature store on disk, written as batches arrive and resumable after a
-kill, and a logistic-regression probe in torch that reads features in chunks.
+"""The feature store of linear_probe.py and its torch probe: features on disk, written as batches arrive and resumable
+after a kill, and a logistic-regression probe in torch that reads them in chunks.
 
     python examples/linear_probe.py --model_name_or_path igpt-l --feature_dir features/ --probe torch ...
 
 The store (`--feature_dir`) is one folder:
 
-    features.json                            what the features are: the data (splits, sizes, labels, palette, masks)
-                                             and, per feature set, the model (a digest of its weights) and the layers;
-                                             a store is reused only by runs of the same settings
+    features.json                            what the features are: the data (splits, sizes, labels, a digest of the
+                                             images' contents, palette, masks) and, per feature set, the model (a
+                                             digest of its weights) and the layers; a store is reused only by runs of
+                                             the same settings on the same pixels
     <set>/<part>/shard-<r>-of-<P>/           process r of P: the rows [r*N/P, (r+1)*N/P) of the part, in dataset order
         layer<l>.npy | pixels.npy            (rows, width) float32, one file per layer (or the raw pixels)
         labels.npy                           (rows,) int64
@@ -35,12 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
-import common
-from common import logger
 from image_gpt_hf.safe_io import atomic_file
+
+logger = get_logger(__name__)
 
 SETTINGS_FILE = "features.json"
 PROGRESS_FILE = "progress.json"
@@ -48,12 +51,12 @@ SHARD = re.compile(r"shard-(\d+)-of-(\d+)")
 
 
 def digest(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
-    """A short content hash of arrays or tensors (model weights, labels, a palette)."""
+    """A short content hash of arrays, tensors or bytes (model weights, labels, a palette, image files)."""
     h = hashlib.blake2b(digest_size=16)
     for array in arrays:
         if isinstance(array, torch.Tensor):
             array = array.detach().cpu().contiguous().flatten().view(torch.uint8).numpy()
-        h.update(np.ascontiguousarray(array).view(np.uint8).data)
+        h.update(array if isinstance(array, bytes) else np.ascontiguousarray(array).view(np.uint8).data)
     return h.hexdigest()
 
 
@@ -231,16 +234,17 @@ def features_to_disk(
     store: FeatureStore,
     name: str,
     part: str,
-    dataset: common.ImageDataset,
-    collator: common.ImageGPTCollator,
+    dataset: Dataset,
     compute: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     *,
+    collate_fn: Callable[[list], dict[str, torch.Tensor]],
     batch_size: int,
     num_workers: int = 0,
     overwrite: bool = False,
 ) -> DiskFeatures | None:
-    """Streams `compute(batch)` (`{feature name: (B, width)}`) of this process's rows of `dataset` to its shard of
-    `store/name/part`, after the rows already there; returns the whole part on the main process."""
+    """Streams `compute(batch)` (`{feature name: (B, width)}`) of this process's rows of `dataset` (batched by
+    `collate_fn`, which gives `labels`) to its shard of `store/name/part`, after the rows already there; returns the
+    whole part on the main process."""
     rank, processes = accelerator.process_index, accelerator.num_processes
     if not store.complete(name, part):
         others = store.shard_counts(name, part) - {processes}
@@ -260,19 +264,33 @@ def features_to_disk(
                 main_process_only=False,
             )
         rows = Subset(dataset, range(writer.start + writer.done, writer.start + writer.rows))
-        loader = DataLoader(
-            rows,
-            batch_size=batch_size,
-            collate_fn=collator,
-            num_workers=num_workers,
-        )
-        for batch in common.progress_bar(accelerator, iterable=loader, desc=f"{name} ({part})", leave=False):
+        loader = DataLoader(rows, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers)
+        for batch in tqdm(loader, desc=f"{name} ({part})", leave=False, disable=not accelerator.is_local_main_process):
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             features = {key: value.float().cpu().numpy() for key, value in compute(batch).items()}
             writer.write(features, batch["labels"].cpu().numpy())
         writer.close()
     accelerator.wait_for_everyone()
     return store.features(name, part) if accelerator.is_main_process else None
+
+
+@torch.no_grad()
+def features_in_memory(
+    accelerator: Accelerator,
+    desc: str,
+    dataset: Dataset,
+    compute: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    **loader: Any,
+) -> ArrayFeatures:
+    """`compute(batch)` of every row of `dataset` (DataLoader options `loader`), gathered from every process."""
+    found: dict[str, list[np.ndarray]] = {}
+    batches = accelerator.prepare(DataLoader(dataset, **loader))
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        batch = accelerator.gather_for_metrics({**compute(batch), "labels": batch["labels"]})
+        for key, value in batch.items():
+            found.setdefault(key, []).append(value.cpu().numpy())
+    arrays = {key: np.concatenate(values) for key, values in found.items()}
+    return ArrayFeatures(arrays, arrays.pop("labels"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
