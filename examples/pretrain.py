@@ -3,291 +3,748 @@ objective, on any `datasets` image dataset, an imagefolder, or the bundled sciki
 
     accelerate launch examples/pretrain.py --objective ar --model_size tiny --output_dir igpt-tiny-digits
 
-Images become palette ids on the fly (random crops for training); a palette is fitted by k-means to the training
-images unless one is given. Evaluation reports the loss in bits per dimension (one dimension = one pixel = one
-palette id). The output folder loads with `AutoModelForCausalLM` (AR, which then samples from SOS with a plain
-`generate()`) / `AutoModelForMaskedImageModeling` (BERT) / `AutoModel`, and its processor with `AutoImageProcessor`.
+Images become palette ids in the datasets' transforms (random crops for training); a palette is fitted by k-means to
+the training images unless one is given. Batches come from the library's `ImageGPTDataCollator`. Evaluation reports
+the loss in bits per dimension (one dimension = one pixel = one palette id). The output folder loads with
+`AutoModelForCausalLM` (AR, which then samples from SOS with a plain `generate()`) / `AutoModelForMaskedImageModeling`
+(BERT) / `AutoModel`, and its processor with `AutoImageProcessor`. To train on your own data, copy this file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
+import logging
 import math
-from collections.abc import Sequence
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
 
 import datasets
 import numpy as np
+import PIL.Image
 import torch
+import transformers
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from filelock import FileLock, Timeout
+from safetensors import safe_open
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoConfig, SchedulerType, get_scheduler
 
-import common
-from common import logger
 from image_gpt_hf import (
     PRESETS,
     ImageGPTConfig,
+    ImageGPTDataCollator,
     ImageGPTForCausalImageModeling,
     ImageGPTForMaskedImageModeling,
     ImageGPTImageProcessor,
+    load_digits,
 )
+from image_gpt_hf.generation import openai_generation_config
+from image_gpt_hf.model_card import write_model_card
 from image_gpt_hf.palette import fit_palette
+from image_gpt_hf.safe_io import check_output_path, staged_dir, staging_path
 
-SCRIPT = "pretrain.py"
+logger = get_logger(__name__)
+DIGITS = "sklearn-digits"  # scikit-learn's 1,797 8x8 handwritten digits (image_gpt_hf.load_digits): no download
+CHECKPOINTS, STATE_FILE, LOCK_FILE, TRACKER_DIR = "checkpoints", "training_state.json", ".lock", "image_gpt_pretrain"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Pretrain Image GPT on pixels (AR or BERT objective) with Accelerate."
-    )
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--objective",
-        choices=["ar", "bert"],
-        default=None,
-        help="ar: next-pixel prediction (causal); bert: masked-pixel prediction. Default: the config's, else ar.",
-    )
-    group.add_argument("--model_size", choices=list(PRESETS), default="tiny", help="A preset size for a new model.")
-    group.add_argument(
-        "--config_name", type=str, default=None, help="A config (folder, JSON or Hub id) instead of a preset."
-    )
-    group.add_argument(
-        "--config_overrides",
-        type=str,
-        default=None,
-        help="Override config fields of a new model, e.g. 'n_layer=4,n_embd=64,resid_pdrop=0.0'.",
-    )
-    group.add_argument(
-        "--model_name_or_path",
-        type=str,
-        default=None,
-        help="Continue pretraining this checkpoint's weights (with its config and palette) instead of a new model.",
-    )
-    group.add_argument("--mask_prob", type=float, default=0.15, help="BERT: probability that a pixel is masked.")
-    common.add_data_arguments(parser)
-    group = common.add_processor_arguments(parser)
-    group.add_argument(
-        "--palette_size",
-        type=int,
-        default=None,
-        help=f"Colors of the palette fitted by k-means when no processor is given. Default: the config's, else "
-        f"{common.PAPER_PALETTE_SIZE} (the paper's), or {common.DIGITS_PALETTE_SIZE} on the bundled gray digits.",
-    )
-    group.add_argument("--palette_max_pixels", type=int, default=1_000_000, help="Pixels sampled for the palette fit.")
-    common.add_training_arguments(parser, learning_rate=1e-3, num_train_epochs=10)
+def checked(kind, rule, description):
+    """An argparse type: a `kind` value that satisfies `rule`, else the error "must be <description>"."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not rule(value):
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = checked(int, lambda v: v >= 1, "at least 1"), checked(int, lambda v: v >= 0, ">= 0")
+FRACTION = checked(float, lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Pretrain Image GPT on pixels (AR or BERT objective).")
+    parser.add_argument("--objective", choices=["ar", "bert"], default=None, help="Default: the config's, else ar.")
+    parser.add_argument("--model_size", choices=list(PRESETS), default="tiny", help="A preset for a new model.")
+    parser.add_argument("--config_name", default=None, help="A config (folder, JSON or Hub id) instead of a preset.")
+    parser.add_argument("--config_overrides", default=None, help="New model's config fields, e.g. 'n_layer=4'.")
+    parser.add_argument("--model_name_or_path", default=None, help="Continue pretraining this checkpoint.")
+    parser.add_argument("--mask_prob", type=FRACTION, default=0.15, help="BERT: probability that a pixel is masked.")
+    parser.add_argument("--dataset_name", default=DIGITS, help=f"A `datasets` image dataset, or {DIGITS!r}.")
+    parser.add_argument("--dataset_config_name", default=None, help="The dataset configuration name.")
+    parser.add_argument("--train_dir", default=None, help="An imagefolder of training images.")
+    parser.add_argument("--validation_dir", default=None, help="An imagefolder of evaluation images.")
+    parser.add_argument("--image_column_name", default=None, help="Default: the first column of `Image` type.")
+    split = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+    parser.add_argument("--train_val_split", type=split, default=0.15, help="Held out when there is no eval split.")
+    parser.add_argument("--max_train_samples", type=POSITIVE, default=None, help="Truncate the training split.")
+    parser.add_argument("--max_eval_samples", type=POSITIVE, default=None, help="Truncate the evaluation split.")
+    parser.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
+    parser.add_argument("--dataloader_num_workers", type=NON_NEGATIVE, default=0)
+    parser.add_argument("--n_px", type=POSITIVE, default=None, help="Default: the model's, 32, or 8 on the digits.")
+    parser.add_argument("--processor_name_or_path", default=None, help="A processor with a palette ('clusters').")
+    parser.add_argument("--palette_size", type=checked(int, lambda v: v >= 2, "at least 2"), default=None)
+    parser.add_argument("--palette_max_pixels", type=POSITIVE, default=1_000_000, help="Pixels sampled for the fit.")
+    parser.add_argument("--random_crop_scale", type=FRACTION, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"))
+    parser.add_argument("--no_random_crop", action="store_true", help="Train on whole images (no random crops).")
+    parser.add_argument("--output_dir", required=True, help="Where to write checkpoints and the model.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace what is in --output_dir.")
+    parser.add_argument("--seed", type=NON_NEGATIVE, default=42, help="Seeds the init, data order, crops and masks.")
+    parser.add_argument("--per_device_train_batch_size", type=POSITIVE, default=64)
+    parser.add_argument("--per_device_eval_batch_size", type=POSITIVE, default=128)
+    parser.add_argument("--learning_rate", type=checked(float, lambda v: v > 0, "> 0"), default=1e-3)
+    parser.add_argument("--weight_decay", type=checked(float, lambda v: v >= 0, ">= 0"), default=0.0)
+    parser.add_argument("--adam_beta2", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.95)
+    parser.add_argument("--max_grad_norm", type=checked(float, lambda v: v >= 0, ">= 0"), default=1.0)
+    parser.add_argument("--num_train_epochs", type=POSITIVE, default=10)
+    parser.add_argument("--max_train_steps", type=POSITIVE, default=None, help="Optimizer steps; overrides epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=POSITIVE, default=1)
+    parser.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine", choices=list(SchedulerType))
+    parser.add_argument("--num_warmup_steps", type=NON_NEGATIVE, default=0)
+    parser.add_argument("--logging_steps", type=POSITIVE, default=10)
+    parser.add_argument("--eval_steps", type=POSITIVE, default=None, help="Default: evaluate every epoch.")
+    parser.add_argument("--checkpointing_steps", default=None, help="Save a checkpoint every n steps, or 'epoch'.")
+    parser.add_argument("--checkpoints_total_limit", type=POSITIVE, default=None, help="Keep the newest n.")
+    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--with_tracking", action="store_true")
+    parser.add_argument("--report_to", default="all")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", default=None)
+    parser.add_argument("--hub_token", default=None)
     args = parser.parse_args(argv)
-    common.check_training_arguments(args)
+
+    # The errors argparse cannot see, before anything is loaded.
+    if args.random_crop_scale[0] > args.random_crop_scale[1]:
+        raise ValueError(f"--random_crop_scale must satisfy MIN <= MAX, got {args.random_crop_scale}.")
+    if args.validation_dir is not None and args.train_dir is None:
+        raise ValueError("--validation_dir needs a --train_dir to go with it.")
+    for name in ("train_dir", "validation_dir"):
+        if getattr(args, name) is not None and not os.path.isdir(getattr(args, name)):
+            raise ValueError(f"--{name} {getattr(args, name)!r} is not a folder of images.")
+    if args.max_train_steps is not None and args.num_warmup_steps > args.max_train_steps:
+        raise ValueError(
+            f"--num_warmup_steps {args.num_warmup_steps} is more than --max_train_steps {args.max_train_steps}: the "
+            "learning rate would never reach --learning_rate."
+        )
+    every = args.checkpointing_steps
+    if every not in (None, "epoch") and (not re.fullmatch(r"[0-9]+", every) or int(every) < 1):
+        raise ValueError(f"--checkpointing_steps must be a positive whole number of steps or 'epoch', got {every!r}.")
+    if every not in (None, "epoch") and args.max_train_steps is not None and int(every) > args.max_train_steps:
+        raise ValueError(
+            f"--checkpointing_steps {every} is more than --max_train_steps {args.max_train_steps}: no checkpoint "
+            "would ever be written. Pass a smaller number, or 'epoch'."
+        )
     if args.model_name_or_path is not None and (args.config_name is not None or args.config_overrides is not None):
         raise ValueError("--model_name_or_path brings its own config: drop --config_name / --config_overrides.")
-    if not 0.0 < args.mask_prob < 1.0:
-        raise ValueError(f"--mask_prob must be in (0, 1), got {args.mask_prob}.")
-    if args.n_px is not None and args.n_px < 1:
-        raise ValueError(f"--n_px must be positive, got {args.n_px}.")
-    if args.palette_size is not None and args.palette_size < 2:
-        raise ValueError(f"--palette_size must be at least 2, got {args.palette_size}.")
-    if args.config_overrides is not None:
-        parse_config_overrides(args.config_overrides)
-    return args
-
-
-def parse_config_overrides(overrides: str) -> list[str]:
-    """The 'field=value' pairs of --config_overrides, each checked to be a config field with a value of its type."""
-    pairs = [pair.strip() for pair in overrides.split(",") if pair.strip()]
-    for pair in pairs:
+    args.overrides = {}  # --config_overrides as {field: value}, each a config field with a value of its type
+    for pair in (p.strip() for p in (args.config_overrides or "").split(",") if p.strip()):
         field = pair.split("=", 1)[0].strip()
         if field in ("n_positions", "vocab_size"):
             raise ValueError(
-                f"--config_overrides {pair!r}: {field} follows from the images and the palette; set --n_px / "
-                "--palette_size instead."
+                f"--config_overrides {pair!r}: {field} follows from the images and the palette; set --n_px / --palette_size instead."
             )
+        config = ImageGPTConfig()
         try:
-            ImageGPTConfig().update_from_string(pair)
+            config.update_from_string(pair)
         except ValueError as err:
             raise ValueError(
                 f"--config_overrides {pair!r} is not a valid override ({err}); give comma-separated field=value "
                 "pairs of ImageGPTConfig fields with values of their type, e.g. 'n_layer=4,n_embd=64,resid_pdrop=0.0'."
             ) from None
-    return pairs
-
-
-def build_config(
-    args: argparse.Namespace, base: ImageGPTConfig | None, palette_size: int, n_px: int
-) -> ImageGPTConfig:
-    """The model config: `base` (from --config_name / --model_name_or_path) or the --model_size preset."""
-    if base is None:
-        config = ImageGPTConfig.from_preset(args.model_size, n_px=n_px, palette_size=palette_size)
-    else:
-        config = base
-        if config.palette_size != palette_size:
-            raise ValueError(
-                f"The config predicts {config.palette_size} colors but the palette has {palette_size}; "
-                "pass a matching --palette_size / --processor_name_or_path."
-            )
-    for pair in parse_config_overrides(args.config_overrides or ""):
-        config.update_from_string(pair)
-    objective = args.objective or (base.objective if base is not None else "ar")
-    if base is not None and args.model_name_or_path is not None and objective != base.objective:
+        args.overrides[field] = getattr(config, field)
+    if args.objective and args.overrides.get("objective", args.objective) != args.objective:
         raise ValueError(
-            f"{args.model_name_or_path} was pretrained with objective {base.objective!r}, not {objective!r}."
+            f"--config_overrides objective={args.overrides['objective']} contradicts --objective {args.objective}; "
+            "set the objective with --objective alone."
         )
-    config.objective = objective
-    # OpenAI's AR input: [SOS, x_1, ..., x_{n-1}] predicts all n pixels; saved so that the checkpoint keeps it.
-    config.prepend_sos = objective == "ar"
+    return args
+
+
+def random_crop(image: PIL.Image.Image, scale, generator: torch.Generator, ratio=(3 / 4, 4 / 3)) -> PIL.Image.Image:
+    """torchvision's RandomResizedCrop box (an area fraction from `scale`, a log-uniform aspect ratio from `ratio`, ten
+    tries, then the largest central crop within `ratio`), drawn from `generator`; the caller resizes."""
+    width, height = image.size
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = height * width * torch.empty(1).uniform_(*scale, generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator).item())
+            return image.crop((left, top, left + w, top + h))
+    h, w = height, width
+    if width / height < ratio[0]:
+        h = min(height, max(1, int(round(width / ratio[0]))))
+    elif width / height > ratio[1]:
+        w = min(width, max(1, int(round(height * ratio[1]))))
+    top, left = (height - h) // 2, (width - w) // 2
+    return image.crop((left, top, left + w, top + h))
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """What is broken in a checkpoint (read cheaply: its state file, safetensors headers, zip directories), or None."""
     try:
-        config.validate_architecture()
-    except ValueError as err:
-        raise ValueError(f"The model config is invalid (check --config_name / --config_overrides): {err}") from None
-    return config
+        state = json.loads(Path(path, STATE_FILE).read_text())
+        [int(state[key]) for key in ("completed_steps", "epoch", "batches_in_epoch")] and dict(state["run"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {STATE_FILE} is unreadable ({type(err).__name__}: {err})"
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                if name.endswith(".safetensors"):
+                    with safe_open(os.path.join(folder, name), "pt"):
+                        pass
+                elif name.endswith((".bin", ".pkl", ".pt", ".pth")):  # torch.save's zip archives
+                    zipfile.ZipFile(os.path.join(folder, name)).close()
+            except Exception as err:  # safetensors raises its own error type
+                return f"{os.path.join(folder, name)} is damaged ({type(err).__name__}: {err})"
+    return None
 
 
-class DecodedImages(Sequence):
-    """The images of a split, decoded (and named when unreadable) by `common.ImageDataset`: what the palette fit reads."""
-
-    def __init__(self, split: datasets.Dataset, image_column: str):
-        self.dataset = common.ImageDataset(split, image_column, [image_column])
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            examples = self.dataset.__getitems__(list(range(*index.indices(len(self)))))
-            return [example[self.dataset.image_column] for _, example in examples]
-        return self.dataset[index][1][self.dataset.image_column]
-
-
-def fitted_palette(
-    args: argparse.Namespace,
-    accelerator: Accelerator,
-    split: datasets.Dataset,
-    image_column: str,
-    n_px: int,
-    size: int,
-) -> np.ndarray:
-    """A palette fitted by k-means to the training images, on the main process, then shared with the others."""
-    palette = [None]
-    if accelerator.is_main_process:
-        logger.info(f"Fitting a {size}-color palette by k-means to the training images at {n_px}x{n_px}")
-        palette[0] = fit_palette(
-            DecodedImages(split, image_column),
-            num_colors=size,
-            n_px=n_px,
-            max_pixels=args.palette_max_pixels,
-            seed=args.seed,
+def find_checkpoint(args: argparse.Namespace) -> str | None:
+    """The checkpoint --resume_from_checkpoint names (a folder, or 'latest': the newest complete one, or None when
+    there is none yet), refused when broken, with the newest intact one before it named."""
+    root = Path(args.output_dir, CHECKPOINTS)
+    names = [n for n in (os.listdir(root) if root.is_dir() else []) if re.fullmatch(r"step_[0-9]+", n)]
+    complete = [str(root / n) for n in sorted(names, key=lambda n: int(n[5:])) if (root / n / STATE_FILE).is_file()]
+    path = args.resume_from_checkpoint
+    if path == "latest":
+        if not complete:
+            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet; starting anew")
+            return None
+        path = complete[-1]
+    elif not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise ValueError(
+            f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {STATE_FILE}); complete ones are {complete or 'none'}."
         )
-    if accelerator.num_processes > 1:
-        broadcast_object_list(palette)
-    return palette[0]
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        earlier = [p for p in complete if os.path.abspath(p) != os.path.abspath(path)]
+        intact = next((p for p in reversed(earlier) if checkpoint_problem(p) is None), None)
+        offer = (
+            f"The newest intact checkpoint before it is {intact}: resume from it with --resume_from_checkpoint {intact}, "
+            f"and delete {path} so that 'latest' skips it."
+            if intact
+            else "No intact checkpoint precedes it: delete it to start anew."
+        )
+        raise ValueError(f"Cannot resume from the checkpoint {path}: {problem}. {offer}")
+    return path
+
+
+def fingerprint(split: datasets.Dataset, columns: list[str]) -> str:
+    """A digest of the training examples' contents: every image's bytes (read from its file when not embedded) and
+    the other `columns`, in order."""
+    digest = hashlib.sha256()
+    split = split.select_columns(columns).cast_column(columns[0], datasets.Image(decode=False))
+    for batch in split.iter(batch_size=256):
+        for image in batch[columns[0]]:
+            digest.update(hashlib.sha256(image["bytes"] or Path(image["path"]).read_bytes()).digest())
+        digest.update(json.dumps([batch[column] for column in columns[1:]], default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 def evaluate(accelerator: Accelerator, model: torch.nn.Module, eval_dataloader: DataLoader) -> dict[str, float]:
     """The objective's loss on the evaluation split, in nats and in bits per dimension (per pixel)."""
     model.eval()
     losses = []
-    for batch in common.progress_bar(accelerator, iterable=eval_dataloader, desc="eval", leave=False):
+    for batch in tqdm(eval_dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
         with torch.no_grad():
-            loss = model(**batch, labels=batch["input_ids"]).loss
+            loss = model(**batch).loss
         losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(len(batch["input_ids"]))))
     model.train()
     eval_loss = torch.cat(losses).mean().item()
     return {"eval_loss": eval_loss, "eval_bpd": eval_loss / math.log(2)}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
-    accelerator = common.create_accelerator(args)
+
+    # The Accelerator (`accelerate launch`, or plain python), with transformers' example logging.
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.accelerator.is_available():
+        raise ValueError(
+            "This run was launched with an FSDP config, but this machine has no GPU: Accelerate shards a model only on "
+            "GPU-type devices, and on CPUs it would quietly run plain data parallel instead (every process holding the "
+            "whole model, unsharded checkpoints). On CPUs, launch with examples/accelerate_configs/multi_cpu.yaml; run "
+            "the FSDP config on a machine with GPUs."
+        )
+    # Seeded samplers: the same data order on every process and after a resume.
+    accelerator_kwargs = {
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "mixed_precision": args.mixed_precision,
+    }
+    accelerator_kwargs["dataloader_config"] = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed)
+    if args.with_tracking:
+        accelerator_kwargs.update(log_with=args.report_to, project_dir=args.output_dir)
+    # Without GPUs, processes of `accelerate launch` join one run (gloo) only when told to use the CPU.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        accelerator_kwargs["cpu"] = True
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    accelerator = Accelerator(**accelerator_kwargs)
+    logger.info(accelerator.state, main_process_only=False)
+    verbosity = "warning" if accelerator.is_local_main_process else "error"
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.log_levels[verbosity])
+    transformers.utils.logging.set_verbosity(transformers.utils.logging.log_levels[verbosity])
     set_seed(args.seed)
-    common.check_output_dir(accelerator, args, SCRIPT)
-    checkpoint = common.find_checkpoint(args, accelerator, SCRIPT)
 
-    # Config, data and palette first: every bad input fails here, before a model is built or a palette fitted.
+    # The output folder: refused before any work when it holds anything but this run's own entries.
+    inputs = [
+        args.model_name_or_path,
+        args.config_name,
+        args.processor_name_or_path,
+        args.train_dir,
+        args.validation_dir,
+        args.dataset_name,
+    ]
+    own = [CHECKPOINTS, TRACKER_DIR, LOCK_FILE] if args.resume_from_checkpoint else [LOCK_FILE]
+    check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite, keep=own)
+    checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
+
+    # The config: a preset, --config_name or --model_name_or_path, with --config_overrides.
     base_source = args.model_name_or_path or args.config_name
-    base = common.load_imagegpt_config(base_source) if base_source is not None else None
-    with accelerator.main_process_first():
-        dataset, eval_split = common.load_image_dataset(args)
-    image_column = common.find_image_column(dataset, args.image_column_name)
-    digits = args.dataset_name == common.DIGITS and args.train_dir is None
-    n_px = args.n_px or (base.n_px if base else common.DIGITS_N_PX if digits else common.PAPER_N_PX)
-    if base is not None:
-        common.check_n_px(n_px, base, base_source)
+    base = None
+    if base_source is not None:
+        try:
+            base = AutoConfig.from_pretrained(base_source)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"Cannot load a model config from {base_source!r}: {err}") from err
+        if not isinstance(base, ImageGPTConfig):
+            raise ValueError(
+                f"{base_source!r} is a {base.model_type!r} checkpoint ({type(base).__name__}); these examples need an "
+                "Image GPT checkpoint (model_type 'imagegpt'), e.g. one written by examples/pretrain.py."
+            )
+    digits = args.dataset_name == DIGITS and args.train_dir is None
+    n_px = args.n_px or (base.n_px if base else 8 if digits else 32)
+    if base is not None and n_px > base.n_px:
+        raise ValueError(
+            f"--n_px {n_px} needs {n_px * n_px} positions but the model ({base_source}) has n_positions="
+            f"{base.n_positions} (n_px {base.n_px}). Use 1 <= --n_px <= {base.n_px}."
+        )
+    objective = args.objective or args.overrides.get("objective") or (base.objective if base else "ar")
+    if args.model_name_or_path is not None and objective != base.objective:
+        raise ValueError(
+            f"{args.model_name_or_path} was pretrained with objective {base.objective!r}, not {objective!r}."
+        )
+    # OpenAI's AR input is [SOS, x_1, ..., x_{n-1}] predicting all n pixels; BERT reads the pixels alone.
+    if args.overrides.get("prepend_sos", objective == "ar") != (objective == "ar"):
+        raise ValueError(
+            f"--config_overrides prepend_sos={args.overrides['prepend_sos']} contradicts the objective {objective!r} "
+            f"(--objective {objective}): it trains with prepend_sos={objective == 'ar'}. Drop prepend_sos from --config_overrides."
+        )
 
-    # The palette: the resumed checkpoint's, a given processor's, the model's, or fitted to the training images.
-    processor_source = checkpoint[0] if checkpoint else args.processor_name_or_path or args.model_name_or_path
-    processor = common.load_processor(processor_source, n_px) if processor_source is not None else None
-    if processor is None and (args.processor_name_or_path or args.model_name_or_path) is not None:
-        raise ValueError(f"{processor_source!r} has no preprocessor_config.json with a palette ('clusters').")
-    default_size = base.palette_size if base else common.DIGITS_PALETTE_SIZE if digits else common.PAPER_PALETTE_SIZE
+    # Data: "train" and "validation" splits, and the image column.
+    with accelerator.main_process_first():
+        if args.train_dir is not None:
+            data_files = {"train": os.path.join(args.train_dir, "**")}
+            if args.validation_dir is not None:
+                data_files["validation"] = os.path.join(args.validation_dir, "**")
+            dataset, source = (
+                datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=args.cache_dir),
+                args.train_dir,
+            )
+        elif digits:
+            dataset, source = load_digits(), "scikit-learn's bundled digits"
+        else:
+            dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+            source = args.dataset_name
+    if "train" not in dataset:
+        raise ValueError(f"The dataset {source} has no 'train' split; its splits are {list(dataset)}.")
+    eval_split = "validation" if "validation" in dataset else "test"
+    if eval_split not in dataset:
+        if args.train_val_split == 0:
+            raise ValueError(
+                f"The dataset {source} has no validation or test split; pass --train_val_split > 0 or --validation_dir."
+            )
+        dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
+        eval_split = f"{args.train_val_split:.0%} of train held out"
+    dataset = datasets.DatasetDict(
+        {"train": dataset["train"], "validation": dataset["validation" if "validation" in dataset else "test"]}
+    )
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit is not None:
+            dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
+    logger.info(
+        f"Dataset {source}: {len(dataset['train'])} training, {len(dataset['validation'])} {eval_split} images"
+    )
+    features = dataset["train"].features
+    if args.image_column_name is not None and args.image_column_name not in features:
+        raise ValueError(
+            f"--image_column_name {args.image_column_name!r} is not a column of the dataset; its columns are {list(features)}."
+        )
+    image_column = args.image_column_name or next(
+        (n for n, f in features.items() if isinstance(f, datasets.Image)), None
+    )
+    if image_column is None:
+        raise ValueError(
+            f"The dataset has no column of `Image` type among {list(features)}; pass --image_column_name."
+        )
+
+    def decode(batch: dict) -> list[PIL.Image.Image]:
+        """The batch's images, decoded here so that an unreadable file is named with the fix."""
+        images = []
+        for value in batch[image_column]:
+            try:
+                images.append(datasets.Image().decode_example(value))
+            except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
+                raise ValueError(
+                    f"Cannot read the image {value.get('path') or ''}: {err}. Remove or replace that file, or leave it out of the dataset."
+                ) from err
+        return images
+
+    undecoded = {
+        split: dataset[split].select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+        for split in dataset
+    }
+
+    # The palette: a given processor's (or the resumed checkpoint's), the model's, or fitted by k-means.
+    processor_source = args.processor_name_or_path or args.model_name_or_path or checkpoint
+    processor = None
+    if processor_source is not None:
+        with contextlib.suppress(OSError):
+            processor = ImageGPTImageProcessor.from_pretrained(processor_source)
+        if processor is None or processor.clusters is None:
+            raise ValueError(f"{processor_source!r} has no preprocessor_config.json with a palette ('clusters').")
+        processor.size, processor.do_center_crop = {"height": n_px, "width": n_px}, False
+    default_size = base.palette_size if base else 16 if digits else 512
     palette_size = len(processor.clusters) if processor is not None else args.palette_size or default_size
     if args.palette_size is not None and args.palette_size != palette_size:
         raise ValueError(
             f"--palette_size {args.palette_size} contradicts the {palette_size}-color palette of {processor_source}."
         )
-    config = build_config(args, base, palette_size, n_px)
+    if base is not None and base.palette_size != palette_size:
+        raise ValueError(
+            f"The config predicts {base.palette_size} colors but the palette has {palette_size}; pass a matching "
+            "--palette_size / --processor_name_or_path."
+        )
+    config = (
+        base if base is not None else ImageGPTConfig.from_preset(args.model_size, n_px=n_px, palette_size=palette_size)
+    )
+    for field, value in args.overrides.items():
+        setattr(config, field, value)
+    config.objective, config.prepend_sos = objective, objective == "ar"
+    try:
+        config.validate_architecture()
+    except ValueError as err:
+        raise ValueError(f"The model config is invalid (check --config_name / --config_overrides): {err}") from None
     if processor is None:
-        palette = fitted_palette(args, accelerator, dataset["train"], image_column, n_px, palette_size)
-        processor = ImageGPTImageProcessor(clusters=palette, size={"height": n_px, "width": n_px})
-    else:
-        logger.info(f"Using the {palette_size}-color palette of {processor_source}")
+        palette = [None]
+        if accelerator.is_main_process:
+            logger.info(f"Fitting a {palette_size}-color palette by k-means to the training images at {n_px}x{n_px}")
+            images = undecoded["train"].with_transform(lambda batch: {image_column: decode(batch)})
+            palette[0] = fit_palette(images, palette_size, n_px, args.palette_max_pixels, args.seed, image_column)
+        if accelerator.num_processes > 1:
+            broadcast_object_list(palette)
+        processor = ImageGPTImageProcessor(clusters=palette[0], size={"height": n_px, "width": n_px})
+
+    # The run contract: what defines this run, recorded in every checkpoint; a resume must match it.
+    skip = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
+    contract = {f"config.{k}": v for k, v in config.to_dict().items() if k not in skip}
+    flags = ["model_name_or_path", "learning_rate", "weight_decay", "adam_beta2", "max_grad_norm", "lr_scheduler_type"]
+    flags += ["num_warmup_steps", "max_train_steps", "num_train_epochs", "per_device_train_batch_size", "seed"]
+    flags += ["gradient_accumulation_steps", "dataset_name", "dataset_config_name", "train_dir", "train_val_split"]
+    flags += ["max_train_samples", "random_crop_scale", "no_random_crop"] + (
+        ["mask_prob"] if objective == "bert" else []
+    )
+    contract |= {f"--{name}": getattr(args, name) for name in flags} | {"--image_column_name": image_column}
+    contract |= {"mixed precision": accelerator.mixed_precision, "processes": accelerator.num_processes}
+    contract["palette"] = hashlib.sha256(np.asarray(processor.clusters, np.float32).tobytes()).hexdigest()[:16]
+    if checkpoint or args.checkpointing_steps:  # one read of the training images, on the main process
+        digest = [fingerprint(dataset["train"], [image_column]) if accelerator.is_main_process else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(digest)
+        contract["training images (fingerprint of their bytes)"] = digest[0]
+    contract = json.loads(json.dumps(contract, default=str))
+    if checkpoint is not None:
+        then = json.loads(Path(checkpoint, STATE_FILE).read_text())["run"]
+        changed = [
+            f"{k}: {then.get(k)!r} then, {contract.get(k)!r} now" for k in sorted(then.keys() | contract.keys())
+        ]
+        changed = [
+            line for line, k in zip(changed, sorted(then.keys() | contract.keys())) if then.get(k) != contract.get(k)
+        ]
+        if changed:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: this run differs from the one that wrote it in "
+                + "; ".join(changed)
+                + ". To continue that run, pass its settings again. To train with the new ones, start a new run: "
+                "another --output_dir, or --overwrite without --resume_from_checkpoint (which deletes its checkpoints)."
+            )
+
+    # One writer per output folder: a lock inside it, held to the end (a second run is refused here, before work).
+    # With --overwrite and no resume, an earlier run's checkpoints go now, so that they never mix with this run's.
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        lock = FileLock(os.path.join(args.output_dir, LOCK_FILE))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ValueError(
+                f"Another run is writing to --output_dir {args.output_dir} (it holds {lock.lock_file}); wait for it to "
+                "end, or choose another folder."
+            ) from None
+        for name in [CHECKPOINTS, TRACKER_DIR] if args.overwrite and not checkpoint else []:
+            if os.path.isdir(os.path.join(args.output_dir, name)):
+                logger.warning(f"--overwrite: deleting {os.path.join(args.output_dir, name)} of an earlier run")
+                shutil.rmtree(os.path.join(args.output_dir, name))
+    accelerator.wait_for_everyone()
 
     # The model: new from the config, or the given checkpoint's weights.
-    model_class = ImageGPTForCausalImageModeling if config.objective == "ar" else ImageGPTForMaskedImageModeling
-    if args.model_name_or_path is not None:
-        model = model_class.from_pretrained(args.model_name_or_path, config=config)
-    else:
-        model = model_class(config)
+    model_class = ImageGPTForCausalImageModeling if objective == "ar" else ImageGPTForMaskedImageModeling
+    model = (
+        model_class.from_pretrained(args.model_name_or_path, config=config)
+        if args.model_name_or_path
+        else model_class(config)
+    )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     logger.info(
         f"Model: {model_class.__name__}, {config.n_layer} layers x {config.n_embd} wide, {model.num_parameters():,} "
-        f"parameters, {n_px}x{n_px} pixels, {config.palette_size} colors, objective {config.objective}"
+        f"parameters, {n_px}x{n_px} pixels, {config.palette_size} colors, objective {objective}"
     )
 
-    # DataLoaders: random crops for training, center crops for evaluation; BERT masks on both (fixed by the seed).
-    mask_prob = args.mask_prob if config.objective == "bert" else None
-    crop_scale = None if args.no_random_crop else tuple(args.random_crop_scale)
-    train_collator = common.ImageGPTCollator(
-        processor, image_column, train=True, random_crop_scale=crop_scale, mask_prob=mask_prob, seed=args.seed
-    )
-    eval_collator = common.ImageGPTCollator(processor, image_column, train=False, mask_prob=mask_prob, seed=args.seed)
-    train_dataloader = accelerator.prepare(common.dataloader(dataset["train"], train_collator, args, train=True))
-    eval_dataloader = accelerator.prepare(common.dataloader(dataset["validation"], eval_collator, args, train=False))
+    # Transforms: random crops for training (one generator per batch, seeded by the seed, the epoch and the examples'
+    # indices: a resumed run draws the same crops), the center for evaluation. BERT masks come from the collator.
+    epoch_now = [0]
+    center = {"size": {"shortest_edge": n_px}, "do_center_crop": True, "crop_size": {"height": n_px, "width": n_px}}
 
-    # Optimizer and schedule, sized by the prepared (per-process) DataLoader.
-    optimizer, lr_scheduler, max_train_steps = common.optimizer_and_scheduler(
-        args, accelerator, model, train_dataloader
+    def train_transforms(batch: dict) -> dict:
+        images = decode(batch)
+        if args.no_random_crop:
+            return {"input_ids": processor(images, return_tensors="pt", **center)["input_ids"]}
+        seed = np.random.SeedSequence([args.seed, 1, epoch_now[0], *batch["index"]]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        images = [random_crop(image, args.random_crop_scale, generator) for image in images]
+        return {"input_ids": processor(images, return_tensors="pt")["input_ids"]}
+
+    train_dataset = undecoded["train"].add_column("index", list(range(len(undecoded["train"]))))
+    train_dataset = train_dataset.with_transform(train_transforms)
+    eval_dataset = undecoded["validation"].with_transform(
+        lambda b: {"input_ids": processor(decode(b), return_tensors="pt", **center)["input_ids"]}
+    )
+    collator = ImageGPTDataCollator(
+        objective=objective, mask_probability=args.mask_prob if objective == "bert" else None, seed=args.seed
+    )
+    eval_collator = ImageGPTDataCollator(
+        objective=objective, mask_probability=collator.mask_probability, seed=args.seed
+    )
+    train_dataloader = DataLoader(
+        train_dataset,
+        shuffle=True,
+        collate_fn=collator,
+        batch_size=args.per_device_train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),  # keeps the iterator off the global RNG (dropout)
+    )
+    eval_dataloader = DataLoader(
+        eval_dataset,
+        collate_fn=eval_collator,
+        batch_size=args.per_device_eval_batch_size,
+        num_workers=args.dataloader_num_workers,
+    )
+    train_dataloader, eval_dataloader = accelerator.prepare(train_dataloader, eval_dataloader)
+
+    # AdamW (no weight decay on biases and norms) and the schedule, sized by the prepared (per-process) DataLoader.
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2))
+    lr_scheduler = get_scheduler(  # a prepared scheduler steps once per process for every optimizer step
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if args.with_tracking:
+        accelerator.init_trackers(
+            TRACKER_DIR, {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        )
 
-    # Training, from the checkpoint when resuming; the processor is saved with every checkpoint (its palette).
-    progress = common.TrainingProgress(
-        accelerator, args, SCRIPT, train_dataloader, max_train_steps, checkpoint, save_also=processor.save_pretrained
+    def save_checkpoint(completed_steps: int, epoch: int, batches_in_epoch: int) -> None:
+        """`save_state` + the processor + the state file (position and run contract) into checkpoints/step_N, staged
+        and renamed into place when complete; then later steps (from before a resume) and those over the limit go."""
+        final = Path(args.output_dir, CHECKPOINTS, f"step_{completed_steps}")
+        staging = [str(staging_path(final)) if accelerator.is_main_process else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(staging)  # every process writes its part of the state into the same folder
+        writing = staged_dir(final, overwrite=True, staging=staging[0])
+        with writing if accelerator.is_main_process else contextlib.nullcontext(Path(staging[0])) as tmp:
+            accelerator.wait_for_everyone()
+            try:
+                accelerator.save_state(str(tmp))
+                if accelerator.is_main_process:
+                    processor.save_pretrained(tmp)
+                    state = {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+                    (tmp / STATE_FILE).write_text(json.dumps({**state, "run": contract}, indent=2))
+            except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its writer
+                files = [p for p in tmp.rglob("*") if p.is_file()]
+                newest = max(files, key=lambda p: p.stat().st_mtime_ns).name if files else "its first file"
+                free = shutil.disk_usage(tmp).free
+                raise OSError(
+                    f"Saving the checkpoint {final} failed while writing {newest}, with {free / 2**20:.1f} MiB free on "
+                    f"that disk ({type(err).__name__}: {err}). Free some space, or choose an --output_dir on a disk "
+                    "with room, and resume with --resume_from_checkpoint latest."
+                ) from err
+            accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            steps = sorted(int(n[5:]) for n in os.listdir(final.parent) if re.fullmatch(r"step_[0-9]+", n))
+            stale = [s for s in steps if s > completed_steps]
+            if args.checkpoints_total_limit is not None:
+                stale += [s for s in steps if s <= completed_steps][: -args.checkpoints_total_limit]
+            for step in stale:
+                shutil.rmtree(final.parent / f"step_{step}")
+        accelerator.wait_for_everyone()
+        logger.info(f"Saved checkpoint {final}")
+
+    # Training, from the checkpoint when resuming: the batches of its epoch that it has seen are skipped unloaded.
+    total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Running training: {len(train_dataset)} examples, {num_train_epochs} epochs")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Total optimization steps = {max_train_steps}")
+    completed_steps, starting_epoch, resume_batches = 0, 0, 0
+    if checkpoint is not None:
+        try:
+            accelerator.load_state(checkpoint)
+        except Exception as err:  # whatever a damaged or foreign checkpoint raises inside Accelerate or torch
+            raise ValueError(
+                f"Cannot resume from the checkpoint {checkpoint}: loading it failed ({type(err).__name__}: {err})."
+            ) from err
+        state = json.loads(Path(checkpoint, STATE_FILE).read_text())
+        completed_steps, starting_epoch, resume_batches = (
+            state["completed_steps"],
+            state["epoch"],
+            state["batches_in_epoch"],
+        )
+        if resume_batches >= len(train_dataloader):  # saved at the end of an epoch
+            starting_epoch, resume_batches = starting_epoch + 1, 0
+        logger.info(f"Resumed from checkpoint {checkpoint} at step {completed_steps}")
+    progress_bar = tqdm(
+        total=max_train_steps, initial=completed_steps, desc="train", disable=not accelerator.is_local_main_process
     )
-    metrics = {}
+    running, metrics = [], {}
     model.train()
-    for batch in progress.batches(train_collator):
-        with accelerator.accumulate(model):
-            # AR: OpenAI's loss over all n pixels (config.prepend_sos); BERT: the masked pixels of each image.
-            loss = model(**batch, labels=batch["input_ids"]).loss
-            accelerator.backward(loss)
-            common.optimizer_step(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm)
-        if progress.step(lr_scheduler, train_loss=loss):  # an evaluation is due
-            metrics = evaluate(accelerator, model, eval_dataloader)
-            progress.log(metrics)
+    for epoch in range(starting_epoch, num_train_epochs):
+        if completed_steps >= max_train_steps:
+            break
+        epoch_now[0] = collator.epoch = epoch  # new crops and masks every epoch, the same ones after a resume
+        train_dataloader.set_epoch(epoch)
+        seen = resume_batches if epoch == starting_epoch else 0
+        for batch in accelerator.skip_first_batches(train_dataloader, seen) if seen else train_dataloader:
+            seen += 1
+            with accelerator.accumulate(model):
+                # AR: OpenAI's loss over all n pixels (config.prepend_sos); BERT: the masked pixels of each image.
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            running.append(loss.detach().float())
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress_bar.update(1)
+            done, end_of_epoch = completed_steps >= max_train_steps, seen >= len(train_dataloader)
+            logs = {}
+            if completed_steps % args.logging_steps == 0 or done:
+                logs = {"train_loss": accelerator.reduce(torch.stack(running).mean(), "mean").item()}
+                logs |= {"lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                running = []
+                progress_bar.set_postfix(train_loss=f"{logs['train_loss']:.4f}")
+            every = args.checkpointing_steps
+            if (every == "epoch" and (end_of_epoch or done)) or (
+                every not in (None, "epoch") and completed_steps % int(every) == 0
+            ):
+                save_checkpoint(completed_steps, epoch, seen)
+            if (completed_steps % args.eval_steps == 0 or done) if args.eval_steps else (end_of_epoch or done):
+                metrics = evaluate(accelerator, model, eval_dataloader)
+                logs |= metrics
+            if logs:
+                logger.info(f"step {completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+                if args.with_tracking:
+                    accelerator.log(logs, step=completed_steps)
+            if done:
+                break
     metrics = metrics or evaluate(accelerator, model, eval_dataloader)  # resumed from the last step
-    progress.close()
+    progress_bar.close()
+    if args.with_tracking:
+        accelerator.end_training()
 
+    # The model folder (weights + config, processor, generation config, card, all_results.json), staged and renamed
+    # into --output_dir beside its checkpoints; then the Hub.
+    batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     origin = f"from {args.model_name_or_path}" if args.model_name_or_path else "from scratch"
-    trained = (
-        f"Pretrained {origin} with examples/pretrain.py, {config.objective.upper()} objective, {max_train_steps} steps"
+    data_name = (
+        f"the imagefolder {args.train_dir}"
+        if args.train_dir
+        else "scikit-learn handwritten digits (8x8 scans)"
+        if digits
+        else args.dataset_name
     )
-    bpd = {
-        "metric": "bits_per_dim",
-        "name": "bits per dimension (one pixel = one palette id)",
-        "value": metrics["eval_bpd"],
+    facts = {
+        "training": f"Pretrained {origin} with examples/pretrain.py, {objective.upper()} objective, {max_train_steps} "
+        f"steps on {data_name} in batches of {batch_size} images, AdamW at peak learning rate {args.learning_rate:g} "
+        f"({args.lr_scheduler_type.value} schedule), seed {args.seed}.",
+        "datasets": [] if args.train_dir or digits else [args.dataset_name],
+        "results": [
+            {
+                "task": "unconditional-image-generation" if objective == "ar" else "masked-image-modeling",
+                "dataset": "imagefolder" if args.train_dir else args.dataset_name,
+                "dataset_name": data_name,
+                "split": eval_split,
+                "metric": "bits_per_dim",
+                "name": "bits per dimension (one pixel = one palette id)",
+                "value": round(metrics["eval_bpd"], 4),
+            }
+        ],
     }
-    common.save_model(
-        accelerator, model, processor, args, SCRIPT, trained=trained, split=eval_split, result=bpd, results=metrics
-    )
+    if args.model_name_or_path is None:
+        facts["license"] = "mit"
+    elif not os.path.isdir(args.model_name_or_path):
+        facts["base_model"] = args.model_name_or_path
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # every process: gathers sharded (FSDP) weights
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        with staged_dir(
+            args.output_dir, overwrite=args.overwrite, keep=[CHECKPOINTS, TRACKER_DIR, LOCK_FILE], inputs=inputs
+        ) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            processor.save_pretrained(tmp)
+            if objective == "ar":
+                openai_generation_config(unwrapped.config).save_pretrained(tmp)
+            write_model_card(tmp, unwrapped, processor=processor, facts=facts)
+            (tmp / "all_results.json").write_text(json.dumps(metrics, indent=2))
+        logger.info(f"Saved the model to {args.output_dir}")
+        if args.push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=args.hub_token)
+            repo_id = api.create_repo(args.hub_model_id or Path(args.output_dir).resolve().name, exist_ok=True).repo_id
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                ignore_patterns=[f"{CHECKPOINTS}/*", f"{TRACKER_DIR}/*", ".*"],
+            )
+            logger.info(f"Pushed {args.output_dir} to https://huggingface.co/{repo_id}")
+    accelerator.wait_for_everyone()
     return metrics
 
 
