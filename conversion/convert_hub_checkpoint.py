@@ -8,13 +8,15 @@ weights as pytorch_model.bin or model.safetensors (sharded or not; Conv1D layout
 attention-mask buffers `attn.bias` / `attn.masked_bias`, which are dropped), and preprocessor_config.json with the
 palette (`clusters`). The state-dict keys and shapes are already this package's, so the weights are copied unchanged;
 what the output adds is this package's config (`auto_map` + source files, so `trust_remote_code=True` works without
-the package; `prepend_sos=True`, see below), safetensors, this package's processor config, a generation config and a
-model card.
+the package), safetensors, this package's processor config, a generation config and a model card. A causal model
+gets `prepend_sos=True`, so that whole images are scored as OpenAI does; a classifier keeps transformers' input
+convention (the processor's pixel ids as they are), so it computes what it computed.
 
-Before the folder is written, it is loaded back and compared with transformers' own ImageGPT on the source folder
-(given `[SOS, x_1, ..., x_{n-1}]` explicitly, since transformers' model does not add SOS itself), on random tokens.
-It is assembled in a hidden sibling and renamed into place only then (`image_gpt_hf.safe_io`): an existing non-empty
-`--output_dir` is replaced only with `--overwrite`, and never when it is, holds or lies inside the source folder.
+Before the folder is written, it is loaded back and compared with transformers' own ImageGPT on the source folder, on
+random pixel ids, both models called as a user calls them: a classifier on the same ids, a causal model against
+transformers' given `[SOS, x_1, ..., x_{n-1}]` (its model does not add SOS itself). It is assembled in a hidden
+sibling and renamed into place only then (`image_gpt_hf.safe_io`): an existing non-empty `--output_dir` is replaced
+only with `--overwrite`, and never when it is, holds or lies inside the source folder.
 """
 
 from __future__ import annotations
@@ -36,17 +38,14 @@ from safetensors.torch import load_file
 if __package__ in (None, ""):  # run as a file (python conversion/convert_hub_checkpoint.py): find `conversion`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from conversion.cli import DTYPES, check_options, run_converter  # noqa: E402
 from conversion.convert_openai_checkpoint import (  # noqa: E402
-    DTYPES,
-    OPENAI_SIZES,
-    ConversionError,
-    check_options,
     check_palette,
     meta_copy,
-    push_after_conversion,
     save_checkpoint_folder,
     verification_notes,
 )
+from conversion.openai_checkpoint import OPENAI_SIZES, ConversionError  # noqa: E402
 from conversion.verify import ATOL, Check, stored_dtype  # noqa: E402
 from image_gpt_hf import (  # noqa: E402
     ImageGPTConfig,
@@ -55,7 +54,7 @@ from image_gpt_hf import (  # noqa: E402
     ImageGPTPreTrainedModel,
 )
 from image_gpt_hf.model_card import write_model_card  # noqa: E402
-from image_gpt_hf.safe_io import OutputPathError, check_output_path, staged_dir  # noqa: E402
+from image_gpt_hf.safe_io import check_output_path, staged_dir  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +133,10 @@ def build_hub_model(src: Path, state_dict: dict[str, torch.Tensor]) -> ImageGPTP
             f"{src} must hold either an LM head (lm_head.weight, ImageGPTForCausalImageModeling) or a classifier "
             f"(score.weight, ImageGPTForImageClassification); it has {'both' if has_lm_head else 'neither'}."
         )
-    # transformers' ImageGPT is autoregressive; prepend_sos=True lets whole images be scored as OpenAI does.
+    # A causal model scores whole images as OpenAI does (prepend_sos); a classifier keeps the input it was trained
+    # on, the processor's pixel ids as they are.
     try:
-        config = ImageGPTConfig.from_pretrained(src, objective="ar", prepend_sos=True)
+        config = ImageGPTConfig.from_pretrained(src, objective="ar", prepend_sos=has_lm_head)
         _ = config.n_px  # raises for a non-square n_positions: the processor needs n_px x n_px images
     except (ValueError, TypeError) as err:  # a field out of range or of the wrong type
         raise ConversionError(f"{src}/config.json is not a usable ImageGPT config: {err}") from None
@@ -154,29 +154,30 @@ def build_hub_model(src: Path, state_dict: dict[str, torch.Tensor]) -> ImageGPTP
 def compare_with_transformers(
     folder: Path, src: Path, num_images: int = 2, seed: int = 0, atol: float = ATOL
 ) -> list[Check]:
-    """The converted `folder` against transformers' own ImageGPT loaded from `src`, on the same random tokens.
+    """The converted `folder` against transformers' own ImageGPT loaded from `src`, on the same random pixel ids.
 
-    Both run in float32; transformers' model gets its weights rounded to the folder's dtype first, so the comparison
-    checks the copy of every weight exactly whatever `--dtype` was.
+    Ours is called as a user calls it, on pixel ids alone. A classifier must give transformers' logits on those same
+    ids; a causal model (`prepend_sos`) must give what transformers' gives on `[SOS, x_1, ..., x_{n-1}]`. Both run in
+    float32; transformers' model gets its weights rounded to the folder's dtype first, so the comparison checks the
+    copy of every weight exactly whatever `--dtype` was.
     """
     config = ImageGPTConfig.from_pretrained(folder)
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, config.vocab_size - 1, (num_images, config.n_positions), generator=generator)
-    with_sos = torch.cat([torch.full_like(pixels[:, :1], config.sos_token_id), pixels[:, :-1]], dim=1)
+    pixels = torch.randint(0, config.palette_size, (num_images, config.n_positions), generator=generator)
     if "ImageGPTForImageClassification" in (config.architectures or []):
-        name, ours_class, theirs_class = (
-            "classification logits",
-            ImageGPTForImageClassification,
-            "ForImageClassification",
-        )
+        name, ours_class, theirs_ids = "classification logits", ImageGPTForImageClassification, pixels
     else:
-        name, ours_class, theirs_class = "causal logits", ImageGPTForCausalImageModeling, "ForCausalImageModeling"
-    theirs = getattr(transformers, f"ImageGPT{theirs_class}").from_pretrained(src, dtype=torch.float32)
+        sos = torch.full_like(pixels[:, :1], config.sos_token_id)
+        name, ours_class, theirs_ids = (
+            "causal logits",
+            ImageGPTForCausalImageModeling,
+            torch.cat([sos, pixels[:, :-1]], 1),
+        )
+    theirs = getattr(transformers, ours_class.__name__).from_pretrained(src, dtype=torch.float32)
     theirs = theirs.to(DTYPES[stored_dtype(config)]).float().eval()
     ours = ours_class.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
-        # transformers' model takes the sequence as given: SOS first, the last pixel never an input.
-        diff = (ours(input_ids=pixels, prepend_sos=True).logits - theirs(input_ids=with_sos).logits).abs().max()
+        diff = (ours(input_ids=pixels).logits - theirs(input_ids=theirs_ids).logits).abs().max()
     return [Check(name, float(diff), atol)]
 
 
@@ -221,7 +222,8 @@ def convert_hub_checkpoint(
                 )
         size = OPENAI_SIZES.get((config.n_layer, config.n_embd, config.n_head))
         name = f"iGPT-{size.upper()}" if size else f"iGPT ({config.n_layer} layers, width {config.n_embd})"
-        notes = verification_notes(checks, "transformers' own ImageGPT on the source folder, given SOS explicitly")
+        inputs = "given SOS explicitly" if config.prepend_sos else "on the same pixel ids"
+        notes = verification_notes(checks, f"transformers' own ImageGPT on the source folder, {inputs}")
         facts: dict[str, object] = {
             "model_name": f"{name} AR {config.n_px}x{config.n_px}",
             "source": f"The transformers ImageGPT checkpoint `{base_model or src.name}`, re-saved with "
@@ -237,47 +239,11 @@ def convert_hub_checkpoint(
     return checks
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="folder laid out like openai/imagegpt-small (config.json, weights, palette)")
-    parser.add_argument("--output_dir", required=True, help="folder to write the converted checkpoint to")
     parser.add_argument("--base_model", help="the source's Hub id, e.g. openai/imagegpt-small, for the model card")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
-    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file, e.g. 2GB or 500MB")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace a non-empty --output_dir (all of its content)"
-    )
-    parser.add_argument(
-        "--skip_verification", action="store_true", help="do not compare with transformers' ImageGPT before writing"
-    )
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the folder to this Hub model repository")
-    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.INFO)
-    try:
-        convert_hub_checkpoint(
-            args.src,
-            args.output_dir,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            verify=not args.skip_verification,
-            repo_id=args.push_to_hub,
-            base_model=args.base_model,
-        )
-    except (ConversionError, OutputPathError) as err:
-        logger.error("%s", err)
-        return 1
-    except OSError as err:  # the disk is full, a folder is not writable, ...: nothing was left behind
-        logger.error("Writing %s failed: %s", args.output_dir, err)
-        return 1
-    if args.push_to_hub:
-        return push_after_conversion(args.output_dir, args.push_to_hub, private=args.private)
-    return 0
+    return run_converter(parser, convert_hub_checkpoint, argv, "transformers' ImageGPT on the source")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from transformers import (
 if __package__ in (None, ""):  # run as a file (python conversion/verify.py): find `conversion`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from conversion.openai_checkpoint import ConversionError, read_openai_checkpoint  # noqa: E402
 from conversion.openai_reference import openai_forward  # noqa: E402
 from image_gpt_hf import random_bert_mask  # noqa: E402  (importing image_gpt_hf registers the Auto classes)
 
@@ -52,7 +53,6 @@ ATOL = 1e-4
 PRECISION_RTOL = {"float16": 1e-2, "bfloat16": 5e-2}
 # Test generative loss (nats per token) of the 1M-step AR models on ImageNet 32x32, from OpenAI's README.
 OPENAI_TEST_LOSS = {"s": 2.0895, "m": 2.0614, "l": 2.0466}
-OPENAI_SIZES = {(24, 512, 8): "s", (36, 1024, 8): "m", (48, 1536, 16): "l"}
 BERT_MASK_PROB = 0.15
 
 
@@ -226,9 +226,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # Imported here: the converter imports this module for its own check.
-    from conversion.convert_openai_checkpoint import ConversionError, read_openai_checkpoint
-
     try:
         ckpt = read_openai_checkpoint(args.checkpoint)
     except ConversionError as err:
@@ -267,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"test generative loss on {args.eval_npy}: {loss:.4f} nats/token, {bits:.4f} bits/token, "
             f"{bits / 3:.4f} bits/dim (per RGB sub-pixel of the palette-quantized image)"
         )
-        size = OPENAI_SIZES.get((ckpt.n_layer, ckpt.n_embd, ckpt.n_head))
+        size = ckpt.size
         if ckpt.objective == "ar" and size and ckpt.n_px == 32 and ckpt.palette_size == 512:
             step_note = "" if ckpt.step == 1_000_000 else f"; this checkpoint is step {ckpt.step}"
             print(

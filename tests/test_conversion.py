@@ -9,7 +9,9 @@ converter, the palette checks and the output-path refusals run without it.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import graphlib
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import transformers
@@ -29,15 +32,17 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForMaskedImageModeling,
 )
 
 import image_gpt_hf  # noqa: F401  (registers the Auto classes)
+from conversion import cli, openai_checkpoint, verify
 from conversion import convert_hub_checkpoint as hub
 from conversion import convert_openai_checkpoint as convert
-from conversion import verify
+from conversion.openai_checkpoint import ConversionError
 from conversion.openai_reference import openai_forward
 from image_gpt_hf import ImageGPTForCausalImageModeling, random_bert_mask
 from image_gpt_hf.image_processing_imagegpt import ImageGPTImageProcessor
@@ -254,7 +259,23 @@ def test_reference_follows_openai_semantics():
 def test_tensorflow_missing_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow", None)
     with pytest.raises(ImportError, match=r"image_gpt_hf\[conversion\]"):
-        convert.import_tensorflow()
+        openai_checkpoint.import_tensorflow()
+
+
+def test_conversion_modules_import_one_way():
+    """No import circles in conversion/ (imports inside functions count too): graphlib names the cycle if one forms."""
+    modules = {path.stem: ast.parse(path.read_text()) for path in (REPO_ROOT / "conversion").glob("*.py")}
+    graph = {}
+    for name, tree in modules.items():
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        graph[name] = {m.split(".")[1] for m in imported if m.startswith("conversion.")} & set(modules)
+    assert graph["convert_hub_checkpoint"] >= {"cli", "verify"}  # the parse sees the imports
+    tuple(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError
 
 
 # ------------------------------------------------------------------------------------------ OpenAI checkpoints
@@ -525,7 +546,7 @@ def test_converter_refuses_a_model_that_does_not_match(checkpoints, palette_file
         return state_dict
 
     monkeypatch.setattr(convert, "convert_state_dict", transposed_c_proj)
-    with pytest.raises(convert.ConversionError, match="does not match OpenAI's forward pass"):
+    with pytest.raises(ConversionError, match="does not match OpenAI's forward pass"):
         convert.convert_openai_checkpoint(checkpoints["ar"], palette_file, tmp_path / "out")
     assert tree(tmp_path) == []
 
@@ -586,12 +607,12 @@ def test_missing_shard_or_index(fake_checkpoint, palette_file, tmp_path, caplog)
 
 def test_checkpoint_path_forms(fake_checkpoint):
     prefix = str(fake_checkpoint)
-    assert convert.resolve_checkpoint_prefix(fake_checkpoint.parent) == prefix
-    assert convert.resolve_checkpoint_prefix(prefix + ".index") == prefix
-    assert convert.resolve_checkpoint_prefix(prefix + ".data-00001-of-00004") == prefix
+    assert openai_checkpoint.resolve_checkpoint_prefix(fake_checkpoint.parent) == prefix
+    assert openai_checkpoint.resolve_checkpoint_prefix(prefix + ".index") == prefix
+    assert openai_checkpoint.resolve_checkpoint_prefix(prefix + ".data-00001-of-00004") == prefix
     Path(f"{fake_checkpoint.parent}/model.ckpt-2000.index").write_bytes(b"")
-    with pytest.raises(convert.ConversionError, match="found model.ckpt-1000.index, model.ckpt-2000.index"):
-        convert.resolve_checkpoint_prefix(fake_checkpoint.parent)
+    with pytest.raises(ConversionError, match="found model.ckpt-1000.index, model.ckpt-2000.index"):
+        openai_checkpoint.resolve_checkpoint_prefix(fake_checkpoint.parent)
 
 
 @pytest.mark.parametrize(
@@ -610,7 +631,7 @@ def test_bad_palette(palette, message, tmp_path):
     np.save(path, palette)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # refused outright: no ComplexWarning about a dropped imaginary part
-        with pytest.raises(convert.ConversionError, match=message):
+        with pytest.raises(ConversionError, match=message):
             convert.load_palette(path, PALETTE)
 
 
@@ -619,12 +640,12 @@ def test_palette_files_other_than_npy(tmp_path):
     np.savez(tmp_path / "one.npz", kmeans_centers=colors)
     np.testing.assert_array_equal(convert.load_palette(tmp_path / "one.npz", PALETTE), colors)  # its one array
     np.savez(tmp_path / "two.npz", a=colors, b=colors)
-    with pytest.raises(convert.ConversionError, match=r"\.npz archive of 2 arrays \(a, b\); expected one"):
+    with pytest.raises(ConversionError, match=r"\.npz archive of 2 arrays \(a, b\); expected one"):
         convert.load_palette(tmp_path / "two.npz", PALETTE)
     np.save(tmp_path / "objects.npy", np.full((PALETTE, 3), None), allow_pickle=True)
     (tmp_path / "text.npy").write_text("0.1 0.2 0.3")
     for name in ("objects.npy", "text.npy", "missing.npy"):
-        with pytest.raises(convert.ConversionError, match=f"Cannot read the palette .*{name}"):
+        with pytest.raises(ConversionError, match=f"Cannot read the palette .*{name}"):
             convert.load_palette(tmp_path / name, PALETTE)
 
 
@@ -691,11 +712,11 @@ def test_openai_converter_keeps_user_files(checkpoints, palette_file, tmp_path, 
 def test_incomplete_and_inconsistent_checkpoints(tf, palette_file, tmp_path):
     # Layers h0 and h2 but no h1: a checkpoint that lost a layer, not a 1-layer model.
     gap = write_openai_checkpoint(tmp_path / "gap", openai_variables(n_layer=3, skip_layers=(1,)), optimizer=False)
-    with pytest.raises(convert.ConversionError, match="incomplete: model/h1/ln_1/g is missing"):
+    with pytest.raises(ConversionError, match="incomplete: model/h1/ln_1/g is missing"):
         convert.convert_openai_checkpoint(gap, palette_file, tmp_path / "out")
     odd = openai_variables(reshape={"h1/attn/k_proj": (N_HEAD, N_EMBD // N_HEAD, N_EMBD - 1)})
     odd_prefix = write_openai_checkpoint(tmp_path / "odd", odd, optimizer=False)
-    with pytest.raises(convert.ConversionError, match=r"model/h1/attn/k_proj has shape \[4, 8, 31\]"):
+    with pytest.raises(ConversionError, match=r"model/h1/attn/k_proj has shape \[4, 8, 31\]"):
         convert.convert_openai_checkpoint(odd_prefix, palette_file, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -703,7 +724,7 @@ def test_incomplete_and_inconsistent_checkpoints(tf, palette_file, tmp_path):
 @tensorflow_test
 def test_push_to_hub_uses_hfapi(checkpoints, palette_file, tmp_path):
     out = tmp_path / "out"
-    with mock.patch.object(convert, "HfApi") as api_class:
+    with mock.patch.object(cli, "HfApi") as api_class:
         api = api_class.return_value
         api.create_repo.return_value = mock.Mock(repo_id="someone/igpt-tiny")
         argv = ["--checkpoint", checkpoints["bert"], "--clusters", str(palette_file), "--output_dir", str(out)]
@@ -719,7 +740,7 @@ def test_push_to_hub_uses_hfapi(checkpoints, palette_file, tmp_path):
 @tensorflow_test
 def test_failed_upload_keeps_the_folder(checkpoints, palette_file, tmp_path, caplog):
     out = tmp_path / "out"
-    with mock.patch.object(convert, "HfApi") as api_class:
+    with mock.patch.object(cli, "HfApi") as api_class:
         api_class.return_value.upload_folder.side_effect = OSError("connection refused")
         argv = ["--checkpoint", checkpoints["bert"], "--clusters", str(palette_file), "--output_dir", str(out)]
         with caplog.at_level("ERROR"):
@@ -731,9 +752,13 @@ def test_failed_upload_keeps_the_folder(checkpoints, palette_file, tmp_path, cap
 # ------------------------------------------------------------------------------------- Hub-layout checkpoints
 
 
-def write_hub_folder(folder: Path, classifier: bool = False, safetensors: bool = False) -> torch.nn.Module:
-    """A folder as transformers 4 wrote openai/imagegpt-*: transformers' own model, the old attention buffers in the
-    state dict, and a feature-extractor style preprocessor_config.json with the palette."""
+def write_hub_folder(folder: Path, classifier: bool = False, layout: str = "pytorch_model.bin") -> torch.nn.Module:
+    """A transformers ImageGPT folder (its own model, random weights) with the palette; returns the model.
+
+    `layout` "save_pretrained": written by transformers' model and image processor themselves. "pytorch_model.bin" or
+    "model.safetensors": as transformers 4 wrote openai/imagegpt-*, with the old attention buffers in the state dict
+    and a feature-extractor style preprocessor_config.json.
+    """
     config = transformers.ImageGPTConfig(
         vocab_size=PALETTE + 1, n_positions=N_CTX, n_embd=N_EMBD, n_layer=N_LAYER, n_head=N_HEAD, num_labels=N_CLASSES
     )
@@ -745,6 +770,12 @@ def write_hub_folder(folder: Path, classifier: bool = False, safetensors: bool =
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.3)
+    palette = np.random.default_rng(1).uniform(-1, 1, (PALETTE, 3))
+    if layout == "save_pretrained":
+        model.save_pretrained(folder)
+        size = {"height": N_PX, "width": N_PX}
+        transformers.ImageGPTImageProcessor(clusters=palette, size=size).save_pretrained(folder)
+        return model
     state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
     for i in range(N_LAYER):
         state_dict[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(N_CTX, N_CTX, dtype=torch.bool))[None, None]
@@ -752,11 +783,10 @@ def write_hub_folder(folder: Path, classifier: bool = False, safetensors: bool =
     folder.mkdir(parents=True)
     config.architectures = [model_class.__name__]
     (folder / "config.json").write_text(config.to_json_string())
-    if safetensors:
+    if layout == "model.safetensors":
         save_safetensors(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
     else:
         torch.save(state_dict, folder / "pytorch_model.bin")
-    palette = np.random.default_rng(1).uniform(-1, 1, (PALETTE, 3))
     preprocessor = {"clusters": palette.tolist(), "do_normalize": True, "do_resize": True, "resample": 2, "size": N_PX}
     (folder / "preprocessor_config.json").write_text(
         json.dumps({**preprocessor, "feature_extractor_type": "ImageGPTFeatureExtractor"})
@@ -764,9 +794,26 @@ def write_hub_folder(folder: Path, classifier: bool = False, safetensors: bool =
     return model
 
 
-@pytest.mark.parametrize("safetensors", [False, True], ids=["pytorch_model.bin", "model.safetensors"])
-def test_hub_checkpoint_causal(safetensors, tmp_path):
-    theirs = write_hub_folder(tmp_path / "imagegpt-tiny", safetensors=safetensors)
+def assert_computes_like(folder: Path, theirs: torch.nn.Module) -> None:
+    """The re-saved `folder`, called as a user calls it on the processor's ids of images, computes what transformers'
+    `theirs` computed: a classifier on those same ids, a causal model (`prepend_sos`) what `theirs` gives on
+    `[SOS, x_1, ..., x_{n-1}]`."""
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (N_PX, N_PX, 3), dtype=np.uint8)) for _ in range(3)]
+    ids = AutoImageProcessor.from_pretrained(folder)(images, return_tensors="pt")["input_ids"]
+    if isinstance(theirs, transformers.ImageGPTForImageClassification):
+        ours, their_ids = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32), ids
+    else:
+        ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        their_ids = torch.cat([torch.full_like(ids[:, :1], PALETTE), ids[:, :-1]], dim=1)
+    with torch.no_grad():
+        diff = float((ours(input_ids=ids).logits - theirs(input_ids=their_ids).logits).abs().max())
+    assert diff < 1e-5, f"max abs logit difference {diff:.2e}"
+
+
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "model.safetensors", "save_pretrained"])
+def test_hub_checkpoint_causal(layout, tmp_path):
+    theirs = write_hub_folder(tmp_path / "imagegpt-tiny", layout=layout)
     out = tmp_path / "out"
     argv = [str(tmp_path / "imagegpt-tiny"), "--output_dir", str(out), "--base_model", "someone/imagegpt-tiny"]
     assert hub.main(argv) == 0
@@ -786,26 +833,27 @@ def test_hub_checkpoint_causal(safetensors, tmp_path):
     card = (out / "README.md").read_text()
     assert "base_model: someone/imagegpt-tiny" in card and "Verified at conversion" in card and "causal logits" in card
 
+    assert_computes_like(out, theirs)
+    # transformers' convention, SOS given by the caller, on the same ids.
     ours = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(ours, ImageGPTForCausalImageModeling)
-    ids = torch.randint(0, PALETTE, (2, N_CTX))
-    with_sos = torch.cat([torch.full_like(ids[:, :1], PALETTE), ids[:, :-1]], dim=1)
+    with_sos = torch.cat([torch.full((2, 1), PALETTE), torch.randint(0, PALETTE, (2, N_CTX - 1))], dim=1)
     with torch.no_grad():
-        assert (ours(input_ids=ids).logits - theirs(input_ids=with_sos).logits).abs().max() < ATOL
-        assert (
-            ours(input_ids=with_sos, prepend_sos=False).logits - theirs(input_ids=with_sos).logits
-        ).abs().max() < ATOL
+        diff = ours(input_ids=with_sos, prepend_sos=False).logits - theirs(input_ids=with_sos).logits
+    assert diff.abs().max() < 1e-5
 
 
-def test_hub_checkpoint_classifier(tmp_path):
-    theirs = write_hub_folder(tmp_path / "clf", classifier=True)
+@pytest.mark.parametrize("layout, dtype", [("save_pretrained", "float32"), ("pytorch_model.bin", "bfloat16")])
+def test_hub_classifier_computes_what_it_computed(layout, dtype, tmp_path):
+    """A classifier was trained on the processor's pixel ids as they are: re-saved, it gives the same logits on the
+    same ids (no SOS added), and stays a config transformers' own ImageGPT loads."""
+    theirs = write_hub_folder(tmp_path / "clf", classifier=True, layout=layout)
     out = tmp_path / "out"
-    assert hub.main([str(tmp_path / "clf"), "--output_dir", str(out), "--dtype", "bfloat16"]) == 0
-    ours = AutoModelForImageClassification.from_pretrained(out, dtype=torch.float32)
-    ids = torch.randint(0, PALETTE, (2, N_CTX))
-    with torch.no_grad():
-        expected = theirs.to(torch.bfloat16).float()(input_ids=ids).logits
-        assert (ours(input_ids=ids, prepend_sos=False).logits - expected).abs().max() < ATOL
+    assert hub.main([str(tmp_path / "clf"), "--output_dir", str(out), "--dtype", dtype]) == 0
+    assert_computes_like(out, theirs.to(getattr(torch, dtype)).float())
+    config = json.loads((out / "config.json").read_text())
+    assert config["prepend_sos"] is False and config["model_type"] == "imagegpt"
+    assert "on the same pixel ids" in (out / "README.md").read_text()
     assert not (out / "generation_config.json").exists()  # no LM head, nothing to generate with
 
 
@@ -823,7 +871,7 @@ def test_hub_checkpoint_errors(tmp_path, caplog):
     state_dict = torch.load(src / "pytorch_model.bin", weights_only=True)
     del state_dict["transformer.h.1.mlp.c_fc.weight"]
     torch.save(state_dict, src / "pytorch_model.bin")
-    with pytest.raises(convert.ConversionError, match="transformer.h.1.mlp.c_fc.weight"):
+    with pytest.raises(ConversionError, match="transformer.h.1.mlp.c_fc.weight"):
         hub.convert_hub_checkpoint(src, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
@@ -849,7 +897,7 @@ def test_hub_converter_keeps_user_files(tmp_path, caplog):
     what a killed conversion left behind is cleaned up by the next one."""
     user, outside = user_arena(tmp_path)
     src = user / "imagegpt-tiny"
-    write_hub_folder(src)
+    theirs = write_hub_folder(src)
     out = user / "converted"
     out.mkdir()
     (out / "model.safetensors").symlink_to(outside / "secret")  # planted where the weights go
@@ -873,7 +921,7 @@ def test_hub_converter_keeps_user_files(tmp_path, caplog):
 
     assert run_cli(hub.main, [src, "--output_dir", out, "--overwrite"], caplog)[0] == 0
     assert not (out / "model.safetensors").is_symlink()
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert_computes_like(out, theirs)  # the replaced folder holds the converted model, not the old one's parts
     assert snapshot(outside) == outside_before
     unchanged = {k: v for k, v in snapshot(user).items() if not k.startswith(("converted", ".converted"))}
     assert unchanged == {k: v for k, v in before.items() if not k.startswith(("converted", ".converted"))}
