@@ -4,8 +4,8 @@ half, as in the paper's completions figure.
     python examples/sample.py --model_name_or_path igpt-tiny-digits --output_dir samples-digits --top_k 8
 
 Writes completions.png (one row per held-out image: the image as the model sees it | the rows it is given | its
-completions) and samples.png (unconditional samples), both magnified with nearest-neighbour pixels. With
-`--upscale_model` (an integer factor, or an image super-resolution checkpoint such as a Swin2SR model) it also writes
+completions) and samples.png (unconditional samples), magnified with nearest-neighbour pixels (`--magnification`).
+With `--upscale_model` (an integer factor, or an image super-resolution checkpoint such as a Swin2SR model) it also writes
 completions_upscaled.png and samples_upscaled.png beside them: the same images enlarged by that factor or model, shown
 at the size it made them.
 
@@ -17,26 +17,44 @@ at the size it made them.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from transformers import AutoImageProcessor, AutoModelForImageToImage, PreTrainedModel
+from datasets import Image, load_dataset
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageToImage, PreTrainedModel
 
-import common
-from common import logger
-from image_gpt_hf import ImageGPTForCausalImageModeling
+from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor, load_digits
 from image_gpt_hf.generation import complete, sample, upscale_images
+from image_gpt_hf.image_processing_imagegpt import check_palette_fits
 from image_gpt_hf.safe_io import atomic_file, check_output_path
+
+logger = get_logger(__name__)
+DIGITS = "sklearn-digits"  # scikit-learn's bundled 8x8 handwritten digits: no download
 
 GAP = 2  # pixels between grid cells
 HEADER = 14  # height of the column titles
 INTEGER = re.compile(r"[+-]?\d+")  # an --upscale_model that is a factor, not a checkpoint
+
+
+class RenamedFlag(argparse.Action):
+    """Stores the value under its new name; warns when it comes under the deprecated one (its last option string)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == self.option_strings[-1]:
+            new = self.option_strings[0]
+            warnings.warn(f"{option_string} is deprecated; pass {new} (the same value).", FutureWarning, stacklevel=1)
+        setattr(namespace, self.dest, values)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -45,9 +63,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--processor_name_or_path", type=str, default=None, help="Its processor (palette), if not saved with it."
     )
-    common.add_output_arguments(
-        parser, what="the PNG grids (completions.png, samples.png, and their _upscaled.png with --upscale_model)"
+    parser.add_argument(
+        "--output_dir", required=True, help="Where to write completions.png, samples.png (and their _upscaled.png)."
     )
+    parser.add_argument("--overwrite", action="store_true", help="Replace grids an earlier run wrote there.")
     parser.add_argument("--num_samples", type=int, default=16, help="Unconditional samples (0: none).")
     parser.add_argument("--num_images", type=int, default=8, help="Held-out images to complete (0: none).")
     parser.add_argument("--num_completions", type=int, default=4, help="Completions per held-out image.")
@@ -59,10 +78,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top_p", type=float, default=None, help="Nucleus sampling: the smallest set of mass p.")
     parser.add_argument("--batch_size", type=int, default=None, help="Sequences generated together (default: all).")
     parser.add_argument(
-        "--upscale",
+        "--magnification",
+        "--upscale",  # its former name, deprecated: it sat beside --upscale_model, which is another thing
+        dest="magnification",
+        action=RenamedFlag,
         type=int,
         default=None,
-        help="Nearest-neighbour magnification of completions.png and samples.png (default: cells >= 64 px).",
+        help="Nearest-neighbour magnification of the cells of completions.png and samples.png (default: cells of at "
+        "least 64 px). --upscale is its deprecated former name.",
     )
     parser.add_argument(
         "--upscale_model",
@@ -73,9 +96,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "AutoModelForImageToImage loads (e.g. a Swin2SR model). Default: no upscaled grids.",
     )
     parser.add_argument("--seed", type=int, default=42, help="Seeds the choice of held-out images and the sampling.")
-    common.add_data_arguments(parser)
+    group = parser.add_argument_group("the held-out images to complete")
+    group.add_argument("--dataset_name", default=DIGITS, help=f"A `datasets` image dataset, or {DIGITS!r} (default).")
+    group.add_argument("--dataset_config_name", default=None, help="The dataset configuration name.")
+    group.add_argument("--train_dir", default=None, help="An imagefolder; its --train_val_split is held out.")
+    group.add_argument("--validation_dir", default=None, help="An imagefolder of held-out images.")
+    group.add_argument("--image_column_name", default=None, help="Default: the first column of `Image` type.")
+    group.add_argument(
+        "--train_val_split", type=float, default=0.15, help="Train held out when there is no evaluation split."
+    )
+    group.add_argument("--max_eval_samples", type=int, default=None, help="Truncate the evaluation split.")
+    group.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     args = parser.parse_args(argv)
-    common.check_data_arguments(args)
+    if not 0.0 <= args.train_val_split < 1.0:
+        raise ValueError(f"--train_val_split is a fraction and must be in [0, 1), got {args.train_val_split}.")
+    for name in ("train_dir", "validation_dir"):
+        if getattr(args, name) is not None and not os.path.isdir(getattr(args, name)):
+            raise ValueError(f"--{name} {getattr(args, name)!r} is not a folder of images.")
+    if args.validation_dir is not None and args.train_dir is None:
+        raise ValueError("--validation_dir needs a --train_dir to go with it.")
     for name in ("num_samples", "num_images"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
@@ -87,7 +126,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--top_k must be at least 1, got {args.top_k}.")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}.")
-    for name in ("batch_size", "upscale"):
+    for name in ("batch_size", "magnification", "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     upscale_factor(args.upscale_model)  # a factor below 1 is refused here; a checkpoint is loaded in main
@@ -159,17 +198,53 @@ def upscaled(rows: list[list[np.ndarray]], upscaler: int | PreTrainedModel) -> l
     return [[next(enlarged) for _ in row] for row in rows]
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, str]:
+def load_held_out(args: argparse.Namespace):
+    """The evaluation split of --dataset_name / --train_dir (validation, else test, else --train_val_split of train)."""
+    if args.train_dir is not None:
+        files = {"train": os.path.join(args.train_dir, "**")}
+        if args.validation_dir is not None:
+            files["validation"] = os.path.join(args.validation_dir, "**")
+        dataset = load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir)
+    elif args.dataset_name == DIGITS:
+        dataset = load_digits()
+    else:
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+    held_out = next((dataset[name] for name in ("validation", "test") if name in dataset), None)
+    if held_out is None:
+        if "train" not in dataset or args.train_val_split == 0:
+            raise ValueError(
+                f"The dataset has no validation or test split (its splits are {list(dataset)}); pass a "
+                "--train_val_split > 0 of its train split, or --validation_dir."
+            )
+        held_out = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)["test"]
+    if args.max_eval_samples is not None:
+        held_out = held_out.shuffle(seed=args.seed).select(range(min(args.max_eval_samples, len(held_out))))
+    features = held_out.features
+    image_column = args.image_column_name or next((n for n, f in features.items() if isinstance(f, Image)), None)
+    if image_column not in features:
+        raise ValueError(
+            f"--image_column_name {args.image_column_name!r} is not a column of the dataset; its columns are "
+            f"{list(features)}."
+            if args.image_column_name
+            else f"The dataset has no `Image` column: {list(features)}."
+        )
+    return held_out.shuffle(seed=args.seed), image_column
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    accelerator = common.create_accelerator(args)
+    # Several CPU processes (accelerate launch without GPUs) join one run only when Accelerate is told to use the CPU.
+    accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
     # Existing grids are kept unless --overwrite, refused before any work; so is a grid inside an input.
-    inputs = [*common.inputs(args), None if upscale_factor(args.upscale_model) else args.upscale_model]
+    inputs = [args.model_name_or_path, args.processor_name_or_path, args.train_dir, args.validation_dir]
+    inputs += [args.dataset_name, None if upscale_factor(args.upscale_model) else args.upscale_model]
     kinds = [name for name, count in (("completions", args.num_images), ("samples", args.num_samples)) if count > 0]
     suffixes = ["", "_upscaled"] if args.upscale_model is not None else [""]
     paths = {
-        f"{name}{suffix}": os.path.join(args.output_dir, f"{name}{suffix}.png")
-        for name in kinds
+        f"{kind}{suffix}": os.path.join(args.output_dir, f"{kind}{suffix}.png")
+        for kind in kinds
         for suffix in suffixes
     }
     for path in paths.values():
@@ -178,30 +253,61 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     if isinstance(upscaler, PreTrainedModel):
         upscaler.to(accelerator.device)
 
-    config = common.load_imagegpt_config(args.model_name_or_path)
+    # The model, its palette and its LM head: a model that cannot sample is refused before any image is read.
+    try:
+        config = AutoConfig.from_pretrained(args.model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Cannot load a model config from {args.model_name_or_path!r}: {err}") from err
+    if not isinstance(config, ImageGPTConfig):
+        raise ValueError(
+            f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint ({type(config).__name__}); sample.py "
+            "needs an autoregressive Image GPT checkpoint, e.g. one written by examples/pretrain.py."
+        )
     if config.objective != "ar":
         raise ValueError(
             f"{args.model_name_or_path} is a BERT-objective model: it predicts masked pixels, not the next one, so it "
             "cannot generate images pixel by pixel. Sample from an AR checkpoint (pretrain.py --objective ar)."
         )
-    processor = common.checkpoint_processor(args.model_name_or_path, config, args.processor_name_or_path, None)
+    source = args.processor_name_or_path or args.model_name_or_path
+    try:
+        processor = ImageGPTImageProcessor.from_pretrained(source)
+    except OSError:
+        processor = None
+    if getattr(processor, "clusters", None) is None:
+        raise ValueError(
+            f"{source!r} has no preprocessor_config.json with a palette ('clusters'). The model's token ids index the "
+            "palette it was trained with; pass the processor it was trained with as --processor_name_or_path."
+        )
+    check_palette_fits(processor, config, f"The processor from {source!r}")
+    model, loading = ImageGPTForCausalImageModeling.from_pretrained(args.model_name_or_path, output_loading_info=True)
+    if "lm_head.weight" in loading["missing_keys"]:
+        raise ValueError(
+            f"{args.model_name_or_path} has no LM-head weights (lm_head.weight), the layer that predicts the next "
+            "pixel (e.g. a classifier fine-tuned with finetune.py --gen_loss_weight 0); sampling from it would draw "
+            "from a random head. Sample from a checkpoint of examples/pretrain.py --objective ar, or of "
+            "examples/finetune.py with --gen_loss_weight > 0 (which keeps the head)."
+        )
+    if loading["missing_keys"]:
+        raise ValueError(f"{args.model_name_or_path} lacks weights of the model: {loading['missing_keys'][:5]} ...")
+    model = model.eval().to(accelerator.device)
     n_px = config.n_px  # sampling happens at the model's own resolution
     if args.primer_rows is not None and not 0 <= args.primer_rows < n_px:
         raise ValueError(f"--primer_rows must be in [0, {n_px}) for this {n_px}x{n_px} model, got {args.primer_rows}.")
     primer_rows = n_px // 2 if args.primer_rows is None else args.primer_rows
     if args.num_images > 0:
         with accelerator.main_process_first():
-            dataset, _ = common.load_image_dataset(args)
-        image_column = common.find_image_column(dataset, args.image_column_name)
-        count = min(args.num_images, len(dataset["validation"]))
-        held_out = common.ImageDataset(dataset["validation"].shuffle(seed=args.seed), image_column, [image_column])
-        # The held-out images as the model sees them (center crop, palette colors): what it is asked to continue.
-        collate = common.ImageGPTCollator(processor, image_column, train=False, seed=args.seed)
-        ids = collate(held_out.__getitems__(list(range(count))))["input_ids"]
-    model = ImageGPTForCausalImageModeling.from_pretrained(args.model_name_or_path).eval().to(accelerator.device)
+            held_out, image_column = load_held_out(args)
+        # The held-out images as the model sees them: shortest edge to n_px, the center n_px x n_px, palette colors.
+        images = held_out.select(range(min(args.num_images, len(held_out))))[image_column]
+        center = {
+            "size": {"shortest_edge": n_px},
+            "do_center_crop": True,
+            "crop_size": {"height": n_px, "width": n_px},
+        }
+        ids = processor(images, return_tensors="pt", **center)["input_ids"].long()
 
     if accelerator.is_main_process:
-        upscale = args.upscale or max(1, math.ceil(64 / n_px))
+        magnification = args.magnification or max(1, math.ceil(64 / n_px))
         options = {
             "processor": processor,
             "temperature": args.temperature,
@@ -223,31 +329,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
             rows = [[original, *image_completions] for original, image_completions in zip(originals, completions)]
             titles = ["original", "given"] + [f"sample {i + 1}" for i in range(args.num_completions)]
             # Each row: the original | its top rows, the rest hidden | the completions.
-            grids = {"completions": (rows, upscale)}
+            grids = {"completions": (rows, magnification)}
             if upscaler is not None:
                 logger.info(f"Upscaling the completions with --upscale_model {args.upscale_model}")
                 grids["completions_upscaled"] = (upscaled(rows, upscaler), 1)  # at the size the upscaler made
-            for name, (images, magnification) in grids.items():
+            for name, (images, cell_magnification) in grids.items():
                 hidden_from = primer_rows * images[0][0].shape[0] // n_px  # the given rows, at this size
                 cells = [[original, hide_rows(original, hidden_from), *rest] for original, *rest in images]
                 with atomic_file(paths[name], overwrite=args.overwrite, inputs=inputs, arg="the output file") as tmp:
-                    grid(cells, magnification, titles).save(tmp)
+                    grid(cells, cell_magnification, titles).save(tmp)
         if args.num_samples > 0:
             logger.info(f"Sampling {args.num_samples} images from scratch")
             samples = sample(model, args.num_samples, seed=args.seed + 1, **options)
             per_row = min(8, args.num_samples)
             rows = [list(samples[i : i + per_row]) for i in range(0, len(samples), per_row)]
-            grids = {"samples": (rows, upscale)}
+            grids = {"samples": (rows, magnification)}
             if upscaler is not None:
                 logger.info(f"Upscaling the samples with --upscale_model {args.upscale_model}")
                 grids["samples_upscaled"] = (upscaled(rows, upscaler), 1)
-            for name, (images, magnification) in grids.items():
+            for name, (images, cell_magnification) in grids.items():
                 with atomic_file(paths[name], overwrite=args.overwrite, inputs=inputs, arg="the output file") as tmp:
-                    grid(images, magnification).save(tmp)
+                    grid(images, cell_magnification).save(tmp)
         for name, path in paths.items():
             logger.info(f"Wrote {name}: {path}")
     accelerator.wait_for_everyone()
-    return paths
 
 
 if __name__ == "__main__":
