@@ -5,8 +5,9 @@
 
 The classifier is a linear layer on the average-pooled final features (or `--classifier_layer`). AR models see
 OpenAI's `[SOS, x_1, ..., x_{n-1}]` input and their generative loss covers all n pixels; BERT models draw the paper's
-15% masks for their generative loss. Labels and their names come from the dataset; accuracy is measured on its
-evaluation split. The output folder loads with `AutoModelForImageClassification` and `AutoImageProcessor`.
+15% masks for their generative loss (the library's `ImageGPTDataCollator`). Labels and their names come from the
+dataset; accuracy is measured on its evaluation split. The output folder loads with `AutoModelForImageClassification`
+and `AutoImageProcessor`. To train on your own data, copy this file.
 
 The paper's evaluation protocol: `--num_labels_per_class N` fine-tunes on a fixed, seeded, class-balanced subset of
 the labels (its low-data table), and BERT models can be evaluated under `--num_eval_masks K` random masks of
@@ -17,89 +18,262 @@ accuracy are reported.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
 
+import datasets
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
+import transformers
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from filelock import FileLock, Timeout
+from safetensors import safe_open
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoConfig, SchedulerType, get_scheduler
 
-import common
-from common import logger
-from image_gpt_hf import ImageGPTForImageClassification
+from image_gpt_hf import (
+    ImageGPTConfig,
+    ImageGPTDataCollator,
+    ImageGPTForImageClassification,
+    ImageGPTImageProcessor,
+    load_digits,
+)
+from image_gpt_hf.model_card import write_model_card
+from image_gpt_hf.safe_io import check_output_path, staged_dir, staging_path
 
-SCRIPT = "finetune.py"
+logger = get_logger(__name__)
+DIGITS = "sklearn-digits"  # scikit-learn's 1,797 8x8 handwritten digits (image_gpt_hf.load_digits): no download
+CHECKPOINTS, STATE_FILE, LOCK_FILE, TRACKER_DIR = "checkpoints", "training_state.json", ".lock", "image_gpt_finetune"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Fine-tune Image GPT for image classification with Accelerate.")
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model_name_or_path",
-        type=str,
-        required=True,
-        help="A pretrained Image GPT checkpoint (folder or Hub id), e.g. the output of examples/pretrain.py.",
+def checked(kind, rule, description):
+    """An argparse type: a `kind` value that satisfies `rule`, else the error "must be <description>"."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not rule(value):
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = checked(int, lambda v: v >= 1, "at least 1"), checked(int, lambda v: v >= 0, ">= 0")
+FRACTION = checked(float, lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Fine-tune Image GPT for image classification.")
+    parser.add_argument("--model_name_or_path", required=True, help="A pretrained Image GPT (folder or Hub id).")
+    parser.add_argument("--gen_loss_weight", type=checked(float, lambda v: v >= 0, ">= 0"), default=1.0, help="w.")
+    parser.add_argument("--classifier_layer", type=int, default=None, help="Hidden state pooled (default: final).")
+    parser.add_argument("--mask_prob", type=FRACTION, default=0.15, help="BERT models: pixels masked for L_gen.")
+    parser.add_argument("--ignore_mismatched_sizes", action="store_true", help="Replace a classifier of other size.")
+    parser.add_argument("--num_labels_per_class", type=POSITIVE, default=None, help="Train on N labels per class.")
+    parser.add_argument("--num_eval_masks", type=POSITIVE, default=1, help="BERT models: K evaluation masks.")
+    eval_mask = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+    parser.add_argument("--eval_mask_prob", type=eval_mask, default=0.0, help="BERT: masked in each evaluation view.")
+    parser.add_argument("--dataset_name", default=DIGITS, help=f"A `datasets` image dataset, or {DIGITS!r}.")
+    parser.add_argument("--dataset_config_name", default=None, help="The dataset configuration name.")
+    parser.add_argument("--train_dir", default=None, help="An imagefolder of training images.")
+    parser.add_argument("--validation_dir", default=None, help="An imagefolder of evaluation images.")
+    parser.add_argument("--image_column_name", default=None, help="Default: the first column of `Image` type.")
+    parser.add_argument("--label_column_name", default=None, help="Default: the first `ClassLabel`, or label(s).")
+    split = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+    parser.add_argument("--train_val_split", type=split, default=0.15, help="Held out when there is no eval split.")
+    parser.add_argument("--max_train_samples", type=POSITIVE, default=None, help="Truncate the training split.")
+    parser.add_argument("--max_eval_samples", type=POSITIVE, default=None, help="Truncate the evaluation split.")
+    parser.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
+    parser.add_argument("--dataloader_num_workers", type=NON_NEGATIVE, default=0)
+    parser.add_argument("--n_px", type=POSITIVE, default=None, help="Default: the model's, 32, or 8 on the digits.")
+    parser.add_argument("--processor_name_or_path", default=None, help="A processor with a palette ('clusters').")
+    parser.add_argument(
+        "--random_crop_scale",
+        type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"),
+        nargs=2,
+        default=(0.5, 1.0),
+        metavar=("MIN", "MAX"),
     )
-    group.add_argument(
-        "--gen_loss_weight",
-        type=float,
-        default=1.0,
-        help="Weight of the generative loss in L_clf + w * L_gen (the paper's fine-tuning uses 1; 0 for plain "
-        "classification).",
-    )
-    group.add_argument(
-        "--classifier_layer",
-        type=int,
-        default=None,
-        help="The hidden-state index the classifier pools (0 = embeddings, n_layer = final; default: final).",
-    )
-    group.add_argument(
-        "--mask_prob", type=float, default=0.15, help="BERT models: probability that a pixel is masked."
-    )
-    group.add_argument(
-        "--ignore_mismatched_sizes",
-        action="store_true",
-        help="Start from a classifier with another number of labels, replacing its classification layer.",
-    )
-    common.add_evaluation_arguments(parser)
-    common.add_data_arguments(parser)
-    common.add_processor_arguments(parser)
-    common.add_training_arguments(parser, learning_rate=3e-4, num_train_epochs=3)
+    parser.add_argument("--no_random_crop", action="store_true", help="Train on whole images (no random crops).")
+    parser.add_argument("--output_dir", required=True, help="Where to write checkpoints and the model.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace what is in --output_dir.")
+    parser.add_argument("--seed", type=NON_NEGATIVE, default=42, help="Seeds the init, data order, crops and masks.")
+    parser.add_argument("--per_device_train_batch_size", type=POSITIVE, default=64)
+    parser.add_argument("--per_device_eval_batch_size", type=POSITIVE, default=128)
+    parser.add_argument("--learning_rate", type=checked(float, lambda v: v > 0, "> 0"), default=3e-4)
+    parser.add_argument("--weight_decay", type=checked(float, lambda v: v >= 0, ">= 0"), default=0.0)
+    parser.add_argument("--adam_beta2", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.95)
+    parser.add_argument("--max_grad_norm", type=checked(float, lambda v: v >= 0, ">= 0"), default=1.0)
+    parser.add_argument("--num_train_epochs", type=POSITIVE, default=3)
+    parser.add_argument("--max_train_steps", type=POSITIVE, default=None, help="Optimizer steps; overrides epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=POSITIVE, default=1)
+    parser.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine", choices=list(SchedulerType))
+    parser.add_argument("--num_warmup_steps", type=NON_NEGATIVE, default=0)
+    parser.add_argument("--logging_steps", type=POSITIVE, default=10)
+    parser.add_argument("--eval_steps", type=POSITIVE, default=None, help="Default: evaluate every epoch.")
+    parser.add_argument("--checkpointing_steps", default=None, help="Save a checkpoint every n steps, or 'epoch'.")
+    parser.add_argument("--checkpoints_total_limit", type=POSITIVE, default=None, help="Keep the newest n.")
+    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--with_tracking", action="store_true")
+    parser.add_argument("--report_to", default="all")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", default=None)
+    parser.add_argument("--hub_token", default=None)
     args = parser.parse_args(argv)
-    common.check_training_arguments(args)
-    common.check_evaluation_arguments(args)
-    if args.gen_loss_weight < 0:
-        raise ValueError(f"--gen_loss_weight must be >= 0, got {args.gen_loss_weight}.")
-    if not 0.0 < args.mask_prob < 1.0:
-        raise ValueError(f"--mask_prob must be in (0, 1), got {args.mask_prob}.")
+
+    # The errors argparse cannot see, before anything is loaded.
+    if args.random_crop_scale[0] > args.random_crop_scale[1]:
+        raise ValueError(f"--random_crop_scale must satisfy MIN <= MAX, got {args.random_crop_scale}.")
+    if args.validation_dir is not None and args.train_dir is None:
+        raise ValueError("--validation_dir needs a --train_dir to go with it.")
+    for name in ("train_dir", "validation_dir"):
+        if getattr(args, name) is not None and not os.path.isdir(getattr(args, name)):
+            raise ValueError(f"--{name} {getattr(args, name)!r} is not a folder of images.")
+    if args.max_train_steps is not None and args.num_warmup_steps > args.max_train_steps:
+        raise ValueError(
+            f"--num_warmup_steps {args.num_warmup_steps} is more than --max_train_steps {args.max_train_steps}: the "
+            "learning rate would never reach --learning_rate."
+        )
+    every = args.checkpointing_steps
+    if every not in (None, "epoch") and (not re.fullmatch(r"[0-9]+", every) or int(every) < 1):
+        raise ValueError(f"--checkpointing_steps must be a positive whole number of steps or 'epoch', got {every!r}.")
+    if every not in (None, "epoch") and args.max_train_steps is not None and int(every) > args.max_train_steps:
+        raise ValueError(
+            f"--checkpointing_steps {every} is more than --max_train_steps {args.max_train_steps}: no checkpoint "
+            "would ever be written. Pass a smaller number, or 'epoch'."
+        )
+    if args.num_eval_masks > 1 and args.eval_mask_prob == 0:
+        raise ValueError(
+            f"--num_eval_masks {args.num_eval_masks} needs --eval_mask_prob > 0 (the paper's is 0.15): without masks "
+            "every view is the same image."
+        )
     return args
 
 
+def random_crop(image: PIL.Image.Image, scale, generator: torch.Generator, ratio=(3 / 4, 4 / 3)) -> PIL.Image.Image:
+    """torchvision's RandomResizedCrop box (an area fraction from `scale`, a log-uniform aspect ratio from `ratio`, ten
+    tries, then the largest central crop within `ratio`), drawn from `generator`; the caller resizes."""
+    width, height = image.size
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = height * width * torch.empty(1).uniform_(*scale, generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator).item())
+            return image.crop((left, top, left + w, top + h))
+    h, w = height, width
+    if width / height < ratio[0]:
+        h = min(height, max(1, int(round(width / ratio[0]))))
+    elif width / height > ratio[1]:
+        w = min(width, max(1, int(round(height * ratio[1]))))
+    top, left = (height - h) // 2, (width - w) // 2
+    return image.crop((left, top, left + w, top + h))
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """What is broken in a checkpoint (read cheaply: its state file, safetensors headers, zip directories), or None."""
+    try:
+        state = json.loads(Path(path, STATE_FILE).read_text())
+        [int(state[key]) for key in ("completed_steps", "epoch", "batches_in_epoch")] and dict(state["run"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {STATE_FILE} is unreadable ({type(err).__name__}: {err})"
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                if name.endswith(".safetensors"):
+                    with safe_open(os.path.join(folder, name), "pt"):
+                        pass
+                elif name.endswith((".bin", ".pkl", ".pt", ".pth")):  # torch.save's zip archives
+                    zipfile.ZipFile(os.path.join(folder, name)).close()
+            except Exception as err:  # safetensors raises its own error type
+                return f"{os.path.join(folder, name)} is damaged ({type(err).__name__}: {err})"
+    return None
+
+
+def find_checkpoint(args: argparse.Namespace) -> str | None:
+    """The checkpoint --resume_from_checkpoint names (a folder, or 'latest': the newest complete one, or None when
+    there is none yet), refused when broken, with the newest intact one before it named."""
+    root = Path(args.output_dir, CHECKPOINTS)
+    names = [n for n in (os.listdir(root) if root.is_dir() else []) if re.fullmatch(r"step_[0-9]+", n)]
+    complete = [str(root / n) for n in sorted(names, key=lambda n: int(n[5:])) if (root / n / STATE_FILE).is_file()]
+    path = args.resume_from_checkpoint
+    if path == "latest":
+        if not complete:
+            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet; starting anew")
+            return None
+        path = complete[-1]
+    elif not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise ValueError(
+            f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {STATE_FILE}); complete ones are {complete or 'none'}."
+        )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        earlier = [p for p in complete if os.path.abspath(p) != os.path.abspath(path)]
+        intact = next((p for p in reversed(earlier) if checkpoint_problem(p) is None), None)
+        offer = (
+            f"The newest intact checkpoint before it is {intact}: resume from it with --resume_from_checkpoint {intact}, "
+            f"and delete {path} so that 'latest' skips it."
+            if intact
+            else "No intact checkpoint precedes it: delete it to start anew."
+        )
+        raise ValueError(f"Cannot resume from the checkpoint {path}: {problem}. {offer}")
+    return path
+
+
+def fingerprint(split: datasets.Dataset, columns: list[str]) -> str:
+    """A digest of the training examples' contents: every image's bytes (read from its file when not embedded) and
+    the other `columns`, in order."""
+    digest = hashlib.sha256()
+    split = split.select_columns(columns).cast_column(columns[0], datasets.Image(decode=False))
+    for batch in split.iter(batch_size=256):
+        for image in batch[columns[0]]:
+            digest.update(hashlib.sha256(image["bytes"] or Path(image["path"]).read_bytes()).digest())
+        digest.update(json.dumps([batch[column] for column in columns[1:]], default=str).encode())
+    return digest.hexdigest()[:16]
+
+
 def evaluate(
-    accelerator: Accelerator, model: torch.nn.Module, eval_dataloader: DataLoader, args: argparse.Namespace
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    dataloader: DataLoader,
+    masker: ImageGPTDataCollator | None,
+    views: int,
 ) -> dict[str, float]:
-    """Top-1 accuracy and the classification loss on the evaluation split: of whole images, or for BERT models of
-    the images under a seeded random mask (--eval_mask_prob); with --num_eval_masks K > 1, also of the class
+    """Top-1 accuracy and the classification loss on the evaluation split: of whole images, or for BERT models of the
+    images under a seeded random mask (`masker`, --eval_mask_prob); with K > 1 `views`, also of the class
     probabilities averaged over K masks (`eval_ensemble_accuracy`, `eval_ensemble_loss`)."""
     model.eval()
     correct, losses, ensemble_correct, ensemble_losses = [], [], [], []
-    for batch in common.progress_bar(accelerator, iterable=eval_dataloader, desc="eval", leave=False):
+    for batch in tqdm(dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
         ids, labels, probabilities = batch["input_ids"], batch["labels"], 0.0
-        for view in range(args.num_eval_masks):
-            kwargs = {}
-            if args.eval_mask_prob > 0:  # the view-th mask of every image, seeded by its index
-                masks = common.evaluation_masks(batch["indices"], ids.shape[1], args.eval_mask_prob, args.seed, view)
-                kwargs["bool_masked_pos"] = masks.to(ids.device)
+        for view in range(views):
+            kwargs = {} if masker is None else {"bool_masked_pos": masker.masks(ids, epoch=view).to(ids.device)}
             with torch.no_grad():
-                logits = model(input_ids=ids, **kwargs).logits
+                logits = model(input_ids=ids, **kwargs).logits.float()
             if view == 0:
-                loss = F.cross_entropy(logits.float(), labels, reduction="none")
-                predictions, references, loss = accelerator.gather_for_metrics((logits.argmax(dim=-1), labels, loss))
+                loss = F.cross_entropy(logits, labels, reduction="none")
+                predictions, references, loss = accelerator.gather_for_metrics((logits.argmax(-1), labels, loss))
                 correct.append(predictions == references)
                 losses.append(loss)
-            probabilities = probabilities + logits.float().softmax(-1) / args.num_eval_masks
-        if args.num_eval_masks > 1:
+            probabilities = probabilities + logits.softmax(-1) / views
+        if views > 1:
             loss = -probabilities.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12).log()
             predictions, references, loss = accelerator.gather_for_metrics((probabilities.argmax(-1), labels, loss))
             ensemble_correct.append(predictions == references)
@@ -112,112 +286,534 @@ def evaluate(
     return metrics
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
-    accelerator = common.create_accelerator(args)
-    set_seed(args.seed)
-    common.check_output_dir(accelerator, args, SCRIPT)
-    checkpoint = common.find_checkpoint(args, accelerator, SCRIPT)
 
-    # Checkpoint, data, labels and processor first: every bad input fails here, before a model is built.
-    config = common.load_imagegpt_config(args.model_name_or_path)
-    common.check_eval_masks(args, config)
-    with accelerator.main_process_first():
-        dataset, eval_split = common.load_image_dataset(args)
-    image_column = common.find_image_column(dataset, args.image_column_name)
-    label_column = common.find_label_column(dataset, args.label_column_name, required=True)
-    labels, label_map = common.label_names(dataset, label_column)
-    if args.num_labels_per_class is not None:
-        dataset["train"] = common.class_balanced_subset(
-            dataset["train"], label_column, labels, label_map, args.num_labels_per_class, args.seed
+    # The Accelerator (`accelerate launch`, or plain python), with transformers' example logging.
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.accelerator.is_available():
+        raise ValueError(
+            "This run was launched with an FSDP config, but this machine has no GPU: Accelerate shards a model only on "
+            "GPU-type devices, and on CPUs it would quietly run plain data parallel instead (every process holding the "
+            "whole model, unsharded checkpoints). On CPUs, launch with examples/accelerate_configs/multi_cpu.yaml; run "
+            "the FSDP config on a machine with GPUs."
         )
-        logger.info(f"Training on {args.num_labels_per_class} labelled images per class (seed {args.seed})")
-    processor = common.checkpoint_processor(args.model_name_or_path, config, args.processor_name_or_path, args.n_px)
+    # Seeded samplers: the same data order on every process and after a resume.
+    accelerator_kwargs = {
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "mixed_precision": args.mixed_precision,
+    }
+    accelerator_kwargs["dataloader_config"] = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed)
+    if args.with_tracking:
+        accelerator_kwargs.update(log_with=args.report_to, project_dir=args.output_dir)
+    # Without GPUs, processes of `accelerate launch` join one run (gloo) only when told to use the CPU.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        accelerator_kwargs["cpu"] = True
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    accelerator = Accelerator(**accelerator_kwargs)
+    logger.info(accelerator.state, main_process_only=False)
+    verbosity = "warning" if accelerator.is_local_main_process else "error"
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.log_levels[verbosity])
+    transformers.utils.logging.set_verbosity(transformers.utils.logging.log_levels[verbosity])
+    set_seed(args.seed)
 
-    # The classifier: the pretrained decoder (+ its LM head for the generative loss) and a new linear layer.
-    config.num_labels = len(labels)
-    config.id2label = dict(enumerate(labels))
+    # The output folder: refused before any work when it holds anything but this run's own entries.
+    inputs = [
+        args.model_name_or_path,
+        args.processor_name_or_path,
+        args.train_dir,
+        args.validation_dir,
+        args.dataset_name,
+    ]
+    own = [CHECKPOINTS, TRACKER_DIR, LOCK_FILE] if args.resume_from_checkpoint else [LOCK_FILE]
+    check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite, keep=own)
+    checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
+
+    # The pretrained model's config and processor (its palette defines the model's token ids).
+    try:
+        config = AutoConfig.from_pretrained(args.model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Cannot load a model config from {args.model_name_or_path!r}: {err}") from err
+    if not isinstance(config, ImageGPTConfig):
+        raise ValueError(
+            f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint ({type(config).__name__}); these "
+            "examples need an Image GPT checkpoint (model_type 'imagegpt'), e.g. one written by examples/pretrain.py."
+        )
+    n_px = args.n_px or config.n_px
+    if n_px > config.n_px:
+        raise ValueError(
+            f"--n_px {n_px} needs {n_px * n_px} positions but the model ({args.model_name_or_path}) has n_positions="
+            f"{config.n_positions} (n_px {config.n_px}). Use 1 <= --n_px <= {config.n_px}."
+        )
+    if args.eval_mask_prob > 0 and config.objective != "bert":
+        raise ValueError(
+            f"--eval_mask_prob {args.eval_mask_prob} masks pixels for BERT models, but {args.model_name_or_path} is an "
+            f"{config.objective.upper()} model, trained on whole images; leave --eval_mask_prob at 0."
+        )
+    source = args.processor_name_or_path or args.model_name_or_path
+    processor = None
+    with contextlib.suppress(OSError):
+        processor = ImageGPTImageProcessor.from_pretrained(source)
+    if processor is None or processor.clusters is None:
+        raise ValueError(
+            f"{source!r} has no preprocessor_config.json with a palette ('clusters'). The model's token ids index the "
+            "palette it was trained with; pass the processor it was trained with as --processor_name_or_path."
+        )
+    if len(processor.clusters) != config.palette_size:
+        raise ValueError(
+            f"The processor from {source!r} has {len(processor.clusters)} colors but the model predicts "
+            f"{config.palette_size}: they do not belong together."
+        )
+    processor.size, processor.do_center_crop = {"height": n_px, "width": n_px}, False
+    digits = args.dataset_name == DIGITS and args.train_dir is None
+
+    # Data: "train" and "validation" splits, and the image column.
+    with accelerator.main_process_first():
+        if args.train_dir is not None:
+            data_files = {"train": os.path.join(args.train_dir, "**")}
+            if args.validation_dir is not None:
+                data_files["validation"] = os.path.join(args.validation_dir, "**")
+            dataset, source = (
+                datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=args.cache_dir),
+                args.train_dir,
+            )
+        elif digits:
+            dataset, source = load_digits(), "scikit-learn's bundled digits"
+        else:
+            dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+            source = args.dataset_name
+    if "train" not in dataset:
+        raise ValueError(f"The dataset {source} has no 'train' split; its splits are {list(dataset)}.")
+    eval_split = "validation" if "validation" in dataset else "test"
+    if eval_split not in dataset:
+        if args.train_val_split == 0:
+            raise ValueError(
+                f"The dataset {source} has no validation or test split; pass --train_val_split > 0 or --validation_dir."
+            )
+        dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
+        eval_split = f"{args.train_val_split:.0%} of train held out"
+    dataset = datasets.DatasetDict(
+        {"train": dataset["train"], "validation": dataset["validation" if "validation" in dataset else "test"]}
+    )
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit is not None:
+            dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
+    logger.info(
+        f"Dataset {source}: {len(dataset['train'])} training, {len(dataset['validation'])} {eval_split} images"
+    )
+    features = dataset["train"].features
+    if args.image_column_name is not None and args.image_column_name not in features:
+        raise ValueError(
+            f"--image_column_name {args.image_column_name!r} is not a column of the dataset; its columns are {list(features)}."
+        )
+    image_column = args.image_column_name or next(
+        (n for n, f in features.items() if isinstance(f, datasets.Image)), None
+    )
+    if image_column is None:
+        raise ValueError(
+            f"The dataset has no column of `Image` type among {list(features)}; pass --image_column_name."
+        )
+
+    if args.label_column_name is not None and args.label_column_name not in features:
+        raise ValueError(
+            f"--label_column_name {args.label_column_name!r} is not a column of the dataset; its columns are "
+            f"{list(features)}."
+        )
+    labelled = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)] + ["label", "labels"]
+    label_column = args.label_column_name or next((n for n in labelled if n in features), None)
+    if label_column is None:
+        raise ValueError(
+            f"This script needs class labels, but the dataset has no label column (columns: {list(features)}). Pass "
+            "--label_column_name, or give --train_dir an imagefolder with one subfolder per class."
+        )
+    feature = features[label_column]
+    if not isinstance(feature, datasets.ClassLabel) and not (
+        isinstance(feature, datasets.Value) and re.fullmatch(r"u?int\d+|bool|(large_)?string", feature.dtype)
+    ):
+        raise ValueError(
+            f"--label_column_name {label_column!r} holds {type(feature).__name__} values, not class labels; pass a "
+            f"column of class labels (ClassLabel, integers or strings) among {list(features)}."
+        )
+    if isinstance(feature, datasets.ClassLabel):
+        labels, label_ids = list(feature.names), None
+    else:  # raw values -> class ids
+        values = sorted(set(dataset["train"][label_column]) | set(dataset["validation"][label_column]))
+        labels, label_ids = [str(v) for v in values], {v: i for i, v in enumerate(values)}
+    present = set(dataset["train"][label_column])
+    if len(present) < 2:
+        raise ValueError(
+            f"The training data hold {len(present)} class ({', '.join(labels[i] if label_ids is None else str(i) for i in present)}): "
+            "a classifier needs at least two classes. Give --train_dir an imagefolder with one subfolder per class, "
+            "two or more."
+        )
+
+    def decode(batch: dict) -> list[PIL.Image.Image]:
+        """The batch's images, decoded here so that an unreadable file is named with the fix."""
+        images = []
+        for value in batch[image_column]:
+            try:
+                images.append(datasets.Image().decode_example(value))
+            except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
+                raise ValueError(
+                    f"Cannot read the image {value.get('path') or ''}: {err}. Remove or replace that file, or leave it out of the dataset."
+                ) from err
+        return images
+
+    undecoded = {
+        split: dataset[split]
+        .select_columns([image_column, label_column])
+        .cast_column(image_column, datasets.Image(decode=False))
+        for split in dataset
+    }
+
+    # The paper's low-data subsets: N images of every class, the first N of one permutation drawn by --seed, so that
+    # the subsets of one seed are nested (the 4 per class are among the 25).
+    if args.num_labels_per_class is not None:
+        raw = dataset["train"][label_column]
+        ids = np.asarray([label_ids[x] for x in raw] if label_ids else raw, dtype=np.int64)
+        order = np.random.default_rng(args.seed).permutation(len(ids))
+        chosen = []
+        for class_id, name in enumerate(labels):
+            members = order[ids[order] == class_id]
+            if len(members) < args.num_labels_per_class:
+                raise ValueError(
+                    f"--num_labels_per_class {args.num_labels_per_class}: the class {name!r} has only {len(members)} "
+                    "training images. Pass a smaller --num_labels_per_class."
+                )
+            chosen.append(members[: args.num_labels_per_class])
+        keep = np.sort(np.concatenate(chosen))
+        dataset["train"], undecoded["train"] = dataset["train"].select(keep), undecoded["train"].select(keep)
+        logger.info(f"Training on {args.num_labels_per_class} labelled images per class (seed {args.seed})")
+
+    # The classifier's config: the pretrained decoder (+ its LM head for the generative loss) and a new linear layer.
+    config.num_labels, config.id2label = len(labels), dict(enumerate(labels))
     config.label2id = {label: index for index, label in enumerate(labels)}
-    config.gen_loss_weight = args.gen_loss_weight
-    config.classifier_layer = args.classifier_layer
+    config.gen_loss_weight, config.classifier_layer = args.gen_loss_weight, args.classifier_layer
     config.prepend_sos = config.objective == "ar"
     config.validate_architecture()
+
+    # The run contract: what defines this run, recorded in every checkpoint; a resume must match it.
+    skip = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
+    contract = {f"config.{k}": v for k, v in config.to_dict().items() if k not in skip}
+    flags = ["model_name_or_path", "learning_rate", "weight_decay", "adam_beta2", "max_grad_norm", "lr_scheduler_type"]
+    flags += ["num_warmup_steps", "max_train_steps", "num_train_epochs", "per_device_train_batch_size", "seed"]
+    flags += ["gradient_accumulation_steps", "dataset_name", "dataset_config_name", "train_dir", "train_val_split"]
+    flags += ["max_train_samples", "num_labels_per_class", "random_crop_scale", "no_random_crop", "mask_prob"]
+    contract |= {f"--{name}": getattr(args, name) for name in flags} | {"--image_column_name": image_column}
+    contract |= {"--label_column_name": label_column, "mixed precision": accelerator.mixed_precision}
+    contract |= {"processes": accelerator.num_processes}
+    contract["palette"] = hashlib.sha256(np.asarray(processor.clusters, np.float32).tobytes()).hexdigest()[:16]
+    if checkpoint or args.checkpointing_steps:  # one read of the training images, on the main process
+        digest = [fingerprint(dataset["train"], [image_column, label_column]) if accelerator.is_main_process else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(digest)
+        contract["training images and labels (fingerprint)"] = digest[0]
+    contract = json.loads(json.dumps(contract, default=str))
+    if checkpoint is not None:
+        then = json.loads(Path(checkpoint, STATE_FILE).read_text())["run"]
+        keys = sorted(then.keys() | contract.keys())
+        changed = [
+            f"{k}: {then.get(k)!r} then, {contract.get(k)!r} now" for k in keys if then.get(k) != contract.get(k)
+        ]
+        if changed:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: this run differs from the one that wrote it in "
+                + "; ".join(changed)
+                + ". To continue that run, pass its settings again. To train with the new ones, start a new run: "
+                "another --output_dir, or --overwrite without --resume_from_checkpoint (which deletes its checkpoints)."
+            )
+
+    # One writer per output folder: a lock inside it, held to the end (a second run is refused here, before work).
+    # With --overwrite and no resume, an earlier run's checkpoints go now, so that they never mix with this run's.
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        lock = FileLock(os.path.join(args.output_dir, LOCK_FILE))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ValueError(
+                f"Another run is writing to --output_dir {args.output_dir} (it holds {lock.lock_file}); wait for it to "
+                "end, or choose another folder."
+            ) from None
+        for name in [CHECKPOINTS, TRACKER_DIR] if args.overwrite and not checkpoint else []:
+            if os.path.isdir(os.path.join(args.output_dir, name)):
+                logger.warning(f"--overwrite: deleting {os.path.join(args.output_dir, name)} of an earlier run")
+                shutil.rmtree(os.path.join(args.output_dir, name))
+    accelerator.wait_for_everyone()
+
+    # The model: the pretrained weights, and a newly initialised classification layer.
     model, loading_info = ImageGPTForImageClassification.from_pretrained(
         args.model_name_or_path,
         config=config,
         ignore_mismatched_sizes=args.ignore_mismatched_sizes,
         output_loading_info=True,
     )
-    missing_backbone = [key for key in loading_info["missing_keys"] if key.startswith("transformer.")]
-    if missing_backbone:
+    missing = [key for key in loading_info["missing_keys"] if key.startswith("transformer.")]
+    if missing:
         raise ValueError(
-            f"{args.model_name_or_path} lacks pretrained decoder weights ({', '.join(missing_backbone[:5])}, ...); "
-            "fine-tuning would start from random weights."
+            f"{args.model_name_or_path} lacks pretrained decoder weights ({', '.join(missing[:5])}, ...); fine-tuning "
+            "would start from random weights."
         )
     logger.info(f"Newly initialised: {sorted(loading_info['missing_keys']) or 'nothing'}")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     logger.info(
-        f"Model: {config.n_layer} layers x {config.n_embd} wide ({config.objective}), {len(labels)} labels, "
-        f"loss L_clf + {args.gen_loss_weight:g} L_gen, {common.processor_n_px(processor)}px"
+        f"Model: {config.n_layer} layers x {config.n_embd} wide ({config.objective}), {len(labels)} labels, loss "
+        f"L_clf + {args.gen_loss_weight:g} L_gen, {n_px}px"
     )
 
-    # DataLoaders with labels. BERT's generative loss needs masked pixels; the classifier is evaluated unmasked, or
-    # under evaluation masks seeded by the images' indices (--eval_mask_prob).
-    mask_prob = args.mask_prob if config.objective == "bert" and args.gen_loss_weight > 0 else None
-    crop_scale = None if args.no_random_crop else tuple(args.random_crop_scale)
-    columns = (image_column, label_column, label_map)
-    train_collator = common.ImageGPTCollator(
-        processor, *columns, train=True, random_crop_scale=crop_scale, mask_prob=mask_prob, seed=args.seed
-    )
-    eval_collator = common.ImageGPTCollator(
-        processor, *columns, train=False, seed=args.seed, indices=args.eval_mask_prob > 0
-    )
-    train_dataloader = accelerator.prepare(common.dataloader(dataset["train"], train_collator, args, train=True))
-    eval_dataloader = accelerator.prepare(common.dataloader(dataset["validation"], eval_collator, args, train=False))
+    # Transforms: random crops for training (one generator per batch, seeded by the seed, the epoch and the examples'
+    # indices: a resumed run draws the same crops), the center for evaluation. BERT masks come from the collator; the
+    # classifier is evaluated unmasked, or under masks seeded by each image, the view and --seed (--eval_mask_prob).
+    epoch_now = [0]
+    center = {"size": {"shortest_edge": n_px}, "do_center_crop": True, "crop_size": {"height": n_px, "width": n_px}}
 
-    # Optimizer and schedule, sized by the prepared (per-process) DataLoader.
-    optimizer, lr_scheduler, max_train_steps = common.optimizer_and_scheduler(
-        args, accelerator, model, train_dataloader
+    def class_ids(batch: dict) -> list[int]:
+        return [label_ids[x] for x in batch[label_column]] if label_ids else batch[label_column]
+
+    def train_transforms(batch: dict) -> dict:
+        images = decode(batch)
+        if args.no_random_crop:
+            return {
+                "input_ids": processor(images, return_tensors="pt", **center)["input_ids"],
+                "label": class_ids(batch),
+            }
+        seed = np.random.SeedSequence([args.seed, 1, epoch_now[0], *batch["index"]]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        images = [random_crop(image, args.random_crop_scale, generator) for image in images]
+        return {"input_ids": processor(images, return_tensors="pt")["input_ids"], "label": class_ids(batch)}
+
+    def eval_transforms(batch: dict) -> dict:
+        return {
+            "input_ids": processor(decode(batch), return_tensors="pt", **center)["input_ids"],
+            "label": class_ids(batch),
+        }
+
+    train_dataset = undecoded["train"].add_column("index", list(range(len(undecoded["train"]))))
+    train_dataset = train_dataset.with_transform(train_transforms)
+    eval_dataset = undecoded["validation"].with_transform(eval_transforms)
+    bert_gen = config.objective == "bert" and args.gen_loss_weight > 0  # BERT's generative loss needs masked pixels
+    collator = ImageGPTDataCollator(
+        objective="bert" if bert_gen else None,
+        mask_probability=args.mask_prob if bert_gen else None,
+        label_column="label",
+        seed=args.seed,
+    )
+    masker = (
+        ImageGPTDataCollator(objective="bert", mask_probability=args.eval_mask_prob, seed=args.seed)
+        if args.eval_mask_prob
+        else None
+    )
+    train_dataloader = DataLoader(
+        train_dataset,
+        shuffle=True,
+        collate_fn=collator,
+        batch_size=args.per_device_train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),  # keeps the iterator off the global RNG (dropout)
+    )
+    eval_collator = ImageGPTDataCollator(objective=None, label_column="label")
+    eval_dataloader = DataLoader(
+        eval_dataset,
+        collate_fn=eval_collator,
+        batch_size=args.per_device_eval_batch_size,
+        num_workers=args.dataloader_num_workers,
+    )
+    train_dataloader, eval_dataloader = accelerator.prepare(train_dataloader, eval_dataloader)
+
+    # AdamW (no weight decay on biases and norms) and the schedule, sized by the prepared (per-process) DataLoader.
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2))
+    lr_scheduler = get_scheduler(  # a prepared scheduler steps once per process for every optimizer step
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if args.with_tracking:
+        accelerator.init_trackers(
+            TRACKER_DIR, {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        )
 
-    # Training on the joint loss, from the checkpoint when resuming; the log follows the training batches' accuracy.
-    progress = common.TrainingProgress(accelerator, args, SCRIPT, train_dataloader, max_train_steps, checkpoint)
-    metrics = {}
+    def save_checkpoint(completed_steps: int, epoch: int, batches_in_epoch: int) -> None:
+        """`save_state` + the processor + the state file (position and run contract) into checkpoints/step_N, staged
+        and renamed into place when complete; then later steps (from before a resume) and those over the limit go."""
+        final = Path(args.output_dir, CHECKPOINTS, f"step_{completed_steps}")
+        staging = [str(staging_path(final)) if accelerator.is_main_process else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(staging)  # every process writes its part of the state into the same folder
+        writing = staged_dir(final, overwrite=True, staging=staging[0])
+        with writing if accelerator.is_main_process else contextlib.nullcontext(Path(staging[0])) as tmp:
+            accelerator.wait_for_everyone()
+            try:
+                accelerator.save_state(str(tmp))
+                if accelerator.is_main_process:
+                    processor.save_pretrained(tmp)
+                    state = {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+                    (tmp / STATE_FILE).write_text(json.dumps({**state, "run": contract}, indent=2))
+            except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its writer
+                files = [p for p in tmp.rglob("*") if p.is_file()]
+                newest = max(files, key=lambda p: p.stat().st_mtime_ns).name if files else "its first file"
+                free = shutil.disk_usage(tmp).free
+                raise OSError(
+                    f"Saving the checkpoint {final} failed while writing {newest}, with {free / 2**20:.1f} MiB free on "
+                    f"that disk ({type(err).__name__}: {err}). Free some space, or choose an --output_dir on a disk "
+                    "with room, and resume with --resume_from_checkpoint latest."
+                ) from err
+            accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            steps = sorted(int(n[5:]) for n in os.listdir(final.parent) if re.fullmatch(r"step_[0-9]+", n))
+            stale = [s for s in steps if s > completed_steps]
+            if args.checkpoints_total_limit is not None:
+                stale += [s for s in steps if s <= completed_steps][: -args.checkpoints_total_limit]
+            for step in stale:
+                shutil.rmtree(final.parent / f"step_{step}")
+        accelerator.wait_for_everyone()
+        logger.info(f"Saved checkpoint {final}")
+
+    # Training, from the checkpoint when resuming: the batches of its epoch that it has seen are skipped unloaded.
+    total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Running training: {len(train_dataset)} examples, {num_train_epochs} epochs")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Total optimization steps = {max_train_steps}")
+    completed_steps, starting_epoch, resume_batches = 0, 0, 0
+    if checkpoint is not None:
+        try:
+            accelerator.load_state(checkpoint)
+        except Exception as err:  # whatever a damaged or foreign checkpoint raises inside Accelerate or torch
+            raise ValueError(
+                f"Cannot resume from the checkpoint {checkpoint}: loading it failed ({type(err).__name__}: {err})."
+            ) from err
+        state = json.loads(Path(checkpoint, STATE_FILE).read_text())
+        completed_steps, starting_epoch, resume_batches = (
+            state["completed_steps"],
+            state["epoch"],
+            state["batches_in_epoch"],
+        )
+        if resume_batches >= len(train_dataloader):  # saved at the end of an epoch
+            starting_epoch, resume_batches = starting_epoch + 1, 0
+        logger.info(f"Resumed from checkpoint {checkpoint} at step {completed_steps}")
+    progress_bar = tqdm(
+        total=max_train_steps, initial=completed_steps, desc="train", disable=not accelerator.is_local_main_process
+    )
+    running, right, metrics = [], [], {}
     model.train()
-    for batch in progress.batches(train_collator):
-        with accelerator.accumulate(model):
-            outputs = model(**batch)  # L_clf + w * L_gen
-            accelerator.backward(outputs.loss)
-            common.optimizer_step(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm)
-        accuracy = (outputs.logits.argmax(dim=-1) == batch["labels"]).float().mean()
-        if progress.step(lr_scheduler, train_loss=outputs.loss, train_accuracy=accuracy):  # an evaluation is due
-            metrics = evaluate(accelerator, model, eval_dataloader, args)
-            progress.log(metrics)
-    metrics = metrics or evaluate(accelerator, model, eval_dataloader, args)  # resumed from the last step
-    progress.close()
+    for epoch in range(starting_epoch, num_train_epochs):
+        if completed_steps >= max_train_steps:
+            break
+        epoch_now[0] = collator.epoch = epoch  # new crops and masks every epoch, the same ones after a resume
+        train_dataloader.set_epoch(epoch)
+        seen = resume_batches if epoch == starting_epoch else 0
+        for batch in accelerator.skip_first_batches(train_dataloader, seen) if seen else train_dataloader:
+            seen += 1
+            with accelerator.accumulate(model):
+                outputs = model(**batch)  # L_clf + w * L_gen
+                loss = outputs.loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            running.append(loss.detach().float())
+            right.append((outputs.logits.argmax(-1) == batch["labels"]).float().mean())
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress_bar.update(1)
+            done, end_of_epoch = completed_steps >= max_train_steps, seen >= len(train_dataloader)
+            logs = {}
+            if completed_steps % args.logging_steps == 0 or done:
+                logs = {"train_loss": accelerator.reduce(torch.stack(running).mean(), "mean").item()}
+                logs["train_accuracy"] = accelerator.reduce(torch.stack(right).mean(), "mean").item()
+                logs |= {"lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                running, right = [], []
+                progress_bar.set_postfix(train_loss=f"{logs['train_loss']:.4f}")
+            every = args.checkpointing_steps
+            if (every == "epoch" and (end_of_epoch or done)) or (
+                every not in (None, "epoch") and completed_steps % int(every) == 0
+            ):
+                save_checkpoint(completed_steps, epoch, seen)
+            if (completed_steps % args.eval_steps == 0 or done) if args.eval_steps else (end_of_epoch or done):
+                metrics = evaluate(accelerator, model, eval_dataloader, masker, args.num_eval_masks)
+                logs |= metrics
+            if logs:
+                logger.info(f"step {completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+                if args.with_tracking:
+                    accelerator.log(logs, step=completed_steps)
+            if done:
+                break
+    metrics = metrics or evaluate(
+        accelerator, model, eval_dataloader, masker, args.num_eval_masks
+    )  # resumed from the last step
+    progress_bar.close()
+    if args.with_tracking:
+        accelerator.end_training()
 
-    loss = f"L_clf + {args.gen_loss_weight:g} L_gen"
+    # The model folder (weights + config, processor, card, all_results.json), staged and renamed into --output_dir
+    # beside its checkpoints; then the Hub.
+    batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    data_name = (
+        f"the imagefolder {args.train_dir}"
+        if args.train_dir
+        else "scikit-learn handwritten digits (8x8 scans)"
+        if digits
+        else args.dataset_name
+    )
     subset = f", {args.num_labels_per_class} labelled images per class" if args.num_labels_per_class else ""
-    trained = f"Fine-tuned from {args.model_name_or_path} with examples/finetune.py on {loss}, {max_train_steps} steps"
-    trained += subset
     accuracy = {"metric": "accuracy", "name": "top-1 accuracy (fine-tuned)", "value": metrics["eval_accuracy"]}
-    if args.eval_mask_prob > 0:  # the model card reports the evaluation as it ran: masked, ensembled over K masks
+    if args.eval_mask_prob > 0:  # the card reports the evaluation as it ran: masked, ensembled over K masks
         views = f"{args.num_eval_masks}-mask ensemble" if args.num_eval_masks > 1 else "one mask"
         accuracy["name"] = f"top-1 accuracy (fine-tuned; {views}, {args.eval_mask_prob:g} of the pixels masked)"
         accuracy["value"] = metrics.get("eval_ensemble_accuracy", metrics["eval_accuracy"])
-    common.save_model(
-        accelerator,
-        model,
-        processor,
-        args,
-        SCRIPT,
-        trained=trained,
-        split=eval_split,
-        result=accuracy,
-        results=metrics,
-    )
+    facts = {
+        "training": f"Fine-tuned from {args.model_name_or_path} with examples/finetune.py on L_clf + "
+        f"{args.gen_loss_weight:g} L_gen, {max_train_steps} steps{subset} on {data_name} in batches of {batch_size} "
+        f"images, AdamW at peak learning rate {args.learning_rate:g} ({args.lr_scheduler_type.value} schedule), seed "
+        f"{args.seed}.",
+        "datasets": [] if args.train_dir or digits else [args.dataset_name],
+        "results": [
+            {
+                "task": "image-classification",
+                "dataset": "imagefolder" if args.train_dir else args.dataset_name,
+                "dataset_name": data_name,
+                "split": eval_split,
+                **accuracy,
+                "value": round(accuracy["value"], 4),
+            }
+        ],
+    }
+    if not os.path.isdir(args.model_name_or_path):
+        facts["base_model"] = args.model_name_or_path
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # every process: gathers sharded (FSDP) weights
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        with staged_dir(
+            args.output_dir, overwrite=args.overwrite, keep=[CHECKPOINTS, TRACKER_DIR, LOCK_FILE], inputs=inputs
+        ) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            processor.save_pretrained(tmp)
+            write_model_card(tmp, unwrapped, processor=processor, facts=facts)
+            (tmp / "all_results.json").write_text(json.dumps(metrics, indent=2))
+        logger.info(f"Saved the model to {args.output_dir}")
+        if args.push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=args.hub_token)
+            repo_id = api.create_repo(args.hub_model_id or Path(args.output_dir).resolve().name, exist_ok=True).repo_id
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                ignore_patterns=[f"{CHECKPOINTS}/*", f"{TRACKER_DIR}/*", ".*"],
+            )
+            logger.info(f"Pushed {args.output_dir} to https://huggingface.co/{repo_id}")
+    accelerator.wait_for_everyone()
     return metrics
 
 
