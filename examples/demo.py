@@ -16,14 +16,16 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
+import PIL.Image
 import torch
 
-import sample
+from image_gpt_hf.generation import upscale_images
 from image_gpt_hf.safe_io import atomic_file, check_output_path
 
 EXAMPLES = os.path.dirname(os.path.abspath(__file__))
@@ -73,7 +75,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     if args.upscale_model is None:
         args.upscale_model = str(max(1, math.ceil(128 / args.n_px)))
-    sample.load_upscaler(args.upscale_model)  # the sampling stage's own check, so that it fails before pretraining
+    # The sampling stage's --upscale_model, tried on one image here, so that a bad value fails before pretraining.
+    factor = int(args.upscale_model) if re.fullmatch(r"[+-]?[0-9]+", args.upscale_model) else None
+    if factor is not None and factor < 1:
+        raise ValueError(f"--upscale_model as a factor must be at least 1, got {args.upscale_model}.")
+    try:
+        upscale_images([PIL.Image.new("RGB", (args.n_px, args.n_px))], factor or args.upscale_model)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--upscale_model {args.upscale_model!r} is neither an integer factor nor an image super-resolution "
+            f"checkpoint that loads: {error}"
+        ) from error
+    args.upscale_checkpoint = None if factor else args.upscale_model  # an input: never written into
     return args
 
 
@@ -109,8 +122,7 @@ def run_stage(name: str, script: str, arguments: list[str], log_dir: str, num_pr
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     # An earlier run's artifacts stay unless --overwrite; a super-resolution checkpoint is an input, never written to.
-    upscale_checkpoint = None if sample.upscale_factor(args.upscale_model) else args.upscale_model
-    check_output_path(args.output_dir, inputs=[upscale_checkpoint], overwrite=args.overwrite)
+    check_output_path(args.output_dir, inputs=[args.upscale_checkpoint], overwrite=args.overwrite)
     out = os.path.abspath(args.output_dir)
     paths = {
         "pretrained": os.path.join(out, "pretrained"),
