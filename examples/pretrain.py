@@ -96,7 +96,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--processor_name_or_path", default=None, help="A processor with a palette ('clusters').")
     parser.add_argument("--palette_size", type=checked(int, lambda v: v >= 2, "at least 2"), default=None)
     parser.add_argument("--palette_max_pixels", type=POSITIVE, default=1_000_000, help="Pixels sampled for the fit.")
-    parser.add_argument("--random_crop_scale", type=FRACTION, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"))
+    parser.add_argument(
+        "--random_crop_scale",
+        type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"),
+        nargs=2,
+        default=(0.5, 1.0),
+        metavar=("MIN", "MAX"),
+    )
     parser.add_argument("--no_random_crop", action="store_true", help="Train on whole images (no random crops).")
     parser.add_argument("--output_dir", required=True, help="Where to write checkpoints and the model.")
     parser.add_argument("--overwrite", action="store_true", help="Replace what is in --output_dir.")
