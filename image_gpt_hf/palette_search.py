@@ -1,4 +1,5 @@
-"""Nearest palette color: the id transformers' ImageGPT processor gives each pixel, computed many times faster.
+"""Nearest palette color: the id transformers' ImageGPT processor gives each pixel, computed many times faster; and
+what a palette must be (`validate_palette`).
 
 The reference is transformers' `ImageGPTImageProcessorPil`: float32 pixels, a float64 palette, the squared distance
 written `|x|^2 - 2 x.c + |c|^2` in numpy, and the first minimum. `color_quantize` gives the same ids, ties included,
@@ -27,6 +28,7 @@ This file is shipped as remote code next to `image_processing_imagegpt.py`: it i
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,6 +92,38 @@ def color_quantize(
         exact = _reference_nearest(pixels[rows].cpu().numpy(), palette.cpu().numpy())
         ids[rows] = torch.from_numpy(exact).to(device)
     return ids
+
+
+def validate_palette(clusters: Any) -> np.ndarray:
+    """The palette as a `(K, 3)` float64 array in [-1, 1], or a ValueError that says what is wrong with it."""
+    try:
+        raw = np.asarray(clusters.detach().cpu().numpy() if isinstance(clusters, torch.Tensor) else clusters)
+        kind = raw.dtype.kind
+        palette = raw.astype(np.float64) if kind in "fiu" else None
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"The palette (`clusters`) must be a (num_colors, 3) array of numbers in [-1, 1]; could not read it: {err}"
+        ) from None
+    if kind == "c":
+        raise ValueError(
+            "The palette (`clusters`) holds complex numbers; expected real RGB colors in [-1, 1]. Dropping the "
+            "imaginary part would be a guess: convert the array to real values yourself if that is right."
+        )
+    if palette is None:
+        raise ValueError(f"The palette (`clusters`) holds {raw.dtype} values; expected real RGB colors in [-1, 1].")
+    if palette.ndim != 2 or palette.shape[1] != 3 or palette.shape[0] == 0:
+        raise ValueError(
+            f"The palette (`clusters`) must have shape (num_colors, 3) with num_colors >= 1, got shape {palette.shape}."
+        )
+    if not np.isfinite(palette).all():
+        bad = np.flatnonzero(~np.isfinite(palette).all(axis=1))
+        raise ValueError(f"The palette (`clusters`) has non-finite values (NaN or inf) in rows {bad[:10].tolist()}.")
+    if palette.min() < -1.0 or palette.max() > 1.0:
+        raise ValueError(
+            "The palette (`clusters`) must lie in [-1, 1], the range pixels are scaled to (x / 127.5 - 1) before the "
+            f"nearest color is found; got values in [{palette.min():g}, {palette.max():g}]."
+        )
+    return palette
 
 
 def _reference_nearest(pixels: np.ndarray, clusters: np.ndarray) -> np.ndarray:
@@ -220,4 +254,4 @@ def _candidate_table(palette_bytes: bytes, num_colors: int, device: str) -> tupl
     return table.to(device), widths.to(device)
 
 
-__all__ = ["color_quantize"]
+__all__ = ["color_quantize", "validate_palette"]

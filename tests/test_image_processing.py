@@ -11,9 +11,12 @@ import builtins
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import datasets
 import numpy as np
@@ -113,14 +116,11 @@ def test_ids_identical_to_transformers_at_n_px(request, small_images, palette_na
 
 
 @pytest.mark.parametrize("resample", [PIL.Image.Resampling.BILINEAR, PIL.Image.Resampling.BICUBIC])
-def test_ids_identical_to_transformers_when_resizing(rgb_photos, photo_palette, resample, monkeypatch):
+def test_ids_identical_to_transformers_when_resizing(rgb_photos, photo_palette, resample):
     # Whole photos and off-size crops of them (up- and down-sampling, odd aspect ratios).
     images = list(rgb_photos) + [photo[7:44, 3:94] for photo in rgb_photos] + [photo[:17, :13] for photo in rgb_photos]
     images = [PIL.Image.fromarray(np.ascontiguousarray(image)) for image in images]
     expected = ids(reference_for(photo_palette, resample=resample), images)
-    np.testing.assert_array_equal(ids(ours_for(photo_palette, resample=resample), images), expected)
-    # Resized in a thread pool (as large batches are), in the same order.
-    monkeypatch.setattr(image_processing_imagegpt, "THREADED_PIXELS", 0)
     np.testing.assert_array_equal(ids(ours_for(photo_palette, resample=resample), images), expected)
 
 
@@ -271,6 +271,43 @@ def test_data_urls_and_file_errors(tmp_path, small_images, random_palette):
         load_image_file(tmp_path / "notes.txt")
 
 
+@pytest.fixture
+def silent_server():
+    """The URL of a server on 127.0.0.1 that accepts connections and never answers."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    held, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/image.png"
+    stop.set()
+    thread.join()
+    for connection in [*held, server]:
+        connection.close()
+
+
+def test_a_url_whose_server_never_answers_times_out_with_the_call_timeout_or_the_default(
+    silent_server, random_palette, monkeypatch
+):
+    processor = ours_for(random_palette)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"did not answer within 0\.5 s; pass a larger `timeout`"):
+        processor(silent_server, timeout=0.5)
+    assert time.monotonic() - start < 5
+    # Without `timeout`, the default bounds the wait (shortened here from its 10 s).
+    monkeypatch.setattr(image_processing_imagegpt, "URL_TIMEOUT", 0.3)
+    with pytest.raises(TimeoutError, match=r"within 0\.3 s"):
+        processor([np.zeros((8, 8, 3), np.uint8), silent_server])
+
+
 # ------------------------------------------------------------------------------------------------------- decoding
 
 
@@ -331,35 +368,11 @@ def test_center_crop_keeps_the_aspect_ratio(photos, random_palette):
     assert processor.decode(ids(processor, coffee)[0]).size == (N_PX, N_PX)
 
 
-def test_random_crop_is_seeded_and_covers_the_configured_region(photos, random_palette):
-    processor = ours_for(random_palette, do_random_crop=True, random_crop_scale=(0.2, 0.6))
-    images = [photos["astronaut"], photos["chelsea"]]
-    torch.manual_seed(3)
-    first = ids(processor, images)
-    torch.manual_seed(3)
-    np.testing.assert_array_equal(ids(processor, images), first)
-    assert first.shape == (2, N_PX * N_PX)
-    assert (ids(processor, images) != first).any()  # the RNG moved on: other crops
-    # A crop of the whole area at the image's own aspect ratio is no crop at all.
-    whole = ours_for(random_palette, do_random_crop=True, random_crop_scale=(1.0, 1.0), random_crop_ratio=(1.0, 1.0))
-    np.testing.assert_array_equal(ids(whole, photos["astronaut"]), ids(ours_for(random_palette), photos["astronaut"]))
-    # A quarter of the area of a 40 x 80 image at aspect 1: a 28 x 28 window (sqrt(800) = 28.3) of the image.
-    wide = np.zeros((40, 80, 3), np.uint8)
-    wide[:, :, 0] = np.arange(80)  # red = x
-    wide[:, :, 1] = np.arange(40)[:, None]  # green = y
-    quarter = ImageGPTImageProcessor(
-        do_color_quantize=False, do_random_crop=True, random_crop_scale=(0.25, 0.25), random_crop_ratio=(1.0, 1.0)
-    )
-    pixels = quarter(wide, do_resize=False, do_normalize=False, do_rescale=False)["pixel_values"][0]
-    assert pixels.shape == (3, 28, 28)
-    assert np.all(np.diff(pixels[0], axis=1) == 1) and np.all(np.diff(pixels[1], axis=0) == 1)
-
-
 # ---------------------------------------------------------------------------------------------- save and load
 
 
 def test_save_and_load_through_auto_image_processor(tmp_path, small_images, random_palette):
-    processor = ours_for(random_palette, do_random_crop=False, random_crop_scale=(0.5, 1.0))
+    processor = ours_for(random_palette)
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["auto_map"] == {"AutoImageProcessor": "image_processing_imagegpt.ImageGPTImageProcessor"}
@@ -369,13 +382,31 @@ def test_save_and_load_through_auto_image_processor(tmp_path, small_images, rand
         assert imports <= {"numpy", "PIL", "torch", "transformers"}, (source, imports)
     assert saved["clusters"] == random_palette.tolist() and saved["size"] == {"height": N_PX, "width": N_PX}
     assert saved["image_processor_type"] == "ImageGPTImageProcessor" and saved["resample"] == 2
-    assert saved["random_crop_scale"] == [0.5, 1.0] and not any(key.startswith("_") for key in saved)
+    assert not any(key.startswith("_") or "random_crop" in key for key in saved)
 
     for backend, cls in (("pil", OursPil), ("torchvision", ImageGPTImageProcessor)):
         loaded = AutoImageProcessor.from_pretrained(tmp_path, backend=backend)
         assert type(loaded) is cls, backend
         assert loaded.to_dict() == processor.to_dict()  # the same file, whichever class reads it
         np.testing.assert_array_equal(ids(loaded, small_images), ids(processor, small_images))
+
+
+def test_a_saved_random_crop_loads_when_off_and_is_refused_with_where_it_went_when_on(tmp_path, small_images):
+    # Folders saved when the processor made random crops (training augmentation now lives in the training scripts).
+    palette = np.random.default_rng(0).uniform(-1, 1, (16, 3))
+    ours_for(palette).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    crops = {"random_crop_scale": [0.5, 1.0], "random_crop_ratio": [0.75, 1.3333]}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, "do_random_crop": False, **crops}))
+    for loaded in (ImageGPTImageProcessor.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)):
+        assert not any("random_crop" in key for key in loaded.to_dict())
+        np.testing.assert_array_equal(ids(loaded, small_images[:3]), ids(ours_for(palette), small_images[:3]))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, "do_random_crop": True, **crops}))
+    message = r"training script's transform \(examples/pretrain.py and examples/finetune.py.*\"do_random_crop\": false"
+    with pytest.raises(ValueError, match=message):
+        ImageGPTImageProcessor.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        AutoImageProcessor.from_pretrained(tmp_path)
 
 
 def test_transformers_loads_our_folder_and_gives_the_same_ids(tmp_path, small_images, random_palette):
@@ -482,13 +513,9 @@ def bad_input_cases(palette):
         "palette nan": (lambda: ImageGPTImageProcessor(clusters=[[0, 0, 0], [np.nan, 0, 0]]), r"NaN or inf\) in rows"),
         "palette at call": (lambda: processor(good, clusters=np.full((4, 3), -2.0)), r"must lie in \[-1, 1\]"),
         "no palette": (lambda: ImageGPTImageProcessor(size=8)(good), "Color quantization needs a palette"),
-        "mixed layouts": (
-            lambda: processor([np.zeros((3, 9, 9)), np.zeros((9, 9, 3)), np.zeros((3, 5, 3))]),
-            "the batch mixes channel layouts",
-        ),
         "ambiguous layout": (
-            lambda: processor(np.zeros((3, 5, 4), np.uint8)),
-            r"nothing in the batch says which\)\. Pass `input_data_format=",
+            lambda: processor([np.zeros((9, 9, 3)), np.zeros((3, 5, 4), np.uint8)]),
+            r"channel axis of an image of shape \(3, 5, 4\).*Pass `input_data_format=",
         ),
         "bad layout": (lambda: processor(good, input_data_format="none"), "input_data_format"),
         "unsupported type": (lambda: processor({"image": good}), "Unsupported image type dict"),
@@ -511,19 +538,25 @@ def bad_input_cases(palette):
             lambda: processor(good, do_center_crop=True, crop_size={"height": 9, "width": 9}),
             r"`crop_size` \(9x9\) is larger than the resized image \(8x8\)",
         ),
-        "bad crop scale": (
-            lambda: processor(good, do_random_crop=True, random_crop_scale=(0.5, 2.0)),
-            "`random_crop_scale` must be",
+        # Parameters are checked at construction and at each call, before any image is read.
+        "std zero": (lambda: ImageGPTImageProcessor(image_std=[0, 0, 0]), r"`image_std` must be finite and nonzero"),
+        "std zero at call": (lambda: processor(good, image_std=[0.5, 0.0, 0.5]), "`image_std` must be finite"),
+        "rescale factor zero": (
+            lambda: ImageGPTImageProcessor(rescale_factor=0),
+            "`rescale_factor` must be a positive",
         ),
-        "bad crop ratio": (
-            lambda: processor(good, do_random_crop=True, random_crop_ratio=(2.0, 1.0)),
-            "`random_crop_ratio` must be",
-        ),
+        "rescale factor at call": (lambda: processor(good, rescale_factor=-1 / 255), "`rescale_factor` must be"),
+        "timeout": (lambda: processor(good, timeout=0), "`timeout` must be a positive number"),
+        "chunk size": (lambda: processor(good, quantize_chunk_size=0), "`quantize_chunk_size` must be a positive"),
         "padding": (lambda: processor(good, do_pad=True, pad_size={"height": 9, "width": 9}), "`do_pad=True`"),
         "decode id too large": (lambda: processor.decode([0] * 63 + [len(palette)]), "must be palette ids"),
         "decode negative id": (lambda: processor.decode([-1] * 64), r"must be palette ids in \[0, 512\), got \[-1\]"),
         "decode float ids": (lambda: processor.decode(np.zeros(64)), "must be integer palette ids"),
         "decode size": (lambda: processor.decode([0] * 63, size=(8, 8)), "does not hold sequences of 63 ids"),
+        "decode size, one key": (lambda: processor.decode([0] * 64, size={"height": 8}), "`size` must be the images'"),
+        "decode size, three values": (lambda: processor.decode([0] * 64, size=(8, 8, 1)), "`size` must be the"),
+        "decode size, negative": (lambda: processor.decode([0] * 64, size=(-8, -8)), r"positive integers, got \(-8"),
+        "decode size, float": (lambda: processor.decode([0] * 64, size=8.0), r"`size` must be .* got 8\.0"),
         "decode not square": (lambda: processor.decode([0] * 60), "Cannot tell the image size of sequences of 60"),
         "decode output type": (lambda: processor.decode([0] * 64, output_type="pt"), "`output_type` must be"),
     }
@@ -682,7 +715,7 @@ def broken_images(draw):
             np.zeros((height, width, 2), np.uint8),
             {},
             ValueError,
-            "pass `input_data_format` for 2",
+            r"2 for gray \+ alpha\)\. Pass `input_data_format",
         ),
         "empty": lambda: (np.zeros((0, width, 3), np.uint8), {}, ValueError, r"empty image \(no pixels\)"),
         "empty PIL": lambda: (PIL.Image.new("RGB", (0, height)), {}, ValueError, r"empty image \(no pixels\)"),
