@@ -41,6 +41,8 @@ from transformers.models.imagegpt import modeling_imagegpt as hf
 from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from results import cpu_name  # noqa: E402  (benchmarks/results.py; the other scripts import it from here too)
+
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402
 from image_gpt_hf.modeling_imagegpt import BLOCKWISE_SDPA  # noqa: E402
 from image_gpt_hf.safe_io import atomic_file  # noqa: E402
@@ -519,18 +521,6 @@ def bench_mfu(bench: Bench, batch: int, repeats: int) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------------- report
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one); the other benchmark scripts use it too."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            names = re.findall(r"^model name\s*:\s*(.+)$", info.read(), flags=re.MULTILINE)
-        if names:
-            return names[0]
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def machine(device: torch.device) -> str:

@@ -28,7 +28,7 @@ import PIL
 import PIL.Image
 import torch
 import transformers
-from results import replace_section
+from results import cpu_name, replace_section
 from skimage import data as skdata
 from transformers.models.imagegpt.image_processing_pil_imagegpt import ImageGPTImageProcessorPil
 
@@ -119,8 +119,6 @@ def run(num_images: int = 256, n_px: int = 32, repeats: int = 5, torch_threads: 
 
 
 def machine() -> str:
-    from bench import cpu_name  # benchmarks/bench.py, next to this script
-
     return (
         f"{cpu_name()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads); "
         f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "

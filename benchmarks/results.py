@@ -1,7 +1,9 @@
-"""Writing benchmarks/RESULTS.md: a script replaces its own section (by its `## ` heading) and keeps the others."""
+"""What the benchmark scripts share: writing benchmarks/RESULTS.md (a script replaces its own section, by its `## `
+heading, and keeps the others) and naming the CPU they ran on."""
 
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
 
@@ -19,3 +21,15 @@ def replace_section(path: Path, heading: str, text: str) -> None:
         content = content.rstrip() + f"\n\n{section}"
     with atomic_file(path, overwrite=True, arg="--update_results") as staged:
         staged.write_text(content.rstrip() + "\n")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = re.findall(r"^model name\s*:\s*(.+)$", info.read(), flags=re.MULTILINE)
+        if names:
+            return names[0]
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
