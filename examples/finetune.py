@@ -420,6 +420,13 @@ def main(argv=None) -> dict[str, float]:
         )
     labelled = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)] + ["label", "labels"]
     label_column = args.label_column_name or next((n for n in labelled if n in features), None)
+    # imagefolder gives no label column for a single class subfolder: say what is missing, a second class.
+    classes = sorted(p.name for p in Path(args.train_dir).iterdir() if p.is_dir()) if args.train_dir else []
+    if label_column is None and len(classes) == 1:
+        raise ValueError(
+            f"--train_dir {args.train_dir} holds one class ({classes[0]}): a classifier needs at least two classes, "
+            "one subfolder of images each."
+        )
     if label_column is None:
         raise ValueError(
             f"This script needs class labels, but the dataset has no label column (columns: {list(features)}). Pass "
@@ -438,13 +445,8 @@ def main(argv=None) -> dict[str, float]:
     else:  # raw values -> class ids
         values = sorted(set(dataset["train"][label_column]) | set(dataset["validation"][label_column]))
         labels, label_ids = [str(v) for v in values], {v: i for i, v in enumerate(values)}
-    present = set(dataset["train"][label_column])
-    if len(present) < 2:
-        raise ValueError(
-            f"The training data hold {len(present)} class ({', '.join(labels[i] if label_ids is None else str(i) for i in present)}): "
-            "a classifier needs at least two classes. Give --train_dir an imagefolder with one subfolder per class, "
-            "two or more."
-        )
+    if len(set(dataset["train"][label_column])) < 2:
+        raise ValueError("The training data hold one class: a classifier needs at least two (--label_column_name).")
 
     def decode(batch: dict) -> list[PIL.Image.Image]:
         """The batch's images, decoded here so that an unreadable file is named with the fix."""
