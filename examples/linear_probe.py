@@ -39,7 +39,7 @@ from sklearn.preprocessing import StandardScaler
 from transformers import AutoConfig
 
 import feature_store
-from image_gpt_hf import ImageGPTConfig, ImageGPTImageProcessor, ImageGPTModel, load_digits, random_bert_mask
+from image_gpt_hf import ImageGPTConfig, ImageGPTDataCollator, ImageGPTImageProcessor, ImageGPTModel, load_digits
 from image_gpt_hf.image_processing_imagegpt import check_palette_fits
 from image_gpt_hf.safe_io import atomic_file, check_output_path, clean_stale_staging
 
@@ -212,16 +212,6 @@ def image_digest(split: datasets.Dataset, image_column: str) -> str:
                 yield value["bytes"] if value["bytes"] is not None else Path(value["path"]).read_bytes()
 
     return feature_store.digest(contents())
-
-
-def evaluation_masks(indices: torch.Tensor, length: int, mask_prob: float, seed: int, view: int) -> torch.Tensor:
-    """The `view`-th mask of each image, `(B, length)`, drawn from a seed of (seed, view, the image's index in its
-    split): the same whatever the batch, the process or the run."""
-    masks = []
-    for index in indices.tolist():
-        state = int(np.random.SeedSequence([seed, view, index]).generate_state(1)[0])
-        masks.append(random_bert_mask((length,), mask_prob, generator=torch.Generator().manual_seed(state)))
-    return torch.stack(masks)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -427,9 +417,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = class_balanced_subset(labels["train"], label_names, args.num_labels_per_class, args.seed)
         dataset["train"], labels["train"] = dataset["train"].select(rows), labels["train"][rows]
         logger.info(f"Probing on {args.num_labels_per_class} labelled images per class (seed {args.seed})")
-    for split in dataset:  # the image's index in its split seeds its evaluation masks
-        columns = dataset[split].select_columns([image_column, label_column])
-        dataset[split] = columns.add_column("index", np.arange(len(columns)))
+    dataset = DatasetDict({split: dataset[split].select_columns([image_column, label_column]) for split in dataset})
     logger.info(f"Data: {len(labels['train'])} training, {len(labels['validation'])} {eval_split} images")
     check_holdout(labels["train"], args)
 
@@ -470,17 +458,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def collate(rows: list[dict], pixels: bool) -> dict[str, torch.Tensor]:
         images, values = [row[image_column] for row in rows], [row[label_column] for row in rows]
-        batch = {"index": torch.tensor([row["index"] for row in rows])}
-        batch["labels"] = torch.tensor([label_map[x] for x in values] if label_map else values)
+        batch = {"labels": torch.tensor([label_map[x] for x in values] if label_map else values)}
         if pixels:
             batch["pixels"] = processor(images, return_tensors="pt", do_color_quantize=False, **center)["pixel_values"]
         else:
             batch["input_ids"] = processor(images, return_tensors="pt", **center)["input_ids"].long()
         return batch
 
-    # Evaluation views: whole images, or for BERT mask ensembles the k-th seeded mask of every image (k < K); the
-    # probe is fitted on the training images under mask 0. AR models read OpenAI's [SOS, x_1, ..., x_{n-1}].
-    masked = args.eval_mask_prob > 0
+    # Evaluation views: whole images, or for BERT mask ensembles the k-th mask of every image (k < K), seeded by the
+    # image alone (the library collator's masks); the probe is fitted on the training images under mask 0. AR models
+    # read OpenAI's [SOS, x_1, ..., x_{n-1}].
+    masker = None
+    if args.eval_mask_prob > 0:
+        masker = ImageGPTDataCollator(objective="bert", mask_probability=args.eval_mask_prob, seed=args.seed)
     views = [(f"validation-mask{k}" if k else "validation", k) for k in range(args.num_eval_masks)]
 
     def extract(name: str, split: str, part: str, view: int) -> Any:
@@ -492,9 +482,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if pixels:
                 return {"pixels": batch["pixels"].flatten(1).float()}
             ids, kwargs = batch["input_ids"], {"prepend_sos": True} if config.objective == "ar" else {}
-            if masked:
-                mask = evaluation_masks(batch["index"], ids.shape[1], args.eval_mask_prob, args.seed, view)
-                kwargs["bool_masked_pos"] = mask.to(ids.device)
+            if masker is not None:
+                kwargs["bool_masked_pos"] = masker.masks(ids, epoch=view).to(ids.device)
             features = models[name].extract_features(ids, layers=layers, **kwargs)
             return {f"layer{layer}": features[i] for i, layer in enumerate(layers)}
 
