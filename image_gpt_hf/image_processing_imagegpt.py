@@ -1,11 +1,8 @@
-"""Image processor for Image GPT: images <-> sequences of palette ids.
-
-iGPT never sees RGB: an image is resized to `n_px x n_px`, its pixels are scaled to [-1, 1] (x / 127.5 - 1) and each
-pixel is replaced by the id of the nearest color of a palette (OpenAI's: 512 k-means centers). `decode` turns ids back
-into images. The processor is transformers' `PilBackend` (arguments, defaults, rescale, normalize, saving, loading)
-with `_preprocess` overridden, as transformers' `ImageGPTImageProcessorPil` is; what else is here says why it is.
-Shipped as remote code by `save_pretrained` (with palette_search.py): it imports only numpy, PIL, torch, transformers.
-"""
+"""Image processor for Image GPT: images <-> sequences of palette ids (each pixel, scaled to [-1, 1], becomes the id of
+its nearest palette color; `decode` turns ids back into images). It is transformers' `PilBackend` (arguments,
+defaults, rescale, normalize, saving, loading) with `_preprocess` overridden, as transformers' `ImageGPTImageProcessorPil`
+is; what else is here says why. Shipped as remote code by `save_pretrained` (with palette_search.py): it imports only
+numpy, PIL, torch, transformers and the standard library."""
 
 from __future__ import annotations
 
@@ -31,19 +28,13 @@ from transformers.image_utils import (
     get_image_size_for_max_height_width,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
-from transformers.utils import TensorType, logging
+from transformers.utils import TensorType
 
 from .palette_search import color_quantize, validate_palette
 from .transformers_compat import NO_VIDEO_PROCESSOR
 
-logger = logging.get_logger(__name__)
-
-URL_TIMEOUT = 10.0
-SIZE_FORMS = (
-    {"height": "h", "width": "w"},
-    {"shortest_edge": "s"},
-    {"max_height": "h", "max_width": "w"},
-)  # seconds the processor waits for a URL's server (each connect or read) unless told `timeout`
+URL_TIMEOUT = 10.0  # seconds the processor waits for a URL's server (each connect or read) unless told `timeout`
+SIZE_FORMS = ({"height": "h", "width": "w"}, {"shortest_edge": "s"}, {"max_height": "h", "max_width": "w"})
 
 # Reading images is own code: transformers' reader makes every image 8-bit RGB first (16-bit and float images clip at
 # 255), guesses ambiguous channel axes, and waits for a URL without a time limit.
@@ -62,7 +53,7 @@ def load_image_file(source: str | os.PathLike, timeout: float | None = None) -> 
             if not isinstance(err, TimeoutError) and not isinstance(getattr(err, "reason", None), TimeoutError):
                 raise
             raise TimeoutError(
-                f"{source[:200]!r} did not answer within {timeout} s; pass a larger `timeout`."
+                f"{source[:99]!r} did not answer within {timeout} s; pass a larger `timeout`."
             ) from None
     elif os.path.isfile(source):
         stream = source
@@ -76,29 +67,21 @@ def load_image_file(source: str | os.PathLike, timeout: float | None = None) -> 
     return image
 
 
-def _flatten_images(images: Any, depth: int = 0) -> list:
-    """A flat list of single images; lists (two deep), sized iterables (a `datasets` Column) and 4-D arrays or
+def _flatten_images(images: Any) -> list:
+    """A flat list of single images; lists (nested too), sized iterables (a `datasets` Column) and 4-D arrays or
     tensors are batches. Own code: transformers' flattening takes neither paths nor a Column."""
-    if not isinstance(images, (str, bytes, os.PathLike, np.ndarray, torch.Tensor, PIL.Image.Image, dict)) and hasattr(
-        images, "__len__"
-    ):
-        if depth > 1:
-            raise ValueError("Images can be nested at most two lists deep (a batch of lists of images).")
-        return [image for item in list(images) for image in _flatten_images(item, depth + 1)]
+    single = (str, bytes, os.PathLike, np.ndarray, torch.Tensor, PIL.Image.Image, dict)
+    if not isinstance(images, single) and hasattr(images, "__len__"):
+        return [image for item in list(images) for image in _flatten_images(item)]
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu()
-        try:
-            images = (images.float() if images.dtype in (torch.float16, torch.bfloat16) else images).numpy()
-        except TypeError as err:
-            raise ValueError(f"Cannot read a tensor of dtype {images.dtype} as an image: {err}") from None
-    if isinstance(images, (PIL.Image.Image, str, os.PathLike)) or isinstance(images, np.ndarray) and images.ndim < 4:
-        if isinstance(images, np.ndarray) and images.ndim < 2:
-            raise ValueError(f"An image array has 2 (H, W) or 3 dimensions, got shape {images.shape}.")
-        return [images]
+        images = (images.float() if images.dtype in (torch.float16, torch.bfloat16) else images).numpy()
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3, 4):
+        return list(images) if images.ndim == 4 else [images]
     if isinstance(images, np.ndarray):
-        if images.ndim == 4:
-            return list(images)
         raise ValueError(f"An image array has 2 (H, W), 3 or 4 (a batch) dimensions, got shape {images.shape}.")
+    if isinstance(images, (PIL.Image.Image, str, os.PathLike)):
+        return [images]
     raise ValueError(
         f"Unsupported image type {type(images).__name__}: expected a PIL.Image.Image, numpy.ndarray, torch.Tensor, "
         "a path or URL, or a list of those."
@@ -111,12 +94,9 @@ def _white(do_rescale: bool, rescale_factor: float) -> float:
 
 
 def _pixel_levels(image: np.ndarray, white: float, check_range: bool) -> np.ndarray:
-    """An array's pixels as uint8 levels or as floats in the processor's units (`white` is full intensity).
-
-    Integers are 8-bit levels as in transformers, except uint16, which spans its whole range (65535 is white, as in
-    PIL's 16-bit modes); bool is black and white; floats are in [0, 1 / rescale_factor] with `do_rescale`, else [0, 1].
-    Floats that are 8-bit levels become uint8, so every representation of an 8-bit image gives its ids.
-    """
+    """An array's pixels as uint8 levels or as floats in the processor's units (`white` is full intensity). Integers
+    are 8-bit levels as in transformers, except uint16 (65535 is white, as in PIL's 16-bit modes); bool is black and
+    white; floats are in [0, 1 / rescale_factor] with `do_rescale`, else [0, 1], and 8-bit levels among them uint8."""
     kind = image.dtype.kind
     if kind == "b" or image.dtype == np.uint8:
         return image.astype(np.uint8) * np.uint8(255 if kind == "b" else 1)
@@ -141,23 +121,14 @@ def _pixel_levels(image: np.ndarray, white: float, check_range: bool) -> np.ndar
             f"Float pixel values must lie in [0, {white:g}] (the units of `do_rescale` and `rescale_factor`: "
             f"[0, 1 / rescale_factor] with do_rescale=True, [0, 1] without), got values in [{low:g}, {high:g}]."
         )
-    if check_range and white > 1.0 and high <= 1.0 and not ((image == 0.0) | (image == 1.0)).all():
-        logger.warning_once(
-            "It looks like you are trying to rescale already rescaled images (all pixel values are in [0, 1]). If the "
-            "input images have pixel values between 0 and 1, set `do_rescale=False` to avoid rescaling them again."
-        )
     return image.astype(np.uint8) if white == 255.0 and np.array_equal(image, np.rint(image)) else image
 
 
-def _read_image(
-    image: Any, input_data_format: Any, do_convert_rgb: bool, white: float, check_range: bool = True
-) -> Any:
+def _read_image(image: Any, input_data_format: Any, do_convert_rgb: bool, white: float, check_range: bool) -> Any:
     """One image as the processor works on it: an 8-bit PIL image in mode RGB or L, or an `(H, W, 3)` float array.
-
-    PIL images are turned upright by their EXIF orientation, as transformers' `load_image` does, and converted by
-    transformers' `convert_to_rgb` (transparency onto white), except 16-bit, 32-bit and float modes, read as arrays.
-    An array's channel axis holds 1, 3 or 4 channels (2 when `input_data_format` says where); a shape that could be
-    either, such as (3, 4, 3), is refused where transformers would guess.
+    PIL images are turned upright by their EXIF orientation (as transformers' `load_image` does) and converted by
+    transformers' `convert_to_rgb`, except 16-bit, 32-bit and float modes, read as arrays. An array holds 1, 3 or 4
+    channels (2 when `input_data_format` says where); a shape such as (3, 4, 3) is refused where transformers guesses.
     """
     if (image.width * image.height if isinstance(image, PIL.Image.Image) else image.size) == 0:
         raise ValueError(f"Got an empty image (no pixels): {type(image).__name__} of size {image.size}.")
@@ -167,36 +138,29 @@ def _read_image(
                 image = PIL.ImageOps.exif_transpose(image)
             if image.mode == "RGB" or (image.mode == "L" and do_convert_rgb):
                 return image  # resized in its own mode, as transformers resizes it
-            if not do_convert_rgb:
-                raise ValueError(
-                    f"Got a PIL image in mode {image.mode!r} with `do_convert_rgb=False`; the palette is RGB. Convert "
-                    "the image or pass `do_convert_rgb=True`."
-                )
-            if not (image.mode.startswith("I") or image.mode == "F"):
+            if do_convert_rgb and not (image.mode.startswith("I") or image.mode == "F"):
                 return PIL.Image.fromarray(convert_to_rgb(image, return_numpy=True))
-            image, input_data_format = np.asarray(image), None
+            image, input_data_format = np.asarray(image), "channels_last"
         except OSError as err:  # a truncated or unreadable file behind a lazily loaded PIL image
             raise ValueError(f"Could not read the PIL image: {err}") from None
     array = _pixel_levels(image, white, check_range)
-    first, last = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
-    if array.ndim == 2:
-        array = array[..., None]
-    elif input_data_format is not None:
-        array = array if ChannelDimension(input_data_format) == ChannelDimension.LAST else np.moveaxis(array, 0, -1)
-    elif first != last:
-        array = array if last else np.moveaxis(array, 0, -1)
-    else:
+    first = array.shape[0] in (1, 3, 4)
+    if array.ndim == 3 and input_data_format is None and first == (array.shape[-1] in (1, 3, 4)):
         raise ValueError(
             f"Cannot infer the channel axis of an image of shape {array.shape} (1, 3 or 4 channels, first or last; "
             "2 for gray + alpha). Pass `input_data_format='channels_first'` or `'channels_last'`."
         )
+    if array.ndim == 2:
+        array = array[..., None]
+    elif input_data_format == "channels_first" or input_data_format is None and first:
+        array = np.moveaxis(array, 0, -1)
     channels = array.shape[-1]
     if channels not in (1, 2, 3, 4):
         raise ValueError(f"An image has 1, 2, 3 or 4 channels, got {channels} (shape {array.shape}).")
     if channels != 3 and not do_convert_rgb:
         raise ValueError(
-            f"Got an image with {channels} channel(s) and `do_convert_rgb=False`; the palette is RGB. Pass "
-            "`do_convert_rgb=True` to convert gray and alpha images."
+            f"Got an image with {channels} channel(s) and `do_convert_rgb=False`; the palette is RGB. Convert the "
+            "image or pass `do_convert_rgb=True` to convert gray, alpha and other modes."
         )
     if channels in (2, 4):  # onto white, rounded for 8-bit images as transformers' `convert_to_rgb` does
         color, alpha = array[..., :-1], array[..., -1:].astype(np.float64) / white
@@ -230,10 +194,7 @@ def _resize_and_crop(image: Any, size: SizeDict | None, resample: int, crop_size
     if crop_size is not None:
         (height, width), (crop_h, crop_w) = array.shape[:2], (crop_size.height, crop_size.width)
         if crop_h > height or crop_w > width:
-            raise ValueError(
-                f"`crop_size` ({crop_h}x{crop_w}) is larger than the resized image ({height}x{width}); make `size` at "
-                "least as large as `crop_size`."
-            )
+            raise ValueError(f"`crop_size` ({crop_h}x{crop_w}) is larger than the resized image ({height}x{width}).")
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
         array = array[top : top + crop_h, left : left + crop_w]
     return array
@@ -283,17 +244,12 @@ class ImageGPTImageProcessorKwargs(ImagesKwargs, total=False):
 
 class ImageGPTImageProcessor(PilBackend):
     r"""
-    Turns images into Image GPT's token ids: resize to `size` (n_px x n_px), scale pixels to [-1, 1], and replace each
-    pixel by the id of its nearest palette color, giving `input_ids` of shape `(batch, n_px * n_px)` in raster order.
-    `decode` maps ids back to images.
-
-    It reads and writes the `preprocessor_config.json` of transformers' ImageGPT processor (`openai/imagegpt-*` load
-    unchanged; transformers' `ImageGPTImageProcessorPil` loads what this class saves), and on 8-bit RGB images gives
-    that processor's ids, ties included, many times faster (`palette_search.color_quantize`, once per distinct color,
-    on the input tensors' device or `device=`). It also reads paths and URLs, PIL images of any mode (16-bit ones over
-    their full range, transparency composited onto white, EXIF orientation applied) and arrays and tensors of any
-    integer, bool or float dtype, channels first or last. Random crops are training augmentation: they belong in the
-    training script's transform (examples/pretrain.py, examples/finetune.py).
+    Images to Image GPT's `input_ids` `(batch, n_px * n_px)`, raster order: resize to `size`, scale pixels to [-1, 1],
+    take each pixel's nearest palette color; `decode` maps ids back to images. Its `preprocessor_config.json` is that
+    of transformers' ImageGPT processor (both load either's), and so are its ids on 8-bit RGB images, ties included,
+    many times faster (`palette_search`; on the input tensors' device or `device=`). It reads paths, URLs, PIL images
+    of any mode and arrays or tensors of any dtype. Random crops (training augmentation) belong in the training
+    script's transform (examples/pretrain.py, examples/finetune.py).
 
     Args:
         clusters (`np.ndarray`, `list[list[float]]` or `torch.Tensor` of shape `(num_colors, 3)`, *optional*):
@@ -321,13 +277,11 @@ class ImageGPTImageProcessor(PilBackend):
     def __init__(self, clusters: Any = None, **kwargs: Unpack[ImageGPTImageProcessorKwargs]) -> None:
         if kwargs.pop("do_random_crop", None):  # saved when the processor made random crops
             raise ValueError(
-                "This processor was saved with `do_random_crop=True`. Random crops are training augmentation and now "
-                "belong in the training script's transform (examples/pretrain.py and examples/finetune.py crop each "
-                'training image before the processor). To load it without them, set "do_random_crop": false in its '
-                "preprocessor_config.json (random_crop_scale and random_crop_ratio are then ignored)."
+                "This processor was saved with `do_random_crop=True`. Random crops (training augmentation) now belong "
+                "in the training script's transform (examples/pretrain.py and examples/finetune.py crop before the "
+                'processor). To load it without them, set "do_random_crop": false in its preprocessor_config.json.'
             )
-        for key in ("random_crop_scale", "random_crop_ratio"):
-            kwargs.pop(key, None)
+        kwargs = {key: value for key, value in kwargs.items() if not key.startswith("random_crop_")}
         super().__init__(clusters=None if clusters is None else validate_palette(clusters), **kwargs)
         self._check_parameters({name: getattr(self, name) for name in self.valid_kwargs.__annotations__})
 
@@ -337,64 +291,41 @@ class ImageGPTImageProcessor(PilBackend):
         rescale_factor, image_std, size = options["rescale_factor"], options["image_std"], dict(options["size"] or {})
         if options["do_rescale"] and not (isinstance(rescale_factor, (int, float)) and 0 < rescale_factor < math.inf):
             raise ValueError(
-                f"`rescale_factor` must be a positive number (pixels are multiplied by it: 1/255 maps 8-bit levels to "
-                f"[0, 1]), got {rescale_factor!r}; pass `do_rescale=False` to take pixel values as they are."
+                f"`rescale_factor` must be positive (pixels are multiplied by it), got {rescale_factor!r}; 1/255 maps "
+                "8-bit levels to [0, 1]; `do_rescale=False` takes pixel values as they are."
             )
         if options["do_normalize"] and not (np.isfinite(image_std).all() and np.all(np.asarray(image_std) != 0)):
-            raise ValueError(
-                f"`image_std` must be finite and nonzero (normalized pixels are divided by it), got {image_std}; "
-                "Image GPT's is [0.5, 0.5, 0.5], which maps pixels to [-1, 1]."
-            )
+            raise ValueError(f"`image_std` must be finite and nonzero (pixels are divided by it), got {image_std}.")
         if options["do_resize"] and any(value < 1 for value in size.values()):
             raise ValueError(f"`size` must be positive, got {size}.")
         if options["do_resize"] and not any(set(form) <= set(size) for form in SIZE_FORMS):
             raise ValueError(f"`size` must be {' or '.join(map(str, SIZE_FORMS))}, got {size}.")
         if options["do_center_crop"] and _positive_pair(options["crop_size"]) is None:
-            raise ValueError(
-                f"`crop_size` must be {{'height': h, 'width': w}} (positive), got {options['crop_size']}."
-            )
+            raise ValueError(f"`crop_size` must be {{'height': h, 'width': w}}, positive, got {options['crop_size']}.")
         if options.get("do_pad"):
             raise ValueError("`do_pad=True` is not supported: Image GPT needs every image at the same n_px x n_px.")
-        if options.get("input_data_format") not in (None, "channels_first", "channels_last"):
-            raise ValueError(
-                f"`input_data_format` must be 'channels_first' or 'channels_last', got {options['input_data_format']!r}."
-            )
+        if (layout := options.get("input_data_format")) not in (None, "channels_first", "channels_last"):
+            raise ValueError(f"`input_data_format` must be 'channels_first' or 'channels_last', got {layout!r}.")
         for name in ("quantize_chunk_size", "timeout"):
             if options.get(name) is not None and not options[name] > 0:
                 raise ValueError(f"`{name}` must be a positive number, got {options[name]}.")
 
-    def fetch_images(self, image_url_or_urls: Any, timeout: float | None = None) -> Any:
-        """Opens paths and URLs with `load_image_file` (waiting at most `timeout`, default `URL_TIMEOUT`, seconds for
-        a server); lists item by item; other inputs pass through."""
-        if isinstance(image_url_or_urls, (list, tuple)):
-            return [self.fetch_images(item, timeout) for item in image_url_or_urls]
-        if isinstance(image_url_or_urls, (str, os.PathLike)):
-            return load_image_file(image_url_or_urls, timeout=timeout or URL_TIMEOUT)
-        return image_url_or_urls
-
-    def process_image(self, image: Any, do_convert_rgb: bool | None = None, input_data_format: Any = None, **kwargs):
-        """One image as this processor reads it: a channels-first RGB array (uint8 for 8-bit images, else float)."""
-        (image,) = _flatten_images(self.fetch_images(image, kwargs.get("timeout")))
-        white = _white(kwargs.get("do_rescale", self.do_rescale), kwargs.get("rescale_factor", self.rescale_factor))
-        do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
-        image = _read_image(image, input_data_format, do_convert_rgb, white)
-        return np.moveaxis(_resize_and_crop(image, None, 0, None), -1, 0)
-
     def _preprocess_image_like_inputs(self, images: Any, *args, **kwargs) -> BatchFeature:
         """Checks the parameters, then reads the images with this file's reader and processes them."""
         self._check_parameters(kwargs)
-        if kwargs["do_color_quantize"] and kwargs["clusters"] is None:
-            raise ValueError(
-                "Color quantization needs a palette: pass `clusters` (a (num_colors, 3) array in [-1, 1]) to the "
-                "processor or to this call, or set `do_color_quantize=False` to get `pixel_values`."
-            )
         if kwargs["do_color_quantize"]:
+            if kwargs["clusters"] is None:
+                raise ValueError(
+                    "Color quantization needs a palette: pass `clusters` (a (num_colors, 3) array in [-1, 1]) to the "
+                    "processor or to this call, or set `do_color_quantize=False` to get `pixel_values`."
+                )
             kwargs["clusters"] = validate_palette(kwargs["clusters"])
         tensors = images if isinstance(images, (list, tuple)) else [images]
         if kwargs.get("device") is None and tensors and all(isinstance(t, torch.Tensor) for t in tensors):
             if len({t.device for t in tensors}) == 1:  # tensors that all live on one device: the search runs there
                 kwargs["device"] = tensors[0].device
-        images = [self.fetch_images(image, kwargs.get("timeout")) for image in _flatten_images(images)]
+        timeout, images = kwargs.get("timeout") or URL_TIMEOUT, _flatten_images(images)
+        images = [load_image_file(i, timeout) if isinstance(i, (str, os.PathLike)) else i for i in images]
         if not images:
             raise ValueError("Got an empty batch: no images to process.")
         white = _white(kwargs["do_rescale"], kwargs["rescale_factor"])
@@ -404,38 +335,32 @@ class ImageGPTImageProcessor(PilBackend):
 
     def _preprocess(self, images: list[PIL.Image.Image | np.ndarray], **kwargs) -> BatchFeature:
         """Resizes and crops each image (as read by `_read_image`), then normalizes and quantizes all pixels at once."""
-        resample = PIL.Image.Resampling(int(kwargs["resample"] or PILImageResampling.BILINEAR))
-        size, crop_size = kwargs["size"] if kwargs["do_resize"] else None, kwargs["crop_size"]
-        arrays = [
-            _resize_and_crop(image, size, resample, crop_size if kwargs["do_center_crop"] else None)
-            for image in images
-        ]
-        if kwargs["return_tensors"] is not None and len({array.shape for array in arrays}) > 1:
+        resample = kwargs["resample"] if kwargs["resample"] is not None else PILImageResampling.BILINEAR
+        size, return_tensors = kwargs["size"] if kwargs["do_resize"] else None, kwargs["return_tensors"]
+        crop_size = kwargs["crop_size"] if kwargs["do_center_crop"] else None
+        arrays = [_resize_and_crop(image, size, PIL.Image.Resampling(int(resample)), crop_size) for image in images]
+        if return_tensors is not None and len({array.shape for array in arrays}) > 1:
             raise ValueError(
-                f"The processed images have different sizes {sorted({array.shape[:2] for array in arrays})}, which "
-                "cannot be stacked into tensors: resize to a fixed `size`, center-crop with `crop_size`, or pass "
-                "`return_tensors=None` to get a list."
+                f"The processed images have different sizes {sorted({array.shape[:2] for array in arrays})}: resize to "
+                "a fixed `size`, center-crop with `crop_size`, or pass `return_tensors=None` to get a list."
             )
         device, quantize = torch.device(kwargs.get("device") or "cpu"), kwargs["do_color_quantize"]
         results: list[Any] = [None] * len(arrays)
         for is_uint8 in (True, False):  # 8-bit images and float ones, each kind in one go
             indices = [i for i, array in enumerate(arrays) if (array.dtype == np.uint8) == is_uint8]
             if indices:
-                pixels = np.concatenate([arrays[i].reshape(-1, 3) for i in indices])  # (P, 3)
-                out = (
-                    self._ids(pixels, **kwargs) if quantize else torch.from_numpy(self._model_values(pixels, **kwargs))
-                )
+                flat = np.concatenate([arrays[i].reshape(-1, 3) for i in indices])  # (P, 3)
+                out = self._ids(flat, **kwargs) if quantize else torch.from_numpy(self._model_values(flat, **kwargs))
                 for index, part in zip(indices, out.split([arrays[i].shape[0] * arrays[i].shape[1] for i in indices])):
                     results[index] = part if quantize else part.reshape(arrays[index].shape)
         key = "input_ids" if quantize else "pixel_values"
         if not quantize and ChannelDimension(kwargs.get("data_format") or "channels_first") != ChannelDimension.LAST:
             results = [r.permute(2, 0, 1).contiguous() for r in results]
-        if kwargs["return_tensors"] is None:
+        if return_tensors is None:
             return BatchFeature(data={key: [r.cpu().numpy() for r in results]})
-        stacked = torch.stack(results)
-        if TensorType(kwargs["return_tensors"]) == TensorType.PYTORCH:
-            return BatchFeature(data={key: stacked.to(device)})
-        return BatchFeature(data={key: stacked.cpu().numpy()}, tensor_type=kwargs["return_tensors"])
+        stacked = torch.stack(results).to(device)
+        as_torch = TensorType(return_tensors) == TensorType.PYTORCH
+        return BatchFeature(data={key: stacked if as_torch else stacked.cpu().numpy()}, tensor_type=return_tensors)
 
     def _model_values(self, pixels: np.ndarray, **kwargs) -> np.ndarray:
         """`(N, 3)` pixels -> the float32 values the model sees, by transformers' own `rescale` and `normalize`
@@ -449,18 +374,12 @@ class ImageGPTImageProcessor(PilBackend):
         """Palette ids of `(N, 3)` pixels (uint8, or floats in the processor's units)."""
         inverse = None
         if pixels.dtype == np.uint8:  # 8-bit colors repeat (and are only 2**24): search each distinct color once
-            codes = torch.from_numpy(pixels.astype(np.int32))
-            distinct, inverse = torch.unique(
-                (codes[:, 0] << 16) | (codes[:, 1] << 8) | codes[:, 2], return_inverse=True
-            )
-            pixels = (
-                torch.stack([distinct >> 16, (distinct >> 8) & 255, distinct & 255], dim=1).numpy().astype(np.uint8)
-            )
+            codes = torch.from_numpy(pixels.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], np.int32))
+            distinct, inverse = (t.numpy() for t in torch.unique(codes, return_inverse=True))
+            pixels = np.stack([distinct >> 16, distinct >> 8 & 255, distinct & 255], axis=1).astype(np.uint8)
         values = torch.from_numpy(self._model_values(pixels, **kwargs)).to(kwargs.get("device") or "cpu")
         ids = color_quantize(values, kwargs["clusters"], kwargs.get("quantize_chunk_size"))
-        return ids if inverse is None else ids[inverse.to(ids.device)]
-
-    # -- decoding -----------------------------------------------------------------------------------------------------
+        return ids if inverse is None else ids[torch.from_numpy(inverse).to(ids.device)]
 
     def decode(
         self,
@@ -469,17 +388,11 @@ class ImageGPTImageProcessor(PilBackend):
         clusters: np.ndarray | list[list[float]] | torch.Tensor | None = None,
         size: int | tuple[int, int] | dict[str, int] | None = None,
     ) -> PIL.Image.Image | list[PIL.Image.Image] | np.ndarray:
-        """Images from palette ids: one sequence `(n_px * n_px,)` or a batch `(batch, n_px * n_px)`, e.g. samples from
-        `generate()` without their SOS token. `output_type="pil"` gives PIL images (one, or a list for a batch), `"np"`
-        uint8 arrays `([batch,] H, W, 3)`. `clusters` defaults to the processor's palette; `size` is `(height, width)`,
-        an int or `{"height": h, "width": w}`, by default the processor's size (or crop size) when it has as many
-        pixels as the sequences, else the square of side `sqrt(len)`.
-
-        Each id becomes its palette color mapped back through the normalization (`127.5 * (c + 1)` by default),
-        rounded to 8 bits; where rounding would make the color re-encode to another id, a neighbouring 8-bit color
-        that re-encodes to the same id is used instead, so decoding then encoding gives the same ids back whenever
-        any 8-bit color can.
-        """
+        """Images from palette ids `([batch,] height * width)`, e.g. samples from `generate()` without their SOS token:
+        PIL images (`output_type="pil"`) or uint8 arrays `([batch,] H, W, 3)` (`"np"`). `clusters` defaults to the
+        processor's palette; `size` (`(height, width)`, an int or `{"height": h, "width": w}`) to the processor's size
+        or crop size when it holds the sequences, else to a square. Each id becomes its palette color with the
+        normalization undone, rounded to 8 bits, or a neighbouring 8-bit color where only that re-encodes to the id."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"`output_type` must be 'pil' or 'np', got {output_type!r}.")
         if size is not None and _positive_pair(size) is None:
@@ -496,9 +409,7 @@ class ImageGPTImageProcessor(PilBackend):
         single = ids.ndim == 1
         ids = ids[None].astype(np.int64) if single else ids.astype(np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(
-                f"`input_ids` must have shape (sequence_length,) or (batch, sequence_length), got {ids.shape}."
-            )
+            raise ValueError(f"`input_ids` must be (sequence_length,) or (batch, sequence_length), got {ids.shape}.")
         if ids.min() < 0 or ids.max() >= len(palette):
             bad = sorted(set(ids[(ids < 0) | (ids >= len(palette))].tolist()))[:5]
             raise ValueError(
@@ -515,9 +426,7 @@ class ImageGPTImageProcessor(PilBackend):
     def batch_decode(self, input_ids: Any, output_type: Literal["pil", "np"] = "pil", **kwargs) -> Any:
         """`decode` for a batch `(batch, n_px * n_px)`: a list of PIL images or a `(batch, H, W, 3)` uint8 array."""
         if np.ndim(input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else input_ids) != 2:
-            raise ValueError(
-                f"`batch_decode` takes a (batch, sequence_length) batch of ids, got shape {np.shape(input_ids)}."
-            )
+            raise ValueError(f"`batch_decode` takes ids of shape (batch, sequence_length), got {np.shape(input_ids)}.")
         return self.decode(input_ids, output_type=output_type, **kwargs)
 
     def _decode_size(self, length: int, size: Any) -> tuple[int, int]:
@@ -537,8 +446,8 @@ class ImageGPTImageProcessor(PilBackend):
 
     def _palette_colors(self, palette: np.ndarray) -> np.ndarray:
         """`(K, 3)` uint8: the 8-bit color each id decodes to (cached per palette and normalization)."""
-        normalization = {"do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor}
-        normalization.update(do_normalize=self.do_normalize, image_mean=self.image_mean, image_std=self.image_std)
+        normalization = {k: getattr(self, k) for k in ("do_rescale", "rescale_factor", "do_normalize", "image_mean")}
+        normalization["image_std"] = self.image_std
         key = (palette.tobytes(), repr(normalization))
         if getattr(self, "_decode_cache", (None,))[0] == key:
             return self._decode_cache[1]
@@ -587,11 +496,4 @@ class ImageGPTImageProcessorPil(ImageGPTImageProcessor):
 # `auto_map`, so the folder loads with `trust_remote_code=True` where this package is not installed.
 ImageGPTImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = [
-    "ImageGPTImageProcessor",
-    "ImageGPTImageProcessorPil",
-    "check_palette_fits",
-    "color_quantize",
-    "load_image_file",
-    "validate_palette",
-]
+__all__ = ["ImageGPTImageProcessor", "ImageGPTImageProcessorPil", "color_quantize", "load_image_file"]

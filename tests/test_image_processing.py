@@ -132,7 +132,6 @@ def test_gray_rgba_and_digit_images_match_transformers_on_their_rgb_conversion(p
     # Arrays: gray is replicated, alpha composited onto white (rounded), as transformers' `convert_to_rgb` does.
     gray = photos["camera"]
     np.testing.assert_array_equal(ids(ours, gray), ids(reference, np.stack([gray] * 3, -1)))
-    np.testing.assert_array_equal(ours.process_image(gray), np.stack([gray] * 3))  # one image as it is read
     rgba = photos["logo"]
     alpha = rgba[..., 3:] / 255.0
     on_white = np.round(alpha * rgba[..., :3] + (1 - alpha) * 255).astype(np.uint8)
@@ -526,7 +525,7 @@ def bad_input_cases(palette):
         ),
         "no rgb conversion, PIL": (
             lambda: processor(PIL.Image.new("LA", (8, 8)), do_convert_rgb=False),
-            "mode 'LA' with `do_convert_rgb=False`",
+            r"2 channel\(s\) and `do_convert_rgb=False`",
         ),
         "sizes differ": (
             lambda: processor([good, np.zeros((9, 9, 3), np.uint8)], do_resize=False, return_tensors="np"),
@@ -543,7 +542,7 @@ def bad_input_cases(palette):
         "std zero at call": (lambda: processor(good, image_std=[0.5, 0.0, 0.5]), "`image_std` must be finite"),
         "rescale factor zero": (
             lambda: ImageGPTImageProcessor(rescale_factor=0),
-            "`rescale_factor` must be a positive",
+            "`rescale_factor` must be positive .*, got 0;",
         ),
         "rescale factor at call": (lambda: processor(good, rescale_factor=-1 / 255), "`rescale_factor` must be"),
         "timeout": (lambda: processor(good, timeout=0), "`timeout` must be a positive number"),
