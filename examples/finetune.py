@@ -131,9 +131,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--with_tracking", action="store_true")
     parser.add_argument("--report_to", default="all")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--hub_token", default=None)
     args = parser.parse_args(argv)
 
     # The errors argparse cannot see, before anything is loaded.
@@ -221,14 +218,16 @@ def find_checkpoint(args: argparse.Namespace) -> str | None:
         path = complete[-1]
     elif not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise ValueError(
-            f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {STATE_FILE}); complete ones are {complete or 'none'}."
+            f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {STATE_FILE}); complete ones are "
+            f"{complete or 'none'}."
         )
     problem = checkpoint_problem(path)
     if problem is not None:
         earlier = [p for p in complete if os.path.abspath(p) != os.path.abspath(path)]
         intact = next((p for p in reversed(earlier) if checkpoint_problem(p) is None), None)
         offer = (
-            f"The newest intact checkpoint before it is {intact}: resume from it with --resume_from_checkpoint {intact}, "
+            f"The newest intact checkpoint before it is {intact}: resume from it with --resume_from_checkpoint "
+            f"{intact}, "
             f"and delete {path} so that 'latest' skips it."
             if intact
             else "No intact checkpoint precedes it: delete it to start anew."
@@ -292,9 +291,12 @@ def main(argv=None) -> dict[str, float]:
     # The Accelerator (`accelerate launch`, or plain python), with transformers' example logging.
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.accelerator.is_available():
         raise ValueError(
-            "This run was launched with an FSDP config, but this machine has no GPU: Accelerate shards a model only on "
-            "GPU-type devices, and on CPUs it would quietly run plain data parallel instead (every process holding the "
-            "whole model, unsharded checkpoints). On CPUs, launch with examples/accelerate_configs/multi_cpu.yaml; run "
+            "This run was launched with an FSDP config, but this machine has no GPU: Accelerate shards a model only "
+            "on "
+            "GPU-type devices, and on CPUs it would quietly run plain data parallel instead (every process holding "
+            "the "
+            "whole model, unsharded checkpoints). On CPUs, launch with examples/accelerate_configs/multi_cpu.yaml; "
+            "run "
             "the FSDP config on a machine with GPUs."
         )
     # Seeded samplers: the same data order on every process and after a resume.
@@ -318,11 +320,8 @@ def main(argv=None) -> dict[str, float]:
 
     # The output folder: refused before any work when it holds anything but this run's own entries.
     inputs = [
-        args.model_name_or_path,
-        args.processor_name_or_path,
-        args.train_dir,
-        args.validation_dir,
-        args.dataset_name,
+        getattr(args, name)
+        for name in ("model_name_or_path", "processor_name_or_path", "train_dir", "validation_dir", "dataset_name")
     ]
     own = [CHECKPOINTS, TRACKER_DIR, LOCK_FILE] if args.resume_from_checkpoint else [LOCK_FILE]
     check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite, keep=own)
@@ -346,7 +345,8 @@ def main(argv=None) -> dict[str, float]:
         )
     if args.eval_mask_prob > 0 and config.objective != "bert":
         raise ValueError(
-            f"--eval_mask_prob {args.eval_mask_prob} masks pixels for BERT models, but {args.model_name_or_path} is an "
+            f"--eval_mask_prob {args.eval_mask_prob} masks pixels for BERT models, but {args.model_name_or_path} is "
+            f"an "
             f"{config.objective.upper()} model, trained on whole images; leave --eval_mask_prob at 0."
         )
     source = args.processor_name_or_path or args.model_name_or_path
@@ -387,7 +387,8 @@ def main(argv=None) -> dict[str, float]:
     if eval_split not in dataset:
         if args.train_val_split == 0:
             raise ValueError(
-                f"The dataset {source} has no validation or test split; pass --train_val_split > 0 or --validation_dir."
+                f"The dataset {source} has no validation or test split; pass --train_val_split > 0 or "
+                f"--validation_dir."
             )
         dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
         eval_split = f"{args.train_val_split:.0%} of train held out"
@@ -403,7 +404,8 @@ def main(argv=None) -> dict[str, float]:
     features = dataset["train"].features
     if args.image_column_name is not None and args.image_column_name not in features:
         raise ValueError(
-            f"--image_column_name {args.image_column_name!r} is not a column of the dataset; its columns are {list(features)}."
+            f"--image_column_name {args.image_column_name!r} is not a column of the dataset; its columns are "
+            f"{list(features)}."
         )
     image_column = args.image_column_name or next(
         (n for n, f in features.items() if isinstance(f, datasets.Image)), None
@@ -456,7 +458,8 @@ def main(argv=None) -> dict[str, float]:
                 images.append(datasets.Image().decode_example(value))
             except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
                 raise ValueError(
-                    f"Cannot read the image {value.get('path') or ''}: {err}. Remove or replace that file, or leave it out of the dataset."
+                    f"Cannot read the image {value.get('path') or ''}: {err}. Remove or replace that file, or leave "
+                    f"it out of the dataset."
                 ) from err
         return images
 
@@ -521,7 +524,8 @@ def main(argv=None) -> dict[str, float]:
                 f"Cannot resume from {checkpoint}: this run differs from the one that wrote it in "
                 + "; ".join(changed)
                 + ". To continue that run, pass its settings again. To train with the new ones, start a new run: "
-                "another --output_dir, or --overwrite without --resume_from_checkpoint (which deletes its checkpoints)."
+                "another --output_dir, or --overwrite without --resume_from_checkpoint (which deletes its "
+                "checkpoints)."
             )
 
     # One writer per output folder: a lock inside it, held to the end (a second run is refused here, before work).
@@ -533,7 +537,8 @@ def main(argv=None) -> dict[str, float]:
             lock.acquire(timeout=0)
         except Timeout:
             raise ValueError(
-                f"Another run is writing to --output_dir {args.output_dir} (it holds {lock.lock_file}); wait for it to "
+                f"Another run is writing to --output_dir {args.output_dir} (it holds {lock.lock_file}); wait for it "
+                f"to "
                 "end, or choose another folder."
             ) from None
         for name in [CHECKPOINTS, TRACKER_DIR] if args.overwrite and not checkpoint else []:
@@ -663,7 +668,8 @@ def main(argv=None) -> dict[str, float]:
                 newest = max(files, key=lambda p: p.stat().st_mtime_ns).name if files else "its first file"
                 free = shutil.disk_usage(tmp).free
                 raise OSError(
-                    f"Saving the checkpoint {final} failed while writing {newest}, with {free / 2**20:.1f} MiB free on "
+                    f"Saving the checkpoint {final} failed while writing {newest}, with {free / 2**20:.1f} MiB free "
+                    f"on "
                     f"that disk ({type(err).__name__}: {err}). Free some space, or choose an --output_dir on a disk "
                     "with room, and resume with --resume_from_checkpoint latest."
                 ) from err
@@ -758,7 +764,7 @@ def main(argv=None) -> dict[str, float]:
         accelerator.end_training()
 
     # The model folder (weights + config, processor, card, all_results.json), staged and renamed into --output_dir
-    # beside its checkpoints; then the Hub.
+    # beside its checkpoints.
     batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     data_name = (
         f"the imagefolder {args.train_dir}"
@@ -804,17 +810,6 @@ def main(argv=None) -> dict[str, float]:
             write_model_card(tmp, unwrapped, processor=processor, facts=facts)
             (tmp / "all_results.json").write_text(json.dumps(metrics, indent=2))
         logger.info(f"Saved the model to {args.output_dir}")
-        if args.push_to_hub:
-            from huggingface_hub import HfApi
-
-            api = HfApi(token=args.hub_token)
-            repo_id = api.create_repo(args.hub_model_id or Path(args.output_dir).resolve().name, exist_ok=True).repo_id
-            api.upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                ignore_patterns=[f"{CHECKPOINTS}/*", f"{TRACKER_DIR}/*", ".*"],
-            )
-            logger.info(f"Pushed {args.output_dir} to https://huggingface.co/{repo_id}")
     accelerator.wait_for_everyone()
     return metrics
 

@@ -72,7 +72,8 @@ class ImageGPTDataCollator:
             raise ValueError(f"`objective` must be 'ar', 'bert' or None, got {self.objective!r}.")
         if self.objective != "bert" and self.mask_probability is not None:
             raise ValueError(
-                f"`mask_probability` masks pixels for the BERT objective; with objective={self.objective!r} nothing is "
+                f"`mask_probability` masks pixels for the BERT objective; with objective={self.objective!r} nothing "
+                f"is "
                 "masked. Pass objective='bert', or leave `mask_probability` unset."
             )
         if self.mask_probability is None and self.objective == "bert":

@@ -405,7 +405,8 @@ def test_existing_output_is_kept_unless_overwrite(tiny_checkpoint, tmp_path):
         assert f"--output_dir {tiny_checkpoint} is the input {tiny_checkpoint}" in message
     message = refusal("demo.py", "--output_dir", str(user))
     assert f"--output_dir {user} exists and is not empty" in message
-    # Checkpoints of an earlier run are content too: resumed with --resume_from_checkpoint, or replaced with --overwrite.
+    # Checkpoints of an earlier run are content too: resumed with --resume_from_checkpoint, or replaced with
+    # --overwrite.
     fake_checkpoint(tmp_path / "run", 3)
     message = refusal("pretrain.py", *TINY_MODEL, "--output_dir", str(tmp_path / "run"))
     assert "holds checkpoints). Choose another folder, or pass --overwrite" in message
@@ -689,7 +690,8 @@ def test_demo_runs_every_stage_and_names_every_artifact(tmp_path):
     for path in ("samples/completions.png", "samples/completions_upscaled.png", "samples/samples_upscaled.png",
                  "probe/probe_accuracy.png", "finetuned"):  # fmt: skip
         assert str(out / path) in summary
-    # Upscaled by default with nearest-neighbour pixels, 128 pixels a side (4x4 digits, 32 times), beside the originals.
+    # Upscaled by default with nearest-neighbour pixels, 128 pixels a side (4x4 digits, 32 times), beside the
+    # originals.
     assert "--upscale_model 32" in log
     for name in ("samples", "completions"):
         with (
