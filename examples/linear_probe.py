@@ -130,20 +130,17 @@ def load_data(args: argparse.Namespace) -> tuple[DatasetDict, str]:
         dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
     if "train" not in dataset:
         raise ValueError(f"The dataset has no 'train' split; its splits are {list(dataset)}.")
-    eval_split = next((name for name in ("validation", "test") if name in dataset), None)
+    eval_split = described = next((name for name in ("validation", "test") if name in dataset), None)
     if eval_split is None:
         if args.train_val_split == 0:
             raise ValueError("The dataset has no validation or test split; pass --train_val_split > 0.")
-        dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
-        dataset, eval_split = {"train": dataset["train"], "test": dataset["test"]}, "test"
-        eval_name = f"{args.train_val_split:.0%} of train held out"
-    else:
-        eval_name = eval_split
+        dataset, eval_split = dataset["train"].train_test_split(args.train_val_split, seed=args.seed), "test"
+        described = f"{args.train_val_split:.0%} of train held out"
     dataset = DatasetDict({"train": dataset["train"], "validation": dataset[eval_split]})
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None:
             dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
-    return dataset, eval_name
+    return dataset, described
 
 
 def find_columns(dataset: DatasetDict, args: argparse.Namespace) -> tuple[str, str, list[str], dict | None]:
@@ -155,15 +152,11 @@ def find_columns(dataset: DatasetDict, args: argparse.Namespace) -> tuple[str, s
             raise ValueError(f"{flag} {name!r} is not a column of the dataset; its columns are {list(features)}.")
     image = args.image_column_name or next((n for n, f in features.items() if isinstance(f, datasets.Image)), None)
     if image is None or not isinstance(features[image], datasets.Image):
-        raise ValueError(
-            f"The dataset has no column of `Image` type among {list(features)}; pass --image_column_name."
-        )
+        raise ValueError(f"The dataset has no `Image` column among {list(features)}; pass --image_column_name.")
 
     def holds_labels(name: str) -> bool:  # ClassLabels, integers or strings
-        return isinstance(features[name], ClassLabel) or getattr(features[name], "dtype", "").lstrip("u")[:3] in (
-            "int",
-            "str",
-        )
+        kind = getattr(features[name], "dtype", "").lstrip("u")
+        return isinstance(features[name], ClassLabel) or kind.startswith(("int", "str"))
 
     if args.label_column_name is not None and not holds_labels(args.label_column_name):
         raise ValueError(
@@ -375,12 +368,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint ({type(config).__name__}); these "
             "examples need an Image GPT checkpoint (model_type 'imagegpt'), e.g. one written by examples/pretrain.py."
         )
-    n_px = args.n_px or config.n_px
+    n_px = config.n_px if args.n_px is None else args.n_px
     if not 1 <= n_px <= config.n_px:
         raise ValueError(
             f"--n_px {n_px} needs {n_px * n_px} positions but the model ({args.model_name_or_path}) has n_positions="
             f"{config.n_positions} (n_px {config.n_px}). Use 1 <= --n_px <= {config.n_px}."
         )
+    if n_px < config.n_px:
+        logger.warning(f"--n_px {n_px} < the model's {config.n_px}: rows sit on positions learned for longer rows.")
     source = args.processor_name_or_path or args.model_name_or_path
     try:
         processor = ImageGPTImageProcessor.from_pretrained(source)
