@@ -6,6 +6,7 @@ namespace with an empty temporary working directory, offline. The other python b
 repositories; they are checked for being exactly that.
 """
 
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import torch
 import yaml
 from conftest import TINY_DIMS
 from huggingface_hub import ModelCard
+from transformers import AutoModelForImageClassification
 
 from image_gpt_hf import (
     ImageGPTConfig,
@@ -60,10 +62,130 @@ def test_docs_mark_their_runnable_snippets():
     # Guards against markers dropped in an edit, which would silently stop testing the snippets.
     assert len(snippets("README.md")) >= 3
     assert len(snippets("MODEL_CARD.md")) >= 3
+    # Each snippet's results are checked by exactly one check below, and each check has its snippet.
+    codes = [code for name in DOCS for code in snippets(name)]
+    for code in codes:
+        matching = [key for key in SNIPPET_CHECKS if key in code]
+        assert len(matching) == 1, f"add one check of this snippet's results to SNIPPET_CHECKS ({matching}):\n{code}"
+    for key in SNIPPET_CHECKS:
+        assert sum(key in code for code in codes) == 1, f"SNIPPET_CHECKS[{key!r}] must match exactly one snippet"
     for name in DOCS:
         for marker, code in PYTHON_BLOCK.findall((ROOT / name).read_text(encoding="utf-8")):
             if not marker:  # not run: it must be one that needs the Hub
                 assert HUB_ID.search(code), f"{name}: a python block is neither runnable nor about a Hub repo:\n{code}"
+
+
+# What each snippet's results must be, checked on the names it leaves behind (in its working directory), beside
+# what the snippet asserts itself. A snippet is found by a piece of its code that no other snippet has.
+
+
+def _close(actual, expected) -> None:
+    torch.testing.assert_close(torch.as_tensor(actual).detach().float(), torch.as_tensor(expected).detach().float())
+
+
+def check_loss_and_samples(ns):
+    model, pixels, samples, sos = ns["model"], ns["pixels"], ns["samples"], ns["config"].sos_token_id
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([torch.full_like(pixels[:, :1], sos), pixels[:, :-1]], 1)).logits
+    _close(ns["loss"], torch.nn.functional.cross_entropy(logits.flatten(0, 1), pixels.flatten()))
+    assert samples.shape == (2, 65) and (samples[:, 0] == sos).all() and (samples[:, 1:] < sos).all()
+
+
+def check_completions(ns):
+    images, completions = ns["images"], ns["completions"]
+    for i, completion in enumerate(completions):  # 3 per image, image by image, keeping its top half (4 rows)
+        np.testing.assert_array_equal(np.asarray(completion)[:4], np.asarray(images[i // 3])[:4])
+
+
+def check_upscaled(ns):
+    np.testing.assert_array_equal(
+        np.asarray(ns["enlarged"][0]), np.asarray(ns["images"][0]).repeat(16, 0).repeat(16, 1)
+    )
+
+
+def check_onnx_features(ns):
+    with torch.no_grad():
+        out = ImageGPTModel.from_pretrained("tiny-igpt")(input_ids=torch.from_numpy(ns["ids"]))
+    _close(ns["last_hidden_state"], out.last_hidden_state)
+    _close(ns["pooler_output"], out.pooler_output)
+
+
+def normed_states(model, ids):
+    """The paper's `n^l` for every layer, from `hidden_states`: each through the norm of the block after it (the last
+    one, the final output, is normed already)."""
+    with torch.no_grad():
+        states = model(input_ids=ids, output_hidden_states=True).hidden_states
+        return [block.ln_1(state) for block, state in zip(model.h, states)] + [states[-1]]
+
+
+def check_pipeline_features(ns):
+    model = ImageGPTModel.from_pretrained("tiny-igpt")
+    normed = normed_states(model, ns["processor"](ns["image"], return_tensors="pt")["input_ids"])
+    _close(ns["paper_feature"], normed[3].mean(1))
+    _close(ns["layer_5"], normed[5])
+
+
+def check_card(ns):
+    text, metadata, _ = read_card(ns["card"])
+    assert Path(ns["card"]).resolve() == Path("tiny-igpt/README.md").resolve()
+    assert "None: random initialisation, for a demo." in text and "Built in the README." in text
+    assert f"| Parameters | {ns['model'].num_parameters():,} " in text and metadata["library_name"] == "transformers"
+
+
+def check_card_features(ns):
+    normed = normed_states(ns["model"], ns["input_ids"])
+    _close(ns["pooled"], normed[3][:1].mean(1))
+    _close(ns["per_pixel"], normed[-1][:1])
+    _close(ns["layer_2"], normed[2][:1])
+    _close(ns["features"], torch.stack([normed[layer].mean(1) for layer in (2, 3, 4)]))
+
+
+def check_card_generation(ns):
+    # Decoded samples are palette colours: the processor maps them back to the sampled ids.
+    ids = ns["processor"](ns["images"], return_tensors="pt")["input_ids"]
+    np.testing.assert_array_equal(ids.numpy(), ns["samples"][:, 1:].numpy())
+
+
+def check_card_classifier(ns):
+    # The pipeline's scores: softmax of the classifier on the mean final features of [SOS, x_1, ..., x_{n-1}].
+    model = AutoModelForImageClassification.from_pretrained("tiny-igpt-classifier")
+    ids = ns["processor"](ns["images"][0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        with_sos = torch.cat([torch.full_like(ids[:, :1], model.config.sos_token_id), ids[:, :-1]], 1)
+        states = model.transformer(input_ids=with_sos, prepend_sos=False)
+        probabilities = (states.last_hidden_state.mean(1) @ model.score.weight.T).softmax(-1)[0]
+    scores = [p["score"] for p in ns["predictions"]]
+    assert scores == sorted(scores, reverse=True)
+    for prediction in ns["predictions"]:
+        _close(prediction["score"], probabilities[model.config.label2id[prediction["label"]]])
+
+
+def check_trainer_and_collator(ns):
+    batch, train = ns["batch"], ns["train"]
+    ids = np.stack([train[i]["input_ids"] for i in range(4)])
+    np.testing.assert_array_equal(batch["input_ids"], ids)
+    np.testing.assert_array_equal(batch["labels"], ids)  # the BERT loss reads the masked positions of these
+    assert 0 < batch["bool_masked_pos"].float().mean() < 0.5  # OpenAI's masking, each pixel with probability 0.15
+    again = ns["collator"]([train[i] for i in range(4)])["bool_masked_pos"]
+    assert torch.equal(again, batch["bool_masked_pos"])  # seeded by the example: the same masks whenever drawn
+    state = json.loads(Path("igpt-bert-digits/checkpoint-5/trainer_state.json").read_text())
+    assert state["global_step"] == state["max_steps"] == 5  # Trainer ran its 5 steps on the collator's batches
+    for trained, reloaded in zip(ns["model"].state_dict().values(), ns["reloaded"].state_dict().values()):
+        assert torch.equal(trained, reloaded)
+
+
+SNIPPET_CHECKS = {
+    "prepend_sos=True).loss": check_loss_and_samples,
+    "num_completions=3": check_completions,
+    "upscale=16": check_upscaled,
+    'task="feature-extraction"': check_onnx_features,
+    "layer_5 = ": check_pipeline_features,
+    "card = write_model_card(": check_card,
+    "model.extract_features(": check_card_features,
+    "top_half = ": check_card_generation,
+    'pipeline("image-classification"': check_card_classifier,
+    "ImageGPTDataCollator(": check_trainer_and_collator,
+}
 
 
 @pytest.mark.parametrize(("name", "index", "code"), SNIPPETS)
@@ -71,7 +193,10 @@ def test_runnable_snippet_runs_as_written(name, index, code, tmp_path, monkeypat
     assert not HUB_ID.search(code), "runnable snippets must not need the Hub"
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    exec(compile(code, f"{name} snippet {index}", "exec"), {"__name__": "__main__"})
+    namespace = {"__name__": "__main__"}
+    exec(compile(code, f"{name} snippet {index}", "exec"), namespace)
+    (check,) = [check for key, check in SNIPPET_CHECKS.items() if key in code]  # one each: see the test above
+    check(namespace)
 
 
 # ------------------------------------------------------------------------------------------------ MODEL_CARD.md
