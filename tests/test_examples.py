@@ -615,7 +615,7 @@ def test_finetune_on_the_joint_loss_learns_the_digits(ar_checkpoint, tmp_path):
     pretrained, _ = ar_checkpoint
     log = run_script(
         "finetune.py", "--model_name_or_path", str(pretrained), "--gen_loss_weight", "0.5", *LEARN,
-        "--max_train_steps", "60", "--output_dir", str(tmp_path),
+        "--max_train_steps", "120", "--output_dir", str(tmp_path),
     )  # fmt: skip
     model = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
     assert isinstance(model, ImageGPTForImageClassification)
