@@ -28,7 +28,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
-from .configuration_imagegpt import ImageGPTConfig, image_side
+from .configuration_imagegpt import ImageGPTConfig
 from .image_processing_imagegpt import ImageGPTImageProcessor, check_palette_fits
 
 OutputType = Literal["pil", "np", "ids"]
@@ -70,9 +70,13 @@ def sample(
         upscale: also return the images enlarged, for viewing (`output_type="pil"` only): an integer factor
             (nearest-neighbour, no model needed), or a transformers super-resolution model (a Swin2SR checkpoint's
             folder or Hub id, or the model itself); see `upscale_images`. The result is then `(images, upscaled)`.
-        **generate_kwargs: passed on to `model.generate()`.
+        **generate_kwargs: passed on to `model.generate()` (e.g. a `streamer`). The image size sets the length, so
+            `max_new_tokens`, `max_length`, `min_new_tokens` and `min_length` are refused, and so is
+            `num_return_sequences`: ask for more images with `num_images` (in `complete`, `num_completions`). Values
+            saved in the model's generation config for these are overridden.
     """
-    n_px, sos = _check_model(model)
+    config = _check_model(model)
+    n_px = config.n_px
     _check_upscale(upscale, output_type)
     _check_count("num_images", num_images)
     batch_size = _check_batch_size(batch_size, num_images)
@@ -80,7 +84,7 @@ def sample(
     processor = _resolve_processor(model, processor, output_type)
     check_palette_fits(processor, model.config)
 
-    prompts = torch.full((num_images, 1), sos, dtype=torch.long, device=model.device)
+    prompts = torch.full((num_images, 1), config.sos_token_id, dtype=torch.long, device=model.device)
     ids = _generate(
         model, prompts, n_px * n_px, batch_size, seed, progress, temperature, top_k, top_p, do_sample, generate_kwargs
     )
@@ -125,7 +129,8 @@ def complete(
         a list of PIL images, a `(N, n_px, n_px, 3)` uint8 array or a `(N, n_px * n_px)` tensor of palette ids. The
         first `primer_rows` rows of each result are the kept rows, unchanged. With `upscale`: `(images, upscaled)`.
     """
-    n_px, sos = _check_model(model)
+    config = _check_model(model)
+    n_px = config.n_px
     _check_upscale(upscale, output_type)
     _check_count("num_completions", num_completions)
     _check_output_type(output_type)
@@ -139,11 +144,12 @@ def complete(
     is_ids = _are_ids(images, n_px)
     processor = _resolve_processor(model, processor, output_type, needed=not is_ids)
     check_palette_fits(processor, model.config)
-    ids = _check_ids(images, n_px, model.config.vocab_size - 1) if is_ids else _encode(images, processor, n_px)
+    ids = _check_ids(images, n_px, config.palette_size) if is_ids else _encode(images, processor, n_px)
     batch_size = _check_batch_size(batch_size, len(ids) * num_completions)
 
     primer = ids[:, : primer_rows * n_px].to(model.device)
-    prompts = torch.cat([torch.full((len(primer), 1), sos, dtype=torch.long, device=model.device), primer], dim=1)
+    sos = torch.full((len(primer), 1), config.sos_token_id, dtype=torch.long, device=model.device)
+    prompts = torch.cat([sos, primer], dim=1)
     prompts = prompts.repeat_interleave(num_completions, dim=0)  # (N * num_completions, 1 + primer)
     completed = _generate(
         model,
@@ -188,7 +194,8 @@ def upscale_images(
             image super-resolution model: a checkpoint folder or Hub id (loaded with `AutoModelForImageToImage` and
             its `AutoImageProcessor`, e.g. a Swin2SR model), or such a model already loaded (its processor is then
             loaded from its `name_or_path`). Its config's `upscale` is the factor.
-        batch_size: images per forward pass of the super-resolution model.
+        batch_size: images per forward pass of the super-resolution model (images of different sizes in a batch go one at
+            a time).
 
     Returns:
         The enlarged images, in order, as RGB PIL images `factor` times the size of the originals.
@@ -208,14 +215,16 @@ def upscale_images(
     factor = model.config.upscale
     upscaled = []
     for start in range(0, len(images), batch_size):
-        batch = [image.convert("RGB") for image in images[start : start + batch_size]]
-        inputs = processor(batch, return_tensors="pt").to(model.device)
-        with torch.no_grad():
-            reconstruction = model(**inputs).reconstruction  # (b, 3, H, W) in [0, 1], of the padded input
-        for image, output in zip(batch, reconstruction.float().clamp(0, 1).cpu()):
-            # The processor pads each side to the model's window; the enlarged original is the top-left part.
-            array = output[:, : image.height * factor, : image.width * factor].permute(1, 2, 0).numpy()
-            upscaled.append(PIL.Image.fromarray((array * 255.0).round().astype(np.uint8)))
+        chunk = [image.convert("RGB") for image in images[start : start + batch_size]]
+        # A batch is one tensor: images of different sizes go one at a time.
+        for batch in [chunk] if len({image.size for image in chunk}) == 1 else [[image] for image in chunk]:
+            inputs = processor(batch, return_tensors="pt").to(model.device)
+            with torch.no_grad():
+                reconstruction = model(**inputs).reconstruction  # (b, 3, H, W) in [0, 1], of the padded input
+            for image, output in zip(batch, reconstruction.float().clamp(0, 1).cpu()):
+                # The processor pads each side to the model's window; the enlarged original is the top-left part.
+                array = output[:, : image.height * factor, : image.width * factor].permute(1, 2, 0).numpy()
+                upscaled.append(PIL.Image.fromarray((array * 255.0).round().astype(np.uint8)))
     return upscaled
 
 
@@ -280,15 +289,24 @@ def _generate(
     generate_kwargs: dict[str, Any],
 ) -> torch.LongTensor:
     """`generate()` over `prompts` (N, 1 + primer) in batches; returns the (N, n_px * n_px) palette ids, SOS dropped."""
-    for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
+    for name, instead in (
+        ("max_new_tokens", "the image size"),
+        ("max_length", "the image size"),
+        ("min_new_tokens", "the image size"),
+        ("min_length", "the image size"),
+        ("num_return_sequences", "`num_images` / `num_completions`, the number of results"),
+    ):
         if name in generate_kwargs:
-            raise ValueError(f"`{name}` is set by the image size; do not pass it.")
+            raise ValueError(f"`{name}` is set by {instead}; do not pass it.")
     options = {"do_sample": do_sample}
     if do_sample:  # greedy decoding takes no sampling options (generate() warns about them)
         options.update(temperature=temperature, top_k=top_k, top_p=top_p)
-    # Images have a fixed length; forcing it also keeps a checkpoint with an `eos_token_id` from stopping early.
-    options.update(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-    options.update(generate_kwargs)
+    # Images have a fixed length, given once as a total (a saved generation config holds `max_length`, and generate()
+    # warns when it meets both kinds of limit); forcing the minimum keeps an `eos_token_id` from stopping early. One
+    # sequence per prompt, whatever the saved generation config says.
+    total = prompts.shape[1] + max_new_tokens
+    options.update(max_length=total, min_length=total, max_new_tokens=None, min_new_tokens=None)
+    options.update(num_return_sequences=1, **generate_kwargs)
 
     # The bar rides on generate()'s streamer, which beam search refuses and a user's own streamer takes over.
     num_beams = options.get("num_beams", getattr(model.generation_config, "num_beams", 1)) or 1
@@ -311,8 +329,9 @@ def _generate(
     return torch.cat(outputs)
 
 
-def _check_model(model: PreTrainedModel) -> tuple[int, int]:
-    """(n_px, SOS id) of an autoregressive Image GPT (this package's or transformers' own); a ValueError otherwise."""
+def _check_model(model: PreTrainedModel) -> ImageGPTConfig:
+    """The config of an autoregressive Image GPT (this package's, or transformers' own read as this package's, which
+    derives n_px, the palette size and the SOS id); a ValueError otherwise."""
     config = getattr(model, "config", None)
     is_imagegpt = isinstance(config, ImageGPTConfig) or getattr(config, "model_type", None) == "imagegpt"
     if not is_imagegpt or not hasattr(model, "generate"):
@@ -324,7 +343,7 @@ def _check_model(model: PreTrainedModel) -> tuple[int, int]:
             "Sampling needs an autoregressive model (objective='ar'); this is a BERT-objective model "
             f"(objective={config.objective!r}), which predicts masked pixels instead of the next one."
         )
-    return image_side(config.n_positions), config.vocab_size - 1
+    return config if isinstance(config, ImageGPTConfig) else ImageGPTConfig.from_dict(config.to_dict())
 
 
 def _check_count(name: str, value: int) -> None:

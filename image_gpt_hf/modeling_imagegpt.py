@@ -325,6 +325,18 @@ def _check_binary(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"`{name}` must hold only 0 and 1 (or be a bool tensor).")
 
 
+def check_image_length(config: ImageGPTConfig, length: int, what: str, cached: int = 0) -> None:
+    """A mean over "the image" is one only over a whole image: `n_positions` ids, none of them cached."""
+    if cached == 0 and length == config.n_positions:
+        return
+    got = f"{length} ids" + (f" after {cached} cached" if cached else "")
+    raise ValueError(
+        f"{what} averages over a whole image: {config.n_positions} ids (`n_positions`) for this model, got {got}. "
+        "Give images of the model's size (the image processor's `size` with `do_resize=True`), or read per-pixel "
+        "features (`last_hidden_state`, `pool=False`), which take any length."
+    )
+
+
 class ImageGPTPreTrainedModel(PreTrainedModel):
     config_class = ImageGPTConfig
     config: ImageGPTConfig
@@ -451,6 +463,8 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
             if name in kwargs:
                 raise ValueError(f"`extract_features` sets `{name}` itself; do not pass it.")
         mask = kwargs.get("attention_mask")
+        if pool:
+            check_image_length(self.config, input_ids.shape[-1], "`extract_features(pool=True)`")
         if pool and mask is not None and mask.dim() != 2:
             raise ValueError(
                 "Pooled features skip padded positions by a 2-D `attention_mask` (batch, length); got one of shape "
@@ -479,7 +493,7 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         prepend_sos: bool | None = None,
         use_cache: bool | None = None,
         pooler_layer: int | None = None,
-        return_pooler_output: bool = True,
+        return_pooler_output: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> ImageGPTModelOutput:
@@ -501,9 +515,85 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
             must then be pixels only: ids that contain SOS are refused (they would get a second one).
         pooler_layer (`int`, *optional*, defaults to `config.feature_layer`):
             The hidden-state index whose normed states are averaged into `pooler_output` (see `resolve_layer`).
-        return_pooler_output (`bool`, *optional*, defaults to `True`):
-            Compute `pooler_output`. The heads that do not read it pass `False` to save a norm and a mean per call.
+        return_pooler_output (`bool`, *optional*):
+            Compute `pooler_output`, the mean over a whole image: `True` requires `n_positions` new ids and no cached
+            ones (other lengths are refused), `False` skips it (the heads that do not read it save a norm and a mean),
+            `None` computes it for whole images and leaves it `None` for other lengths (a prompt, a decoding step).
         """
+        cache = resolve_cache(cache, past_key_values)
+        prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
+        input_ids, attention_mask, token_type_ids, position_ids, bool_masked_pos, use_cache, cache, pool_layer = (
+            self._check_inputs(
+                input_ids,
+                cache,
+                attention_mask,
+                token_type_ids,
+                position_ids,
+                inputs_embeds,
+                bool_masked_pos,
+                prepend_sos,
+                use_cache,
+                pooler_layer,
+                return_pooler_output,
+                kwargs,
+            )
+        )
+        if prepend_sos:
+            input_ids = self.add_sos(input_ids)
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        if bool_masked_pos is not None:
+            # OpenAI's BERT: a masked token contributes nothing but its position embedding.
+            inputs_embeds = inputs_embeds * (~bool_masked_pos).unsqueeze(-1).to(inputs_embeds.dtype)
+        seq_len = inputs_embeds.shape[1]
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_seen).unsqueeze(0)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        hidden_states = inputs_embeds + self.wpe(position_ids)
+        if token_type_ids is not None:
+            hidden_states = hidden_states + self.wte(token_type_ids)
+        hidden_states = self.drop(hidden_states)
+
+        mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
+        if self.config.objective == "ar":
+            mask = create_causal_mask(**mask_kwargs, **mask_cache_argument(cache), position_ids=position_ids)
+        else:
+            mask = create_bidirectional_mask(**mask_kwargs, **mask_cache_argument(cache))
+
+        pool_mask = attention_mask[:, -seq_len:] if attention_mask is not None and attention_mask.dim() == 2 else None
+        pooled = None
+        for i, block in enumerate(self.h):
+            if i == pool_layer:
+                pooled = _mean_pool(block.ln_1(hidden_states), pool_mask)
+            hidden_states = block(hidden_states, mask, cache)
+        hidden_states = self.ln_f(hidden_states)
+        if pool_layer == self.config.n_layer:
+            pooled = _mean_pool(hidden_states, pool_mask)
+
+        return ImageGPTModelOutput(
+            last_hidden_state=hidden_states, pooler_output=pooled, **cache_output(cache if use_cache else None)
+        )
+
+    def _check_inputs(
+        self,
+        input_ids,
+        cache,
+        attention_mask,
+        token_type_ids,
+        position_ids,
+        inputs_embeds,
+        bool_masked_pos,
+        prepend_sos,
+        use_cache,
+        pooler_layer,
+        return_pooler_output,
+        kwargs,
+    ) -> tuple:
+        """`forward`'s arguments checked (a clear error naming the argument, before any work) and normalised: ids as
+        int64, masks in their working form, the cache setting resolved, the pooled layer (None: no pooling)."""
         config = self.config
         unexpected = set(kwargs) - OUTPUT_FLAGS
         if unexpected:
@@ -517,8 +607,6 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
                 "computes no attention weights, so `attentions` holds none. Load the model with "
                 "`attn_implementation='eager'` (or call `model.set_attn_implementation('eager')`) to get them."
             )
-        cache = resolve_cache(cache, past_key_values)
-        prepend_sos = config.prepend_sos if prepend_sos is None else prepend_sos
 
         # Inputs: exactly one of ids and embeddings, non-empty.
         if (input_ids is None) == (inputs_embeds is None):
@@ -542,8 +630,7 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         if batch_size == 0 or seq_len == 0:
             name = "input_ids" if input_ids is not None else "inputs_embeds"
             raise ValueError(f"`{name}` is empty (batch {batch_size}, sequence length {seq_len}).")
-        reference = input_ids if input_ids is not None else inputs_embeds
-        check_values = _values_checkable(reference, cache)
+        check_values = _values_checkable(input_ids if input_ids is not None else inputs_embeds, cache)
 
         # The cache: causal models only; none while gradient checkpointing (the layers run twice).
         if config.objective != "ar":
@@ -579,7 +666,6 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
                     "itself. Pass pixel ids only (e.g. `ids[:, 1:]` of a generate() output), or `prepend_sos=False` "
                     "to use the ids as given."
                 )
-            input_ids = self.add_sos(input_ids)
 
         # Lengths (from shapes and the cache's own count: no device sync).
         past_seen = cache.get_seq_length() if cache is not None else 0
@@ -589,11 +675,8 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
                 f"model's n_positions={config.n_positions} (generate at most `max_length=n_positions + 1`: the last "
                 "generated token is never fed back)."
             )
-
         # Positions, masks, token types.
-        if position_ids is None:
-            position_ids = (torch.arange(seq_len, device=reference.device) + past_seen).unsqueeze(0)
-        else:
+        if position_ids is not None:
             position_ids = _as_ids("position_ids", position_ids)
             if position_ids.dim() == 1:
                 position_ids = position_ids.unsqueeze(0)
@@ -626,44 +709,14 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
                 _check_binary("bool_masked_pos", bool_masked_pos)
             bool_masked_pos = bool_masked_pos.bool()
 
-        # Embeddings.
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
-        if bool_masked_pos is not None:
-            # OpenAI's BERT: a masked token contributes nothing but its position embedding.
-            inputs_embeds = inputs_embeds * (~bool_masked_pos).unsqueeze(-1).to(inputs_embeds.dtype)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=config)
-        hidden_states = inputs_embeds + self.wpe(position_ids)
-        if token_type_ids is not None:
-            hidden_states = hidden_states + self.wte(token_type_ids)
-        hidden_states = self.drop(hidden_states)
-
-        mask_kwargs = {
-            "config": config,
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": attention_mask,
-            **mask_cache_argument(cache),
-        }
-        if config.objective == "ar":
-            mask = create_causal_mask(**mask_kwargs, position_ids=position_ids)
-        else:
-            mask = create_bidirectional_mask(**mask_kwargs)
-
+        # Pooling: a mean over the image, so over a whole one only.
+        if return_pooler_output is None:
+            return_pooler_output = isinstance(past_seen, int) and past_seen == 0 and seq_len == config.n_positions
+        elif return_pooler_output:
+            check_image_length(config, seq_len, "Pooling (`pooler_output`, the classifier's input)", cached=past_seen)
         pool_layer = self.resolve_layer(pooler_layer) if return_pooler_output else None
-        pool_mask = attention_mask[:, -seq_len:] if attention_mask is not None and attention_mask.dim() == 2 else None
-        pooled = None
-        for i, block in enumerate(self.h):
-            if i == pool_layer:
-                pooled = _mean_pool(block.ln_1(hidden_states), pool_mask)
-            hidden_states = block(hidden_states, mask, cache)
-        hidden_states = self.ln_f(hidden_states)
-        if pool_layer == config.n_layer:
-            pooled = _mean_pool(hidden_states, pool_mask)
 
-        return ImageGPTModelOutput(
-            last_hidden_state=hidden_states, pooler_output=pooled, **cache_output(cache if use_cache else None)
-        )
+        return input_ids, attention_mask, token_type_ids, position_ids, bool_masked_pos, use_cache, cache, pool_layer
 
     def _check_attention_mask(
         self, attention_mask: torch.Tensor, batch_size: int, seq_len: int, past_seen: int | torch.Tensor, check_values
@@ -698,7 +751,8 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
 
 
 def _gen_loss_ar(logits: torch.Tensor, labels: torch.Tensor, shifted: bool) -> torch.Tensor:
-    """Mean cross-entropy of next-pixel prediction; `shifted=False` means `logits[:, t]` already predicts `labels[:, t]`."""
+    """Mean cross-entropy of next-pixel prediction; `shifted=False` means `logits[:, t]` already predicts `labels[:, t]`.
+    With every label -100 (no target) the loss is nan, as in transformers' causal LMs."""
     if shifted:
         logits, labels = logits[:, :-1], labels[:, 1:]
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -707,7 +761,8 @@ def _gen_loss_ar(logits: torch.Tensor, labels: torch.Tensor, shifted: bool) -> t
 def _gen_loss_bert(logits: torch.Tensor, labels: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
     """OpenAI's BERT loss: per image, the mean cross-entropy over its masked positions; then the mean over images.
 
-    Images with no masked position (or only ignored labels there) do not count.
+    Images with no masked position (or only ignored labels there) do not count; with no target at all the loss is nan
+    (a mean over nothing), as the AR loss with every label -100 and transformers' causal LMs give.
     """
     weight = (bool_masked_pos.bool() & (labels != -100)).to(torch.float32)
     token_loss = F.cross_entropy(
@@ -716,7 +771,7 @@ def _gen_loss_bert(logits: torch.Tensor, labels: torch.Tensor, bool_masked_pos: 
     per_image_count = weight.sum(dim=1)
     per_image = (token_loss * weight).sum(dim=1) / per_image_count.clamp(min=1)
     has_mask = (per_image_count > 0).to(torch.float32)
-    return (per_image * has_mask).sum() / has_mask.sum().clamp(min=1)
+    return (per_image * has_mask).sum() / has_mask.sum()
 
 
 def _ar_targets(labels: torch.Tensor, shape: torch.Size, palette_size: int, shifted: bool) -> torch.Tensor:
@@ -802,7 +857,8 @@ class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Palette ids in `[0, vocab_size - 1)` or -100 (ignored). Shifted inside the model (`labels = input_ids`;
             position 0, which may hold SOS, is never a target), unless `prepend_sos` is on, in which case
-            `labels[:, t]` is the target of `logits[:, t]`.
+            `labels[:, t]` is the target of `logits[:, t]`. The loss is the mean over the targets: nan when there is
+            none (every label -100), as in transformers' causal LMs.
         prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
             Build the input as `[SOS, x_1, ..., x_{n-1}]` from the pixel ids, as OpenAI's code does.
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
@@ -876,7 +932,8 @@ class ImageGPTForMaskedImageModeling(ImageGPTPreTrainedModel):
             True where a pixel is masked. Required with `labels`.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             The original palette ids (usually `input_ids` itself); only masked positions count. The loss is OpenAI's:
-            per-image mean over masked positions, then mean over the batch.
+            per-image mean over masked positions, then mean over the images that have one; nan when no position is
+            masked (a mean over nothing, the rule of the AR loss with every label -100).
         """
         if labels is not None and bool_masked_pos is None:
             raise ValueError("`labels` need `bool_masked_pos`: the BERT loss covers the masked positions only.")
@@ -901,6 +958,42 @@ class ImageGPTForMaskedImageModeling(ImageGPTPreTrainedModel):
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+
+def _classification_labels(labels: torch.Tensor, logits: torch.Tensor, problem_type: str | None) -> torch.Tensor:
+    """`labels` checked against the problem type transformers' `ForSequenceClassificationLoss` will use (the set one,
+    or the one it infers: regression for one label, single-label for integer labels, multi-label for float ones)."""
+    batch_size, num_labels = logits.shape
+    if not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] != batch_size:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"`labels` must have one entry per image ({batch_size}), got {shape}.")
+    if problem_type is None:
+        is_integer = not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
+        problem_type = (
+            "regression"
+            if num_labels == 1
+            else "single_label_classification"
+            if is_integer
+            else "multi_label_classification"
+        )
+    if problem_type == "single_label_classification":
+        if labels.is_floating_point() or labels.dim() != 1:
+            raise ValueError(
+                f"Single-label classification takes integer class ids of shape ({batch_size},), got {labels.dtype} "
+                f"labels of shape {tuple(labels.shape)}. For multi-hot targets pass float labels of shape "
+                f"({batch_size}, {num_labels}) (problem_type='multi_label_classification'); for one score per image, "
+                "num_labels=1 (regression)."
+            )
+        labels = _as_ids("labels", labels)  # int64, which transformers' loss reads as class ids
+        _check_range("labels", labels, num_labels)
+        return labels
+    expected = [(batch_size, num_labels)] + ([(batch_size,)] if problem_type == "regression" else [])
+    if tuple(labels.shape) not in expected or labels.is_complex():
+        raise ValueError(
+            f"problem_type={problem_type!r} takes real-valued labels of shape "
+            f"{' or '.join(map(str, expected))}, got {labels.dtype} labels of shape {tuple(labels.shape)}."
+        )
+    return labels.to(logits.dtype)
 
 
 @dataclass
@@ -953,8 +1046,13 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
         **kwargs,
     ) -> ImageGPTImageClassifierOutput:
         r"""
-        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-            Class indices in `[0, num_labels)` (or floats for regression / multi-label, by `config.problem_type`).
+        labels (`torch.Tensor`, *optional*):
+            By `config.problem_type`, as transformers' sequence classification heads: `"single_label_classification"`
+            takes integer class ids `(batch_size,)` in `[0, num_labels)`; `"multi_label_classification"` float
+            multi-hot (or soft) targets `(batch_size, num_labels)`; `"regression"` numbers `(batch_size,)` or
+            `(batch_size, num_labels)`. Unset, it is regression for `num_labels == 1`, single-label classification
+            for integer labels and multi-label classification for float ones (and the loss records it in the config,
+            as transformers does).
         bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
             BERT models: positions whose input embedding is zeroed; the generative loss covers them.
         prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
@@ -975,19 +1073,14 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
             prepend_sos=prepend_sos,
             use_cache=bool(use_cache),
             pooler_layer=self.config.n_layer if layer is None else layer,
+            return_pooler_output=True,
             **kwargs,
         )
         logits = self.score(outputs.pooler_output)
 
         loss = clf_loss = gen_loss = None
         if labels is not None:
-            if labels.dim() == 0 or labels.shape[0] != logits.shape[0]:
-                raise ValueError(
-                    f"`labels` must have one entry per image ({logits.shape[0]}), got shape {tuple(labels.shape)}."
-                )
-            if self.config.problem_type in (None, "single_label_classification") and not labels.is_floating_point():
-                labels = _as_ids("labels", labels)
-                _check_range("labels", labels, self.num_labels)
+            labels = _classification_labels(labels, logits, self.config.problem_type)
             clf_loss = self.loss_function(labels, logits, self.config)
             loss = clf_loss
             if self.config.gen_loss_weight > 0:

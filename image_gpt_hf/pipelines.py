@@ -46,6 +46,8 @@ class ImageGPTFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
             finds the best linear-probe features).
         pool (`bool`, *optional*, defaults to `False`):
             Average the features over positions: one vector of size `n_embd` per image instead of one per pixel.
+            The mean is over a whole image, so an image whose ids are not the model's `n_positions` is refused
+            (per-pixel features take any length).
 
     Example:
 
@@ -77,6 +79,8 @@ class ImageGPTFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
             # Fails now, with the valid range in the message, rather than after the first forward pass.
             self._decoder().resolve_layer(layer)
             forward_params["layer"] = layer
+        if "pool" in postprocess_params:  # the forward pools, over whole images only
+            forward_params["pool"] = postprocess_params["pool"]
         return preprocess_params, forward_params, postprocess_params
 
     def _decoder(self) -> torch.nn.Module:
@@ -100,20 +104,20 @@ class ImageGPTFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
             image = load_image_file(image, timeout=timeout)
         return self.image_processor(image, return_tensors="pt", **image_processor_kwargs).to(self.dtype)
 
-    def _forward(self, model_inputs: dict[str, torch.Tensor], layer: int | None = None) -> dict[str, torch.Tensor]:
+    def _forward(
+        self, model_inputs: dict[str, torch.Tensor], layer: int | None = None, pool: bool | None = None
+    ) -> dict[str, torch.Tensor]:
         decoder = self._decoder()
         if layer is None:
-            outputs = decoder(**model_inputs)
-            return {"features": outputs.last_hidden_state, "pooled": outputs.pooler_output}
+            outputs = decoder(**model_inputs, return_pooler_output=bool(pool))
+            return {"features": outputs.pooler_output if pool else outputs.last_hidden_state}
         input_ids = model_inputs.pop("input_ids")
-        features = decoder.extract_features(input_ids, layers=[layer], pool=False, **model_inputs)[0]
-        return {"features": features, "pooled": features.mean(dim=1)}
+        return {"features": decoder.extract_features(input_ids, layers=[layer], pool=bool(pool), **model_inputs)[0]}
 
     def postprocess(
         self, model_outputs: dict[str, torch.Tensor], pool: bool | None = None, return_tensors: bool = False
     ) -> torch.Tensor | list:
-        outputs = model_outputs["pooled"] if pool else model_outputs["features"]
-        return outputs if return_tensors else outputs.tolist()
+        return model_outputs["features"] if return_tensors else model_outputs["features"].tolist()
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Saves the model and image processor, plus this file and a `custom_pipelines` entry in config.json.

@@ -6,7 +6,7 @@ import PIL.Image
 import pytest
 import torch
 from conftest import TINY_DIMS
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 from transformers.models.imagegpt import modeling_imagegpt as hf
 from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
 
@@ -16,7 +16,7 @@ from image_gpt_hf import (
     ImageGPTForMaskedImageModeling,
     ImageGPTImageProcessor,
 )
-from image_gpt_hf.generation import complete, sample, upscale_images
+from image_gpt_hf.generation import complete, openai_generation_config, sample, upscale_images
 
 N_PX = 8
 DIMS = {**TINY_DIMS, "n_layer": 2}
@@ -124,9 +124,10 @@ def test_cached_decode_steps_read_no_tensor_values():
 
 
 def test_decode_step_builds_no_pooler_output(model):
-    out = model.transformer(torch.full((1, 3), SOS), return_pooler_output=False)
-    assert out.pooler_output is None
-    assert model.transformer(torch.full((1, 3), SOS)).pooler_output.shape == (1, DIMS["n_embd"])
+    assert model.transformer(torch.full((1, 3), SOS)).pooler_output is None  # a prompt is not a whole image
+    image = torch.zeros(1, N_PX * N_PX, dtype=torch.long)
+    assert model.transformer(image).pooler_output.shape == (1, DIMS["n_embd"])
+    assert model.transformer(image, return_pooler_output=False).pooler_output is None
 
 
 # ---------------------------------------------------------------------------------------------------------- sample
@@ -160,9 +161,13 @@ def test_greedy_sample_is_greedy_generate(model):
 
 
 def test_sample_with_progress_bar_and_generate_options(model, capsys):
-    ids = sample(model, 2, seed=0, output_type="ids", progress=True, cache_implementation="static")
-    assert ids.shape == (2, N_PX * N_PX)
+    # generate() options pass through: suppressed pixels never appear, and a static cache gives the dynamic one's ids.
+    allowed = [PALETTE - 2, PALETTE - 1]
+    options = {"suppress_tokens": [i for i in range(PALETTE) if i not in allowed], "seed": 0, "output_type": "ids"}
+    ids = sample(model, 2, progress=True, cache_implementation="static", **options)
+    assert ids.shape == (2, N_PX * N_PX) and set(ids.unique().tolist()) == set(allowed)
     assert "px" in capsys.readouterr().err  # tqdm wrote its bar
+    assert torch.equal(ids, sample(model, 2, progress=False, **options))
 
 
 # -------------------------------------------------------------------------------------------------------- complete
@@ -248,7 +253,7 @@ def test_bert_and_foreign_models_are_refused(processor):
         sample(torch.nn.Linear(2, 2), 1)
 
 
-def test_beam_search_and_a_users_streamer_go_without_the_progress_bar(model):
+def test_beam_search_and_a_users_streamer_go_without_the_progress_bar(model, capsys):
     class Count:
         def __init__(self):
             self.calls = 0
@@ -260,10 +265,43 @@ def test_beam_search_and_a_users_streamer_go_without_the_progress_bar(model):
             pass
 
     streamer = Count()
-    ids = sample(model, 1, output_type="ids", do_sample=False, streamer=streamer)
+    ids = sample(model, 1, output_type="ids", do_sample=False, streamer=streamer)  # progress=True by default
     assert ids.shape == (1, N_PX * N_PX) and streamer.calls == N_PX * N_PX + 1  # the prompt, then every token
-    beams = sample(model, 2, output_type="ids", do_sample=False, num_beams=2)  # progress=True by default
-    assert beams.shape == (2, N_PX * N_PX)
+    assert "px" not in capsys.readouterr().err  # the user's streamer took the slot: no bar
+    beams = sample(model, 2, output_type="ids", do_sample=False, num_beams=2)
+    assert "px" not in capsys.readouterr().err  # beam search takes no streamer: no bar
+    start = torch.full((2, 1), SOS)
+    expected = model.generate(start, max_length=N_PX * N_PX + 1, min_length=N_PX * N_PX + 1, num_beams=2)
+    assert torch.equal(beams, expected[:, 1:])
+
+
+def test_the_number_of_results_is_the_one_asked_for(model):
+    with pytest.raises(ValueError, match="`num_return_sequences` is set by `num_images` / `num_completions`"):
+        sample(model, 2, output_type="ids", progress=False, num_return_sequences=3)
+    with pytest.raises(ValueError, match="`num_return_sequences`"):
+        complete(model, torch.zeros(1, N_PX * N_PX, dtype=torch.long), output_type="ids", num_return_sequences=3)
+    # A generation config saved with several sequences per prompt does not multiply the images either.
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(num_return_sequences=3, do_sample=True)
+    try:
+        assert sample(model, 2, seed=0, output_type="ids", progress=False).shape == (2, N_PX * N_PX)
+        ids = torch.zeros(1, N_PX * N_PX, dtype=torch.long)
+        assert complete(model, ids, num_completions=2, output_type="ids", progress=False).shape == (2, N_PX * N_PX)
+    finally:
+        model.generation_config = saved
+
+
+def test_a_model_saved_with_the_openai_generation_config_samples_without_length_warnings(model, caplog):
+    saved = model.generation_config
+    model.generation_config = openai_generation_config(model.config)  # what examples/pretrain.py saves
+    try:
+        with caplog.at_level("WARNING"):
+            ids = sample(model, 1, seed=0, output_type="ids", progress=False)
+            done = complete(model, ids, seed=0, output_type="ids", progress=False)
+    finally:
+        model.generation_config = saved
+    assert ids.shape == done.shape == (1, N_PX * N_PX)
+    assert "max_new_tokens" not in caplog.text and "max_length" not in caplog.text, caplog.text
 
 
 # ------------------------------------------------------------------------------------------------------- upscaling
@@ -316,6 +354,12 @@ def test_complete_upscales_with_a_super_resolution_model(model, processor, swin2
     assert not np.array_equal(np.asarray(big[0]), np.asarray(images[0].resize((16, 16), PIL.Image.NEAREST)))
     # A loaded model works as well as its folder.
     assert np.array_equal(np.asarray(upscale_images(images[:1], sr)[0]), expected)
+    # Images of different sizes in one call: each is enlarged as it would be alone.
+    mixed = [images[0], images[1].resize((12, 4))]
+    big = upscale_images(mixed, swin2sr, batch_size=2)
+    assert [image.size for image in big] == [(16, 16), (24, 8)]
+    assert np.array_equal(np.asarray(big[0]), expected)
+    assert np.array_equal(np.asarray(big[1]), np.asarray(upscale_images(mixed[1:], swin2sr)[0]))
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,6 @@ from transformers import (
     DynamicCache,
     StaticCache,
 )
-from transformers.models.imagegpt import modeling_imagegpt as hf
-from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
 from transformers.utils import logging as transformers_logging
 
 from image_gpt_hf import (
@@ -35,6 +33,14 @@ from image_gpt_hf import (
     random_bert_mask,
 )
 from image_gpt_hf.transformers_compat import CACHE_OUTPUT_FIELD, output_cache
+
+try:  # transformers' built-in ImageGPT, for the live comparisons (tests/ also compares with stored references)
+    from transformers.models.imagegpt import modeling_imagegpt as hf
+    from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
+except ImportError as error:
+    hf = HFConfig = None
+    BUILTIN_MISSING = f"transformers' built-in ImageGPT cannot be imported ({error}): no live comparison with it"
+builtin = pytest.mark.skipif(hf is None, reason=BUILTIN_MISSING if hf is None else "")
 
 TOL = 1e-5  # max abs difference allowed against transformers' ImageGPT in float32
 # head_dim 8: not a perfect square, so the parity tests see the attention scale exactly (transformers' ImageGPT before
@@ -49,9 +55,9 @@ def make(cls, attn="sdpa", **kwargs):
     return cls(ImageGPTConfig(**{**DIMS, **kwargs}, attn_implementation=attn)).eval()
 
 
-def twin(ours, hf_cls, **kwargs):
-    """transformers' model of the same class, carrying our weights."""
-    theirs = hf_cls(HFConfig(**{**DIMS, **kwargs})).eval()
+def twin(ours, name, **kwargs):
+    """transformers' model of the class `name`, carrying our weights."""
+    theirs = getattr(hf, name)(HFConfig(**{**DIMS, **kwargs})).eval()
     result = theirs.load_state_dict(ours.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     return theirs
@@ -69,9 +75,10 @@ def max_diff(a, b):
 
 
 @pytest.mark.parametrize("attn", ATTN)
+@builtin
 def test_base_model_parity(attn):
     ours = make(ImageGPTModel, attn)
-    theirs = twin(ours, hf.ImageGPTModel)
+    theirs = twin(ours, "ImageGPTModel")
     x = pixels()
     a = ours(x, output_hidden_states=True)
     b = theirs(x, output_hidden_states=True)
@@ -82,9 +89,10 @@ def test_base_model_parity(attn):
 
 
 @pytest.mark.parametrize("attn", ATTN)
+@builtin
 def test_causal_parity_logits_hidden_states_and_loss(attn):
     ours = make(ImageGPTForCausalImageModeling, attn)
-    theirs = twin(ours, hf.ImageGPTForCausalImageModeling)
+    theirs = twin(ours, "ImageGPTForCausalImageModeling")
     x = pixels()
     a = ours(x, labels=x, output_hidden_states=True)
     b = theirs(x, labels=x, output_hidden_states=True)
@@ -94,9 +102,10 @@ def test_causal_parity_logits_hidden_states_and_loss(attn):
     assert all(max_diff(p, q) < TOL for p, q in zip(a.hidden_states, b.hidden_states))
 
 
+@builtin
 def test_attentions_parity_eager():
     ours = make(ImageGPTForCausalImageModeling, "eager")
-    theirs = twin(ours, hf.ImageGPTForCausalImageModeling)
+    theirs = twin(ours, "ImageGPTForCausalImageModeling")
     x = pixels()
     a, b = ours(x, output_attentions=True), theirs(x, output_attentions=True)
     assert len(a.attentions) == DIMS["n_layer"]
@@ -105,18 +114,20 @@ def test_attentions_parity_eager():
 
 
 @pytest.mark.parametrize("attn", ATTN)
+@builtin
 def test_classification_parity(attn):
     ours = make(ImageGPTForImageClassification, attn, num_labels=5)
-    theirs = twin(ours, hf.ImageGPTForImageClassification, num_labels=5)
+    theirs = twin(ours, "ImageGPTForImageClassification", num_labels=5)
     x, y = pixels(), torch.tensor([0, 3, 4])
     a, b = ours(x, labels=y), theirs(x, labels=y)
     assert max_diff(a.logits, b.logits) < TOL
     assert abs(a.loss.item() - b.loss.item()) < TOL
 
 
+@builtin
 def test_token_type_ids_and_position_ids_as_transformers():
     ours = make(ImageGPTForCausalImageModeling)
-    theirs = twin(ours, hf.ImageGPTForCausalImageModeling)
+    theirs = twin(ours, "ImageGPTForCausalImageModeling")
     x = pixels()
     types = torch.randint(0, DIMS["vocab_size"], x.shape, generator=torch.Generator().manual_seed(4))
     positions = torch.arange(64).flip(0).expand(3, -1)
@@ -125,10 +136,11 @@ def test_token_type_ids_and_position_ids_as_transformers():
     assert max_diff(a, ours(x).logits) > 1e-3  # they do change the result
 
 
+@builtin
 def test_labels_with_sos_at_position_zero_as_transformers():
     """`labels=input_ids` with SOS first: after the shift position 0 is never a target (transformers' pattern)."""
     ours = make(ImageGPTForCausalImageModeling)
-    theirs = twin(ours, hf.ImageGPTForCausalImageModeling)
+    theirs = twin(ours, "ImageGPTForCausalImageModeling")
     x = torch.cat([torch.full((3, 1), SOS), pixels(3, 63)], dim=1)
     assert abs(ours(x, labels=x).loss.item() - theirs(x, labels=x).loss.item()) < TOL
 
@@ -192,9 +204,10 @@ def test_flex_attention_matches_sdpa_with_and_without_padding(objective, attenti
 
 
 @pytest.mark.parametrize("attn", ATTN)
+@builtin
 def test_greedy_generate_matches_transformers(attn):
     ours = make(ImageGPTForCausalImageModeling, attn)
-    theirs = twin(ours, hf.ImageGPTForCausalImageModeling)
+    theirs = twin(ours, "ImageGPTForCausalImageModeling")
     start = torch.full((2, 1), SOS)
     a = ours.generate(start, max_length=DIMS["n_positions"] + 1, do_sample=False)
     b = theirs.generate(start, max_length=DIMS["n_positions"] + 1, do_sample=False)
@@ -222,13 +235,21 @@ def test_static_cache_generate_matches_dynamic():
     assert torch.equal(dynamic, static)
 
 
-def test_sampling_options_give_palette_ids():
+def test_sampling_options_are_honoured():
     model = make(ImageGPTForCausalImageModeling)
     start = torch.full((3, 1), SOS)
-    torch.manual_seed(0)
-    out = model.generate(start, max_length=65, do_sample=True, top_k=5, top_p=0.9, temperature=0.8)
-    assert out.shape == (3, 65)
-    assert (out[:, 1:] < PALETTE).all() and (out[:, 1:] >= 0).all()
+    greedy = model.generate(start, max_length=65, do_sample=False)
+
+    def draw(**options):
+        torch.manual_seed(0)
+        return model.generate(start, max_length=65, do_sample=True, temperature=3.0, **options)
+
+    free = draw()
+    assert free.shape == (3, 65) and (free[:, 1:] < PALETTE).all() and (free[:, 1:] >= 0).all()
+    assert not torch.equal(free, greedy)  # it does sample
+    # The same draws, truncated to the most likely pixel: top_k=1, or a nucleus smaller than any pixel's probability.
+    assert torch.equal(draw(top_k=1), greedy)
+    assert torch.equal(draw(top_p=1e-6), greedy)
 
 
 def test_generate_with_prepend_sos_config_is_not_shifted_twice():
@@ -246,18 +267,19 @@ def test_generate_with_prepend_sos_config_is_not_shifted_twice():
 
 
 @pytest.mark.parametrize(
-    "ours_cls, hf_cls, kwargs",
+    "ours_cls, hf_name, kwargs",
     [
-        (ImageGPTModel, hf.ImageGPTModel, {}),
-        (ImageGPTForCausalImageModeling, hf.ImageGPTForCausalImageModeling, {}),
-        (ImageGPTForImageClassification, hf.ImageGPTForImageClassification, {"num_labels": 4}),
+        (ImageGPTModel, "ImageGPTModel", {}),
+        (ImageGPTForCausalImageModeling, "ImageGPTForCausalImageModeling", {}),
+        (ImageGPTForImageClassification, "ImageGPTForImageClassification", {"num_labels": 4}),
     ],
 )
-def test_checkpoint_round_trip_both_ways(tmp_path, ours_cls, hf_cls, kwargs):
+@builtin
+def test_checkpoint_round_trip_both_ways(tmp_path, ours_cls, hf_name, kwargs):
     x = pixels()
     ours = make(ours_cls, **kwargs)
     ours.save_pretrained(tmp_path / "ours")
-    theirs = hf_cls.from_pretrained(tmp_path / "ours").eval()
+    theirs = getattr(hf, hf_name).from_pretrained(tmp_path / "ours").eval()
     first = lambda out: out[0]  # noqa: E731
     assert max_diff(first(ours(x)), first(theirs(x))) < TOL
 
@@ -336,6 +358,7 @@ WITHOUT_THE_PACKAGE = textwrap.dedent(
 )
 
 
+@builtin
 def test_each_kind_of_checkpoint_without_the_package(tmp_path):
     """Where image_gpt_hf cannot be imported, plain `AutoModel.from_pretrained` gives this package's numbers (a
     checkpoint transformers' built-in computes exactly) or refuses with a message asking for remote code; with
@@ -458,13 +481,21 @@ def test_classification_layer_choice_and_joint_loss():
     assert abs(out.loss.item() - (clf + 0.5 * gen).item()) < TOL
 
 
-def test_bert_classification_joint_loss_needs_mask():
-    model = make(ImageGPTForImageClassification, objective="bert", num_labels=2, gen_loss_weight=1.0)
+def test_bert_classification_joint_loss_is_the_papers_and_needs_a_mask():
+    model = make(ImageGPTForImageClassification, objective="bert", num_labels=2, gen_loss_weight=0.5)
     x, y = pixels(), torch.tensor([0, 1, 1])
     with pytest.raises(ValueError, match="bool_masked_pos"):
         model(x, labels=y)
-    out = model(x, labels=y, bool_masked_pos=random_bert_mask(x))
-    assert out.gen_loss is not None and torch.isfinite(out.loss)
+    mask = random_bert_mask(x, generator=torch.Generator().manual_seed(3))
+    assert mask.any(dim=1).all()
+    out = model(x, labels=y, bool_masked_pos=mask)
+    # By hand: the classifier on the mean of the final normed layer, OpenAI's BERT loss on the masked positions.
+    hidden = model.transformer(x, bool_masked_pos=mask).last_hidden_state
+    clf = F.cross_entropy(model.score(hidden.mean(1)), y)
+    ce = F.cross_entropy(model.lm_head(hidden).transpose(1, 2), x, reduction="none")
+    gen = torch.stack([ce[i][mask[i]].mean() for i in range(3)]).mean()
+    assert abs(out.clf_loss.item() - clf.item()) < TOL and abs(out.gen_loss.item() - gen.item()) < TOL
+    assert abs(out.loss.item() - (clf + 0.5 * gen).item()) < TOL
 
 
 def test_classification_without_gen_weight_has_no_lm_head():
@@ -748,6 +779,63 @@ def test_classification_bad_labels():
         model(pixels(), labels=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"labels.*outside \[0, 3\)"):
         model(pixels(), labels=torch.tensor([0, 1, 3]))
+
+
+def test_classification_labels_follow_transformers_problem_type():
+    x = pixels()
+    # One label: regression, for float and integer scores alike (transformers' rule for num_labels == 1).
+    regression = make(ImageGPTForImageClassification, num_labels=1)
+    for scores in (torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1, 0, 2])):
+        out = regression(x, labels=scores)
+        assert abs(out.loss.item() - F.mse_loss(out.logits.squeeze(-1), scores.float()).item()) < TOL
+    assert regression.config.problem_type == "regression"
+    # Float multi-hot labels: multi-label classification.
+    multi = make(ImageGPTForImageClassification, num_labels=3)
+    hot = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    out = multi(x, labels=hot)
+    assert abs(out.loss.item() - F.binary_cross_entropy_with_logits(out.logits, hot).item()) < TOL
+    assert multi.config.problem_type == "multi_label_classification"
+    with pytest.raises(ValueError, match=r"problem_type='multi_label_classification' takes .* shape \(3, 3\)"):
+        multi(x, labels=torch.tensor([0.0, 1.0, 1.0]))
+    # Integer multi-hot labels, or float labels where single-label classification is set: refused, saying why.
+    single = make(ImageGPTForImageClassification, num_labels=3)
+    with pytest.raises(ValueError, match=r"integer class ids of shape \(3,\).*float labels of shape \(3, 3\)"):
+        single(x, labels=hot.long())
+    single.config.problem_type = "single_label_classification"
+    with pytest.raises(ValueError, match=r"integer class ids of shape \(3,\), got torch.float32"):
+        single(x, labels=hot)
+
+
+def test_a_loss_with_no_target_is_nan_for_both_objectives():
+    """One rule, transformers' causal LMs': a mean over no target is nan (not 0, which would look like a perfect fit)."""
+    x = pixels()
+    assert torch.isnan(make(ImageGPTForCausalImageModeling)(x, labels=torch.full_like(x, -100)).loss)
+    bert = make(ImageGPTForMaskedImageModeling, objective="bert")
+    assert torch.isnan(bert(x, bool_masked_pos=torch.zeros_like(x, dtype=torch.bool), labels=x).loss)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[0, 5] = True  # one masked pixel: its loss alone (the images without one do not count)
+    out = bert(x, bool_masked_pos=mask, labels=x)
+    assert abs(out.loss.item() - F.cross_entropy(out.logits[0, 5:6], x[0, 5:6]).item()) < TOL
+
+
+def test_pooling_takes_whole_images_only():
+    """A mean over the image is one only over the model's n_positions ids; per-pixel outputs take any length."""
+    x16, message = pixels(2, 16), r"whole image: 64 ids \(`n_positions`\) for this model, got 16 ids"
+    with pytest.raises(ValueError, match=message):
+        make(ImageGPTForImageClassification, num_labels=3)(x16)
+    base = make(ImageGPTModel)
+    with pytest.raises(ValueError, match=message):
+        base.extract_features(x16)
+    with pytest.raises(ValueError, match=message):
+        base(x16, return_pooler_output=True)
+    cache = output_cache(base(pixels(2, 60), use_cache=True))
+    with pytest.raises(ValueError, match="got 4 ids after 60 cached"):
+        base(pixels(2, 4), cache=cache, return_pooler_output=True)
+    out = base(x16)  # by default pooled only when it is a whole image
+    assert out.pooler_output is None and out.last_hidden_state.shape == (2, 16, DIMS["n_embd"])
+    assert base.extract_features(x16, layers=[1], pool=False).shape == (1, 2, 16, DIMS["n_embd"])
+    assert make(ImageGPTForCausalImageModeling)(x16).logits.shape == (2, 16, PALETTE)
+    assert base(pixels(2, 64)).pooler_output.shape == (2, DIMS["n_embd"])
 
 
 def test_prepend_sos_refused_for_bert_with_cache_and_for_ids_holding_sos():

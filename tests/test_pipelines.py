@@ -163,6 +163,20 @@ def test_head_models_give_the_features_of_their_decoder(checkpoint):
     )
 
 
+@pytest.mark.parametrize("layer", [None, 2])
+def test_pooling_an_image_of_another_size_is_refused_and_its_pixels_are_not(checkpoint, layer):
+    _, model, processor, _, _ = checkpoint
+    small = PIL.Image.fromarray(np.random.default_rng(2).integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    extractor = ImageGPTFeatureExtractionPipeline(
+        model=model, image_processor=processor, layer=layer, image_processor_kwargs={"do_resize": False}
+    )
+    with pytest.raises(ValueError, match=r"whole image: 64 ids \(`n_positions`\) for this model, got 16 ids"):
+        extractor(small, pool=True)
+    ids = processor(small, do_resize=False, return_tensors="pt")["input_ids"]  # (1, 16): per pixel, any length
+    expected = model(ids).last_hidden_state if layer is None else layer_features(model, ids, layer)
+    torch.testing.assert_close(extractor(small, return_tensors=True), expected, atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("layer", [5, -6, "2", 1.0, True])
 def test_invalid_layers_are_refused_before_any_forward_pass(checkpoint, layer):
     folder, model, processor, paths, _ = checkpoint
