@@ -1,5 +1,6 @@
-"""The model's speed paths compute what the plain code computes: the CPU norm and the opt-in blockwise attention for
-CPU training with dropout; and wrapped or offloaded models still go through their modules."""
+"""How the model runs, beside what it computes: its own kernels compute what the plain code computes (the CPU norm, the
+opt-in blockwise attention for CPU training with dropout), wrapped or offloaded modules are called as modules, and
+gradients flow through cached steps."""
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,9 @@ def test_blockwise_attention_equals_sdpa_and_stays_causal_with_dropout():
 
 def test_blockwise_attention_is_an_opt_in_attention_implementation_that_learns(attention_calls):
     calls = attention_calls(BLOCKWISE_SDPA)
-    assert make()(pixels(1, 8)) is not None and calls[BLOCKWISE_SDPA] == 0  # not the default
+    attention_calls("sdpa")
+    make()(pixels(1, 8))
+    assert calls == {BLOCKWISE_SDPA: 0, "sdpa": DIMS["n_layer"]}  # not the default: every layer ran sdpa
     model = make(n_positions=256, attn_implementation=BLOCKWISE_SDPA).train()
     x = pixels(2, 256)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
