@@ -13,7 +13,7 @@ TORCH_PIN ?= torch==2.13.0
 TRANSFORMERS_MIN ?= 5.22.0
 BENCH_DEVICE ?= cpu
 
-.PHONY: install install-min test test-min test-fast demo lint bench
+.PHONY: install install-min test test-min test-fast demo app lint bench
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ test-fast: install
 # Pretrain, sample, probe and fine-tune a tiny Image GPT on the bundled digits; prints where every artifact is.
 demo: install
 	$(PY) examples/demo.py --output_dir demo_output $(DEMO_ARGS)
+
+# The completion app (examples/app.py) on http://127.0.0.1:7860, serving the model `make demo` writes; another
+# checkpoint with APP_ARGS="--model openai/imagegpt-small".
+app: install
+	$(PY) examples/app.py $(APP_ARGS)
 
 # Side by side with transformers' ImageGPT on this machine; rewrites this device's section of benchmarks/RESULTS.md
 # (on CPU also the decode-ceiling section).
