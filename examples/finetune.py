@@ -227,8 +227,7 @@ def find_checkpoint(args: argparse.Namespace) -> str | None:
         intact = next((p for p in reversed(earlier) if checkpoint_problem(p) is None), None)
         offer = (
             f"The newest intact checkpoint before it is {intact}: resume from it with --resume_from_checkpoint "
-            f"{intact}, "
-            f"and delete {path} so that 'latest' skips it."
+            f"{intact}, and delete {path} so that 'latest' skips it."
             if intact
             else "No intact checkpoint precedes it: delete it to start anew."
         )
@@ -292,12 +291,9 @@ def main(argv=None) -> dict[str, float]:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.accelerator.is_available():
         raise ValueError(
             "This run was launched with an FSDP config, but this machine has no GPU: Accelerate shards a model only "
-            "on "
-            "GPU-type devices, and on CPUs it would quietly run plain data parallel instead (every process holding "
-            "the "
-            "whole model, unsharded checkpoints). On CPUs, launch with examples/accelerate_configs/multi_cpu.yaml; "
-            "run "
-            "the FSDP config on a machine with GPUs."
+            "on GPU-type devices, and on CPUs it would quietly run plain data parallel instead (every process "
+            "holding the whole model, unsharded checkpoints). On CPUs, launch with "
+            "examples/accelerate_configs/multi_cpu.yaml; run the FSDP config on a machine with GPUs."
         )
     # Seeded samplers: the same data order on every process and after a resume.
     accelerator_kwargs = {
@@ -340,14 +336,13 @@ def main(argv=None) -> dict[str, float]:
     n_px = args.n_px or config.n_px
     if n_px > config.n_px:
         raise ValueError(
-            f"--n_px {n_px} needs {n_px * n_px} positions but the model ({args.model_name_or_path}) has n_positions="
-            f"{config.n_positions} (n_px {config.n_px}). Use 1 <= --n_px <= {config.n_px}."
+            f"--n_px {n_px} needs {n_px * n_px} positions but the model ({args.model_name_or_path}) has "
+            f"n_positions={config.n_positions} (n_px {config.n_px}). Use 1 <= --n_px <= {config.n_px}."
         )
     if args.eval_mask_prob > 0 and config.objective != "bert":
         raise ValueError(
             f"--eval_mask_prob {args.eval_mask_prob} masks pixels for BERT models, but {args.model_name_or_path} is "
-            f"an "
-            f"{config.objective.upper()} model, trained on whole images; leave --eval_mask_prob at 0."
+            f"an {config.objective.upper()} model, trained on whole images; leave --eval_mask_prob at 0."
         )
     source = args.processor_name_or_path or args.model_name_or_path
     processor = None
@@ -388,7 +383,7 @@ def main(argv=None) -> dict[str, float]:
         if args.train_val_split == 0:
             raise ValueError(
                 f"The dataset {source} has no validation or test split; pass --train_val_split > 0 or "
-                f"--validation_dir."
+                "--validation_dir."
             )
         dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
         eval_split = f"{args.train_val_split:.0%} of train held out"
@@ -459,7 +454,7 @@ def main(argv=None) -> dict[str, float]:
             except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
                 raise ValueError(
                     f"Cannot read the image {value.get('path') or ''}: {err}. Remove or replace that file, or leave "
-                    f"it out of the dataset."
+                    "it out of the dataset."
                 ) from err
         return images
 
@@ -538,8 +533,7 @@ def main(argv=None) -> dict[str, float]:
         except Timeout:
             raise ValueError(
                 f"Another run is writing to --output_dir {args.output_dir} (it holds {lock.lock_file}); wait for it "
-                f"to "
-                "end, or choose another folder."
+                "to end, or choose another folder."
             ) from None
         for name in [CHECKPOINTS, TRACKER_DIR] if args.overwrite and not checkpoint else []:
             if os.path.isdir(os.path.join(args.output_dir, name)):
@@ -669,9 +663,8 @@ def main(argv=None) -> dict[str, float]:
                 free = shutil.disk_usage(tmp).free
                 raise OSError(
                     f"Saving the checkpoint {final} failed while writing {newest}, with {free / 2**20:.1f} MiB free "
-                    f"on "
-                    f"that disk ({type(err).__name__}: {err}). Free some space, or choose an --output_dir on a disk "
-                    "with room, and resume with --resume_from_checkpoint latest."
+                    f"on that disk ({type(err).__name__}: {err}). Free some space, or choose an --output_dir on a "
+                    "disk with room, and resume with --resume_from_checkpoint latest."
                 ) from err
             accelerator.wait_for_everyone()
         if accelerator.is_main_process:

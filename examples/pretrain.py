@@ -158,15 +158,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         if field in ("n_positions", "vocab_size"):
             raise ValueError(
                 f"--config_overrides {pair!r}: {field} follows from the images and the palette; set --n_px / "
-                f"--palette_size instead."
+                "--palette_size instead."
             )
         config = ImageGPTConfig()
         try:
             config.update_from_string(pair)
         except ValueError as err:
             raise ValueError(
-                f"--config_overrides {pair!r} is not a valid override ({err}); give comma-separated field=value "
-                "pairs of ImageGPTConfig fields with values of their type, e.g. 'n_layer=4,n_embd=64,resid_pdrop=0.0'."
+                f"--config_overrides {pair!r} is not a valid override ({err}); give comma-separated field=value pairs "
+                "of ImageGPTConfig fields with values of their type, e.g. 'n_layer=4,n_embd=64,resid_pdrop=0.0'."
             ) from None
         args.overrides[field] = getattr(config, field)
     if args.objective and args.overrides.get("objective", args.objective) != args.objective:
@@ -242,8 +242,7 @@ def find_checkpoint(args: argparse.Namespace) -> str | None:
         intact = next((p for p in reversed(earlier) if checkpoint_problem(p) is None), None)
         offer = (
             f"The newest intact checkpoint before it is {intact}: resume from it with --resume_from_checkpoint "
-            f"{intact}, "
-            f"and delete {path} so that 'latest' skips it."
+            f"{intact}, and delete {path} so that 'latest' skips it."
             if intact
             else "No intact checkpoint precedes it: delete it to start anew."
         )
@@ -283,12 +282,9 @@ def main(argv=None) -> dict[str, float]:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.accelerator.is_available():
         raise ValueError(
             "This run was launched with an FSDP config, but this machine has no GPU: Accelerate shards a model only "
-            "on "
-            "GPU-type devices, and on CPUs it would quietly run plain data parallel instead (every process holding "
-            "the "
-            "whole model, unsharded checkpoints). On CPUs, launch with examples/accelerate_configs/multi_cpu.yaml; "
-            "run "
-            "the FSDP config on a machine with GPUs."
+            "on GPU-type devices, and on CPUs it would quietly run plain data parallel instead (every process "
+            "holding the whole model, unsharded checkpoints). On CPUs, launch with "
+            "examples/accelerate_configs/multi_cpu.yaml; run the FSDP config on a machine with GPUs."
         )
     # Seeded samplers: the same data order on every process and after a resume.
     accelerator_kwargs = {
@@ -333,8 +329,8 @@ def main(argv=None) -> dict[str, float]:
     n_px = args.n_px or (base.n_px if base else 8 if digits else 32)
     if base is not None and n_px > base.n_px:
         raise ValueError(
-            f"--n_px {n_px} needs {n_px * n_px} positions but the model ({base_source}) has n_positions="
-            f"{base.n_positions} (n_px {base.n_px}). Use 1 <= --n_px <= {base.n_px}."
+            f"--n_px {n_px} needs {n_px * n_px} positions but the model ({base_source}) has "
+            f"n_positions={base.n_positions} (n_px {base.n_px}). Use 1 <= --n_px <= {base.n_px}."
         )
     objective = args.objective or args.overrides.get("objective") or (base.objective if base else "ar")
     if args.model_name_or_path is not None and objective != base.objective:
@@ -346,7 +342,7 @@ def main(argv=None) -> dict[str, float]:
         raise ValueError(
             f"--config_overrides prepend_sos={args.overrides['prepend_sos']} contradicts the objective {objective!r} "
             f"(--objective {objective}): it trains with prepend_sos={objective == 'ar'}. Drop prepend_sos from "
-            f"--config_overrides."
+            "--config_overrides."
         )
 
     # Data: "train" and "validation" splits, and the image column.
@@ -371,7 +367,7 @@ def main(argv=None) -> dict[str, float]:
         if args.train_val_split == 0:
             raise ValueError(
                 f"The dataset {source} has no validation or test split; pass --train_val_split > 0 or "
-                f"--validation_dir."
+                "--validation_dir."
             )
         dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
         eval_split = f"{args.train_val_split:.0%} of train held out"
@@ -407,7 +403,7 @@ def main(argv=None) -> dict[str, float]:
             except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
                 raise ValueError(
                     f"Cannot read the image {value.get('path') or ''}: {err}. Remove or replace that file, or leave "
-                    f"it out of the dataset."
+                    "it out of the dataset."
                 ) from err
         return images
 
@@ -501,8 +497,7 @@ def main(argv=None) -> dict[str, float]:
         except Timeout:
             raise ValueError(
                 f"Another run is writing to --output_dir {args.output_dir} (it holds {lock.lock_file}); wait for it "
-                f"to "
-                "end, or choose another folder."
+                "to end, or choose another folder."
             ) from None
         for name in [CHECKPOINTS, TRACKER_DIR] if args.overwrite and not checkpoint else []:
             if os.path.isdir(os.path.join(args.output_dir, name)):
@@ -607,9 +602,8 @@ def main(argv=None) -> dict[str, float]:
                 free = shutil.disk_usage(tmp).free
                 raise OSError(
                     f"Saving the checkpoint {final} failed while writing {newest}, with {free / 2**20:.1f} MiB free "
-                    f"on "
-                    f"that disk ({type(err).__name__}: {err}). Free some space, or choose an --output_dir on a disk "
-                    "with room, and resume with --resume_from_checkpoint latest."
+                    f"on that disk ({type(err).__name__}: {err}). Free some space, or choose an --output_dir on a "
+                    "disk with room, and resume with --resume_from_checkpoint latest."
                 ) from err
             accelerator.wait_for_everyone()
         if accelerator.is_main_process:

@@ -73,8 +73,7 @@ class ImageGPTDataCollator:
         if self.objective != "bert" and self.mask_probability is not None:
             raise ValueError(
                 f"`mask_probability` masks pixels for the BERT objective; with objective={self.objective!r} nothing "
-                f"is "
-                "masked. Pass objective='bert', or leave `mask_probability` unset."
+                "is masked. Pass objective='bert', or leave `mask_probability` unset."
             )
         if self.mask_probability is None and self.objective == "bert":
             self.mask_probability = 0.15
@@ -134,7 +133,7 @@ class ImageGPTDataCollator:
                 if isinstance(example, Mapping):
                     if self.image_column not in example:
                         raise ValueError(
-                            f"An example holds neither `input_ids` nor an image under `image_column` "
+                            "An example holds neither `input_ids` nor an image under `image_column` "
                             f"{self.image_column!r} (keys: {sorted(example)})."
                         )
                     example = example[self.image_column]
