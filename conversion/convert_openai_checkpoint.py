@@ -227,8 +227,16 @@ def meta_copy(model: ImageGPTPreTrainedModel) -> ImageGPTPreTrainedModel:
     return copy.to(model.dtype)
 
 
-def verification_notes(checks: list[Check], against: str) -> list[str]:
-    """The model card's record of the check made at conversion."""
+def record_checks(checks: list[Check], against: str) -> list[str]:
+    """Log the checks made at conversion against `against` and return the model card's record of them; if one
+    failed, raise ConversionError (the staged folder is then removed: nothing is written)."""
+    for check in checks:
+        logger.info("%s", check)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise ConversionError(
+            f"The converted model does not match {against}: {'; '.join(map(str, failed))}. Nothing was written."
+        )
     if not checks:
         return ["This conversion was not verified (`--skip_verification`)."]
     figures = "; ".join(f"{c.name} {c.max_abs_diff:.1e}" for c in checks)
@@ -314,27 +322,16 @@ def convert_openai_checkpoint(
 
     config = build_config(ckpt)
     model = build_model(config, convert_state_dict(ckpt))
-    checks: list[Check] = []
     with staged_dir(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
         processor = save_checkpoint_folder(tmp, model, palette, DTYPES[dtype], max_shard_size)
         card_model = meta_copy(model)
         del model  # the check below loads the folder back; do not hold two copies of a large model
-        if verify:
-            checks = compare_with_reference(tmp, ckpt.weights, num_images=num_verify_images)
-            for check in checks:
-                logger.info("%s", check)
-            failed = [c for c in checks if not c.ok]
-            if failed:
-                raise ConversionError(
-                    "The converted model does not match OpenAI's forward pass: "
-                    + "; ".join(str(c) for c in failed)
-                    + ". Nothing was written."
-                )
+        checks = compare_with_reference(tmp, ckpt.weights, num_images=num_verify_images) if verify else []
         against = (
             "an independent NumPy implementation of OpenAI's forward pass (`conversion/openai_reference.py`) "
             "run on the TensorFlow checkpoint's arrays"
         )
-        notes += verification_notes(checks, against)
+        notes += record_checks(checks, against)
         write_model_card(tmp, card_model, processor=processor, facts=card_facts(ckpt, repo_id, notes))
     logger.info("Wrote %s", output_dir)
     return checks

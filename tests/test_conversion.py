@@ -546,7 +546,9 @@ def test_converter_refuses_a_model_that_does_not_match(checkpoints, palette_file
         return state_dict
 
     monkeypatch.setattr(convert, "convert_state_dict", transposed_c_proj)
-    with pytest.raises(ConversionError, match="does not match OpenAI's forward pass"):
+    with pytest.raises(
+        ConversionError, match="does not match an independent NumPy implementation of OpenAI's forward pass"
+    ):
         convert.convert_openai_checkpoint(checkpoints["ar"], palette_file, tmp_path / "out")
     assert tree(tmp_path) == []
 
