@@ -17,7 +17,9 @@ Three tasks, each exported with a dynamic batch dimension by `torch.onnx.export(
   its tokens are those of `model.generate(do_sample=False)`.
 
 The ids are the image processor's (`ImageGPTImageProcessor(images, return_tensors="np")["input_ids"]`); the exported
-models take them as they are, without the range checks of the PyTorch forward. A checkpoint saved with
+models take them without the PyTorch forward's checks, but an id outside `[0, vocab_size)` makes onnxruntime refuse
+the run (its Gather raises: "indices element out of data bounds"), negative ones included, which ONNX's Gather would
+otherwise read from the end of the embedding table (-1 as SOS). A checkpoint saved with
 `prepend_sos=True` (OpenAI's converted AR models) adds SOS inside the feature and classification graphs, as its
 PyTorch forward does; the causal-lm graph takes ids that already start with SOS (as `generate()` feeds them).
 
@@ -90,6 +92,12 @@ class OnnxExport:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _refuse_negative_ids(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """ONNX's Gather reads a negative index from the end (-1 would embed SOS): move negative ids past the end, where
+    onnxruntime refuses the index, as it refuses `vocab_size` and above."""
+    return torch.where(input_ids < 0, vocab_size, input_ids)
+
+
 class _FeatureExtraction(nn.Module):
     def __init__(self, decoder: ImageGPTModel, layers: list[int]):
         super().__init__()
@@ -97,7 +105,10 @@ class _FeatureExtraction(nn.Module):
         self.layers = layers
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = self.decoder(input_ids, use_cache=False, output_hidden_states=bool(self.layers))
+        input_ids = _refuse_negative_ids(input_ids, self.decoder.config.vocab_size)
+        outputs = self.decoder(
+            input_ids, use_cache=False, output_hidden_states=bool(self.layers), return_pooler_output=True
+        )
         results = [outputs.last_hidden_state, outputs.pooler_output]
         for layer in self.layers:
             features = self.decoder.normed_features(outputs.hidden_states[layer], layer)  # (B, T, d)
@@ -111,7 +122,7 @@ class _Classification(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids).logits
+        return self.model(_refuse_negative_ids(input_ids, self.model.config.vocab_size)).logits
 
 
 class _CausalLM(nn.Module):
@@ -125,6 +136,7 @@ class _CausalLM(nn.Module):
         cache = DynamicCache(config=self.model.config)
         for layer in range(self.model.config.n_layer):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)  # (B, nh, P, hs) each
+        input_ids = _refuse_negative_ids(input_ids, self.model.config.vocab_size)
         logits = self.model(input_ids, cache=cache, use_cache=True, prepend_sos=False).logits
         present = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
         return (logits, *present)

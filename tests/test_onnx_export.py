@@ -225,6 +225,26 @@ def test_greedy_generate_refuses_what_it_cannot_decode(lm_export, feature_export
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bad_id", [-1, -5, DIMS["vocab_size"]])
+def test_exported_graphs_refuse_ids_outside_the_vocabulary(feature_exports, classifier_exports, lm_export, bad_id):
+    """ONNX's Gather reads -1 from the end of the table (it gave SOS's output); every exported graph refuses it."""
+    ids = ids_for(1, seed=3)
+    ids[0, 10] = bad_id
+    with pytest.raises(Exception, match="out of data bounds"):
+        run(feature_exports["bert"][0], ids)
+    with pytest.raises(Exception, match="out of data bounds"):
+        run(classifier_exports / "ar", ids)
+    model, folder, _ = lm_export
+    session = ort.InferenceSession(os.fspath(folder / ONNX_FILE), providers=["CPUExecutionProvider"])
+    head_dim = DIMS["n_embd"] // DIMS["n_head"]
+    past = {spec.name: np.zeros((1, DIMS["n_head"], 0, head_dim), np.float32) for spec in session.get_inputs()[1:]}
+    prompt = np.array([[model.config.sos_token_id, 3, bad_id]])
+    with pytest.raises(Exception, match="out of data bounds"):
+        session.run(None, {"input_ids": prompt, **past})
+    assert session.run(None, {"input_ids": prompt[:, :2], **past})[0].shape == (1, 2, DIMS["vocab_size"] - 1)
+
+
+@pytest.mark.slow
 def test_a_failed_check_writes_nothing(checkpoints, tmp_path):
     """The onnxruntime check runs before the folder is put in place: a mismatch leaves no output, no staging."""
     with pytest.raises(ValueError, match="differs from PyTorch's"):
