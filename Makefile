@@ -58,7 +58,7 @@ app: install
 # (on CPU also the decode-ceiling section).
 bench: install
 	$(PY) benchmarks/bench.py --device $(BENCH_DEVICE) --output benchmarks/RESULTS.md $(BENCH_ARGS)
-	if [ "$(BENCH_DEVICE)" = cpu ]; then $(PY) benchmarks/decode_floor.py --compile --update_results benchmarks/RESULTS.md; fi
+	if [ "$(BENCH_DEVICE)" = cpu ]; then $(PY) benchmarks/decode_ceiling.py --compile --update_results benchmarks/RESULTS.md; fi
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
