@@ -116,7 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_train_epochs", type=POSITIVE, default=10)
     parser.add_argument("--max_train_steps", type=POSITIVE, default=None, help="Optimizer steps; overrides epochs.")
     parser.add_argument("--gradient_accumulation_steps", type=POSITIVE, default=1)
-    parser.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine", choices=list(SchedulerType))
+    schedules = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+    parser.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine", choices=schedules)
     parser.add_argument("--num_warmup_steps", type=NON_NEGATIVE, default=0)
     parser.add_argument("--logging_steps", type=POSITIVE, default=10)
     parser.add_argument("--eval_steps", type=POSITIVE, default=None, help="Default: evaluate every epoch.")
