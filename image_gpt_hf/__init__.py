@@ -22,6 +22,7 @@ from transformers.utils import logging
 from .configuration_imagegpt import EXTENDED_MODEL_TYPE, PAPER_RESOLUTIONS, PRESETS, ImageGPTConfig
 from .data import ImageGPTDataCollator, load_digits
 from .image_processing_imagegpt import ImageGPTImageProcessor, ImageGPTImageProcessorPil
+from .lora import LORA_MODULES_TO_SAVE, LORA_TARGET_MODULES, lora_config
 from .modeling_imagegpt import (
     ImageGPTForCausalImageModeling,
     ImageGPTForImageClassification,
@@ -60,6 +61,8 @@ finally:
 
 __all__ = [
     "EXTENDED_MODEL_TYPE",
+    "LORA_MODULES_TO_SAVE",
+    "LORA_TARGET_MODULES",
     "PAPER_RESOLUTIONS",
     "PRESETS",
     "ImageGPTConfig",
@@ -73,5 +76,6 @@ __all__ = [
     "ImageGPTModelOutput",
     "ImageGPTPreTrainedModel",
     "load_digits",
+    "lora_config",
     "random_bert_mask",
 ]
