@@ -459,9 +459,12 @@ def main(argv=None) -> dict[str, float]:
     flags = ["model_name_or_path", "learning_rate", "weight_decay", "adam_beta2", "max_grad_norm", "lr_scheduler_type"]
     flags += ["num_warmup_steps", "max_train_steps", "num_train_epochs", "per_device_train_batch_size", "seed"]
     flags += ["gradient_accumulation_steps", "dataset_name", "dataset_config_name", "train_dir", "train_val_split"]
-    flags += ["max_train_samples", "random_crop_scale", "no_random_crop"] + (
-        ["mask_prob"] if objective == "bert" else []
-    )
+    flags += [
+        "max_train_samples",
+        "random_crop_scale",
+        "no_random_crop",
+        *(["mask_prob"] if objective == "bert" else []),
+    ]
     contract |= {f"--{name}": getattr(args, name) for name in flags} | {"--image_column_name": image_column}
     contract |= {"mixed precision": accelerator.mixed_precision, "processes": accelerator.num_processes}
     contract["palette"] = hashlib.sha256(np.asarray(processor.clusters, np.float32).tobytes()).hexdigest()[:16]
@@ -473,11 +476,9 @@ def main(argv=None) -> dict[str, float]:
     contract = json.loads(json.dumps(contract, default=str))
     if checkpoint is not None:
         then = json.loads(Path(checkpoint, STATE_FILE).read_text())["run"]
+        keys = sorted(then.keys() | contract.keys())
         changed = [
-            f"{k}: {then.get(k)!r} then, {contract.get(k)!r} now" for k in sorted(then.keys() | contract.keys())
-        ]
-        changed = [
-            line for line, k in zip(changed, sorted(then.keys() | contract.keys())) if then.get(k) != contract.get(k)
+            f"{k}: {then.get(k)!r} then, {contract.get(k)!r} now" for k in keys if then.get(k) != contract.get(k)
         ]
         if changed:
             raise ValueError(
