@@ -79,8 +79,10 @@ def test_docs_mark_their_runnable_snippets():
 # what the snippet asserts itself. A snippet is found by a piece of its code that no other snippet has.
 
 
-def _close(actual, expected) -> None:
-    torch.testing.assert_close(torch.as_tensor(actual).detach().float(), torch.as_tensor(expected).detach().float())
+def _close(actual, expected, **tolerances) -> None:
+    torch.testing.assert_close(
+        torch.as_tensor(actual).detach().float(), torch.as_tensor(expected).detach().float(), **tolerances
+    )
 
 
 def check_loss_and_samples(ns):
@@ -103,19 +105,18 @@ def check_upscaled(ns):
     )
 
 
-def check_onnx_features(ns):
-    with torch.no_grad():
-        out = ImageGPTModel.from_pretrained("tiny-igpt")(input_ids=torch.from_numpy(ns["ids"]))
-    _close(ns["last_hidden_state"], out.last_hidden_state)
-    _close(ns["pooler_output"], out.pooler_output)
-
-
 def normed_states(model, ids):
     """The paper's `n^l` for every layer, from `hidden_states`: each through the norm of the block after it (the last
     one, the final output, is normed already)."""
     with torch.no_grad():
         states = model(input_ids=ids, output_hidden_states=True).hidden_states
         return [block.ln_1(state) for block, state in zip(model.h, states)] + [states[-1]]
+
+
+def check_onnx_features(ns):
+    normed = normed_states(ImageGPTModel.from_pretrained("tiny-igpt"), torch.from_numpy(ns["ids"]))
+    _close(ns["last_hidden_state"], normed[-1], atol=1e-4, rtol=1e-4)  # onnxruntime's kernels round differently
+    _close(ns["pooler_output"], normed[1].mean(1), atol=1e-4, rtol=1e-4)  # layer 1 of 2
 
 
 def check_pipeline_features(ns):
