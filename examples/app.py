@@ -42,7 +42,8 @@ VIEW_SIDE = 256
 # An upload is decoded at most this large (about 100 MB as RGB); a bigger JPEG is decoded downscaled, others refused.
 MAX_PIXELS = 36_000_000
 NEUTRAL_GRAY = 128  # the rows not generated yet
-# Defaults sized for iGPT-S at 32x32 on a free 2-vCPU Space: half the rows kept, 4 completions take about 30 s.
+# Defaults sized for iGPT-S at 32x32 on a free 2-vCPU Space: half the rows kept, 4 completions, about 26 s (estimated
+# from benchmarks/RESULTS.md; README.md's App section says how).
 DEFAULT_COMPLETIONS = 4
 MAX_COMPLETIONS = 8
 
@@ -341,7 +342,9 @@ def write_space(folder: str, model: str) -> None:
     shutil.copytree(package, os.path.join(folder, "image_gpt_hf"), ignore=shutil.ignore_patterns("__pycache__"))
     requirements = [r for r in importlib.metadata.requires("image_gpt_hf") if "extra ==" not in r]
     with open(os.path.join(folder, "requirements.txt"), "w") as f:
-        f.write("\n".join([*requirements, f"gradio=={gr.__version__}", "scikit-image", "scikit-learn"]) + "\n")
+        f.write(
+            "\n".join([*requirements, f"gradio=={gr.__version__}", "scikit-image", "scikit-learn", "datasets"]) + "\n"
+        )
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(
             f"---\ntitle: Image GPT completion\nsdk: gradio\nsdk_version: {gr.__version__}\napp_file: app.py\n"
