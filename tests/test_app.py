@@ -195,6 +195,19 @@ def test_checkpoints_the_app_cannot_run_are_refused_at_start(tmp_path, checkpoin
         app.main([])
 
 
+def test_examples_are_held_out_digits_for_8px_models_and_photos_otherwise(tmp_path):
+    from image_gpt_hf.data import load_digits
+
+    (tmp_path / "digits").mkdir(), (tmp_path / "photos").mkdir()
+    digits = app.example_images(8, str(tmp_path / "digits"))
+    held_out = load_digits()["test"]
+    assert len(digits) == 6
+    for path, example in zip(digits, held_out):
+        assert np.array_equal(np.asarray(PIL.Image.open(path)), np.asarray(example["image"]))
+    photos = app.example_images(32, str(tmp_path / "photos"))
+    assert [Path(path).name for path in photos] == ["chelsea.png", "coffee.png", "rocket.png"]
+
+
 def test_write_space(tmp_path):
     space = tmp_path / "space"
     app.main(["--model", "openai/imagegpt-small", "--write_space", str(space)])
