@@ -4,7 +4,8 @@
 returns, by the fastest correct path on the model's device: transformers' `StaticCache` (pre-allocated once, written in
 place, reused by later calls of the same batch size) and a decode step compiled with `torch.compile(fullgraph=True,
 dynamic=False)`. The step is compiled once per model, batch size, dtype and device and kept for later calls; a prompt
-longer than one id (the prefill of a completion) runs eagerly, so completions of any primer length share the step.
+longer than one id (the prefill of a completion) and the first step into a fresh cache run eagerly, so there is one
+graph per batch size and completions of any primer length share it.
 Where compilation is unavailable or fails, the same call runs on the default path and the reason is logged. Greedy
 float32 tokens are the default path's.
 
@@ -180,7 +181,10 @@ class _Decoder:
         @functools.wraps(eager)  # generate() reads the forward's signature
         def forward(*args, **kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
-            if self.failed or ids is None or ids.shape[1] != 1:  # a prompt's prefill runs eagerly
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            # Eager: a prompt's prefill, and the first step of a fresh cache (which allocates it: a graph of its own).
+            fresh = cache is not None and not getattr(cache.layers[0], "is_initialized", True)
+            if self.failed or ids is None or ids.shape[1] != 1 or fresh:
                 return eager(*args, **kwargs)
             try:
                 return compiled(*args, **kwargs)
