@@ -304,12 +304,14 @@ def build_app(model, processor, title: str = "Image GPT") -> gr.Blocks:
             functools.partial(complete_images, model, processor),
             [upload, rows, count, *settings],
             [gallery, status],
+            api_name="complete",
         )
         stop_complete.click(None, cancels=[completing])
         sampling = run_sample.click(
             functools.partial(sample_images, model, processor),
             [sample_count, *sample_settings],
             [sample_gallery, sample_status],
+            api_name="sample",
         )
         stop_sample.click(None, cancels=[sampling])
     # One request computes at a time (they share the cores); the others wait in the queue.
