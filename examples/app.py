@@ -172,11 +172,11 @@ def stream(run, model, processor, kept_rows: int, count: int) -> Iterator[tuple[
                     f"Done: {count} x {n_px - kept_rows} rows in {seconds:.1f} s, {tokens}.",
                 )
                 return
+            if not given and kept_rows:  # the first update is the prompt: the given rows
+                given = partial_images(processor, value[:1, : kept_rows * n_px], n_px)
             if not updates.empty():  # the page is behind: show only the latest rows
                 continue
             rows = value.shape[1] // n_px
-            if not given:
-                given = partial_images(processor, value[:1], n_px)
             images = upscale_images(partial_images(processor, value, n_px), factor)
             yield gallery(given, images), f"Row {rows} of {n_px} ({seconds:.1f} s)"
     except GeneratorExit:  # Stop, or the page went away

@@ -6,11 +6,13 @@ writes it where README.md shows it."""
 
 import ast
 import os
+import queue
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -95,6 +97,35 @@ def test_completions_are_the_librarys(loaded, digit):
             image, final = np.asarray(image), np.asarray(final)
             done = int(np.argmax((image == app.NEUTRAL_GRAY).all(axis=(1, 2)))) or len(image)
             assert np.array_equal(image[:done], final[:done]) and (image[done:] == app.NEUTRAL_GRAY).all()
+
+
+def test_a_page_that_falls_behind_gets_the_given_rows_and_the_final_images(loaded, digit, monkeypatch):
+    class Behind(queue.Queue):
+        """Answers nothing until generation is done: every row update is then behind the next one."""
+
+        def __init__(self):
+            super().__init__()
+            self.done = threading.Event()
+
+        def put(self, item, *args, **kwargs):
+            super().put(item, *args, **kwargs)
+            if item[0] == "done":
+                self.done.set()
+
+        def get(self, *args, **kwargs):
+            self.done.wait()
+            return super().get(*args, **kwargs)
+
+    monkeypatch.setattr(app.queue, "Queue", Behind)
+    model, processor = loaded
+    updates = list(app.complete_images(model, processor, str(digit), 28, 2, 1.0, 0, 5))
+    assert len(updates) == 1  # only the final images: the rows in between were skipped
+    gallery, status = updates[0]
+    _, enlarged = complete(model, PIL.Image.open(digit), processor=processor, primer_rows=28, num_completions=2,
+                           top_k=0, seed=5, upscale=FACTOR, progress=False)  # fmt: skip
+    assert [caption for _, caption in gallery] == ["given rows", "1 of 2", "2 of 2"]
+    assert np.array_equal(np.asarray(gallery[0][0])[: 28 * FACTOR], np.asarray(enlarged[0])[: 28 * FACTOR])
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(image for image, _ in gallery[1:]), pixels(enlarged)))
 
 
 def test_samples_are_the_librarys(loaded):
