@@ -45,11 +45,13 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, SchedulerType, get_scheduler
 
 from image_gpt_hf import (
+    LORA_TARGET_MODULES,
     ImageGPTConfig,
     ImageGPTDataCollator,
     ImageGPTForImageClassification,
     ImageGPTImageProcessor,
     load_digits,
+    lora_config,
 )
 from image_gpt_hf.model_card import write_model_card
 from image_gpt_hf.safe_io import check_output_path, staged_dir, staging_path
@@ -132,9 +134,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--with_tracking", action="store_true")
     parser.add_argument("--report_to", default="all")
+    parser.add_argument("--lora_r", type=POSITIVE, default=None, help="Train a LoRA adapter of rank r (needs peft).")
+    parser.add_argument("--lora_alpha", type=checked(float, lambda v: v > 0, "> 0"), default=None, help="Default 2r.")
+    parser.add_argument("--lora_dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0)
+    parser.add_argument("--lora_target_modules", nargs="+", default=None, help="Default: LORA_TARGET_MODULES.")
+    parser.add_argument("--merge_lora", action="store_true", help="Also save the merged model to output_dir/merged.")
     args = parser.parse_args(argv)
 
     # The errors argparse cannot see, before anything is loaded.
+    lora_flags = [f"--{k}" for k in ("lora_alpha", "lora_target_modules", "merge_lora") if getattr(args, k)]
+    if args.lora_r is None and (lora_flags or args.lora_dropout):
+        raise ValueError(f"{' '.join(lora_flags) or '--lora_dropout'} needs --lora_r (the rank of a LoRA adapter).")
+    if args.lora_r is not None:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                '--lora_r needs peft: pip install peft (or pip install "image_gpt_hf[examples]")'
+            ) from None
+        args.lora_alpha = args.lora_alpha or 2.0 * args.lora_r
+        args.lora_target_modules = args.lora_target_modules or LORA_TARGET_MODULES
     if args.random_crop_scale[0] > args.random_crop_scale[1]:
         raise ValueError(f"--random_crop_scale must satisfy MIN <= MAX, got {args.random_crop_scale}.")
     if args.validation_dir is not None and args.train_dir is None:
@@ -499,6 +518,7 @@ def main(argv=None) -> dict[str, float]:
     flags += ["num_warmup_steps", "max_train_steps", "num_train_epochs", "per_device_train_batch_size", "seed"]
     flags += ["gradient_accumulation_steps", "dataset_name", "dataset_config_name", "train_dir", "train_val_split"]
     flags += ["max_train_samples", "num_labels_per_class", "random_crop_scale", "no_random_crop", "mask_prob"]
+    flags += ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"]
     contract |= {f"--{name}": getattr(args, name) for name in flags} | {"--image_column_name": image_column}
     contract |= {"--label_column_name": label_column, "mixed precision": accelerator.mixed_precision}
     contract |= {"processes": accelerator.num_processes}
@@ -558,6 +578,13 @@ def main(argv=None) -> dict[str, float]:
     logger.info(f"Newly initialised: {sorted(loading_info['missing_keys']) or 'nothing'}")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.lora_r is not None:  # LoRA on the decoder's projections; the new classifier trains in full
+        from peft import get_peft_model
+
+        lora = lora_config(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+        model = get_peft_model(model, lora)
+        trainable, total = model.get_nb_trainable_parameters()
+        logger.info(f"LoRA r={args.lora_r}: {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
     logger.info(
         f"Model: {config.n_layer} layers x {config.n_embd} wide ({config.objective}), {len(labels)} labels, loss "
         f"L_clf + {args.gen_loss_weight:g} L_gen, {n_px}px"
@@ -773,11 +800,17 @@ def main(argv=None) -> dict[str, float]:
         views = f"{args.num_eval_masks}-mask ensemble" if args.num_eval_masks > 1 else "one mask"
         accuracy["name"] = f"top-1 accuracy (fine-tuned; {views}, {args.eval_mask_prob:g} of the pixels masked)"
         accuracy["value"] = metrics.get("eval_ensemble_accuracy", metrics["eval_accuracy"])
+    lora_note = (
+        f", as a LoRA adapter (r={args.lora_r}, alpha {args.lora_alpha:g}, on {', '.join(args.lora_target_modules)}; "
+        f"{model.get_nb_trainable_parameters()[0]:,} parameters trained)"
+        if args.lora_r
+        else ""
+    )
     facts = {
         "training": f"Fine-tuned from {args.model_name_or_path} with examples/finetune.py on L_clf + "
         f"{args.gen_loss_weight:g} L_gen, {max_train_steps} steps{subset} on {data_name} in batches of {batch_size} "
         f"images, AdamW at peak learning rate {args.learning_rate:g} ({args.lr_scheduler_type.value} schedule), seed "
-        f"{args.seed}.",
+        f"{args.seed}{lora_note}.",
         "datasets": [] if args.train_dir or digits else [args.dataset_name],
         "results": [
             {
@@ -799,9 +832,25 @@ def main(argv=None) -> dict[str, float]:
         with staged_dir(
             args.output_dir, overwrite=args.overwrite, keep=[CHECKPOINTS, TRACKER_DIR, LOCK_FILE], inputs=inputs
         ) as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)  # LoRA: adapter_config.json, adapter_model.*
             processor.save_pretrained(tmp)
-            write_model_card(tmp, unwrapped, processor=processor, facts=facts)
+            if args.lora_r is None:
+                write_model_card(tmp, unwrapped, processor=processor, facts=facts)
+            else:  # the classifier's config (labels) beside the adapter, which loads on the base with peft
+                config.save_pretrained(tmp)
+                note = f"A LoRA adapter on {args.model_name_or_path}: load it with peft's PeftModel.from_pretrained."
+                card = {"processor": processor, "facts": {**facts, "notes": [note]}, "overwrite": True}  # over peft's
+                write_model_card(tmp, unwrapped.get_base_model(), **card)
+            if args.merge_lora:  # the saved adapter on a fresh base, merged: a plain checkpoint
+                from peft import PeftModel
+
+                base = ImageGPTForImageClassification.from_pretrained(
+                    args.model_name_or_path, config=config, ignore_mismatched_sizes=args.ignore_mismatched_sizes
+                )
+                merged = PeftModel.from_pretrained(base, tmp).merge_and_unload()
+                merged.save_pretrained(tmp / "merged")
+                processor.save_pretrained(tmp / "merged")
+                write_model_card(tmp / "merged", merged, processor=processor, facts=facts)
             (tmp / "all_results.json").write_text(json.dumps(metrics, indent=2))
         logger.info(f"Saved the model to {args.output_dir}")
     accelerator.wait_for_everyone()

@@ -41,7 +41,7 @@ LORA_MODULES_TO_SAVE = {ImageGPTForImageClassification: ["score"]}
 def lora_config(
     model: ImageGPTPreTrainedModel,
     r: int = 8,
-    alpha: int = 16,
+    alpha: float = 16,
     dropout: float = 0.0,
     target_modules: list[str] | None = None,
 ) -> LoraConfig:

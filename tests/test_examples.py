@@ -367,6 +367,14 @@ def test_a_truncated_image_is_named(tiny_checkpoint, tmp_path):
         assert not (tmp_path / out / "model.safetensors").exists()
 
 
+def test_lora_flags_without_a_rank_or_out_of_range(tiny_checkpoint, tmp_path):
+    base = ["--model_name_or_path", str(tiny_checkpoint), "--output_dir", str(tmp_path / "out")]
+    assert "--merge_lora needs --lora_r" in refusal("finetune.py", *base, "--merge_lora")
+    assert "--lora_dropout needs --lora_r" in refusal("finetune.py", *base, "--lora_dropout", "0.1")
+    assert "argument --lora_r: must be at least 1, got 0" in refusal("finetune.py", *base, "--lora_r", "0")
+    assert not (tmp_path / "out").exists()
+
+
 def test_checkpoint_of_another_architecture(gpt2_checkpoint, tmp_path):
     message = refusal("finetune.py", "--model_name_or_path", str(gpt2_checkpoint), "--output_dir", str(tmp_path / "o"))
     assert "is a 'gpt2' checkpoint (GPT2Config); these examples need an Image GPT" in message
@@ -631,6 +639,48 @@ def test_finetune_on_the_joint_loss_learns_the_digits(ar_checkpoint, tmp_path):
     results = json.loads((tmp_path / "all_results.json").read_text())
     assert results["eval_accuracy"] > 0.2 and results["eval_loss"] < math.log(10)
     assert math.isclose(classifier_accuracy(tmp_path, 128), results["eval_accuracy"], abs_tol=1e-6)
+
+
+@pytest.mark.slow
+def test_finetune_lora_writes_a_small_adapter_that_loads_on_the_base_and_merges(ar_checkpoint, tmp_path):
+    """--lora_r 8 --merge_lora: the adapter loads with peft on the base checkpoint and computes what the merged model
+    computes (to 1e-5: the merge adds B @ A to each weight, a float32 rounding apart); the accuracy reported is the
+    merged model's; a resume with other LoRA settings is refused."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    pretrained, _ = ar_checkpoint
+    out = tmp_path / "lora"
+    run = ["--model_name_or_path", str(pretrained), *SMALL_DATA, *TRAIN, "--max_train_steps", "4"]
+    run += ["--checkpointing_steps", "4", "--lora_r", "8"]
+    log = run_script("finetune.py", *run, "--merge_lora", "--output_dir", str(out))
+    shares = re.search(r"LoRA r=8: ([0-9,]+) of ([0-9,]+) parameters train", log).groups()
+    trainable, total = (int(count.replace(",", "")) for count in shares)
+    assert 0 < trainable < total / 2
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    base = AutoModelForImageClassification.from_pretrained(pretrained, config=AutoConfig.from_pretrained(out))
+    adapted = PeftModel.from_pretrained(base, out).eval()
+    merged = AutoModelForImageClassification.from_pretrained(out / "merged").eval()
+    ids = ImageGPTImageProcessor.from_pretrained(out)(eval_images(32), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=1e-5)
+    # The adapter trained the decoder (LoRA's B starts at zero) and the new classifier.
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(weights(pretrained)[key], weights(out / "merged")[key])
+    results = json.loads((out / "all_results.json").read_text())
+    assert math.isclose(classifier_accuracy(out / "merged", 32), results["eval_accuracy"], abs_tol=1e-6)
+    # At width 32 a rank of 8 is a quarter of the width, so the adapter is a third of the model (iGPT-S: 2%).
+    assert (out / "adapter_model.safetensors").stat().st_size < 0.4 * (
+        out / "merged" / "model.safetensors"
+    ).stat().st_size
+    assert "LoRA adapter (r=8, alpha 16" in (out / "README.md").read_text()
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoints", resumed / "checkpoints")
+    message = refusal(
+        "finetune.py", *run[:-1], "4", "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"
+    )
+    assert "--lora_r: 8 then, 4 now" in message and "--lora_alpha: 16.0 then, 8.0 now" in message
 
 
 @pytest.mark.slow
