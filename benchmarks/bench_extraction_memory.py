@@ -27,11 +27,9 @@ import datasets
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
+from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor, load_digits
 
-import common  # noqa: E402
-from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MODES = {
     "in memory, scikit-learn (default)": [],
@@ -41,7 +39,7 @@ MODES = {
 
 def make_data(folder: Path, multiplier: int) -> Path:
     """The digits' training and test splits, each repeated `multiplier` times, as train.parquet and test.parquet."""
-    digits = common.load_digits_dataset()
+    digits = load_digits()
     folder.mkdir(parents=True)
     for split in ("train", "test"):
         datasets.concatenate_datasets([digits[split]] * multiplier).to_parquet(str(folder / f"{split}.parquet"))

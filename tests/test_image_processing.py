@@ -414,6 +414,14 @@ def test_transformers_loads_our_folder_and_gives_the_same_ids(tmp_path, small_im
     np.testing.assert_array_equal(ids(reference, small_images), ids(ours_for(random_palette), small_images))
 
 
+def test_a_folder_saved_by_transformers_loads_and_gives_the_same_ids(tmp_path, small_images, random_palette):
+    reference = reference_for(random_palette, size={"height": 16, "width": 16})
+    reference.save_pretrained(tmp_path)
+    loaded = ImageGPTImageProcessor.from_pretrained(tmp_path)
+    assert (loaded.size.height, loaded.size.width) == (16, 16)
+    np.testing.assert_array_equal(ids(loaded, small_images), ids(reference, small_images))
+
+
 @pytest.mark.parametrize("size, with_type", [({"height": N_PX, "width": N_PX}, True), (N_PX, False)])
 def test_openai_preprocessor_config_loads_unchanged(tmp_path, small_images, random_palette, size, with_type):
     # Written like openai/imagegpt-small's preprocessor_config.json; older ones have the int form of `size` and only
