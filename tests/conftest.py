@@ -48,6 +48,23 @@ def attention_calls():
         AttentionInterface.register(name, original)
 
 
+@pytest.fixture
+def arena(tmp_path):
+    """`(user, outside)`: `user/` holds user files, an input file, an input folder and planted links to
+    `outside/secret` and `outside/`; what a command that writes must leave byte-identical (see `snapshot`)."""
+    user, outside = tmp_path / "user", tmp_path / "outside"
+    (user / "notes").mkdir(parents=True)
+    (user / "notes" / "todo.txt").write_bytes(b"mine\x00\xff")
+    (user / "input.bin").write_bytes(b"input")
+    (user / "images").mkdir()
+    (user / "images" / "a.png").write_bytes(b"not really a png")
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    (user / "link").symlink_to(outside / "secret")
+    (user / "linkdir").symlink_to(outside, target_is_directory=True)
+    return user, outside
+
+
 def snapshot(root: Path) -> dict[str, object]:
     """Every entry below `root`: file bytes, link targets, folders; what a refused or finished command must keep."""
     entries: dict[str, object] = {}

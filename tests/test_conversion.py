@@ -201,18 +201,6 @@ def tree(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
-def user_arena(root: Path) -> tuple[Path, Path]:
-    """`root/user`, a folder of user files with a planted link to `root/outside/secret` and a link to `outside`."""
-    user, outside = root / "user", root / "outside"
-    (user / "notes").mkdir(parents=True)
-    (user / "notes" / "todo.txt").write_bytes(b"mine\x00\xff")
-    outside.mkdir()
-    (outside / "secret").write_bytes(b"secret")
-    (user / "link").symlink_to(outside / "secret")
-    (user / "linkdir").symlink_to(outside, target_is_directory=True)
-    return user, outside
-
-
 def run_cli(main, argv, caplog) -> tuple[int, str]:
     caplog.clear()
     with caplog.at_level("ERROR"):
@@ -680,9 +668,9 @@ def test_output_paths_refused_before_reading(fake_checkpoint, palette_file, tmp_
 
 
 @tensorflow_test
-def test_openai_converter_keeps_user_files(checkpoints, palette_file, tmp_path, caplog):
+def test_openai_converter_keeps_user_files(checkpoints, palette_file, arena, caplog):
     """Its inputs, the user's files and a planted link's target are byte-identical after every run, refused or not."""
-    user, outside = user_arena(tmp_path)
+    user, outside = arena
     (user / "igpt").mkdir()
     source = Path(checkpoints["bert"])
     for path in source.parent.glob(source.name + ".*"):
@@ -894,10 +882,10 @@ def dead_pid() -> int:
     return process.pid
 
 
-def test_hub_converter_keeps_user_files(tmp_path, caplog):
+def test_hub_converter_keeps_user_files(arena, caplog):
     """Its input, the user's files and a planted link's target are byte-identical after every run, refused or not;
     what a killed conversion left behind is cleaned up by the next one."""
-    user, outside = user_arena(tmp_path)
+    user, outside = arena
     src = user / "imagegpt-tiny"
     theirs = write_hub_folder(src)
     out = user / "converted"

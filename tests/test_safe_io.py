@@ -36,22 +36,6 @@ def siblings(path: Path) -> list[str]:
 
 
 @pytest.fixture()
-def arena(tmp_path):
-    """`user/`: a folder with user files, an input file, an input folder and a planted link to `outside/secret`."""
-    user, outside = tmp_path / "user", tmp_path / "outside"
-    (user / "notes").mkdir(parents=True)
-    (user / "notes" / "todo.txt").write_bytes(b"mine\x00\xff")
-    (user / "input.bin").write_bytes(b"input")
-    (user / "images").mkdir()
-    (user / "images" / "a.png").write_bytes(b"not really a png")
-    outside.mkdir()
-    (outside / "secret").write_bytes(b"secret")
-    (user / "link").symlink_to(outside / "secret")
-    (user / "linkdir").symlink_to(outside, target_is_directory=True)
-    return user, outside
-
-
-@pytest.fixture()
 def umask():
     """Set the process umask for a test, restored after it."""
     old = os.umask(0o022)
