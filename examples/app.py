@@ -32,7 +32,6 @@ from transformers.generation.streamers import BaseStreamer
 
 import image_gpt_hf
 from image_gpt_hf import ImageGPTForCausalImageModeling, ImageGPTImageProcessor
-from image_gpt_hf.configuration_imagegpt import image_side
 from image_gpt_hf.generation import complete, sample, upscale_images
 
 # `--write_space` writes this line with the Space's model.
@@ -141,7 +140,7 @@ def stream(run, model, processor, kept_rows: int, count: int) -> Iterator[tuple[
     """Runs `run(streamer)` (a `complete` or `sample` call with `upscale`) in a thread and yields (gallery, status):
     the given rows and the completions so far after every generated row, then `run`'s own images. Closing the
     generator (Stop, a closed page) stops generation before the next token."""
-    n_px = image_side(model.config.n_positions)
+    n_px = model.config.n_px
     factor = max(1, VIEW_SIDE // n_px)
     updates, stop = queue.Queue(), threading.Event()
 
@@ -213,7 +212,7 @@ def complete_images(model, processor, path, kept_rows, num_completions, temperat
         image = read_image(path)
     except ValueError as error:
         raise gr.Error(str(error)) from None
-    n_px = image_side(model.config.n_positions)
+    n_px = model.config.n_px
     if kept_rows is None or int(kept_rows) != kept_rows or not 0 <= kept_rows < n_px:
         raise gr.Error(f"Keep 0 to {n_px - 1} rows, got {kept_rows!r}.")
     settings = check_settings(model, num_completions, temperature, top_k, seed)
@@ -232,7 +231,7 @@ def complete_images(model, processor, path, kept_rows, num_completions, temperat
 def sample_images(model, processor, num_images, temperature, top_k, seed):
     """The sampling tab: whole new images, filling in row by row."""
     settings = check_settings(model, num_images, temperature, top_k, seed)
-    n_px = image_side(model.config.n_positions)
+    n_px = model.config.n_px
 
     def run(streamer):
         return sample(model, int(num_images), processor=processor, upscale=max(1, VIEW_SIDE // n_px),
@@ -263,7 +262,7 @@ def example_images(n_px: int, folder: str) -> list[str]:
 
 def build_app(model, processor, title: str = "Image GPT") -> gr.Blocks:
     """The page: a completion tab and a sampling tab, each with its settings on the left and a gallery on the right."""
-    n_px = image_side(model.config.n_positions)
+    n_px = model.config.n_px
     palette = model.config.vocab_size - 1
     examples = example_images(n_px, tempfile.mkdtemp(prefix="igpt_app_examples_"))
     with gr.Blocks(title=title) as demo:
