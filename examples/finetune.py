@@ -1,18 +1,14 @@
 """Fine-tune a pretrained Image GPT for image classification with Accelerate, on the paper's joint objective
-`L = L_clf + w * L_gen` (`--gen_loss_weight w`; 0 is plain classification).
+`L = L_clf + w * L_gen` (`--gen_loss_weight w`; 0 is plain classification), in full or as a LoRA adapter (`--lora_r`).
 
     accelerate launch examples/finetune.py --model_name_or_path igpt-tiny-digits --output_dir igpt-tiny-digits-clf
 
-The classifier is a linear layer on the average-pooled final features (or `--classifier_layer`). AR models see
-OpenAI's `[SOS, x_1, ..., x_{n-1}]` input and their generative loss covers all n pixels; BERT models draw the paper's
-15% masks for their generative loss (the library's `ImageGPTDataCollator`). Labels and their names come from the
-dataset; accuracy is measured on its evaluation split. The output folder loads with `AutoModelForImageClassification`
-and `AutoImageProcessor`. To train on your own data, copy this file.
-
-The paper's evaluation protocol: `--num_labels_per_class N` fine-tunes on a fixed, seeded, class-balanced subset of
-the labels (its low-data table), and BERT models can be evaluated under `--num_eval_masks K` random masks of
-`--eval_mask_prob` (0.15 in the paper), their class probabilities averaged; both the single-mask and the K-mask
-accuracy are reported.
+The classifier is a linear layer on the average-pooled final features (or `--classifier_layer`). AR models read
+OpenAI's `[SOS, x_1, ..., x_{n-1}]`; BERT models draw the paper's 15% masks for L_gen (`ImageGPTDataCollator`). The
+paper's evaluation protocol: `--num_labels_per_class N` trains on a seeded, class-balanced subset of the labels, and
+BERT models can be evaluated under `--num_eval_masks K` masks of `--eval_mask_prob`, their class probabilities
+averaged. The output folder loads with `AutoModelForImageClassification` (a LoRA run's with peft's `PeftModel` on the
+base model; `--merge_lora` also writes the merged model to `merged/`). To train on your own data, copy this file.
 """
 
 from __future__ import annotations
@@ -65,8 +61,7 @@ def checked(kind, rule, description):
     """An argparse type: a `kind` value that satisfies `rule`, else the error "must be <description>"."""
 
     def parse(text: str):
-        value = kind(text)
-        if not rule(value):
+        if not rule(value := kind(text)):
             raise argparse.ArgumentTypeError(f"must be {description}, got {text}")
         return value
 
@@ -74,86 +69,71 @@ def checked(kind, rule, description):
 
 
 POSITIVE, NON_NEGATIVE = checked(int, lambda v: v >= 1, "at least 1"), checked(int, lambda v: v >= 0, ">= 0")
-FRACTION = checked(float, lambda v: 0 < v < 1, "in (0, 1)")
+FRACTION, BELOW_ONE = (
+    checked(float, lambda v: 0 < v < 1, "in (0, 1)"),
+    checked(float, lambda v: 0 <= v < 1, "in [0, 1)"),
+)
+SCALE, NON_NEGATIVE_FLOAT = checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), checked(float, lambda v: v >= 0, ">= 0")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fine-tune Image GPT for image classification.")
-    parser.add_argument("--model_name_or_path", required=True, help="A pretrained Image GPT (folder or Hub id).")
-    parser.add_argument("--gen_loss_weight", type=checked(float, lambda v: v >= 0, ">= 0"), default=1.0, help="w.")
-    parser.add_argument("--classifier_layer", type=int, default=None, help="Hidden state pooled (default: final).")
-    parser.add_argument("--mask_prob", type=FRACTION, default=0.15, help="BERT models: pixels masked for L_gen.")
-    parser.add_argument("--ignore_mismatched_sizes", action="store_true", help="Replace a classifier of other size.")
-    parser.add_argument("--num_labels_per_class", type=POSITIVE, default=None, help="Train on N labels per class.")
-    parser.add_argument("--num_eval_masks", type=POSITIVE, default=1, help="BERT models: K evaluation masks.")
-    eval_mask = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
-    parser.add_argument("--eval_mask_prob", type=eval_mask, default=0.0, help="BERT: masked in each evaluation view.")
-    parser.add_argument("--dataset_name", default=DIGITS, help=f"A `datasets` image dataset, or {DIGITS!r}.")
-    parser.add_argument("--dataset_config_name", default=None, help="The dataset configuration name.")
-    parser.add_argument("--train_dir", default=None, help="An imagefolder of training images.")
-    parser.add_argument("--validation_dir", default=None, help="An imagefolder of evaluation images.")
-    parser.add_argument("--image_column_name", default=None, help="Default: the first column of `Image` type.")
-    parser.add_argument("--label_column_name", default=None, help="Default: the first `ClassLabel`, or label(s).")
-    split = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
-    parser.add_argument("--train_val_split", type=split, default=0.15, help="Held out when there is no eval split.")
-    parser.add_argument("--max_train_samples", type=POSITIVE, default=None, help="Truncate the training split.")
-    parser.add_argument("--max_eval_samples", type=POSITIVE, default=None, help="Truncate the evaluation split.")
-    parser.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
-    parser.add_argument("--dataloader_num_workers", type=NON_NEGATIVE, default=0)
-    parser.add_argument("--n_px", type=POSITIVE, default=None, help="Default: the model's, 32, or 8 on the digits.")
-    parser.add_argument("--processor_name_or_path", default=None, help="A processor with a palette ('clusters').")
-    parser.add_argument(
-        "--random_crop_scale",
-        type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"),
-        nargs=2,
-        default=(0.5, 1.0),
-        metavar=("MIN", "MAX"),
-    )
-    parser.add_argument("--no_random_crop", action="store_true", help="Train on whole images (no random crops).")
-    parser.add_argument("--output_dir", required=True, help="Where to write checkpoints and the model.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace what is in --output_dir.")
-    parser.add_argument("--seed", type=NON_NEGATIVE, default=42, help="Seeds the init, data order, crops and masks.")
-    parser.add_argument("--per_device_train_batch_size", type=POSITIVE, default=64)
-    parser.add_argument("--per_device_eval_batch_size", type=POSITIVE, default=128)
-    parser.add_argument("--learning_rate", type=checked(float, lambda v: v > 0, "> 0"), default=3e-4)
-    parser.add_argument("--weight_decay", type=checked(float, lambda v: v >= 0, ">= 0"), default=0.0)
-    parser.add_argument("--adam_beta2", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.95)
-    parser.add_argument("--max_grad_norm", type=checked(float, lambda v: v >= 0, ">= 0"), default=1.0)
-    parser.add_argument("--num_train_epochs", type=POSITIVE, default=3)
-    parser.add_argument("--max_train_steps", type=POSITIVE, default=None, help="Optimizer steps; overrides epochs.")
-    parser.add_argument("--gradient_accumulation_steps", type=POSITIVE, default=1)
+    add = parser.add_argument
+    add("--model_name_or_path", required=True, help="A pretrained Image GPT (folder or Hub id).")
+    add("--gen_loss_weight", type=NON_NEGATIVE_FLOAT, default=1.0, help="w in L_clf + w * L_gen.")
+    add("--classifier_layer", type=int, default=None, help="The hidden state pooled (default: the final one).")
+    add("--mask_prob", type=FRACTION, default=0.15, help="BERT models: pixels masked for L_gen.")
+    add("--ignore_mismatched_sizes", action="store_true", help="Replace a classifier of another size.")
+    add("--num_labels_per_class", type=POSITIVE, default=None, help="Train on N labelled images per class.")
+    add("--num_eval_masks", type=POSITIVE, default=1, help="BERT models: average the classes over K masks.")
+    add("--eval_mask_prob", type=BELOW_ONE, default=0.0, help="BERT models: pixels masked in each evaluation view.")
+    add("--lora_r", type=POSITIVE, default=None, help="Train a LoRA adapter of this rank (needs peft).")
+    add("--lora_alpha", type=checked(float, lambda v: v > 0, "> 0"), default=None, help="Default: 2 * r.")
+    add("--lora_dropout", type=BELOW_ONE, default=0.0)
+    add("--lora_target_modules", nargs="+", default=None, help="Default: image_gpt_hf.LORA_TARGET_MODULES.")
+    add("--merge_lora", action="store_true", help="Also write the model with the adapter merged to output_dir/merged.")
+    add("--dataset_name", default=DIGITS, help=f"A `datasets` image dataset, or {DIGITS!r}.")
+    add("--dataset_config_name", default=None)
+    add("--train_dir", default=None, help="An imagefolder of training images, one subfolder per class.")
+    add("--validation_dir", default=None, help="An imagefolder of evaluation images.")
+    add("--image_column_name", default=None, help="Default: the first column of `Image` type.")
+    add("--label_column_name", default=None, help="Default: the first `ClassLabel`, or label(s).")
+    add("--train_val_split", type=BELOW_ONE, default=0.15, help="Held out when there is no evaluation split.")
+    add("--max_train_samples", type=POSITIVE, default=None)
+    add("--max_eval_samples", type=POSITIVE, default=None)
+    add("--cache_dir", default=None, help="Where `datasets` caches downloads.")
+    add("--dataloader_num_workers", type=NON_NEGATIVE, default=0)
+    add("--n_px", type=POSITIVE, default=None, help="Default: the model's.")
+    add("--processor_name_or_path", default=None, help="A processor with the model's palette ('clusters').")
+    add("--random_crop_scale", type=SCALE, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"))
+    add("--no_random_crop", action="store_true", help="Train on whole images.")
+    add("--output_dir", required=True)
+    add("--overwrite", action="store_true", help="Replace what is in --output_dir.")
+    add("--seed", type=NON_NEGATIVE, default=42, help="Seeds the init, data order, crops and masks.")
+    add("--per_device_train_batch_size", type=POSITIVE, default=64)
+    add("--per_device_eval_batch_size", type=POSITIVE, default=128)
+    add("--learning_rate", type=checked(float, lambda v: v > 0, "> 0"), default=3e-4)
+    add("--weight_decay", type=NON_NEGATIVE_FLOAT, default=0.0)
+    add("--adam_beta2", type=BELOW_ONE, default=0.95)
+    add("--max_grad_norm", type=NON_NEGATIVE_FLOAT, default=1.0)
+    add("--num_train_epochs", type=POSITIVE, default=3)
+    add("--max_train_steps", type=POSITIVE, default=None, help="Optimizer steps; overrides epochs.")
+    add("--gradient_accumulation_steps", type=POSITIVE, default=1)
     schedules = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
-    parser.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine", choices=schedules)
-    parser.add_argument("--num_warmup_steps", type=NON_NEGATIVE, default=0)
-    parser.add_argument("--logging_steps", type=POSITIVE, default=10)
-    parser.add_argument("--eval_steps", type=POSITIVE, default=None, help="Default: evaluate every epoch.")
-    parser.add_argument("--checkpointing_steps", default=None, help="Save a checkpoint every n steps, or 'epoch'.")
-    parser.add_argument("--checkpoints_total_limit", type=POSITIVE, default=None, help="Keep the newest n.")
-    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--with_tracking", action="store_true")
-    parser.add_argument("--report_to", default="all")
-    parser.add_argument("--lora_r", type=POSITIVE, default=None, help="Train a LoRA adapter of rank r (needs peft).")
-    parser.add_argument("--lora_alpha", type=checked(float, lambda v: v > 0, "> 0"), default=None, help="Default 2r.")
-    parser.add_argument("--lora_dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0)
-    parser.add_argument("--lora_target_modules", nargs="+", default=None, help="Default: LORA_TARGET_MODULES.")
-    parser.add_argument("--merge_lora", action="store_true", help="Also save the merged model to output_dir/merged.")
+    add("--lr_scheduler_type", type=SchedulerType, default="cosine", choices=schedules)
+    add("--num_warmup_steps", type=NON_NEGATIVE, default=0)
+    add("--logging_steps", type=POSITIVE, default=10)
+    add("--eval_steps", type=POSITIVE, default=None, help="Default: every epoch.")
+    add("--checkpointing_steps", default=None, help="Save a checkpoint every n steps, or 'epoch'.")
+    add("--checkpoints_total_limit", type=POSITIVE, default=None, help="Keep the newest n.")
+    add("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    add("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    add("--gradient_checkpointing", action="store_true")
+    add("--with_tracking", action="store_true")
+    add("--report_to", default="all")
     args = parser.parse_args(argv)
 
     # The errors argparse cannot see, before anything is loaded.
-    lora_flags = [f"--{k}" for k in ("lora_alpha", "lora_target_modules", "merge_lora") if getattr(args, k)]
-    if args.lora_r is None and (lora_flags or args.lora_dropout):
-        raise ValueError(f"{' '.join(lora_flags) or '--lora_dropout'} needs --lora_r (the rank of a LoRA adapter).")
-    if args.lora_r is not None:
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            raise ImportError(
-                '--lora_r needs peft: pip install peft (or pip install "image_gpt_hf[examples]")'
-            ) from None
-        args.lora_alpha = args.lora_alpha or 2.0 * args.lora_r
-        args.lora_target_modules = args.lora_target_modules or LORA_TARGET_MODULES
     if args.random_crop_scale[0] > args.random_crop_scale[1]:
         raise ValueError(f"--random_crop_scale must satisfy MIN <= MAX, got {args.random_crop_scale}.")
     if args.validation_dir is not None and args.train_dir is None:
@@ -166,19 +146,35 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"--num_warmup_steps {args.num_warmup_steps} is more than --max_train_steps {args.max_train_steps}: the "
             "learning rate would never reach --learning_rate."
         )
-    every = args.checkpointing_steps
-    if every not in (None, "epoch") and (not re.fullmatch(r"[0-9]+", every) or int(every) < 1):
-        raise ValueError(f"--checkpointing_steps must be a positive whole number of steps or 'epoch', got {every!r}.")
-    if every not in (None, "epoch") and args.max_train_steps is not None and int(every) > args.max_train_steps:
-        raise ValueError(
-            f"--checkpointing_steps {every} is more than --max_train_steps {args.max_train_steps}: no checkpoint "
-            "would ever be written. Pass a smaller number, or 'epoch'."
-        )
+    if (every := args.checkpointing_steps) not in (None, "epoch"):
+        if not re.fullmatch(r"[0-9]+", every) or int(every) < 1:
+            raise ValueError(
+                f"--checkpointing_steps must be a positive whole number of steps or 'epoch', got {every!r}."
+            )
+        if args.max_train_steps is not None and int(every) > args.max_train_steps:
+            raise ValueError(
+                f"--checkpointing_steps {every} is more than --max_train_steps {args.max_train_steps}: no checkpoint "
+                "would ever be written. Pass a smaller number, or 'epoch'."
+            )
     if args.num_eval_masks > 1 and args.eval_mask_prob == 0:
         raise ValueError(
             f"--num_eval_masks {args.num_eval_masks} needs --eval_mask_prob > 0 (the paper's is 0.15): without masks "
             "every view is the same image."
         )
+    lora_flags = [
+        f"--{k}" for k in ("lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora") if getattr(args, k)
+    ]
+    if args.lora_r is None and lora_flags:
+        raise ValueError(f"{' '.join(lora_flags)} needs --lora_r (the rank of a LoRA adapter).")
+    if args.lora_r is not None:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                '--lora_r needs peft: pip install peft (or pip install "image_gpt_hf[examples]")'
+            ) from None
+        args.lora_alpha = args.lora_alpha or 2.0 * args.lora_r
+        args.lora_target_modules = args.lora_target_modules or LORA_TARGET_MODULES
     return args
 
 
@@ -186,10 +182,9 @@ def random_crop(image: PIL.Image.Image, scale, generator: torch.Generator, ratio
     """torchvision's RandomResizedCrop box (an area fraction from `scale`, a log-uniform aspect ratio from `ratio`, ten
     tries, then the largest central crop within `ratio`), drawn from `generator`; the caller resizes."""
     width, height = image.size
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         area = height * width * torch.empty(1).uniform_(*scale, generator=generator).item()
-        aspect = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
+        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).item())
         w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
         if 0 < w <= width and 0 < h <= height:
             top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
@@ -211,16 +206,15 @@ def checkpoint_problem(path: str) -> str | None:
         [int(state[key]) for key in ("completed_steps", "epoch", "batches_in_epoch")] and dict(state["run"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"its {STATE_FILE} is unreadable ({type(err).__name__}: {err})"
-    for folder, _, files in os.walk(path):
-        for name in files:
-            try:
-                if name.endswith(".safetensors"):
-                    with safe_open(os.path.join(folder, name), "pt"):
-                        pass
-                elif name.endswith((".bin", ".pkl", ".pt", ".pth")):  # torch.save's zip archives
-                    zipfile.ZipFile(os.path.join(folder, name)).close()
-            except Exception as err:  # safetensors raises its own error type
-                return f"{os.path.join(folder, name)} is damaged ({type(err).__name__}: {err})"
+    for file in (Path(folder, name) for folder, _, names in os.walk(path) for name in names):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(file, "pt"):
+                    pass
+            elif file.suffix in (".bin", ".pkl", ".pt", ".pth"):  # torch.save's zip archives
+                zipfile.ZipFile(file).close()
+        except Exception as err:  # safetensors raises its own error type
+            return f"{file} is damaged ({type(err).__name__}: {err})"
     return None
 
 
@@ -231,18 +225,16 @@ def find_checkpoint(args: argparse.Namespace) -> str | None:
     names = [n for n in (os.listdir(root) if root.is_dir() else []) if re.fullmatch(r"step_[0-9]+", n)]
     complete = [str(root / n) for n in sorted(names, key=lambda n: int(n[5:])) if (root / n / STATE_FILE).is_file()]
     path = args.resume_from_checkpoint
-    if path == "latest":
-        if not complete:
-            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet; starting anew")
-            return None
-        path = complete[-1]
-    elif not os.path.isfile(os.path.join(path, STATE_FILE)):
+    if path == "latest" and not complete:
+        logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet; starting anew")
+        return None
+    path = complete[-1] if path == "latest" else path
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise ValueError(
             f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {STATE_FILE}); complete ones are "
             f"{complete or 'none'}."
         )
-    problem = checkpoint_problem(path)
-    if problem is not None:
+    if (problem := checkpoint_problem(path)) is not None:
         earlier = [p for p in complete if os.path.abspath(p) != os.path.abspath(path)]
         intact = next((p for p in reversed(earlier) if checkpoint_problem(p) is None), None)
         offer = (
@@ -256,8 +248,8 @@ def find_checkpoint(args: argparse.Namespace) -> str | None:
 
 
 def fingerprint(split: datasets.Dataset, columns: list[str]) -> str:
-    """A digest of the training examples' contents: every image's bytes (read from its file when not embedded) and
-    the other `columns`, in order."""
+    """A digest of the training examples: every image's bytes (read from its file when not embedded) and the other
+    `columns`, in order."""
     digest = hashlib.sha256()
     split = split.select_columns(columns).cast_column(columns[0], datasets.Image(decode=False))
     for batch in split.iter(batch_size=256):
@@ -267,18 +259,19 @@ def fingerprint(split: datasets.Dataset, columns: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def evaluate(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    dataloader: DataLoader,
-    masker: ImageGPTDataCollator | None,
-    views: int,
-) -> dict[str, float]:
+def evaluate(accelerator, model, dataloader: DataLoader, masker: ImageGPTDataCollator | None, views: int) -> dict:
     """Top-1 accuracy and the classification loss on the evaluation split: of whole images, or for BERT models of the
     images under a seeded random mask (`masker`, --eval_mask_prob); with K > 1 `views`, also of the class
     probabilities averaged over K masks (`eval_ensemble_accuracy`, `eval_ensemble_loss`)."""
     model.eval()
-    correct, losses, ensemble_correct, ensemble_losses = [], [], [], []
+    found = {}  # "eval" (the first view) / "eval_ensemble" -> (correct, losses) of every batch
+
+    def record(name: str, probabilities: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
+        predictions, references, loss = accelerator.gather_for_metrics((probabilities.argmax(-1), labels, loss))
+        correct, losses = found.setdefault(name, ([], []))
+        correct.append(predictions == references)
+        losses.append(loss)
+
     for batch in tqdm(dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
         ids, labels, probabilities = batch["input_ids"], batch["labels"], 0.0
         for view in range(views):
@@ -286,22 +279,24 @@ def evaluate(
             with torch.no_grad():
                 logits = model(input_ids=ids, **kwargs).logits.float()
             if view == 0:
-                loss = F.cross_entropy(logits, labels, reduction="none")
-                predictions, references, loss = accelerator.gather_for_metrics((logits.argmax(-1), labels, loss))
-                correct.append(predictions == references)
-                losses.append(loss)
+                record("eval", logits, labels, F.cross_entropy(logits, labels, reduction="none"))
             probabilities = probabilities + logits.softmax(-1) / views
         if views > 1:
-            loss = -probabilities.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12).log()
-            predictions, references, loss = accelerator.gather_for_metrics((probabilities.argmax(-1), labels, loss))
-            ensemble_correct.append(predictions == references)
-            ensemble_losses.append(loss)
+            record(
+                "eval_ensemble",
+                probabilities,
+                labels,
+                -probabilities.gather(1, labels[:, None])[:, 0].clamp_min(1e-12).log(),
+            )
     model.train()
-    metrics = {"eval_accuracy": torch.cat(correct).float().mean().item(), "eval_loss": torch.cat(losses).mean().item()}
-    if ensemble_correct:
-        metrics["eval_ensemble_accuracy"] = torch.cat(ensemble_correct).float().mean().item()
-        metrics["eval_ensemble_loss"] = torch.cat(ensemble_losses).mean().item()
-    return metrics
+    return {
+        key: value
+        for name, (correct, losses) in found.items()
+        for key, value in (
+            (f"{name}_accuracy", torch.cat(correct).float().mean().item()),
+            (f"{name}_loss", torch.cat(losses).mean().item()),
+        )
+    }
 
 
 def main(argv=None) -> dict[str, float]:
@@ -311,23 +306,19 @@ def main(argv=None) -> dict[str, float]:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.accelerator.is_available():
         raise ValueError(
             "This run was launched with an FSDP config, but this machine has no GPU: Accelerate shards a model only "
-            "on GPU-type devices, and on CPUs it would quietly run plain data parallel instead (every process "
-            "holding the whole model, unsharded checkpoints). On CPUs, launch with "
+            "on GPU-type devices, and on CPUs it would quietly run plain data parallel instead. On CPUs, launch with "
             "examples/accelerate_configs/multi_cpu.yaml; run the FSDP config on a machine with GPUs."
         )
-    # Seeded samplers: the same data order on every process and after a resume.
-    accelerator_kwargs = {
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "mixed_precision": args.mixed_precision,
-    }
-    accelerator_kwargs["dataloader_config"] = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed)
-    if args.with_tracking:
-        accelerator_kwargs.update(log_with=args.report_to, project_dir=args.output_dir)
-    # Without GPUs, processes of `accelerate launch` join one run (gloo) only when told to use the CPU.
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-        accelerator_kwargs["cpu"] = True
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    accelerator = Accelerator(**accelerator_kwargs)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        # Seeded samplers: the same data order on every process and after a resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # Without GPUs, processes of `accelerate launch` join one run (gloo) only when told to use the CPU.
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available(),
+        **({"log_with": args.report_to, "project_dir": args.output_dir} if args.with_tracking else {}),
+    )
     logger.info(accelerator.state, main_process_only=False)
     verbosity = "warning" if accelerator.is_local_main_process else "error"
     datasets.utils.logging.set_verbosity(datasets.utils.logging.log_levels[verbosity])
@@ -335,12 +326,9 @@ def main(argv=None) -> dict[str, float]:
     set_seed(args.seed)
 
     # The output folder: refused before any work when it holds anything but this run's own entries.
-    inputs = [
-        getattr(args, name)
-        for name in ("model_name_or_path", "processor_name_or_path", "train_dir", "validation_dir", "dataset_name")
-    ]
+    inputs = [args.model_name_or_path, args.processor_name_or_path, args.train_dir, args.validation_dir]
     own = [CHECKPOINTS, TRACKER_DIR, LOCK_FILE] if args.resume_from_checkpoint else [LOCK_FILE]
-    check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite, keep=own)
+    check_output_path(args.output_dir, inputs=[*inputs, args.dataset_name], overwrite=args.overwrite, keep=own)
     checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
 
     # The pretrained model's config and processor (its palette defines the model's token ids).
@@ -353,8 +341,7 @@ def main(argv=None) -> dict[str, float]:
             f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint ({type(config).__name__}); these "
             "examples need an Image GPT checkpoint (model_type 'imagegpt'), e.g. one written by examples/pretrain.py."
         )
-    n_px = args.n_px or config.n_px
-    if n_px > config.n_px:
+    if (n_px := args.n_px or config.n_px) > config.n_px:
         raise ValueError(
             f"--n_px {n_px} needs {n_px * n_px} positions but the model ({args.model_name_or_path}) has "
             f"n_positions={config.n_positions} (n_px {config.n_px}). Use 1 <= --n_px <= {config.n_px}."
@@ -379,23 +366,18 @@ def main(argv=None) -> dict[str, float]:
             f"{config.palette_size}: they do not belong together."
         )
     processor.size, processor.do_center_crop = {"height": n_px, "width": n_px}, False
-    digits = args.dataset_name == DIGITS and args.train_dir is None
 
-    # Data: "train" and "validation" splits, and the image column.
+    # Data: "train" and "validation" splits, the image column and the labels.
+    digits = args.dataset_name == DIGITS and args.train_dir is None
+    source = args.train_dir or ("scikit-learn's bundled digits" if digits else args.dataset_name)
     with accelerator.main_process_first():
         if args.train_dir is not None:
-            data_files = {"train": os.path.join(args.train_dir, "**")}
-            if args.validation_dir is not None:
-                data_files["validation"] = os.path.join(args.validation_dir, "**")
-            dataset, source = (
-                datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=args.cache_dir),
-                args.train_dir,
-            )
-        elif digits:
-            dataset, source = load_digits(), "scikit-learn's bundled digits"
+            files = {"train": args.train_dir, "validation": args.validation_dir}
+            files = {split: os.path.join(folder, "**") for split, folder in files.items() if folder}
+            dataset = datasets.load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir)
         else:
-            dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
-            source = args.dataset_name
+            name, config_name = args.dataset_name, args.dataset_config_name
+            dataset = load_digits() if digits else datasets.load_dataset(name, config_name, cache_dir=args.cache_dir)
     if "train" not in dataset:
         raise ValueError(f"The dataset {source} has no 'train' split; its splits are {list(dataset)}.")
     eval_split = "validation" if "validation" in dataset else "test"
@@ -407,9 +389,8 @@ def main(argv=None) -> dict[str, float]:
             )
         dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
         eval_split = f"{args.train_val_split:.0%} of train held out"
-    dataset = datasets.DatasetDict(
-        {"train": dataset["train"], "validation": dataset["validation" if "validation" in dataset else "test"]}
-    )
+    held_out = dataset["validation" if "validation" in dataset else "test"]
+    dataset = datasets.DatasetDict({"train": dataset["train"], "validation": held_out})
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None:
             dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
@@ -417,23 +398,17 @@ def main(argv=None) -> dict[str, float]:
         f"Dataset {source}: {len(dataset['train'])} training, {len(dataset['validation'])} {eval_split} images"
     )
     features = dataset["train"].features
-    if args.image_column_name is not None and args.image_column_name not in features:
-        raise ValueError(
-            f"--image_column_name {args.image_column_name!r} is not a column of the dataset; its columns are "
-            f"{list(features)}."
-        )
+    for flag in ("image_column_name", "label_column_name"):
+        if getattr(args, flag) not in (None, *features):
+            raise ValueError(
+                f"--{flag} {getattr(args, flag)!r} is not a column of the dataset; its columns are {list(features)}."
+            )
     image_column = args.image_column_name or next(
         (n for n, f in features.items() if isinstance(f, datasets.Image)), None
     )
     if image_column is None:
         raise ValueError(
             f"The dataset has no column of `Image` type among {list(features)}; pass --image_column_name."
-        )
-
-    if args.label_column_name is not None and args.label_column_name not in features:
-        raise ValueError(
-            f"--label_column_name {args.label_column_name!r} is not a column of the dataset; its columns are "
-            f"{list(features)}."
         )
     labelled = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)] + ["label", "labels"]
     label_column = args.label_column_name or next((n for n in labelled if n in features), None)
@@ -478,13 +453,6 @@ def main(argv=None) -> dict[str, float]:
                 ) from err
         return images
 
-    undecoded = {
-        split: dataset[split]
-        .select_columns([image_column, label_column])
-        .cast_column(image_column, datasets.Image(decode=False))
-        for split in dataset
-    }
-
     # The paper's low-data subsets: N images of every class, the first N of one permutation drawn by --seed, so that
     # the subsets of one seed are nested (the 4 per class are among the 25).
     if args.num_labels_per_class is not None:
@@ -493,15 +461,13 @@ def main(argv=None) -> dict[str, float]:
         order = np.random.default_rng(args.seed).permutation(len(ids))
         chosen = []
         for class_id, name in enumerate(labels):
-            members = order[ids[order] == class_id]
-            if len(members) < args.num_labels_per_class:
+            if len(members := order[ids[order] == class_id]) < args.num_labels_per_class:
                 raise ValueError(
                     f"--num_labels_per_class {args.num_labels_per_class}: the class {name!r} has only {len(members)} "
                     "training images. Pass a smaller --num_labels_per_class."
                 )
             chosen.append(members[: args.num_labels_per_class])
-        keep = np.sort(np.concatenate(chosen))
-        dataset["train"], undecoded["train"] = dataset["train"].select(keep), undecoded["train"].select(keep)
+        dataset["train"] = dataset["train"].select(np.sort(np.concatenate(chosen)))
         logger.info(f"Training on {args.num_labels_per_class} labelled images per class (seed {args.seed})")
 
     # The classifier's config: the pretrained decoder (+ its LM head for the generative loss) and a new linear layer.
@@ -532,16 +498,12 @@ def main(argv=None) -> dict[str, float]:
     if checkpoint is not None:
         then = json.loads(Path(checkpoint, STATE_FILE).read_text())["run"]
         keys = sorted(then.keys() | contract.keys())
-        changed = [
-            f"{k}: {then.get(k)!r} then, {contract.get(k)!r} now" for k in keys if then.get(k) != contract.get(k)
-        ]
-        if changed:
+        differ = [k for k in keys if then.get(k) != contract.get(k)]
+        if changed := "; ".join(f"{k}: {then.get(k)!r} then, {contract.get(k)!r} now" for k in differ):
             raise ValueError(
-                f"Cannot resume from {checkpoint}: this run differs from the one that wrote it in "
-                + "; ".join(changed)
-                + ". To continue that run, pass its settings again. To train with the new ones, start a new run: "
-                "another --output_dir, or --overwrite without --resume_from_checkpoint (which deletes its "
-                "checkpoints)."
+                f"Cannot resume from {checkpoint}: this run differs from the one that wrote it in {changed}. "
+                "To continue that run, pass its settings again. To train with the new ones, start a new run: another "
+                "--output_dir, or --overwrite without --resume_from_checkpoint (which deletes its checkpoints)."
             )
 
     # One writer per output folder: a lock inside it, held to the end (a second run is refused here, before work).
@@ -556,29 +518,27 @@ def main(argv=None) -> dict[str, float]:
                 f"Another run is writing to --output_dir {args.output_dir} (it holds {lock.lock_file}); wait for it "
                 "to end, or choose another folder."
             ) from None
-        for name in [CHECKPOINTS, TRACKER_DIR] if args.overwrite and not checkpoint else []:
-            if os.path.isdir(os.path.join(args.output_dir, name)):
-                logger.warning(f"--overwrite: deleting {os.path.join(args.output_dir, name)} of an earlier run")
-                shutil.rmtree(os.path.join(args.output_dir, name))
+        for path in [Path(args.output_dir, CHECKPOINTS), Path(args.output_dir, TRACKER_DIR)]:
+            if args.overwrite and not checkpoint and path.is_dir():
+                logger.warning(f"--overwrite: deleting {path} of an earlier run")
+                shutil.rmtree(path)
     accelerator.wait_for_everyone()
 
-    # The model: the pretrained weights, and a newly initialised classification layer.
-    model, loading_info = ImageGPTForImageClassification.from_pretrained(
-        args.model_name_or_path,
-        config=config,
-        ignore_mismatched_sizes=args.ignore_mismatched_sizes,
-        output_loading_info=True,
+    # The model: the pretrained weights and a new classification layer; with --lora_r, LoRA on the decoder's
+    # projections (image_gpt_hf.lora), the new classifier trained in full.
+    mismatched = args.ignore_mismatched_sizes
+    model, info = ImageGPTForImageClassification.from_pretrained(
+        args.model_name_or_path, config=config, ignore_mismatched_sizes=mismatched, output_loading_info=True
     )
-    missing = [key for key in loading_info["missing_keys"] if key.startswith("transformer.")]
-    if missing:
+    if missing := [key for key in info["missing_keys"] if key.startswith("transformer.")]:
         raise ValueError(
             f"{args.model_name_or_path} lacks pretrained decoder weights ({', '.join(missing[:5])}, ...); fine-tuning "
             "would start from random weights."
         )
-    logger.info(f"Newly initialised: {sorted(loading_info['missing_keys']) or 'nothing'}")
+    logger.info(f"Newly initialised: {sorted(info['missing_keys']) or 'nothing'}")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if args.lora_r is not None:  # LoRA on the decoder's projections; the new classifier trains in full
+    if args.lora_r is not None:
         from peft import get_peft_model
 
         lora = lora_config(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
@@ -596,78 +556,61 @@ def main(argv=None) -> dict[str, float]:
     epoch_now = [0]
     center = {"size": {"shortest_edge": n_px}, "do_center_crop": True, "crop_size": {"height": n_px, "width": n_px}}
 
-    def class_ids(batch: dict) -> list[int]:
-        return [label_ids[x] for x in batch[label_column]] if label_ids else batch[label_column]
-
-    def train_transforms(batch: dict) -> dict:
-        images = decode(batch)
-        if args.no_random_crop:
-            return {
-                "input_ids": processor(images, return_tensors="pt", **center)["input_ids"],
-                "label": class_ids(batch),
-            }
-        seed = np.random.SeedSequence([args.seed, 1, epoch_now[0], *batch["index"]]).generate_state(1)[0]
-        generator = torch.Generator().manual_seed(int(seed))
-        images = [random_crop(image, args.random_crop_scale, generator) for image in images]
-        return {"input_ids": processor(images, return_tensors="pt")["input_ids"], "label": class_ids(batch)}
-
-    def eval_transforms(batch: dict) -> dict:
+    def encode(batch: dict, images: list[PIL.Image.Image], **kwargs) -> dict:
+        ids = processor(images, return_tensors="pt", **kwargs)["input_ids"]
         return {
-            "input_ids": processor(decode(batch), return_tensors="pt", **center)["input_ids"],
-            "label": class_ids(batch),
+            "input_ids": ids,
+            "label": [label_ids[x] for x in batch[label_column]] if label_ids else batch[label_column],
         }
 
+    def train_transforms(batch: dict) -> dict:
+        if args.no_random_crop:
+            return encode(batch, decode(batch), **center)
+        seed = np.random.SeedSequence([args.seed, 1, epoch_now[0], *batch["index"]]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        return encode(batch, [random_crop(image, args.random_crop_scale, generator) for image in decode(batch)])
+
+    undecoded = {
+        split: data.select_columns([image_column, label_column]).cast_column(
+            image_column, datasets.Image(decode=False)
+        )
+        for split, data in dataset.items()
+    }
     train_dataset = undecoded["train"].add_column("index", list(range(len(undecoded["train"]))))
     train_dataset = train_dataset.with_transform(train_transforms)
-    eval_dataset = undecoded["validation"].with_transform(eval_transforms)
+    eval_dataset = undecoded["validation"].with_transform(lambda batch: encode(batch, decode(batch), **center))
     bert_gen = config.objective == "bert" and args.gen_loss_weight > 0  # BERT's generative loss needs masked pixels
-    collator = ImageGPTDataCollator(
-        objective="bert" if bert_gen else None,
-        mask_probability=args.mask_prob if bert_gen else None,
-        label_column="label",
-        seed=args.seed,
-    )
-    masker = (
-        ImageGPTDataCollator(objective="bert", mask_probability=args.eval_mask_prob, seed=args.seed)
-        if args.eval_mask_prob
-        else None
-    )
+    masking = {"objective": "bert", "mask_probability": args.mask_prob} if bert_gen else {"objective": None}
+    collator = ImageGPTDataCollator(**masking, label_column="label", seed=args.seed)
+    eval_masking = {"objective": "bert", "mask_probability": args.eval_mask_prob, "seed": args.seed}
+    masker = ImageGPTDataCollator(**eval_masking) if args.eval_mask_prob else None
+    order = torch.Generator().manual_seed(args.seed)  # keeps the data order off the global RNG (dropout)
+    loading = {"num_workers": args.dataloader_num_workers}
     train_dataloader = DataLoader(
-        train_dataset,
-        shuffle=True,
-        collate_fn=collator,
-        batch_size=args.per_device_train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(args.seed),  # keeps the iterator off the global RNG (dropout)
+        train_dataset, args.per_device_train_batch_size, shuffle=True, collate_fn=collator, generator=order, **loading
     )
     eval_collator = ImageGPTDataCollator(objective=None, label_column="label")
-    eval_dataloader = DataLoader(
-        eval_dataset,
-        collate_fn=eval_collator,
-        batch_size=args.per_device_eval_batch_size,
-        num_workers=args.dataloader_num_workers,
-    )
+    eval_dataloader = DataLoader(eval_dataset, args.per_device_eval_batch_size, collate_fn=eval_collator, **loading)
     train_dataloader, eval_dataloader = accelerator.prepare(train_dataloader, eval_dataloader)
 
-    # AdamW (no weight decay on biases and norms) and the schedule, sized by the prepared (per-process) DataLoader.
+    # AdamW on the trainable parameters (no weight decay on biases and norms) and the schedule, sized by the prepared
+    # (per-process) DataLoader.
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trained if p.ndim >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2))
-    lr_scheduler = get_scheduler(  # a prepared scheduler steps once per process for every optimizer step
-        args.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
+    processes = accelerator.num_processes  # a prepared scheduler steps once per process for every optimizer step
+    steps = {"num_warmup_steps": args.num_warmup_steps * processes, "num_training_steps": max_train_steps * processes}
+    lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer, **steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if args.with_tracking:
-        accelerator.init_trackers(
-            TRACKER_DIR, {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        )
+        hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers(TRACKER_DIR, hyperparameters)
 
     def save_checkpoint(completed_steps: int, epoch: int, batches_in_epoch: int) -> None:
         """`save_state` + the processor + the state file (position and run contract) into checkpoints/step_N, staged
@@ -688,11 +631,11 @@ def main(argv=None) -> dict[str, float]:
             except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its writer
                 files = [p for p in tmp.rglob("*") if p.is_file()]
                 newest = max(files, key=lambda p: p.stat().st_mtime_ns).name if files else "its first file"
-                free = shutil.disk_usage(tmp).free
                 raise OSError(
-                    f"Saving the checkpoint {final} failed while writing {newest}, with {free / 2**20:.1f} MiB free "
-                    f"on that disk ({type(err).__name__}: {err}). Free some space, or choose an --output_dir on a "
-                    "disk with room, and resume with --resume_from_checkpoint latest."
+                    f"Saving the checkpoint {final} failed while writing {newest}, with "
+                    f"{shutil.disk_usage(tmp).free / 2**20:.1f} MiB free on that disk ({type(err).__name__}: {err}). "
+                    "Free some space, or choose an --output_dir on a disk with room, and resume with "
+                    "--resume_from_checkpoint latest."
                 ) from err
             accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -720,9 +663,7 @@ def main(argv=None) -> dict[str, float]:
             ) from err
         state = json.loads(Path(checkpoint, STATE_FILE).read_text())
         completed_steps, starting_epoch, resume_batches = (
-            state["completed_steps"],
-            state["epoch"],
-            state["batches_in_epoch"],
+            state[k] for k in ("completed_steps", "epoch", "batches_in_epoch")
         )
         if resume_batches >= len(train_dataloader):  # saved at the end of an epoch
             starting_epoch, resume_batches = starting_epoch + 1, 0
@@ -742,14 +683,13 @@ def main(argv=None) -> dict[str, float]:
             seen += 1
             with accelerator.accumulate(model):
                 outputs = model(**batch)  # L_clf + w * L_gen
-                loss = outputs.loss
-                accelerator.backward(loss)
+                accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-            running.append(loss.detach().float())
+            running.append(outputs.loss.detach().float())
             right.append((outputs.logits.argmax(-1) == batch["labels"]).float().mean())
             if not accelerator.sync_gradients:
                 continue
@@ -764,43 +704,38 @@ def main(argv=None) -> dict[str, float]:
                 running, right = [], []
                 progress_bar.set_postfix(train_loss=f"{logs['train_loss']:.4f}")
             every = args.checkpointing_steps
-            if (every == "epoch" and (end_of_epoch or done)) or (
-                every not in (None, "epoch") and completed_steps % int(every) == 0
+            if (
+                (end_of_epoch or done)
+                if every == "epoch"
+                else (every is not None and completed_steps % int(every) == 0)
             ):
                 save_checkpoint(completed_steps, epoch, seen)
             if (completed_steps % args.eval_steps == 0 or done) if args.eval_steps else (end_of_epoch or done):
-                metrics = evaluate(accelerator, model, eval_dataloader, masker, args.num_eval_masks)
-                logs |= metrics
+                logs |= (metrics := evaluate(accelerator, model, eval_dataloader, masker, args.num_eval_masks))
             if logs:
                 logger.info(f"step {completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
                 if args.with_tracking:
                     accelerator.log(logs, step=completed_steps)
             if done:
                 break
-    metrics = metrics or evaluate(
-        accelerator, model, eval_dataloader, masker, args.num_eval_masks
-    )  # resumed from the last step
+    # (A run resumed from its last step has evaluated nothing yet.)
+    metrics = metrics or evaluate(accelerator, model, eval_dataloader, masker, args.num_eval_masks)
     progress_bar.close()
     if args.with_tracking:
         accelerator.end_training()
 
-    # The model folder (weights + config, processor, card, all_results.json), staged and renamed into --output_dir
-    # beside its checkpoints.
-    batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    data_name = (
-        f"the imagefolder {args.train_dir}"
-        if args.train_dir
-        else "scikit-learn handwritten digits (8x8 scans)"
-        if digits
-        else args.dataset_name
-    )
+    # The model folder (weights or adapter + config, processor, card, all_results.json), staged and renamed into
+    # --output_dir beside its checkpoints.
+    data_name = args.train_dir and f"the imagefolder {args.train_dir}"
+    data_name = data_name or ("scikit-learn handwritten digits (8x8 scans)" if digits else args.dataset_name)
     subset = f", {args.num_labels_per_class} labelled images per class" if args.num_labels_per_class else ""
-    accuracy = {"metric": "accuracy", "name": "top-1 accuracy (fine-tuned)", "value": metrics["eval_accuracy"]}
+    dataset_id = "imagefolder" if args.train_dir else args.dataset_name
+    accuracy = {"dataset": dataset_id, "metric": "accuracy", "name": "top-1 accuracy (fine-tuned)"}
+    accuracy["value"] = round(metrics.get("eval_ensemble_accuracy", metrics["eval_accuracy"]), 4)
     if args.eval_mask_prob > 0:  # the card reports the evaluation as it ran: masked, ensembled over K masks
         views = f"{args.num_eval_masks}-mask ensemble" if args.num_eval_masks > 1 else "one mask"
         accuracy["name"] = f"top-1 accuracy (fine-tuned; {views}, {args.eval_mask_prob:g} of the pixels masked)"
-        accuracy["value"] = metrics.get("eval_ensemble_accuracy", metrics["eval_accuracy"])
-    lora_note = (
+    lora = (
         f", as a LoRA adapter (r={args.lora_r}, alpha {args.lora_alpha:g}, on {', '.join(args.lora_target_modules)}; "
         f"{model.get_nb_trainable_parameters()[0]:,} parameters trained)"
         if args.lora_r
@@ -808,20 +743,11 @@ def main(argv=None) -> dict[str, float]:
     )
     facts = {
         "training": f"Fine-tuned from {args.model_name_or_path} with examples/finetune.py on L_clf + "
-        f"{args.gen_loss_weight:g} L_gen, {max_train_steps} steps{subset} on {data_name} in batches of {batch_size} "
-        f"images, AdamW at peak learning rate {args.learning_rate:g} ({args.lr_scheduler_type.value} schedule), seed "
-        f"{args.seed}{lora_note}.",
+        f"{args.gen_loss_weight:g} L_gen, {max_train_steps} steps{subset} on {data_name} in batches of "
+        f"{total_batch_size} images, AdamW at peak learning rate {args.learning_rate:g} "
+        f"({args.lr_scheduler_type.value} schedule), seed {args.seed}{lora}.",
         "datasets": [] if args.train_dir or digits else [args.dataset_name],
-        "results": [
-            {
-                "task": "image-classification",
-                "dataset": "imagefolder" if args.train_dir else args.dataset_name,
-                "dataset_name": data_name,
-                "split": eval_split,
-                **accuracy,
-                "value": round(accuracy["value"], 4),
-            }
-        ],
+        "results": [{"task": "image-classification", "dataset_name": data_name, "split": eval_split, **accuracy}],
     }
     if not os.path.isdir(args.model_name_or_path):
         facts["base_model"] = args.model_name_or_path
@@ -829,9 +755,8 @@ def main(argv=None) -> dict[str, float]:
     state_dict = accelerator.get_state_dict(model)  # every process: gathers sharded (FSDP) weights
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        with staged_dir(
-            args.output_dir, overwrite=args.overwrite, keep=[CHECKPOINTS, TRACKER_DIR, LOCK_FILE], inputs=inputs
-        ) as tmp:
+        keep = [CHECKPOINTS, TRACKER_DIR, LOCK_FILE]
+        with staged_dir(args.output_dir, overwrite=args.overwrite, keep=keep, inputs=inputs) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)  # LoRA: adapter_config.json, adapter_model.*
             processor.save_pretrained(tmp)
             if args.lora_r is None:

@@ -61,8 +61,7 @@ def checked(kind, rule, description):
     """An argparse type: a `kind` value that satisfies `rule`, else the error "must be <description>"."""
 
     def parse(text: str):
-        value = kind(text)
-        if not rule(value):
+        if not rule(value := kind(text)):
             raise argparse.ArgumentTypeError(f"must be {description}, got {text}")
         return value
 
@@ -70,64 +69,62 @@ def checked(kind, rule, description):
 
 
 POSITIVE, NON_NEGATIVE = checked(int, lambda v: v >= 1, "at least 1"), checked(int, lambda v: v >= 0, ">= 0")
-FRACTION = checked(float, lambda v: 0 < v < 1, "in (0, 1)")
+FRACTION, BELOW_ONE = (
+    checked(float, lambda v: 0 < v < 1, "in (0, 1)"),
+    checked(float, lambda v: 0 <= v < 1, "in [0, 1)"),
+)
+SCALE, NON_NEGATIVE_FLOAT = checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), checked(float, lambda v: v >= 0, ">= 0")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Pretrain Image GPT on pixels (AR or BERT objective).")
-    parser.add_argument("--objective", choices=["ar", "bert"], default=None, help="Default: the config's, else ar.")
-    parser.add_argument("--model_size", choices=list(PRESETS), default="tiny", help="A preset for a new model.")
-    parser.add_argument("--config_name", default=None, help="A config (folder, JSON or Hub id) instead of a preset.")
-    parser.add_argument("--config_overrides", default=None, help="New model's config fields, e.g. 'n_layer=4'.")
-    parser.add_argument("--model_name_or_path", default=None, help="Continue pretraining this checkpoint.")
-    parser.add_argument("--mask_prob", type=FRACTION, default=0.15, help="BERT: probability that a pixel is masked.")
-    parser.add_argument("--dataset_name", default=DIGITS, help=f"A `datasets` image dataset, or {DIGITS!r}.")
-    parser.add_argument("--dataset_config_name", default=None, help="The dataset configuration name.")
-    parser.add_argument("--train_dir", default=None, help="An imagefolder of training images.")
-    parser.add_argument("--validation_dir", default=None, help="An imagefolder of evaluation images.")
-    parser.add_argument("--image_column_name", default=None, help="Default: the first column of `Image` type.")
-    split = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
-    parser.add_argument("--train_val_split", type=split, default=0.15, help="Held out when there is no eval split.")
-    parser.add_argument("--max_train_samples", type=POSITIVE, default=None, help="Truncate the training split.")
-    parser.add_argument("--max_eval_samples", type=POSITIVE, default=None, help="Truncate the evaluation split.")
-    parser.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
-    parser.add_argument("--dataloader_num_workers", type=NON_NEGATIVE, default=0)
-    parser.add_argument("--n_px", type=POSITIVE, default=None, help="Default: the model's, 32, or 8 on the digits.")
-    parser.add_argument("--processor_name_or_path", default=None, help="A processor with a palette ('clusters').")
-    parser.add_argument("--palette_size", type=checked(int, lambda v: v >= 2, "at least 2"), default=None)
-    parser.add_argument("--palette_max_pixels", type=POSITIVE, default=1_000_000, help="Pixels sampled for the fit.")
-    parser.add_argument(
-        "--random_crop_scale",
-        type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"),
-        nargs=2,
-        default=(0.5, 1.0),
-        metavar=("MIN", "MAX"),
-    )
-    parser.add_argument("--no_random_crop", action="store_true", help="Train on whole images (no random crops).")
-    parser.add_argument("--output_dir", required=True, help="Where to write checkpoints and the model.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace what is in --output_dir.")
-    parser.add_argument("--seed", type=NON_NEGATIVE, default=42, help="Seeds the init, data order, crops and masks.")
-    parser.add_argument("--per_device_train_batch_size", type=POSITIVE, default=64)
-    parser.add_argument("--per_device_eval_batch_size", type=POSITIVE, default=128)
-    parser.add_argument("--learning_rate", type=checked(float, lambda v: v > 0, "> 0"), default=1e-3)
-    parser.add_argument("--weight_decay", type=checked(float, lambda v: v >= 0, ">= 0"), default=0.0)
-    parser.add_argument("--adam_beta2", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.95)
-    parser.add_argument("--max_grad_norm", type=checked(float, lambda v: v >= 0, ">= 0"), default=1.0)
-    parser.add_argument("--num_train_epochs", type=POSITIVE, default=10)
-    parser.add_argument("--max_train_steps", type=POSITIVE, default=None, help="Optimizer steps; overrides epochs.")
-    parser.add_argument("--gradient_accumulation_steps", type=POSITIVE, default=1)
+    add = parser.add_argument
+    add("--objective", choices=["ar", "bert"], default=None, help="Default: the config's, else ar.")
+    add("--model_size", choices=list(PRESETS), default="tiny", help="A preset for a new model.")
+    add("--config_name", default=None, help="A config (folder, JSON or Hub id) instead of a preset.")
+    add("--config_overrides", default=None, help="The new model's config fields, e.g. 'n_layer=4,n_embd=64'.")
+    add("--model_name_or_path", default=None, help="Continue pretraining this checkpoint.")
+    add("--mask_prob", type=FRACTION, default=0.15, help="BERT: the probability that a pixel is masked.")
+    add("--dataset_name", default=DIGITS, help=f"A `datasets` image dataset, or {DIGITS!r}.")
+    add("--dataset_config_name", default=None)
+    add("--train_dir", default=None, help="An imagefolder of training images.")
+    add("--validation_dir", default=None, help="An imagefolder of evaluation images.")
+    add("--image_column_name", default=None, help="Default: the first column of `Image` type.")
+    add("--train_val_split", type=BELOW_ONE, default=0.15, help="Held out when there is no evaluation split.")
+    add("--max_train_samples", type=POSITIVE, default=None)
+    add("--max_eval_samples", type=POSITIVE, default=None)
+    add("--cache_dir", default=None, help="Where `datasets` caches downloads.")
+    add("--dataloader_num_workers", type=NON_NEGATIVE, default=0)
+    add("--n_px", type=POSITIVE, default=None, help="Default: the model's, 32, or 8 on the digits.")
+    add("--processor_name_or_path", default=None, help="A processor with a palette ('clusters').")
+    add("--palette_size", type=checked(int, lambda v: v >= 2, "at least 2"), default=None)
+    add("--palette_max_pixels", type=POSITIVE, default=1_000_000, help="Pixels sampled for the palette's k-means.")
+    add("--random_crop_scale", type=SCALE, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"))
+    add("--no_random_crop", action="store_true", help="Train on whole images.")
+    add("--output_dir", required=True)
+    add("--overwrite", action="store_true", help="Replace what is in --output_dir.")
+    add("--seed", type=NON_NEGATIVE, default=42, help="Seeds the init, data order, crops and masks.")
+    add("--per_device_train_batch_size", type=POSITIVE, default=64)
+    add("--per_device_eval_batch_size", type=POSITIVE, default=128)
+    add("--learning_rate", type=checked(float, lambda v: v > 0, "> 0"), default=1e-3)
+    add("--weight_decay", type=NON_NEGATIVE_FLOAT, default=0.0)
+    add("--adam_beta2", type=BELOW_ONE, default=0.95)
+    add("--max_grad_norm", type=NON_NEGATIVE_FLOAT, default=1.0)
+    add("--num_train_epochs", type=POSITIVE, default=10)
+    add("--max_train_steps", type=POSITIVE, default=None, help="Optimizer steps; overrides epochs.")
+    add("--gradient_accumulation_steps", type=POSITIVE, default=1)
     schedules = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
-    parser.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine", choices=schedules)
-    parser.add_argument("--num_warmup_steps", type=NON_NEGATIVE, default=0)
-    parser.add_argument("--logging_steps", type=POSITIVE, default=10)
-    parser.add_argument("--eval_steps", type=POSITIVE, default=None, help="Default: evaluate every epoch.")
-    parser.add_argument("--checkpointing_steps", default=None, help="Save a checkpoint every n steps, or 'epoch'.")
-    parser.add_argument("--checkpoints_total_limit", type=POSITIVE, default=None, help="Keep the newest n.")
-    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--with_tracking", action="store_true")
-    parser.add_argument("--report_to", default="all")
+    add("--lr_scheduler_type", type=SchedulerType, default="cosine", choices=schedules)
+    add("--num_warmup_steps", type=NON_NEGATIVE, default=0)
+    add("--logging_steps", type=POSITIVE, default=10)
+    add("--eval_steps", type=POSITIVE, default=None, help="Default: every epoch.")
+    add("--checkpointing_steps", default=None, help="Save a checkpoint every n steps, or 'epoch'.")
+    add("--checkpoints_total_limit", type=POSITIVE, default=None, help="Keep the newest n.")
+    add("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    add("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    add("--gradient_checkpointing", action="store_true")
+    add("--with_tracking", action="store_true")
+    add("--report_to", default="all")
     args = parser.parse_args(argv)
 
     # The errors argparse cannot see, before anything is loaded.
@@ -143,14 +140,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"--num_warmup_steps {args.num_warmup_steps} is more than --max_train_steps {args.max_train_steps}: the "
             "learning rate would never reach --learning_rate."
         )
-    every = args.checkpointing_steps
-    if every not in (None, "epoch") and (not re.fullmatch(r"[0-9]+", every) or int(every) < 1):
-        raise ValueError(f"--checkpointing_steps must be a positive whole number of steps or 'epoch', got {every!r}.")
-    if every not in (None, "epoch") and args.max_train_steps is not None and int(every) > args.max_train_steps:
-        raise ValueError(
-            f"--checkpointing_steps {every} is more than --max_train_steps {args.max_train_steps}: no checkpoint "
-            "would ever be written. Pass a smaller number, or 'epoch'."
-        )
+    if (every := args.checkpointing_steps) not in (None, "epoch"):
+        if not re.fullmatch(r"[0-9]+", every) or int(every) < 1:
+            raise ValueError(
+                f"--checkpointing_steps must be a positive whole number of steps or 'epoch', got {every!r}."
+            )
+        if args.max_train_steps is not None and int(every) > args.max_train_steps:
+            raise ValueError(
+                f"--checkpointing_steps {every} is more than --max_train_steps {args.max_train_steps}: no checkpoint "
+                "would ever be written. Pass a smaller number, or 'epoch'."
+            )
     if args.model_name_or_path is not None and (args.config_name is not None or args.config_overrides is not None):
         raise ValueError("--model_name_or_path brings its own config: drop --config_name / --config_overrides.")
     args.overrides = {}  # --config_overrides as {field: value}, each a config field with a value of its type
@@ -182,10 +181,9 @@ def random_crop(image: PIL.Image.Image, scale, generator: torch.Generator, ratio
     """torchvision's RandomResizedCrop box (an area fraction from `scale`, a log-uniform aspect ratio from `ratio`, ten
     tries, then the largest central crop within `ratio`), drawn from `generator`; the caller resizes."""
     width, height = image.size
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         area = height * width * torch.empty(1).uniform_(*scale, generator=generator).item()
-        aspect = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
+        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).item())
         w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
         if 0 < w <= width and 0 < h <= height:
             top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
@@ -207,16 +205,15 @@ def checkpoint_problem(path: str) -> str | None:
         [int(state[key]) for key in ("completed_steps", "epoch", "batches_in_epoch")] and dict(state["run"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"its {STATE_FILE} is unreadable ({type(err).__name__}: {err})"
-    for folder, _, files in os.walk(path):
-        for name in files:
-            try:
-                if name.endswith(".safetensors"):
-                    with safe_open(os.path.join(folder, name), "pt"):
-                        pass
-                elif name.endswith((".bin", ".pkl", ".pt", ".pth")):  # torch.save's zip archives
-                    zipfile.ZipFile(os.path.join(folder, name)).close()
-            except Exception as err:  # safetensors raises its own error type
-                return f"{os.path.join(folder, name)} is damaged ({type(err).__name__}: {err})"
+    for file in (Path(folder, name) for folder, _, names in os.walk(path) for name in names):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(file, "pt"):
+                    pass
+            elif file.suffix in (".bin", ".pkl", ".pt", ".pth"):  # torch.save's zip archives
+                zipfile.ZipFile(file).close()
+        except Exception as err:  # safetensors raises its own error type
+            return f"{file} is damaged ({type(err).__name__}: {err})"
     return None
 
 
@@ -227,18 +224,16 @@ def find_checkpoint(args: argparse.Namespace) -> str | None:
     names = [n for n in (os.listdir(root) if root.is_dir() else []) if re.fullmatch(r"step_[0-9]+", n)]
     complete = [str(root / n) for n in sorted(names, key=lambda n: int(n[5:])) if (root / n / STATE_FILE).is_file()]
     path = args.resume_from_checkpoint
-    if path == "latest":
-        if not complete:
-            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet; starting anew")
-            return None
-        path = complete[-1]
-    elif not os.path.isfile(os.path.join(path, STATE_FILE)):
+    if path == "latest" and not complete:
+        logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet; starting anew")
+        return None
+    path = complete[-1] if path == "latest" else path
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise ValueError(
             f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {STATE_FILE}); complete ones are "
             f"{complete or 'none'}."
         )
-    problem = checkpoint_problem(path)
-    if problem is not None:
+    if (problem := checkpoint_problem(path)) is not None:
         earlier = [p for p in complete if os.path.abspath(p) != os.path.abspath(path)]
         intact = next((p for p in reversed(earlier) if checkpoint_problem(p) is None), None)
         offer = (
@@ -252,8 +247,8 @@ def find_checkpoint(args: argparse.Namespace) -> str | None:
 
 
 def fingerprint(split: datasets.Dataset, columns: list[str]) -> str:
-    """A digest of the training examples' contents: every image's bytes (read from its file when not embedded) and
-    the other `columns`, in order."""
+    """A digest of the training examples: every image's bytes (read from its file when not embedded) and the other
+    `columns`, in order."""
     digest = hashlib.sha256()
     split = split.select_columns(columns).cast_column(columns[0], datasets.Image(decode=False))
     for batch in split.iter(batch_size=256):
@@ -283,23 +278,19 @@ def main(argv=None) -> dict[str, float]:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.accelerator.is_available():
         raise ValueError(
             "This run was launched with an FSDP config, but this machine has no GPU: Accelerate shards a model only "
-            "on GPU-type devices, and on CPUs it would quietly run plain data parallel instead (every process "
-            "holding the whole model, unsharded checkpoints). On CPUs, launch with "
+            "on GPU-type devices, and on CPUs it would quietly run plain data parallel instead. On CPUs, launch with "
             "examples/accelerate_configs/multi_cpu.yaml; run the FSDP config on a machine with GPUs."
         )
-    # Seeded samplers: the same data order on every process and after a resume.
-    accelerator_kwargs = {
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "mixed_precision": args.mixed_precision,
-    }
-    accelerator_kwargs["dataloader_config"] = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed)
-    if args.with_tracking:
-        accelerator_kwargs.update(log_with=args.report_to, project_dir=args.output_dir)
-    # Without GPUs, processes of `accelerate launch` join one run (gloo) only when told to use the CPU.
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-        accelerator_kwargs["cpu"] = True
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    accelerator = Accelerator(**accelerator_kwargs)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        # Seeded samplers: the same data order on every process and after a resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # Without GPUs, processes of `accelerate launch` join one run (gloo) only when told to use the CPU.
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available(),
+        **({"log_with": args.report_to, "project_dir": args.output_dir} if args.with_tracking else {}),
+    )
     logger.info(accelerator.state, main_process_only=False)
     verbosity = "warning" if accelerator.is_local_main_process else "error"
     datasets.utils.logging.set_verbosity(datasets.utils.logging.log_levels[verbosity])
@@ -346,21 +337,16 @@ def main(argv=None) -> dict[str, float]:
             "--config_overrides."
         )
 
-    # Data: "train" and "validation" splits, and the image column.
+    # Data: "train" and "validation" splits and the image column.
+    source = args.train_dir or ("scikit-learn's bundled digits" if digits else args.dataset_name)
     with accelerator.main_process_first():
         if args.train_dir is not None:
-            data_files = {"train": os.path.join(args.train_dir, "**")}
-            if args.validation_dir is not None:
-                data_files["validation"] = os.path.join(args.validation_dir, "**")
-            dataset, source = (
-                datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=args.cache_dir),
-                args.train_dir,
-            )
-        elif digits:
-            dataset, source = load_digits(), "scikit-learn's bundled digits"
+            files = {"train": args.train_dir, "validation": args.validation_dir}
+            files = {split: os.path.join(folder, "**") for split, folder in files.items() if folder}
+            dataset = datasets.load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir)
         else:
-            dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
-            source = args.dataset_name
+            name, config_name = args.dataset_name, args.dataset_config_name
+            dataset = load_digits() if digits else datasets.load_dataset(name, config_name, cache_dir=args.cache_dir)
     if "train" not in dataset:
         raise ValueError(f"The dataset {source} has no 'train' split; its splits are {list(dataset)}.")
     eval_split = "validation" if "validation" in dataset else "test"
@@ -372,9 +358,8 @@ def main(argv=None) -> dict[str, float]:
             )
         dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
         eval_split = f"{args.train_val_split:.0%} of train held out"
-    dataset = datasets.DatasetDict(
-        {"train": dataset["train"], "validation": dataset["validation" if "validation" in dataset else "test"]}
-    )
+    held_out = dataset["validation" if "validation" in dataset else "test"]
+    dataset = datasets.DatasetDict({"train": dataset["train"], "validation": held_out})
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None:
             dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
@@ -382,7 +367,7 @@ def main(argv=None) -> dict[str, float]:
         f"Dataset {source}: {len(dataset['train'])} training, {len(dataset['validation'])} {eval_split} images"
     )
     features = dataset["train"].features
-    if args.image_column_name is not None and args.image_column_name not in features:
+    if args.image_column_name not in (None, *features):
         raise ValueError(
             f"--image_column_name {args.image_column_name!r} is not a column of the dataset; its columns are "
             f"{list(features)}."
@@ -477,16 +462,12 @@ def main(argv=None) -> dict[str, float]:
     if checkpoint is not None:
         then = json.loads(Path(checkpoint, STATE_FILE).read_text())["run"]
         keys = sorted(then.keys() | contract.keys())
-        changed = [
-            f"{k}: {then.get(k)!r} then, {contract.get(k)!r} now" for k in keys if then.get(k) != contract.get(k)
-        ]
-        if changed:
+        differ = [k for k in keys if then.get(k) != contract.get(k)]
+        if changed := "; ".join(f"{k}: {then.get(k)!r} then, {contract.get(k)!r} now" for k in differ):
             raise ValueError(
-                f"Cannot resume from {checkpoint}: this run differs from the one that wrote it in "
-                + "; ".join(changed)
-                + ". To continue that run, pass its settings again. To train with the new ones, start a new run: "
-                "another --output_dir, or --overwrite without --resume_from_checkpoint (which deletes its "
-                "checkpoints)."
+                f"Cannot resume from {checkpoint}: this run differs from the one that wrote it in {changed}. "
+                "To continue that run, pass its settings again. To train with the new ones, start a new run: another "
+                "--output_dir, or --overwrite without --resume_from_checkpoint (which deletes its checkpoints)."
             )
 
     # One writer per output folder: a lock inside it, held to the end (a second run is refused here, before work).
@@ -501,19 +482,16 @@ def main(argv=None) -> dict[str, float]:
                 f"Another run is writing to --output_dir {args.output_dir} (it holds {lock.lock_file}); wait for it "
                 "to end, or choose another folder."
             ) from None
-        for name in [CHECKPOINTS, TRACKER_DIR] if args.overwrite and not checkpoint else []:
-            if os.path.isdir(os.path.join(args.output_dir, name)):
-                logger.warning(f"--overwrite: deleting {os.path.join(args.output_dir, name)} of an earlier run")
-                shutil.rmtree(os.path.join(args.output_dir, name))
+        for path in [Path(args.output_dir, CHECKPOINTS), Path(args.output_dir, TRACKER_DIR)]:
+            if args.overwrite and not checkpoint and path.is_dir():
+                logger.warning(f"--overwrite: deleting {path} of an earlier run")
+                shutil.rmtree(path)
     accelerator.wait_for_everyone()
 
     # The model: new from the config, or the given checkpoint's weights.
     model_class = ImageGPTForCausalImageModeling if objective == "ar" else ImageGPTForMaskedImageModeling
-    model = (
-        model_class.from_pretrained(args.model_name_or_path, config=config)
-        if args.model_name_or_path
-        else model_class(config)
-    )
+    pretrained = args.model_name_or_path
+    model = model_class.from_pretrained(pretrained, config=config) if pretrained else model_class(config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     logger.info(
@@ -526,61 +504,48 @@ def main(argv=None) -> dict[str, float]:
     epoch_now = [0]
     center = {"size": {"shortest_edge": n_px}, "do_center_crop": True, "crop_size": {"height": n_px, "width": n_px}}
 
+    def encode(images: list[PIL.Image.Image], **kwargs) -> dict:
+        return {"input_ids": processor(images, return_tensors="pt", **kwargs)["input_ids"]}
+
     def train_transforms(batch: dict) -> dict:
-        images = decode(batch)
         if args.no_random_crop:
-            return {"input_ids": processor(images, return_tensors="pt", **center)["input_ids"]}
+            return encode(decode(batch), **center)
         seed = np.random.SeedSequence([args.seed, 1, epoch_now[0], *batch["index"]]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(seed))
-        images = [random_crop(image, args.random_crop_scale, generator) for image in images]
-        return {"input_ids": processor(images, return_tensors="pt")["input_ids"]}
+        return encode([random_crop(image, args.random_crop_scale, generator) for image in decode(batch)])
 
     train_dataset = undecoded["train"].add_column("index", list(range(len(undecoded["train"]))))
     train_dataset = train_dataset.with_transform(train_transforms)
-    eval_dataset = undecoded["validation"].with_transform(
-        lambda b: {"input_ids": processor(decode(b), return_tensors="pt", **center)["input_ids"]}
-    )
-    collator = ImageGPTDataCollator(
-        objective=objective, mask_probability=args.mask_prob if objective == "bert" else None, seed=args.seed
-    )
-    eval_collator = ImageGPTDataCollator(
-        objective=objective, mask_probability=collator.mask_probability, seed=args.seed
-    )
+    eval_dataset = undecoded["validation"].with_transform(lambda batch: encode(decode(batch), **center))
+    masking = {"mask_probability": args.mask_prob} if objective == "bert" else {}
+    collator = ImageGPTDataCollator(objective=objective, **masking, seed=args.seed)
+    eval_collator = ImageGPTDataCollator(objective=objective, **masking, seed=args.seed)  # epoch 0: fixed masks
+    order = torch.Generator().manual_seed(args.seed)  # keeps the data order off the global RNG (dropout)
+    loading = {"num_workers": args.dataloader_num_workers}
     train_dataloader = DataLoader(
-        train_dataset,
-        shuffle=True,
-        collate_fn=collator,
-        batch_size=args.per_device_train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(args.seed),  # keeps the iterator off the global RNG (dropout)
+        train_dataset, args.per_device_train_batch_size, shuffle=True, collate_fn=collator, generator=order, **loading
     )
-    eval_dataloader = DataLoader(
-        eval_dataset,
-        collate_fn=eval_collator,
-        batch_size=args.per_device_eval_batch_size,
-        num_workers=args.dataloader_num_workers,
-    )
+    eval_dataloader = DataLoader(eval_dataset, args.per_device_eval_batch_size, collate_fn=eval_collator, **loading)
     train_dataloader, eval_dataloader = accelerator.prepare(train_dataloader, eval_dataloader)
 
-    # AdamW (no weight decay on biases and norms) and the schedule, sized by the prepared (per-process) DataLoader.
+    # AdamW (no weight decay on biases and norms) and the schedule, sized by the prepared
+    # (per-process) DataLoader.
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trained if p.ndim >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2))
-    lr_scheduler = get_scheduler(  # a prepared scheduler steps once per process for every optimizer step
-        args.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
+    processes = accelerator.num_processes  # a prepared scheduler steps once per process for every optimizer step
+    steps = {"num_warmup_steps": args.num_warmup_steps * processes, "num_training_steps": max_train_steps * processes}
+    lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer, **steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if args.with_tracking:
-        accelerator.init_trackers(
-            TRACKER_DIR, {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        )
+        hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers(TRACKER_DIR, hyperparameters)
 
     def save_checkpoint(completed_steps: int, epoch: int, batches_in_epoch: int) -> None:
         """`save_state` + the processor + the state file (position and run contract) into checkpoints/step_N, staged
@@ -601,11 +566,11 @@ def main(argv=None) -> dict[str, float]:
             except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its writer
                 files = [p for p in tmp.rglob("*") if p.is_file()]
                 newest = max(files, key=lambda p: p.stat().st_mtime_ns).name if files else "its first file"
-                free = shutil.disk_usage(tmp).free
                 raise OSError(
-                    f"Saving the checkpoint {final} failed while writing {newest}, with {free / 2**20:.1f} MiB free "
-                    f"on that disk ({type(err).__name__}: {err}). Free some space, or choose an --output_dir on a "
-                    "disk with room, and resume with --resume_from_checkpoint latest."
+                    f"Saving the checkpoint {final} failed while writing {newest}, with "
+                    f"{shutil.disk_usage(tmp).free / 2**20:.1f} MiB free on that disk ({type(err).__name__}: {err}). "
+                    "Free some space, or choose an --output_dir on a disk with room, and resume with "
+                    "--resume_from_checkpoint latest."
                 ) from err
             accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -633,9 +598,7 @@ def main(argv=None) -> dict[str, float]:
             ) from err
         state = json.loads(Path(checkpoint, STATE_FILE).read_text())
         completed_steps, starting_epoch, resume_batches = (
-            state["completed_steps"],
-            state["epoch"],
-            state["batches_in_epoch"],
+            state[k] for k in ("completed_steps", "epoch", "batches_in_epoch")
         )
         if resume_batches >= len(train_dataloader):  # saved at the end of an epoch
             starting_epoch, resume_batches = starting_epoch + 1, 0
@@ -675,51 +638,41 @@ def main(argv=None) -> dict[str, float]:
                 running = []
                 progress_bar.set_postfix(train_loss=f"{logs['train_loss']:.4f}")
             every = args.checkpointing_steps
-            if (every == "epoch" and (end_of_epoch or done)) or (
-                every not in (None, "epoch") and completed_steps % int(every) == 0
+            if (
+                (end_of_epoch or done)
+                if every == "epoch"
+                else (every is not None and completed_steps % int(every) == 0)
             ):
                 save_checkpoint(completed_steps, epoch, seen)
             if (completed_steps % args.eval_steps == 0 or done) if args.eval_steps else (end_of_epoch or done):
-                metrics = evaluate(accelerator, model, eval_dataloader)
-                logs |= metrics
+                logs |= (metrics := evaluate(accelerator, model, eval_dataloader))
             if logs:
                 logger.info(f"step {completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
                 if args.with_tracking:
                     accelerator.log(logs, step=completed_steps)
             if done:
                 break
-    metrics = metrics or evaluate(accelerator, model, eval_dataloader)  # resumed from the last step
+    metrics = metrics or evaluate(accelerator, model, eval_dataloader)  # (a run resumed from its last step)
     progress_bar.close()
     if args.with_tracking:
         accelerator.end_training()
 
     # The model folder (weights + config, processor, generation config, card, all_results.json), staged and renamed
     # into --output_dir beside its checkpoints.
-    batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     origin = f"from {args.model_name_or_path}" if args.model_name_or_path else "from scratch"
-    data_name = (
-        f"the imagefolder {args.train_dir}"
-        if args.train_dir
-        else "scikit-learn handwritten digits (8x8 scans)"
-        if digits
-        else args.dataset_name
-    )
+    data_name = args.train_dir and f"the imagefolder {args.train_dir}"
+    data_name = data_name or ("scikit-learn handwritten digits (8x8 scans)" if digits else args.dataset_name)
+    task = "unconditional-image-generation" if objective == "ar" else "masked-image-modeling"
+    dataset_id = "imagefolder" if args.train_dir else args.dataset_name
+    result = {"task": task, "dataset": dataset_id, "dataset_name": data_name, "split": eval_split}
+    result |= {"metric": "bits_per_dim", "name": "bits per dimension (one pixel = one palette id)"}
+    result["value"] = round(metrics["eval_bpd"], 4)
     facts = {
         "training": f"Pretrained {origin} with examples/pretrain.py, {objective.upper()} objective, {max_train_steps} "
-        f"steps on {data_name} in batches of {batch_size} images, AdamW at peak learning rate {args.learning_rate:g} "
-        f"({args.lr_scheduler_type.value} schedule), seed {args.seed}.",
+        f"steps on {data_name} in batches of {total_batch_size} images, AdamW at peak learning rate "
+        f"{args.learning_rate:g} ({args.lr_scheduler_type.value} schedule), seed {args.seed}.",
         "datasets": [] if args.train_dir or digits else [args.dataset_name],
-        "results": [
-            {
-                "task": "unconditional-image-generation" if objective == "ar" else "masked-image-modeling",
-                "dataset": "imagefolder" if args.train_dir else args.dataset_name,
-                "dataset_name": data_name,
-                "split": eval_split,
-                "metric": "bits_per_dim",
-                "name": "bits per dimension (one pixel = one palette id)",
-                "value": round(metrics["eval_bpd"], 4),
-            }
-        ],
+        "results": [result],
     }
     if args.model_name_or_path is None:
         facts["license"] = "mit"
@@ -729,9 +682,8 @@ def main(argv=None) -> dict[str, float]:
     state_dict = accelerator.get_state_dict(model)  # every process: gathers sharded (FSDP) weights
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        with staged_dir(
-            args.output_dir, overwrite=args.overwrite, keep=[CHECKPOINTS, TRACKER_DIR, LOCK_FILE], inputs=inputs
-        ) as tmp:
+        keep = [CHECKPOINTS, TRACKER_DIR, LOCK_FILE]
+        with staged_dir(args.output_dir, overwrite=args.overwrite, keep=keep, inputs=inputs) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
             processor.save_pretrained(tmp)
             if objective == "ar":
