@@ -1,7 +1,7 @@
 """Image processor for Image GPT: images <-> sequences of palette ids (each pixel, scaled to [-1, 1], becomes the id of
-its nearest palette color; `decode` turns ids back into images). It is transformers' `PilBackend` (arguments,
-defaults, rescale, normalize, saving, loading) with `_preprocess` overridden, as transformers' `ImageGPTImageProcessorPil`
-is; what else is here says why. Shipped as remote code by `save_pretrained` (with palette_search.py): it imports only
+its nearest palette color; `decode` turns ids back into images). It is transformers' `PilBackend` (arguments, defaults,
+rescale, normalize, saving, loading) with `_preprocess` overridden, as transformers' `ImageGPTImageProcessorPil` is;
+what else is here says why. Shipped as remote code by `save_pretrained` (with palette_search.py): it imports only
 numpy, PIL, torch, transformers and the standard library."""
 
 from __future__ import annotations

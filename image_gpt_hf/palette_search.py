@@ -15,9 +15,10 @@ with three tricks, each there for a reason:
 - a pruning grid. A 16 x 16 x 16 grid over [-1, 1]^3 (where normalized pixels live) lists, per cell, the centers that
   can be nearest to some point of the cell: a center is kept if its smallest distance to the cell is at most the
   smallest largest-distance of any center (plus the tie tolerance, so near-ties are still seen). For a spread-out
-  512-color palette that is about 10 candidates instead of 512; the table is built once per palette and cached.
-  Lists are padded to a multiple of four, so a batch's pixels fall into a handful of groups, each searched in a few
-  large tensor operations (many small ones are slow, and very slow on a busy machine with several torch threads). Pixels outside the cube (other normalizations) search every center.
+  512-color palette that is about 10 candidates instead of 512; the table is built once per palette and cached. Lists
+  are padded to a multiple of four, so a batch's pixels fall into a handful of groups, each searched in a few large
+  tensor operations (many small ones are slow, and very slow on a busy machine with several torch threads). Pixels
+  outside the cube (other normalizations) search every center.
 
 Chunking bounds memory: each chunk's distance matrix holds about 2**18 entries on CPU (cache-sized), 2**26 on
 accelerators. MPS has no float64, so the search runs on the CPU there.
@@ -224,9 +225,9 @@ def _search_grid(
 def _candidate_table(palette_bytes: bytes, num_colors: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """For each cell of the `GRID`^3 grid over [-1, 1]^3, the centers that can be nearest to a point of the cell.
 
-    Returns `(cells, width)` ids (ascending, padded with `num_colors`) and each cell's width: its number of
-    candidates rounded up to a multiple of four (from three on), so that a batch's pixels fall into a few groups of
-    one width (a few large tensor operations rather than one small group per count). Centers within the tie tolerance of the bound
+    Returns `(cells, width)` ids (ascending, padded with `num_colors`) and each cell's width: its number of candidates
+    rounded up to a multiple of four (from three on), so that a batch's pixels fall into a few groups of one width (a
+    few large tensor operations rather than one small group per count). Centers within the tie tolerance of the bound
     are kept, so near-ties are still seen and re-ranked.
     """
     palette = torch.from_numpy(np.frombuffer(palette_bytes, dtype=np.float64).reshape(num_colors, 3).copy())
