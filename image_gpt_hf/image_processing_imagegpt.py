@@ -1,8 +1,8 @@
 """Image processor for Image GPT: images <-> sequences of palette ids (each pixel, scaled to [-1, 1], becomes the id of
 its nearest palette color; `decode` turns ids back into images). It is transformers' `PilBackend` (arguments, defaults,
 rescale, normalize, saving, loading) with `_preprocess` overridden, as transformers' `ImageGPTImageProcessorPil` is;
-what else is here says why. Shipped as remote code by `save_pretrained` (with palette_search.py): it imports only
-numpy, PIL, torch, transformers and the standard library."""
+what else is here says why. Shipped as remote code by `save_pretrained` (with the two modules it imports): they import
+only numpy, PIL, torch, transformers and the standard library."""
 
 from __future__ import annotations
 
@@ -492,7 +492,7 @@ class ImageGPTImageProcessorPil(ImageGPTImageProcessor):
     backend: before 5.23 `AutoImageProcessor` looks a saved `image_processor_type` up by class name for each backend."""
 
 
-# `save_pretrained` copies this file (and palette_search.py) next to preprocessor_config.json and names it in
+# `save_pretrained` copies this file (and the modules it imports) next to preprocessor_config.json and names it in
 # `auto_map`, so the folder loads with `trust_remote_code=True` where this package is not installed.
 ImageGPTImageProcessor.register_for_auto_class("AutoImageProcessor")
 

@@ -376,7 +376,9 @@ def test_save_and_load_through_auto_image_processor(tmp_path, small_images, rand
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["auto_map"] == {"AutoImageProcessor": "image_processing_imagegpt.ImageGPTImageProcessor"}
     # The processor's code travels with it, and imports only what every transformers user has.
-    for source in ("image_processing_imagegpt.py", "palette_search.py"):
+    sources = sorted(path.name for path in tmp_path.glob("*.py"))
+    assert sources == ["image_processing_imagegpt.py", "palette_search.py", "transformers_compat.py"]
+    for source in sources:
         imports = set(get_imports(tmp_path / source)) - set(sys.stdlib_module_names)
         assert imports <= {"numpy", "PIL", "torch", "transformers"}, (source, imports)
     assert saved["clusters"] == random_palette.tolist() and saved["size"] == {"height": N_PX, "width": N_PX}
