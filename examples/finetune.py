@@ -49,6 +49,7 @@ from image_gpt_hf import (
     load_digits,
     lora_config,
 )
+from image_gpt_hf.image_processing_imagegpt import check_palette_fits
 from image_gpt_hf.model_card import write_model_card
 from image_gpt_hf.safe_io import check_output_path, staged_dir, staging_path
 
@@ -360,11 +361,7 @@ def main(argv=None) -> dict[str, float]:
             f"{source!r} has no preprocessor_config.json with a palette ('clusters'). The model's token ids index the "
             "palette it was trained with; pass the processor it was trained with as --processor_name_or_path."
         )
-    if len(processor.clusters) != config.palette_size:
-        raise ValueError(
-            f"The processor from {source!r} has {len(processor.clusters)} colors but the model predicts "
-            f"{config.palette_size}: they do not belong together."
-        )
+    check_palette_fits(processor, config, source=f"The processor from {source!r}")
     processor.size, processor.do_center_crop = {"height": n_px, "width": n_px}, False
 
     # Data: "train" and "validation" splits, the image column and the labels.
@@ -383,10 +380,8 @@ def main(argv=None) -> dict[str, float]:
     eval_split = "validation" if "validation" in dataset else "test"
     if eval_split not in dataset:
         if args.train_val_split == 0:
-            raise ValueError(
-                f"The dataset {source} has no validation or test split; pass --train_val_split > 0 or "
-                "--validation_dir."
-            )
+            no_split = f"The dataset {source} has no validation or test split"
+            raise ValueError(f"{no_split}; pass --train_val_split > 0 or --validation_dir.")
         dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
         eval_split = f"{args.train_val_split:.0%} of train held out"
     held_out = dataset["validation" if "validation" in dataset else "test"]
@@ -394,22 +389,17 @@ def main(argv=None) -> dict[str, float]:
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None:
             dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
-    logger.info(
-        f"Dataset {source}: {len(dataset['train'])} training, {len(dataset['validation'])} {eval_split} images"
-    )
+    sizes = f"{len(dataset['train'])} training, {len(dataset['validation'])} {eval_split} images"
+    logger.info(f"Dataset {source}: {sizes}")
     features = dataset["train"].features
     for flag in ("image_column_name", "label_column_name"):
         if getattr(args, flag) not in (None, *features):
             raise ValueError(
                 f"--{flag} {getattr(args, flag)!r} is not a column of the dataset; its columns are {list(features)}."
             )
-    image_column = args.image_column_name or next(
-        (n for n, f in features.items() if isinstance(f, datasets.Image)), None
-    )
-    if image_column is None:
-        raise ValueError(
-            f"The dataset has no column of `Image` type among {list(features)}; pass --image_column_name."
-        )
+    images = [n for n, f in features.items() if isinstance(f, datasets.Image)]
+    if not (image_column := args.image_column_name or next(iter(images), None)):
+        raise ValueError(f"The dataset has no `Image` column among {list(features)}; pass --image_column_name.")
     labelled = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)] + ["label", "labels"]
     label_column = args.label_column_name or next((n for n in labelled if n in features), None)
     # imagefolder gives no label column for a single class subfolder: say what is missing, a second class.

@@ -352,10 +352,8 @@ def main(argv=None) -> dict[str, float]:
     eval_split = "validation" if "validation" in dataset else "test"
     if eval_split not in dataset:
         if args.train_val_split == 0:
-            raise ValueError(
-                f"The dataset {source} has no validation or test split; pass --train_val_split > 0 or "
-                "--validation_dir."
-            )
+            no_split = f"The dataset {source} has no validation or test split"
+            raise ValueError(f"{no_split}; pass --train_val_split > 0 or --validation_dir.")
         dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
         eval_split = f"{args.train_val_split:.0%} of train held out"
     held_out = dataset["validation" if "validation" in dataset else "test"]
@@ -363,22 +361,17 @@ def main(argv=None) -> dict[str, float]:
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None:
             dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
-    logger.info(
-        f"Dataset {source}: {len(dataset['train'])} training, {len(dataset['validation'])} {eval_split} images"
-    )
+    sizes = f"{len(dataset['train'])} training, {len(dataset['validation'])} {eval_split} images"
+    logger.info(f"Dataset {source}: {sizes}")
     features = dataset["train"].features
     if args.image_column_name not in (None, *features):
         raise ValueError(
             f"--image_column_name {args.image_column_name!r} is not a column of the dataset; its columns are "
             f"{list(features)}."
         )
-    image_column = args.image_column_name or next(
-        (n for n, f in features.items() if isinstance(f, datasets.Image)), None
-    )
-    if image_column is None:
-        raise ValueError(
-            f"The dataset has no column of `Image` type among {list(features)}; pass --image_column_name."
-        )
+    images = [n for n, f in features.items() if isinstance(f, datasets.Image)]
+    if not (image_column := args.image_column_name or next(iter(images), None)):
+        raise ValueError(f"The dataset has no `Image` column among {list(features)}; pass --image_column_name.")
 
     def decode(batch: dict) -> list[PIL.Image.Image]:
         """The batch's images, decoded here so that an unreadable file is named with the fix."""
