@@ -328,8 +328,9 @@ def main(argv=None) -> dict[str, float]:
 
     # The output folder: refused before any work when it holds anything but this run's own entries.
     inputs = [args.model_name_or_path, args.processor_name_or_path, args.train_dir, args.validation_dir]
+    inputs += [args.dataset_name]
     own = [CHECKPOINTS, TRACKER_DIR, LOCK_FILE] if args.resume_from_checkpoint else [LOCK_FILE]
-    check_output_path(args.output_dir, inputs=[*inputs, args.dataset_name], overwrite=args.overwrite, keep=own)
+    check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite, keep=own)
     checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
 
     # The pretrained model's config and processor (its palette defines the model's token ids).
