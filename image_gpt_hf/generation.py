@@ -1,9 +1,10 @@
-"""Sampling and completing images with an autoregressive Image GPT: thin helpers over `model.generate()`.
+"""Sampling and completing images with an autoregressive Image GPT: thin helpers over `generate()`.
 
 `sample` draws whole images from the SOS token; `complete` keeps the top rows of given images and generates the rest,
-as in the paper's completions figure. Both take any `generate()` option on top (e.g. `cache_implementation="static"`
-and a `compile_config` for the fast paths described in benchmarks/README.md) and decode the ids with the image
-processor's palette.
+as in the paper's completions figure. Both take any `generate()` option on top and decode the ids with the image
+processor's palette. They generate through `fast_decoding.fast_generate`: a static cache and a decode step compiled
+once per model and batch size (by default for models of 20M parameters and more), or plain `generate()` where
+compiling does not pay or fails (with a logged reason); `compile=` and `precision=` choose.
 
 ```python
 from image_gpt_hf import ImageGPTForCausalImageModeling, ImageGPTImageProcessor
@@ -29,6 +30,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
 from .configuration_imagegpt import ImageGPTConfig
+from .fast_decoding import fast_generate
 from .image_processing_imagegpt import ImageGPTImageProcessor, check_palette_fits
 
 OutputType = Literal["pil", "np", "ids"]
@@ -51,6 +53,8 @@ def sample(
     output_type: OutputType = "pil",
     progress: bool = True,
     upscale: Upscaler | None = None,
+    compile: bool | None = None,
+    precision: str | None = None,
     **generate_kwargs: Any,
 ) -> list[PIL.Image.Image] | np.ndarray | torch.LongTensor | tuple[list[PIL.Image.Image], list[PIL.Image.Image]]:
     """Draw `num_images` images from an autoregressive Image GPT, each generated pixel by pixel from the SOS token.
@@ -70,6 +74,12 @@ def sample(
         upscale: also return the images enlarged, for viewing (`output_type="pil"` only): an integer factor
             (nearest-neighbour, no model needed), or a transformers super-resolution model (a Swin2SR checkpoint's
             folder or Hub id, or the model itself); see `upscale_images`. The result is then `(images, upscaled)`.
+        compile: compile the decode step (`torch.compile`, once per model and batch size, reused by later calls):
+            `None` does it for models of 20M parameters and more, where it pays back within a few images, `True`
+            whatever the size, `False` never (plain `generate()`). Where it fails, decoding runs eagerly and the
+            reason is logged. Greedy float32 tokens are the same either way. See `fast_decoding.fast_generate`.
+        precision: `None` (the model's weights), `"bfloat16"` or `"int8"` (weight-only, bfloat16 activations): decode
+            with lower-precision weights, from a copy of the model made once (the model itself is untouched).
         **generate_kwargs: passed on to `model.generate()` (e.g. a `streamer`). The image size sets the length, so
             `max_new_tokens`, `max_length`, `min_new_tokens` and `min_length` are refused, and so is
             `num_return_sequences`: ask for more images with `num_images` (in `complete`, `num_completions`). Values
@@ -86,7 +96,19 @@ def sample(
 
     prompts = torch.full((num_images, 1), config.sos_token_id, dtype=torch.long, device=model.device)
     ids = _generate(
-        model, prompts, n_px * n_px, batch_size, seed, progress, temperature, top_k, top_p, do_sample, generate_kwargs
+        model,
+        prompts,
+        n_px * n_px,
+        batch_size,
+        seed,
+        progress,
+        temperature,
+        top_k,
+        top_p,
+        do_sample,
+        compile,
+        precision,
+        generate_kwargs,
     )
     return _with_upscaled(_to_output(ids, processor, output_type, n_px), upscale)
 
@@ -107,6 +129,8 @@ def complete(
     output_type: OutputType = "pil",
     progress: bool = True,
     upscale: Upscaler | None = None,
+    compile: bool | None = None,
+    precision: str | None = None,
     **generate_kwargs: Any,
 ) -> list[PIL.Image.Image] | np.ndarray | torch.LongTensor | tuple[list[PIL.Image.Image], list[PIL.Image.Image]]:
     """Keep the top `primer_rows` rows of each image and let the model generate the rest.
@@ -121,8 +145,8 @@ def complete(
         primer_rows: rows kept from each image (default: the top half, `n_px // 2`); 0 samples whole new images.
         num_completions: completions per image.
         batch_size: sequences generated together (default: all of them in one batch).
-        temperature, top_k, top_p, do_sample, seed, output_type, progress, upscale, **generate_kwargs: as in
-            `sample`.
+        temperature, top_k, top_p, do_sample, seed, output_type, progress, upscale, compile, precision,
+            **generate_kwargs: as in `sample`.
 
     Returns:
         `len(images) * num_completions` results, image by image (the completions of the first image come first), as
@@ -162,6 +186,8 @@ def complete(
         top_k,
         top_p,
         do_sample,
+        compile,
+        precision,
         generate_kwargs,
     )
     return _with_upscaled(_to_output(completed, processor, output_type, n_px), upscale)
@@ -286,9 +312,11 @@ def _generate(
     top_k: int | None,
     top_p: float | None,
     do_sample: bool,
+    compile: bool | None,
+    precision: str | None,
     generate_kwargs: dict[str, Any],
 ) -> torch.LongTensor:
-    """`generate()` over `prompts` (N, 1 + primer) in batches; returns the (N, n_px * n_px) palette ids, SOS dropped."""
+    """`fast_generate()` over `prompts` (N, 1 + primer) in batches; the (N, n_px * n_px) palette ids, SOS dropped."""
     for name, instead in (
         ("max_new_tokens", "the image size"),
         ("max_length", "the image size"),
@@ -322,7 +350,7 @@ def _generate(
             batch = prompts[start : start + batch_size]
             if bar is not None:
                 options["streamer"] = _BarStreamer(bar, len(batch))
-            out = model.generate(batch, **options)
+            out = fast_generate(model, batch, compile=compile, precision=precision, **options)
             outputs.append(out[:, 1:])  # drop SOS: (b, primer + new) = (b, n_px * n_px)
     if bar is not None:
         bar.close()

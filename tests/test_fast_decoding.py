@@ -1,10 +1,6 @@
 """image_gpt_hf.fast_decoding: the compiled static-cache path gives the default path's tokens, falls back with a logged
-reason, and the lower-precision weights cost less than 0.01 bits per pixel.
+reason, and the lower-precision weights cost less than 0.01 bits per pixel; sample() and complete() go through it."""
 
-The `test_hook_*` tests call sample()/complete() with `compile=`; they are skipped until generation.py routes
-`_generate` through `fast_generate` (sample() then takes `compile`)."""
-
-import inspect
 import logging
 import math
 
@@ -12,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_DIMS
+from transformers.generation.streamers import BaseStreamer
 from transformers.pytorch_utils import Conv1D
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling
@@ -207,35 +204,35 @@ def test_precision_costs_under_a_hundredth_of_a_bit_on_photo_crops(precision):
     assert abs(low - reference) < 0.01, (precision, reference, low)
 
 
-# ------------------------------------------------------- through sample()/complete() (needs the generation.py hook)
+# --------------------------------------------------------------------------------- through sample() and complete()
 
 
-def _hooked() -> bool:
-    from image_gpt_hf.generation import sample
-
-    return "compile" in inspect.signature(sample).parameters
-
-
-hook = pytest.mark.skipif(
-    not _hooked(), reason="generation.py does not route sample()/complete() to fast_generate yet"
-)
-
-
-@hook
 @pytest.mark.slow
 def test_hook_sample_and_complete_compiled_give_the_default_tokens(model):
     from image_gpt_hf.generation import complete, sample
 
+    class Count(BaseStreamer):  # a user's streamer (the app's, for one) on the compiled path
+        calls = 0
+
+        def put(self, value):
+            self.calls += 1
+
+        def end(self):
+            pass
+
     options = {"do_sample": False, "output_type": "ids", "progress": False}
     expected = sample(model, 2, compile=False, **options)
-    assert torch.equal(sample(model, 2, compile=True, **options), expected)
-    assert (2, None, torch.float32, torch.device("cpu")) in fd._DECODERS[model]
+    streamer = Count()
+    assert torch.equal(sample(model, 2, compile=True, streamer=streamer, **options), expected)
+    assert streamer.calls == 64 + 1  # the prompt, then every step
+    decoder = fd._DECODERS[model][(2, None, torch.float32, torch.device("cpu"))]
+    assert not decoder.failed  # the steps ran compiled
     halves = complete(model, expected, primer_rows=3, compile=False, **options)
     assert torch.equal(complete(model, expected, primer_rows=3, compile=True, **options), halves)
+    assert list(fd._DECODERS[model]) == [(2, None, torch.float32, torch.device("cpu"))] and not decoder.failed
     fd.forget(model)
 
 
-@hook
 def test_hook_sample_with_compile_false_never_compiles(model, monkeypatch):
     from image_gpt_hf.generation import sample
 
