@@ -105,6 +105,19 @@ def check_upscaled(ns):
     )
 
 
+def check_fast_generate(ns):
+    from image_gpt_hf.fast_decoding import _DECODERS, forget
+
+    model, prompts, greedy = ns["model"], ns["prompts"], ns["greedy"]
+    # The int8 ids are the greedy tokens of the int8 copy the snippet made (on random weights they may well equal the
+    # float32 ones), SOS then palette ids.
+    int8 = _DECODERS[model]["int8"]
+    assert int8.lm_head.weight.dtype == torch.int8 and model.lm_head.weight.dtype == torch.float32
+    assert torch.equal(ns["int8_ids"], int8.generate(prompts, **greedy))
+    assert (ns["int8_ids"][:, 0] == model.config.sos_token_id).all() and (ns["int8_ids"][:, 1:] < 16).all()
+    forget(model)
+
+
 def normed_states(model, ids):
     """The paper's `n^l` for every layer, from `hidden_states`: each through the norm of the block after it (the last
     one, the final output, is normed already)."""
@@ -179,6 +192,7 @@ SNIPPET_CHECKS = {
     "prepend_sos=True).loss": check_loss_and_samples,
     "num_completions=3": check_completions,
     "upscale=16": check_upscaled,
+    'precision="int8"': check_fast_generate,
     'task="feature-extraction"': check_onnx_features,
     "layer_5 = ": check_pipeline_features,
     "card = write_model_card(": check_card,
