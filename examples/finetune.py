@@ -8,21 +8,18 @@ OpenAI's `[SOS, x_1, ..., x_{n-1}]`; BERT models draw the paper's 15% masks for 
 paper's evaluation protocol: `--num_labels_per_class N` trains on a seeded, class-balanced subset of the labels, and
 BERT models can be evaluated under `--num_eval_masks K` masks of `--eval_mask_prob`, their class probabilities
 averaged. The output folder loads with `AutoModelForImageClassification` (a LoRA run's with peft's `PeftModel` on the
-base model; `--merge_lora` also writes the merged model to `merged/`). To train on your own data, copy this file.
+base model; `--merge_lora` also writes the merged model to `merged/`). Checkpoints, resume and the run contract are in
+training_run.py, which pretrain.py shares: to train on your own data, copy this file and that one.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
-import logging
 import math
 import os
 import re
-import shutil
-import zipfile
 from pathlib import Path
 
 import datasets
@@ -30,12 +27,8 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-import transformers
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
-from filelock import FileLock, Timeout
-from safetensors import safe_open
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, SchedulerType, get_scheduler
@@ -49,32 +42,35 @@ from image_gpt_hf import (
     load_digits,
     lora_config,
 )
+from image_gpt_hf.data import random_resized_crop
 from image_gpt_hf.image_processing_imagegpt import check_palette_fits
 from image_gpt_hf.model_card import write_model_card
-from image_gpt_hf.safe_io import check_output_path, staged_dir, staging_path
+from image_gpt_hf.safe_io import check_output_path, staged_dir
+from training_run import (
+    BELOW_ONE,
+    CHECKPOINTS,
+    FRACTION,
+    LOCK_FILE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_FLOAT,
+    POSITIVE,
+    POSITIVE_FLOAT,
+    RUN_FLAGS,
+    SCALE,
+    check_contract,
+    check_training_flags,
+    find_checkpoint,
+    fingerprint,
+    load_checkpoint,
+    lock_output_dir,
+    make_accelerator,
+    run_contract,
+    save_checkpoint,
+)
 
 logger = get_logger(__name__)
 DIGITS = "sklearn-digits"  # scikit-learn's 1,797 8x8 handwritten digits (image_gpt_hf.load_digits): no download
-CHECKPOINTS, STATE_FILE, LOCK_FILE, TRACKER_DIR = "checkpoints", "training_state.json", ".lock", "image_gpt_finetune"
-
-
-def checked(kind, rule, description):
-    """An argparse type: a `kind` value that satisfies `rule`, else the error "must be <description>"."""
-
-    def parse(text: str):
-        if not rule(value := kind(text)):
-            raise argparse.ArgumentTypeError(f"must be {description}, got {text}")
-        return value
-
-    return parse
-
-
-POSITIVE, NON_NEGATIVE = checked(int, lambda v: v >= 1, "at least 1"), checked(int, lambda v: v >= 0, ">= 0")
-FRACTION, BELOW_ONE = (
-    checked(float, lambda v: 0 < v < 1, "in (0, 1)"),
-    checked(float, lambda v: 0 <= v < 1, "in [0, 1)"),
-)
-SCALE, NON_NEGATIVE_FLOAT = checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), checked(float, lambda v: v >= 0, ">= 0")
+TRACKER_DIR = "image_gpt_finetune"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--num_eval_masks", type=POSITIVE, default=1, help="BERT models: average the classes over K masks.")
     add("--eval_mask_prob", type=BELOW_ONE, default=0.0, help="BERT models: pixels masked in each evaluation view.")
     add("--lora_r", type=POSITIVE, default=None, help="Train a LoRA adapter of this rank (needs peft).")
-    add("--lora_alpha", type=checked(float, lambda v: v > 0, "> 0"), default=None, help="Default: 2 * r.")
+    add("--lora_alpha", type=POSITIVE_FLOAT, default=None, help="Default: 2 * r.")
     add("--lora_dropout", type=BELOW_ONE, default=0.0)
     add("--lora_target_modules", nargs="+", default=None, help="Default: image_gpt_hf.LORA_TARGET_MODULES.")
     add("--merge_lora", action="store_true", help="Also write the model with the adapter merged to output_dir/merged.")
@@ -113,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--seed", type=NON_NEGATIVE, default=42, help="Seeds the init, data order, crops and masks.")
     add("--per_device_train_batch_size", type=POSITIVE, default=64)
     add("--per_device_eval_batch_size", type=POSITIVE, default=128)
-    add("--learning_rate", type=checked(float, lambda v: v > 0, "> 0"), default=3e-4)
+    add("--learning_rate", type=POSITIVE_FLOAT, default=3e-4)
     add("--weight_decay", type=NON_NEGATIVE_FLOAT, default=0.0)
     add("--adam_beta2", type=BELOW_ONE, default=0.95)
     add("--max_grad_norm", type=NON_NEGATIVE_FLOAT, default=1.0)
@@ -135,28 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     # The errors argparse cannot see, before anything is loaded.
-    if args.random_crop_scale[0] > args.random_crop_scale[1]:
-        raise ValueError(f"--random_crop_scale must satisfy MIN <= MAX, got {args.random_crop_scale}.")
-    if args.validation_dir is not None and args.train_dir is None:
-        raise ValueError("--validation_dir needs a --train_dir to go with it.")
-    for name in ("train_dir", "validation_dir"):
-        if getattr(args, name) is not None and not os.path.isdir(getattr(args, name)):
-            raise ValueError(f"--{name} {getattr(args, name)!r} is not a folder of images.")
-    if args.max_train_steps is not None and args.num_warmup_steps > args.max_train_steps:
-        raise ValueError(
-            f"--num_warmup_steps {args.num_warmup_steps} is more than --max_train_steps {args.max_train_steps}: the "
-            "learning rate would never reach --learning_rate."
-        )
-    if (every := args.checkpointing_steps) not in (None, "epoch"):
-        if not re.fullmatch(r"[0-9]+", every) or int(every) < 1:
-            raise ValueError(
-                f"--checkpointing_steps must be a positive whole number of steps or 'epoch', got {every!r}."
-            )
-        if args.max_train_steps is not None and int(every) > args.max_train_steps:
-            raise ValueError(
-                f"--checkpointing_steps {every} is more than --max_train_steps {args.max_train_steps}: no checkpoint "
-                "would ever be written. Pass a smaller number, or 'epoch'."
-            )
+    check_training_flags(args)
     if args.num_eval_masks > 1 and args.eval_mask_prob == 0:
         raise ValueError(
             f"--num_eval_masks {args.num_eval_masks} needs --eval_mask_prob > 0 (the paper's is 0.15): without masks "
@@ -177,87 +152,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.lora_alpha = args.lora_alpha or 2.0 * args.lora_r
         args.lora_target_modules = args.lora_target_modules or LORA_TARGET_MODULES
     return args
-
-
-def random_crop(image: PIL.Image.Image, scale, generator: torch.Generator, ratio=(3 / 4, 4 / 3)) -> PIL.Image.Image:
-    """torchvision's RandomResizedCrop box (an area fraction from `scale`, a log-uniform aspect ratio from `ratio`, ten
-    tries, then the largest central crop within `ratio`), drawn from `generator`; the caller resizes."""
-    width, height = image.size
-    for _ in range(10):
-        area = height * width * torch.empty(1).uniform_(*scale, generator=generator).item()
-        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).item())
-        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator).item())
-            return image.crop((left, top, left + w, top + h))
-    h, w = height, width
-    if width / height < ratio[0]:
-        h = min(height, max(1, int(round(width / ratio[0]))))
-    elif width / height > ratio[1]:
-        w = min(width, max(1, int(round(height * ratio[1]))))
-    top, left = (height - h) // 2, (width - w) // 2
-    return image.crop((left, top, left + w, top + h))
-
-
-def checkpoint_problem(path: str) -> str | None:
-    """What is broken in a checkpoint (read cheaply: its state file, safetensors headers, zip directories), or None."""
-    try:
-        state = json.loads(Path(path, STATE_FILE).read_text())
-        [int(state[key]) for key in ("completed_steps", "epoch", "batches_in_epoch")] and dict(state["run"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"its {STATE_FILE} is unreadable ({type(err).__name__}: {err})"
-    for file in (Path(folder, name) for folder, _, names in os.walk(path) for name in names):
-        try:
-            if file.suffix == ".safetensors":
-                with safe_open(file, "pt"):
-                    pass
-            elif file.suffix in (".bin", ".pkl", ".pt", ".pth"):  # torch.save's zip archives
-                zipfile.ZipFile(file).close()
-        except Exception as err:  # safetensors raises its own error type
-            return f"{file} is damaged ({type(err).__name__}: {err})"
-    return None
-
-
-def find_checkpoint(args: argparse.Namespace) -> str | None:
-    """The checkpoint --resume_from_checkpoint names (a folder, or 'latest': the newest complete one, or None when
-    there is none yet), refused when broken, with the newest intact one before it named."""
-    root = Path(args.output_dir, CHECKPOINTS)
-    names = [n for n in (os.listdir(root) if root.is_dir() else []) if re.fullmatch(r"step_[0-9]+", n)]
-    complete = [str(root / n) for n in sorted(names, key=lambda n: int(n[5:])) if (root / n / STATE_FILE).is_file()]
-    path = args.resume_from_checkpoint
-    if path == "latest" and not complete:
-        logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet; starting anew")
-        return None
-    path = complete[-1] if path == "latest" else path
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise ValueError(
-            f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {STATE_FILE}); complete ones are "
-            f"{complete or 'none'}."
-        )
-    if (problem := checkpoint_problem(path)) is not None:
-        earlier = [p for p in complete if os.path.abspath(p) != os.path.abspath(path)]
-        intact = next((p for p in reversed(earlier) if checkpoint_problem(p) is None), None)
-        offer = (
-            f"The newest intact checkpoint before it is {intact}: resume from it with --resume_from_checkpoint "
-            f"{intact}, and delete {path} so that 'latest' skips it."
-            if intact
-            else "No intact checkpoint precedes it: delete it to start anew."
-        )
-        raise ValueError(f"Cannot resume from the checkpoint {path}: {problem}. {offer}")
-    return path
-
-
-def fingerprint(split: datasets.Dataset, columns: list[str]) -> str:
-    """A digest of the training examples: every image's bytes (read from its file when not embedded) and the other
-    `columns`, in order."""
-    digest = hashlib.sha256()
-    split = split.select_columns(columns).cast_column(columns[0], datasets.Image(decode=False))
-    for batch in split.iter(batch_size=256):
-        for image in batch[columns[0]]:
-            digest.update(hashlib.sha256(image["bytes"] or Path(image["path"]).read_bytes()).digest())
-        digest.update(json.dumps([batch[column] for column in columns[1:]], default=str).encode())
-    return digest.hexdigest()[:16]
 
 
 def evaluate(accelerator, model, dataloader: DataLoader, masker: ImageGPTDataCollator | None, views: int) -> dict:
@@ -304,26 +198,7 @@ def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
 
     # The Accelerator (`accelerate launch`, or plain python), with transformers' example logging.
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.accelerator.is_available():
-        raise ValueError(
-            "This run was launched with an FSDP config, but this machine has no GPU: Accelerate shards a model only "
-            "on GPU-type devices, and on CPUs it would quietly run plain data parallel instead. On CPUs, launch with "
-            "examples/accelerate_configs/multi_cpu.yaml; run the FSDP config on a machine with GPUs."
-        )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        # Seeded samplers: the same data order on every process and after a resume.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        # Without GPUs, processes of `accelerate launch` join one run (gloo) only when told to use the CPU.
-        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available(),
-        **({"log_with": args.report_to, "project_dir": args.output_dir} if args.with_tracking else {}),
-    )
-    logger.info(accelerator.state, main_process_only=False)
-    verbosity = "warning" if accelerator.is_local_main_process else "error"
-    datasets.utils.logging.set_verbosity(datasets.utils.logging.log_levels[verbosity])
-    transformers.utils.logging.set_verbosity(transformers.utils.logging.log_levels[verbosity])
+    accelerator = make_accelerator(args)
     set_seed(args.seed)
 
     # The output folder: refused before any work when it holds anything but this run's own entries.
@@ -469,51 +344,18 @@ def main(argv=None) -> dict[str, float]:
     config.validate_architecture()
 
     # The run contract: what defines this run, recorded in every checkpoint; a resume must match it.
-    skip = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
-    contract = {f"config.{k}": v for k, v in config.to_dict().items() if k not in skip}
-    flags = ["model_name_or_path", "learning_rate", "weight_decay", "adam_beta2", "max_grad_norm", "lr_scheduler_type"]
-    flags += ["num_warmup_steps", "max_train_steps", "num_train_epochs", "per_device_train_batch_size", "seed"]
-    flags += ["gradient_accumulation_steps", "dataset_name", "dataset_config_name", "train_dir", "train_val_split"]
-    flags += ["max_train_samples", "num_labels_per_class", "random_crop_scale", "no_random_crop", "mask_prob"]
-    flags += ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"]
-    contract |= {f"--{name}": getattr(args, name) for name in flags} | {"--image_column_name": image_column}
-    contract |= {"--label_column_name": label_column, "mixed precision": accelerator.mixed_precision}
-    contract |= {"processes": accelerator.num_processes}
-    contract["palette"] = hashlib.sha256(np.asarray(processor.clusters, np.float32).tobytes()).hexdigest()[:16]
-    if checkpoint or args.checkpointing_steps:  # one read of the training images, on the main process
-        digest = [fingerprint(dataset["train"], [image_column, label_column]) if accelerator.is_main_process else None]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(digest)
-        contract["training images and labels (fingerprint)"] = digest[0]
-    contract = json.loads(json.dumps(contract, default=str))
-    if checkpoint is not None:
-        then = json.loads(Path(checkpoint, STATE_FILE).read_text())["run"]
-        keys = sorted(then.keys() | contract.keys())
-        differ = [k for k in keys if then.get(k) != contract.get(k)]
-        if changed := "; ".join(f"{k}: {then.get(k)!r} then, {contract.get(k)!r} now" for k in differ):
-            raise ValueError(
-                f"Cannot resume from {checkpoint}: this run differs from the one that wrote it in {changed}. "
-                "To continue that run, pass its settings again. To train with the new ones, start a new run: another "
-                "--output_dir, or --overwrite without --resume_from_checkpoint (which deletes its checkpoints)."
-            )
+    flags = RUN_FLAGS + ["num_labels_per_class", "mask_prob", "lora_r", "lora_alpha", "lora_dropout"]
+    flags += ["lora_target_modules"]
+    columns = {"--image_column_name": image_column, "--label_column_name": label_column}
+    contract = run_contract(accelerator, config, processor, args, flags, columns)
+    if checkpoint or args.checkpointing_steps:  # one read of the training images and labels
+        digest = fingerprint(accelerator, dataset["train"], [image_column, label_column])
+        contract["training images and labels (fingerprint)"] = digest
+    contract = check_contract(contract, checkpoint)
 
-    # One writer per output folder: a lock inside it, held to the end (a second run is refused here, before work).
-    # With --overwrite and no resume, an earlier run's checkpoints go now, so that they never mix with this run's.
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        lock = FileLock(os.path.join(args.output_dir, LOCK_FILE))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise ValueError(
-                f"Another run is writing to --output_dir {args.output_dir} (it holds {lock.lock_file}); wait for it "
-                "to end, or choose another folder."
-            ) from None
-        for path in [Path(args.output_dir, CHECKPOINTS), Path(args.output_dir, TRACKER_DIR)]:
-            if args.overwrite and not checkpoint and path.is_dir():
-                logger.warning(f"--overwrite: deleting {path} of an earlier run")
-                shutil.rmtree(path)
-    accelerator.wait_for_everyone()
+    # One writer per output folder (a lock inside it, held to the end); with --overwrite and no resume, an earlier
+    # run's checkpoints go now.
+    _lock = lock_output_dir(accelerator, args, checkpoint, TRACKER_DIR)  # held while main() runs
 
     # The model: the pretrained weights and a new classification layer; with --lora_r, LoRA on the decoder's
     # projections (image_gpt_hf.lora), the new classifier trained in full.
@@ -559,7 +401,9 @@ def main(argv=None) -> dict[str, float]:
             return encode(batch, decode(batch), **center)
         seed = np.random.SeedSequence([args.seed, 1, epoch_now[0], *batch["index"]]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(seed))
-        return encode(batch, [random_crop(image, args.random_crop_scale, generator) for image in decode(batch)])
+        return encode(
+            batch, [random_resized_crop(image, args.random_crop_scale, generator) for image in decode(batch)]
+        )
 
     undecoded = {
         split: data.select_columns([image_column, label_column]).cast_column(
@@ -603,62 +447,12 @@ def main(argv=None) -> dict[str, float]:
         hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers(TRACKER_DIR, hyperparameters)
 
-    def save_checkpoint(completed_steps: int, epoch: int, batches_in_epoch: int) -> None:
-        """`save_state` + the processor + the state file (position and run contract) into checkpoints/step_N, staged
-        and renamed into place when complete; then later steps (from before a resume) and those over the limit go."""
-        final = Path(args.output_dir, CHECKPOINTS, f"step_{completed_steps}")
-        staging = [str(staging_path(final)) if accelerator.is_main_process else None]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(staging)  # every process writes its part of the state into the same folder
-        writing = staged_dir(final, overwrite=True, staging=staging[0])
-        with writing if accelerator.is_main_process else contextlib.nullcontext(Path(staging[0])) as tmp:
-            accelerator.wait_for_everyone()
-            try:
-                accelerator.save_state(str(tmp))
-                if accelerator.is_main_process:
-                    processor.save_pretrained(tmp)
-                    state = {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
-                    (tmp / STATE_FILE).write_text(json.dumps({**state, "run": contract}, indent=2))
-            except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its writer
-                files = [p for p in tmp.rglob("*") if p.is_file()]
-                newest = max(files, key=lambda p: p.stat().st_mtime_ns).name if files else "its first file"
-                raise OSError(
-                    f"Saving the checkpoint {final} failed while writing {newest}, with "
-                    f"{shutil.disk_usage(tmp).free / 2**20:.1f} MiB free on that disk ({type(err).__name__}: {err}). "
-                    "Free some space, or choose an --output_dir on a disk with room, and resume with "
-                    "--resume_from_checkpoint latest."
-                ) from err
-            accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            steps = sorted(int(n[5:]) for n in os.listdir(final.parent) if re.fullmatch(r"step_[0-9]+", n))
-            stale = [s for s in steps if s > completed_steps]
-            if args.checkpoints_total_limit is not None:
-                stale += [s for s in steps if s <= completed_steps][: -args.checkpoints_total_limit]
-            for step in stale:
-                shutil.rmtree(final.parent / f"step_{step}")
-        accelerator.wait_for_everyone()
-        logger.info(f"Saved checkpoint {final}")
-
     # Training, from the checkpoint when resuming: the batches of its epoch that it has seen are skipped unloaded.
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Running training: {len(train_dataset)} examples, {num_train_epochs} epochs")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
-    completed_steps, starting_epoch, resume_batches = 0, 0, 0
-    if checkpoint is not None:
-        try:
-            accelerator.load_state(checkpoint)
-        except Exception as err:  # whatever a damaged or foreign checkpoint raises inside Accelerate or torch
-            raise ValueError(
-                f"Cannot resume from the checkpoint {checkpoint}: loading it failed ({type(err).__name__}: {err})."
-            ) from err
-        state = json.loads(Path(checkpoint, STATE_FILE).read_text())
-        completed_steps, starting_epoch, resume_batches = (
-            state[k] for k in ("completed_steps", "epoch", "batches_in_epoch")
-        )
-        if resume_batches >= len(train_dataloader):  # saved at the end of an epoch
-            starting_epoch, resume_batches = starting_epoch + 1, 0
-        logger.info(f"Resumed from checkpoint {checkpoint} at step {completed_steps}")
+    completed_steps, starting_epoch, resume_batches = load_checkpoint(accelerator, checkpoint, len(train_dataloader))
     progress_bar = tqdm(
         total=max_train_steps, initial=completed_steps, desc="train", disable=not accelerator.is_local_main_process
     )
@@ -700,7 +494,7 @@ def main(argv=None) -> dict[str, float]:
                 if every == "epoch"
                 else (every is not None and completed_steps % int(every) == 0)
             ):
-                save_checkpoint(completed_steps, epoch, seen)
+                save_checkpoint(accelerator, args, processor, contract, completed_steps, epoch, seen)
             if (completed_steps % args.eval_steps == 0 or done) if args.eval_steps else (end_of_epoch or done):
                 logs |= (metrics := evaluate(accelerator, model, eval_dataloader, masker, args.num_eval_masks))
             if logs:

@@ -1,5 +1,5 @@
-"""Data for training Image GPT: the data collator (images or processor output in, model batches out) and
-scikit-learn's bundled handwritten digits as a `datasets.DatasetDict`.
+"""Data for training Image GPT: the data collator (images or processor output in, model batches out), a seeded random
+crop for training transforms, and scikit-learn's bundled handwritten digits as a `datasets.DatasetDict`.
 
     from transformers import Trainer
     from image_gpt_hf import ImageGPTDataCollator
@@ -14,18 +14,20 @@ masked pixels (`bool_masked_pos`) instead of substituting a mask token.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 
 from .image_processing_imagegpt import ImageGPTImageProcessor
 from .modeling_imagegpt import random_bert_mask
 from .palette import load_sklearn_digits
 
-__all__ = ["DIGITS_TEST_SIZE", "ImageGPTDataCollator", "load_digits"]
+__all__ = ["DIGITS_TEST_SIZE", "ImageGPTDataCollator", "load_digits", "random_resized_crop"]
 
 DIGITS_TEST_SIZE = 360  # load_digits: a fixed, stratified 1,437 / 360 train / test split
 
@@ -149,6 +151,38 @@ class ImageGPTDataCollator:
         if any(row.is_floating_point() or row.dtype == torch.bool for row in rows):
             raise ValueError("`input_ids` must be integer palette ids, not floats or booleans.")
         return torch.stack(rows).to(torch.long)
+
+
+def random_resized_crop(
+    image: PIL.Image.Image, scale: tuple[float, float], generator: torch.Generator, ratio=(3 / 4, 4 / 3)
+) -> PIL.Image.Image:
+    """A random crop of `image` drawn from `generator`: torchvision's RandomResizedCrop box, without torchvision.
+
+    An area fraction uniform in `scale` and an aspect ratio log-uniform in `ratio`, ten tries at a box that fits; then
+    the largest central crop within `ratio`. The crop is returned at its own size: resize it with the image processor
+    (its `size`). With a generator seeded per batch (say, by the seed, the epoch and the examples' indices), a training
+    transform draws the same crops in every run and after a resume:
+
+        generator = torch.Generator().manual_seed(seed)
+        crops = [random_resized_crop(image, (0.5, 1.0), generator) for image in images]
+        input_ids = processor(crops, return_tensors="pt")["input_ids"]
+    """
+    width, height = image.size
+    for _ in range(10):
+        area = height * width * torch.empty(1).uniform_(*scale, generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).item())
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator).item())
+            return image.crop((left, top, left + w, top + h))
+    h, w = height, width
+    if width / height < ratio[0]:
+        h = min(height, max(1, int(round(width / ratio[0]))))
+    elif width / height > ratio[1]:
+        w = min(width, max(1, int(round(height * ratio[1]))))
+    top, left = (height - h) // 2, (width - w) // 2
+    return image.crop((left, top, left + w, top + h))
 
 
 def load_digits():

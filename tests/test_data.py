@@ -1,10 +1,15 @@
-"""image_gpt_hf.data: the public data collator and the bundled digits, also under transformers' Trainer."""
+"""image_gpt_hf.data: the public data collator, the seeded random crop and the bundled digits, also under transformers'
+Trainer."""
+
+import math
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTDataCollator, ImageGPTImageProcessor, load_digits
+from image_gpt_hf.data import random_resized_crop
 
 PALETTE = np.linspace(-1, 1, 16, dtype=np.float32)[:, None].repeat(3, axis=1)
 
@@ -139,3 +144,35 @@ def test_trainer_trains_with_the_collator_and_saves_a_loadable_model(objective, 
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value.cpu()), key
     assert np.array_equal(AutoImageProcessor.from_pretrained(tmp_path / "model").clusters, processor.clusters)
+
+
+def coordinates(width: int, height: int) -> PIL.Image.Image:
+    """An image whose pixel at (x, y) holds y * width + x: a crop's top-left pixel tells where it was cut."""
+    return PIL.Image.fromarray(np.arange(width * height, dtype=np.int32).reshape(height, width))
+
+
+def test_random_resized_crop_draws_torchvisions_box_from_the_generator():
+    image, scale, ratio = coordinates(40, 30), (0.5, 1.0), (3 / 4, 4 / 3)
+    first = random_resized_crop(image, scale, torch.Generator().manual_seed(0))
+    # The draws are fixed for a seed (a resumed run cuts the same crops): this one is 32x28 at (6, 2).
+    assert first.size == (32, 28) and first.getpixel((0, 0)) == 2 * 40 + 6
+    again = random_resized_crop(image, scale, torch.Generator().manual_seed(0))
+    assert np.array_equal(np.asarray(again), np.asarray(first))
+    generator = torch.Generator().manual_seed(1)
+    boxes = []
+    for _ in range(200):
+        crop = random_resized_crop(image, scale, generator)
+        (w, h), corner = crop.size, crop.getpixel((0, 0))
+        top, left = divmod(corner, 40)
+        assert 0 <= left and left + w <= 40 and 0 <= top and top + h <= 30
+        # The box is the rounded one of an area fraction in `scale` and an aspect ratio in `ratio`.
+        assert scale[0] - 0.1 <= w * h / (40 * 30) <= scale[1] + 1e-9, (w, h)
+        assert math.log(ratio[0]) - 0.1 <= math.log(w / h) <= math.log(ratio[1]) + 0.1, (w, h)
+        boxes.append((left, top, w, h))
+    assert len(set(boxes)) > 50  # a fresh box per draw, not one crop repeated
+
+
+def test_random_resized_crop_falls_back_to_the_central_crop_within_the_ratio():
+    # A 100x5 strip: no box of half its area or more fits an aspect ratio of 4/3 at most in ten tries.
+    crop = random_resized_crop(coordinates(100, 5), (0.5, 1.0), torch.Generator().manual_seed(0))
+    assert crop.size == (7, 5) and crop.getpixel((0, 0)) == (100 - 7) // 2

@@ -32,6 +32,7 @@ from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGP
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))  # the scripts import examples/training_run.py, as `python examples/<script>.py` does
 
 # A 2-layer, 32-wide model on 4x4 digits: a script run takes seconds.
 TINY_MODEL = ["--n_px", "4", "--config_overrides", "n_layer=2,n_embd=32,n_head=2"]
