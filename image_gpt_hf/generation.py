@@ -75,9 +75,9 @@ def sample(
             (nearest-neighbour, no model needed), or a transformers super-resolution model (a Swin2SR checkpoint's
             folder or Hub id, or the model itself); see `upscale_images`. The result is then `(images, upscaled)`.
         compile: compile the decode step (`torch.compile`, once per model and batch size, reused by later calls):
-            `None` does it for models of 20M parameters and more, where it pays back within a few images, `True`
-            whatever the size, `False` never (plain `generate()`). Where it fails, decoding runs eagerly and the
-            reason is logged. Greedy float32 tokens are the same either way. See `fast_decoding.fast_generate`.
+            `None` does it for models of 20M parameters and more, `True` whatever the size, `False` never (with
+            `precision=None`, plain `generate()`). Where it fails, decoding runs eagerly and the reason is logged.
+            Greedy float32 tokens are the same either way. See `fast_decoding.fast_generate`.
         precision: `None` (the model's weights), `"bfloat16"` or `"int8"` (weight-only, bfloat16 activations): decode
             with lower-precision weights, from a copy of the model made once (the model itself is untouched).
         **generate_kwargs: passed on to `model.generate()` (e.g. a `streamer`). The image size sets the length, so
