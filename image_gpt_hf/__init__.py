@@ -20,7 +20,7 @@ from transformers import (
 from transformers.utils import logging
 
 from .configuration_imagegpt import EXTENDED_MODEL_TYPE, PAPER_RESOLUTIONS, PRESETS, ImageGPTConfig
-from .data import ImageGPTDataCollator, load_digits
+from .data import ImageGPTDataCollator, load_digits, random_resized_crop
 from .image_processing_imagegpt import ImageGPTImageProcessor, ImageGPTImageProcessorPil
 from .lora import LORA_MODULES_TO_SAVE, LORA_TARGET_MODULES, lora_config
 from .modeling_imagegpt import (
@@ -78,4 +78,5 @@ __all__ = [
     "load_digits",
     "lora_config",
     "random_bert_mask",
+    "random_resized_crop",
 ]
