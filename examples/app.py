@@ -200,8 +200,9 @@ def check_settings(model, num_images, temperature, top_k, seed) -> dict:
     palette = model.config.vocab_size - 1
     if not 0 <= top_k <= palette:
         raise gr.Error(f"Top-k must be from 0 (the full distribution) to {palette} (the palette), got {top_k}.")
-    # top_k 0: every color drawn from the full softmax, as OpenAI's sampler does.
-    return {"temperature": float(temperature), "top_k": int(top_k), "seed": int(seed)}
+    # top_k 0: every color drawn from the full softmax, as OpenAI's sampler does. compile=False: the compiled step is
+    # made once per batch size (10-26 s for iGPT-S), which would stall the first request at every count on the slider.
+    return {"temperature": float(temperature), "top_k": int(top_k), "seed": int(seed), "compile": False}
 
 
 def complete_images(model, processor, path, kept_rows, num_completions, temperature, top_k, seed):
