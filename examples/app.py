@@ -191,8 +191,10 @@ def stream(run, model, processor, kept_rows: int, count: int) -> Iterator[tuple[
 def check_settings(model, num_images, temperature, top_k, seed) -> dict:
     """The sampling settings from the page as `complete`/`sample` keywords; gr.Error for a value it cannot take."""
     for name, value in (("count", num_images), ("top-k", top_k), ("seed", seed)):
-        if value is None or int(value) != value:
+        if value is None or not math.isfinite(value) or int(value) != value:
             raise gr.Error(f"The {name} must be a whole number, got {value!r}.")
+    if not 0 <= seed < 2**63:
+        raise gr.Error(f"The seed must be from 0 to 2**63 - 1 (torch's seeds), got {seed}.")
     if not 1 <= num_images <= MAX_COMPLETIONS:
         raise gr.Error(f"Choose 1 to {MAX_COMPLETIONS} images, got {num_images}.")
     if temperature is None or not temperature > 0:
@@ -337,6 +339,9 @@ def write_space(folder: str, model: str) -> None:
     if source.count(line) != 1:
         raise ValueError(f"examples/app.py must hold the line {line!r} once (it names the Space's model).")
     os.makedirs(folder, exist_ok=True)
+    if os.path.isdir(model):  # a local checkpoint travels with the Space, which cannot read this machine's folders
+        shutil.copytree(model, os.path.join(folder, "model"))
+        model = "model"
     with open(os.path.join(folder, "app.py"), "w") as f:
         f.write(source.replace(line, f"DEFAULT_MODEL = {model!r}"))
     # The package itself, so that the Space runs the version that wrote it.

@@ -196,6 +196,10 @@ def test_a_large_jpeg_is_read_downscaled(tmp_path):
         (("DIGIT", 16, 1, 0.0, 0, 0), "temperature must be positive"),
         (("DIGIT", 16, 1, 1.0, 17, 0), "Top-k must be from 0 .* to 16"),
         (("DIGIT", 16, 1, 1.0, 0, 0.5), "seed must be a whole number"),
+        (("DIGIT", 16, 1, 1.0, 0, float("nan")), "seed must be a whole number, got nan"),
+        (("DIGIT", 16, 1, 1.0, float("inf"), 0), "top-k must be a whole number, got inf"),
+        (("DIGIT", 16, 1, 1.0, 0, 2**70), "seed must be from 0 to 2\\*\\*63 - 1"),
+        (("DIGIT", 16, 1, 1.0, 0, -1), "seed must be from 0"),
     ],
 )
 def test_bad_settings_get_a_message(loaded, digit, arguments, message):
@@ -255,6 +259,17 @@ def test_write_space(tmp_path):
     assert assignments["DEFAULT_MODEL"] == "openai/imagegpt-small"
     with pytest.raises(SystemExit, match="is not empty"):
         app.main(["--write_space", str(space)])
+
+
+def test_a_space_of_a_local_checkpoint_carries_it(tmp_path, checkpoint, monkeypatch):
+    space = tmp_path / "space"
+    app.main(["--model", str(checkpoint), "--write_space", str(space)])
+    assert sorted(p.name for p in (space / "model").iterdir()) == sorted(p.name for p in Path(checkpoint).iterdir())
+    assert "DEFAULT_MODEL = 'model'" in (space / "app.py").read_text()
+    monkeypatch.chdir(space)  # where the Space runs app.py
+    model, _ = app.load_model("model")
+    original = ImageGPTForCausalImageModeling.from_pretrained(checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values()))
 
 
 # ------------------------------------------------------------------------------------------------ in a real browser
