@@ -9,9 +9,11 @@ graph per batch size and completions of any primer length share it.
 Where compilation is unavailable or fails, the same call runs on the default path and the reason is logged. Greedy
 float32 tokens are the default path's.
 
-`precision="bfloat16"` or `"int8"` decodes with lower-precision weights (a copy made once per model; the model itself is
-untouched): bfloat16 weights and activations, or int8 weight-only quantization (per-output-channel scales, bfloat16
-activations) of every projection and the LM head, which inductor lowers to its int8 weight-only matmul kernel on CPU.
+`precision="bfloat16"` or `"int8"` decodes with lower-precision weights (a copy kept per model and remade when its
+weights change; the model itself is untouched): bfloat16 weights and activations, or int8 weight-only quantization
+(per-output-channel scales, bfloat16 activations) of every projection and the LM head, which inductor lowers to its int8
+weight-only matmul kernel on CPU. A peft model decodes on the default path (merge its adapter to compile or
+quantize).
 
 ```python
 from image_gpt_hf.fast_decoding import fast_generate
@@ -73,6 +75,11 @@ def fast_generate(
         raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}.")
     if compile is not None and not isinstance(compile, bool):
         raise ValueError(f"`compile` must be None (auto), True or False, got {compile!r}.")
+    if precision is not None and getattr(model, "peft_config", None):
+        raise ValueError(
+            f"precision={precision!r} would quantize the adapter's own layers too: merge the adapter first "
+            "(`model = model.merge_and_unload()`), or decode with precision=None."
+        )
     reason = _default_path_reason(model, compile, generate_kwargs)
     if reason is not None:
         if compile:
@@ -81,25 +88,31 @@ def fast_generate(
             logger.info(f"fast_generate: the default path: {reason}.")
         if precision is None:
             return model.generate(input_ids, **generate_kwargs)
-        return lower_precision_copy(model, precision).generate(input_ids, **generate_kwargs)
-    decoder = _decoder(model, precision, input_ids.shape[0])
+        return _current(lower_precision_copy(model, precision), model).generate(input_ids, **generate_kwargs)
+    decoder = _current(_decoder(model, precision, input_ids.shape[0]).model, model)
     # disable_compile: the step compiles itself; generate() must not wrap it in a second compilation on accelerators.
-    return decoder.model.generate(input_ids, cache_implementation="static", disable_compile=True, **generate_kwargs)
+    return decoder.generate(input_ids, cache_implementation="static", disable_compile=True, **generate_kwargs)
 
 
 def lower_precision_copy(model: PreTrainedModel, precision: str) -> PreTrainedModel:
     """A copy of `model` with `"bfloat16"` weights, or with `"int8"` weight-only quantized projections and LM head
     (every `Conv1D` and `nn.Linear`; embeddings and norms in bfloat16). Made once per model and precision, then
-    reused: a model whose weights change afterwards needs a new copy (`forget(model)`)."""
+    reused while the model's weights and device stay as they were (a sum per parameter, checked at each call, about a
+    read of the weights); a changed model gets a new copy. The copy follows the model's train/eval mode."""
     if precision not in PRECISIONS[1:]:
         raise ValueError(f"`precision` must be 'bfloat16' or 'int8', got {precision!r}.")
     copies = _DECODERS.setdefault(model, {})
-    if precision not in copies:
+    with torch.no_grad():
+        weights = (model.device, torch.stack([p.detach().float().sum() for p in model.parameters()]))
+    kept = copies.get(precision)
+    if kept is None or kept[0][0] != weights[0] or not torch.equal(kept[0][1], weights[1]):
+        for key in [k for k in copies if isinstance(k, tuple) and k[1] == precision]:
+            del copies[key]  # compiled steps of the stale copy
         low = copy.deepcopy(model).to(torch.bfloat16)
         if precision == "int8":
             quantize_int8_weight_only(low)
-        copies[precision] = low
-    return copies[precision]
+        copies[precision] = kept = (weights, low)
+    return kept[1].train(model.training)
 
 
 def quantize_int8_weight_only(model: nn.Module) -> nn.Module:
@@ -151,8 +164,12 @@ def _default_path_reason(model: PreTrainedModel, compile: bool | None, generate_
     if compile is False:
         return "compile=False"
     given = [name for name in _OWN_CACHE_OPTIONS if name in generate_kwargs]
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    given += [name for name in _OWN_CACHE_OPTIONS[2:] if getattr(config, name, None)]
     if given:
-        return f"the call sets {', '.join(given)} itself"
+        return f"the call or its generation config sets {', '.join(given)} itself"
+    if getattr(model, "peft_config", None):
+        return "a peft model's generate() calls its base model's own forward (merge_and_unload() first to compile)"
     if model.training:
         return "the model is in training mode (call model.eval() first)"
     if compile is None and model.num_parameters() < AUTO_COMPILE_MIN_PARAMETERS:
@@ -200,6 +217,12 @@ class _Decoder:
             f"fast_generate: compiling the decode step failed ({type(error).__name__}: {str(error)[:300]}); "
             f"decoding eagerly instead (batch, precision, dtype, device = {self.key})."
         )
+
+
+def _current(copy_: PreTrainedModel, model: PreTrainedModel) -> PreTrainedModel:
+    """`copy_` (a view or a lower-precision copy of `model`) with the generation config `model` has now."""
+    copy_.generation_config = model.generation_config
+    return copy_
 
 
 def _decoder(model: PreTrainedModel, precision: str | None, batch: int) -> _Decoder:

@@ -79,7 +79,7 @@ def sample(
             `precision=None`, plain `generate()`). Where it fails, decoding runs eagerly and the reason is logged.
             Greedy float32 tokens are the same either way. See `fast_decoding.fast_generate`.
         precision: `None` (the model's weights), `"bfloat16"` or `"int8"` (weight-only, bfloat16 activations): decode
-            with lower-precision weights, from a copy of the model made once (the model itself is untouched).
+            with lower-precision weights, from a copy of the model, remade when its weights change (the model itself is untouched).
         **generate_kwargs: passed on to `model.generate()` (e.g. a `streamer`). The image size sets the length, so
             `max_new_tokens`, `max_length`, `min_new_tokens` and `min_length` are refused, and so is
             `num_return_sequences`: ask for more images with `num_images` (in `complete`, `num_completions`). Values

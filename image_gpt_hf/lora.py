@@ -54,7 +54,7 @@ def lora_config(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(target_modules or LORA_TARGET_MODULES),
+        target_modules=list(LORA_TARGET_MODULES if target_modules is None else target_modules),
         fan_in_fan_out=True,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
     )

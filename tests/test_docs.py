@@ -106,12 +106,12 @@ def check_upscaled(ns):
 
 
 def check_fast_generate(ns):
-    from image_gpt_hf.fast_decoding import _DECODERS, forget
+    from image_gpt_hf.fast_decoding import forget, lower_precision_copy
 
     model, prompts, greedy = ns["model"], ns["prompts"], ns["greedy"]
     # The int8 ids are the greedy tokens of the int8 copy the snippet made (on random weights they may well equal the
     # float32 ones), SOS then palette ids.
-    int8 = _DECODERS[model]["int8"]
+    int8 = lower_precision_copy(model, "int8")  # the copy the snippet made (the weights have not changed)
     assert int8.lm_head.weight.dtype == torch.int8 and model.lm_head.weight.dtype == torch.float32
     assert torch.equal(ns["int8_ids"], int8.generate(prompts, **greedy))
     assert (ns["int8_ids"][:, 0] == model.config.sos_token_id).all() and (ns["int8_ids"][:, 1:] < 16).all()

@@ -79,7 +79,50 @@ def test_calls_with_their_own_cache_run_as_given(model, logs):
         model, sos(model, 1), compile=True, cache_implementation="dynamic", max_new_tokens=8, **GREEDY
     )
     assert torch.equal(out, model.generate(sos(model, 1), max_new_tokens=8, **GREEDY))
-    assert "the call sets cache_implementation itself" in logs.text
+    assert "the call or its generation config sets cache_implementation itself" in logs.text
+
+
+def test_a_generation_config_set_after_the_first_call_is_honoured(model, logs):
+    from transformers import GenerationConfig
+
+    first = fd.fast_generate(model, sos(model, 1), precision="bfloat16", compile=False, max_new_tokens=8, **GREEDY)
+    banned = int(first[0, 2])  # a token the first call chose
+    model.generation_config = GenerationConfig(bad_words_ids=[[banned]], pad_token_id=0)
+    again = fd.fast_generate(model, sos(model, 1), precision="bfloat16", compile=False, max_new_tokens=8, **GREEDY)
+    assert banned not in again[0, 1:].tolist()
+    # A cache chosen in the generation config keeps the call on the default path.
+    model.generation_config = GenerationConfig(cache_implementation="dynamic", pad_token_id=0)
+    fd.fast_generate(model, sos(model, 1), compile=True, max_new_tokens=4, **GREEDY)
+    assert "its generation config sets cache_implementation itself" in logs.text
+    fd.forget(model)
+
+
+def test_a_copy_follows_the_models_weights_and_mode(model):
+    low = fd.lower_precision_copy(model, "bfloat16")
+    assert fd.lower_precision_copy(model, "bfloat16") is low  # unchanged weights: reused
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(-1)  # an in-place update, as an optimizer step makes
+    fresh = fd.lower_precision_copy(model, "bfloat16")
+    assert fresh is not low
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight.bfloat16())
+    model.train()
+    assert fd.lower_precision_copy(model, "bfloat16").training
+    model.eval()
+    assert not fd.lower_precision_copy(model, "bfloat16").training
+    fd.forget(model)
+
+
+def test_peft_models_are_refused_lower_precision_and_say_why_they_run_eagerly(model, logs):
+    peft = pytest.importorskip("peft")
+    from image_gpt_hf import lora_config
+
+    adapted = peft.get_peft_model(model, lora_config(model, r=2)).eval()
+    with pytest.raises(ValueError, match="merge the adapter first"):
+        fd.fast_generate(adapted, sos(model, 1), precision="int8", max_new_tokens=4, **GREEDY)
+    out = fd.fast_generate(adapted, sos(model, 1), compile=True, max_new_tokens=4, **GREEDY)
+    assert torch.equal(out, adapted.generate(input_ids=sos(model, 1), max_new_tokens=4, **GREEDY))
+    assert "a peft model's generate() calls its base model's own forward" in logs.text
 
 
 def test_options_are_checked(model):
