@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--eval_mask_prob", type=BELOW_ONE, default=0.0, help="BERT models: pixels masked in each evaluation view.")
     add("--lora_r", type=POSITIVE, default=None, help="Train a LoRA adapter of this rank (needs peft).")
     add("--lora_alpha", type=POSITIVE_FLOAT, default=None, help="Default: 2 * r.")
-    add("--lora_dropout", type=BELOW_ONE, default=0.0)
+    add("--lora_dropout", type=BELOW_ONE, default=None, help="Default: 0.")
     add("--lora_target_modules", nargs="+", default=None, help="Default: image_gpt_hf.LORA_TARGET_MODULES.")
     add("--merge_lora", action="store_true", help="Also write the model with the adapter merged to output_dir/merged.")
     add("--dataset_name", default=DIGITS, help=f"A `datasets` image dataset, or {DIGITS!r}.")
@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max_eval_samples", type=POSITIVE, default=None)
     add("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     add("--dataloader_num_workers", type=NON_NEGATIVE, default=0)
-    add("--n_px", type=POSITIVE, default=None, help="Default: the model's.")
+    add("--n_px", type=POSITIVE, default=None, help="The model's n_px (the default); any other is refused.")
     add("--processor_name_or_path", default=None, help="A processor with the model's palette ('clusters').")
     add("--random_crop_scale", type=SCALE, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"))
     add("--no_random_crop", action="store_true", help="Train on whole images.")
@@ -138,7 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             "every view is the same image."
         )
     lora_flags = [
-        f"--{k}" for k in ("lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora") if getattr(args, k)
+        f"--{k}"
+        for k in ("lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora")
+        if getattr(args, k) is not None and getattr(args, k) is not False
     ]
     if args.lora_r is None and lora_flags:
         raise ValueError(f"{' '.join(lora_flags)} needs --lora_r (the rank of a LoRA adapter).")
@@ -150,6 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 '--lora_r needs peft: pip install peft (or pip install "image_gpt_hf[examples]")'
             ) from None
         args.lora_alpha = args.lora_alpha or 2.0 * args.lora_r
+        args.lora_dropout = 0.0 if args.lora_dropout is None else args.lora_dropout
         args.lora_target_modules = args.lora_target_modules or LORA_TARGET_MODULES
     return args
 
@@ -218,10 +221,11 @@ def main(argv=None) -> dict[str, float]:
             f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint ({type(config).__name__}); these "
             "examples need an Image GPT checkpoint (model_type 'imagegpt'), e.g. one written by examples/pretrain.py."
         )
-    if (n_px := args.n_px or config.n_px) > config.n_px:
+    if (n_px := args.n_px or config.n_px) != config.n_px:
         raise ValueError(
-            f"--n_px {n_px} needs {n_px * n_px} positions but the model ({args.model_name_or_path}) has "
-            f"n_positions={config.n_positions} (n_px {config.n_px}). Use 1 <= --n_px <= {config.n_px}."
+            f"--n_px {n_px} differs from the model's n_px {config.n_px} ({args.model_name_or_path}, n_positions="
+            f"{config.n_positions}): the classifier pools whole images of n_positions ids. Use --n_px {config.n_px} "
+            "or leave it out."
         )
     if args.eval_mask_prob > 0 and config.objective != "bert":
         raise ValueError(
@@ -522,7 +526,7 @@ def main(argv=None) -> dict[str, float]:
         accuracy["name"] = f"top-1 accuracy (fine-tuned; {views}, {args.eval_mask_prob:g} of the pixels masked)"
     lora = (
         f", as a LoRA adapter (r={args.lora_r}, alpha {args.lora_alpha:g}, on {', '.join(args.lora_target_modules)}; "
-        f"{model.get_nb_trainable_parameters()[0]:,} parameters trained)"
+        f"{trainable:,} parameters trained)"
         if args.lora_r
         else ""
     )

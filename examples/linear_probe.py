@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--model_name_or_path", required=True, help="An Image GPT checkpoint (folder or Hub id).")
     add("--processor_name_or_path", default=None, help="A processor with the model's palette (default: the model's).")
-    add("--n_px", type=int, default=None, help="Input resolution (default: the model's).")
+    add("--n_px", type=int, default=None, help="The model's n_px (the default); any other is refused.")
     add("--output_dir", required=True, help="Where to write probe_results.json, .md and probe_accuracy.png.")
     add("--overwrite", action="store_true", help="Replace earlier results (and a --feature_dir of other settings).")
     add("--layers", type=int, nargs="+", default=None, help="Hidden states to probe (0 = embeddings; default: all).")
@@ -369,13 +369,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             "examples need an Image GPT checkpoint (model_type 'imagegpt'), e.g. one written by examples/pretrain.py."
         )
     n_px = config.n_px if args.n_px is None else args.n_px
-    if not 1 <= n_px <= config.n_px:
+    if n_px != config.n_px:
         raise ValueError(
-            f"--n_px {n_px} needs {n_px * n_px} positions but the model ({args.model_name_or_path}) has n_positions="
-            f"{config.n_positions} (n_px {config.n_px}). Use 1 <= --n_px <= {config.n_px}."
+            f"--n_px {n_px} differs from the model's n_px {config.n_px} ({args.model_name_or_path}, n_positions="
+            f"{config.n_positions}): features are pooled over whole images of n_positions ids. Use --n_px "
+            f"{config.n_px} or leave it out."
         )
-    if n_px < config.n_px:
-        logger.warning(f"--n_px {n_px} < the model's {config.n_px}: rows sit on positions learned for longer rows.")
     source = args.processor_name_or_path or args.model_name_or_path
     try:
         processor = ImageGPTImageProcessor.from_pretrained(source)

@@ -372,6 +372,7 @@ def test_lora_flags_without_a_rank_or_out_of_range(tiny_checkpoint, tmp_path):
     base = ["--model_name_or_path", str(tiny_checkpoint), "--output_dir", str(tmp_path / "out")]
     assert "--merge_lora needs --lora_r" in refusal("finetune.py", *base, "--merge_lora")
     assert "--lora_dropout needs --lora_r" in refusal("finetune.py", *base, "--lora_dropout", "0.1")
+    assert "--lora_dropout needs --lora_r" in refusal("finetune.py", *base, "--lora_dropout", "0.0")
     assert "argument --lora_r: must be at least 1, got 0" in refusal("finetune.py", *base, "--lora_r", "0")
     assert not (tmp_path / "out").exists()
 
@@ -386,8 +387,10 @@ def test_checkpoint_of_another_architecture(gpt2_checkpoint, tmp_path):
 
 def test_n_px_larger_than_the_models_positions(tiny_checkpoint, tmp_path):
     out = ["--n_px", "8", "--output_dir", str(tmp_path / "out")]
-    message = refusal("finetune.py", "--model_name_or_path", str(tiny_checkpoint), *out)  # 4x4: 16 positions
-    assert "--n_px 8 needs 64 positions but the model" in message and "has n_positions=16" in message
+    for script in ("finetune.py", "linear_probe.py"):  # 4x4: 16 positions; pooling needs whole images
+        for n_px in ("8", "3"):
+            message = refusal(script, "--model_name_or_path", str(tiny_checkpoint), *out[2:], "--n_px", n_px)
+            assert f"--n_px {n_px} differs from the model's n_px 4" in message and "n_positions=16" in message
     assert "--n_px 8 needs 64 positions" in refusal("pretrain.py", "--config_name", str(tiny_checkpoint), *out)
 
 
