@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--model_name_or_path", required=True, help="A pretrained Image GPT (folder or Hub id).")
     add("--gen_loss_weight", type=NON_NEGATIVE_FLOAT, default=1.0, help="w in L_clf + w * L_gen.")
     add("--classifier_layer", type=int, default=None, help="The hidden state pooled (default: the final one).")
-    add("--mask_prob", type=FRACTION, default=0.15, help="BERT models: pixels masked for L_gen.")
+    add("--mask_prob", type=FRACTION, default=None, help="BERT models with w > 0: pixels masked for L_gen (0.15).")
     add("--ignore_mismatched_sizes", action="store_true", help="Replace a classifier of another size.")
     add("--num_labels_per_class", type=POSITIVE, default=None, help="Train on N labelled images per class.")
     add("--num_eval_masks", type=POSITIVE, default=1, help="BERT models: average the classes over K masks.")
@@ -232,6 +232,18 @@ def main(argv=None) -> dict[str, float]:
             f"--eval_mask_prob {args.eval_mask_prob} masks pixels for BERT models, but {args.model_name_or_path} is "
             f"an {config.objective.upper()} model, trained on whole images; leave --eval_mask_prob at 0."
         )
+    if args.mask_prob is not None and (config.objective != "bert" or args.gen_loss_weight == 0):
+        why = (
+            f"an {config.objective.upper()} model"
+            if config.objective != "bert"
+            else "trained with --gen_loss_weight 0"
+        )
+        raise ValueError(
+            f"--mask_prob {args.mask_prob} masks pixels for a BERT model's generative loss, but this run is {why}: "
+            "it has no effect; leave --mask_prob out."
+        )
+    if config.objective == "bert" and args.gen_loss_weight > 0 and args.mask_prob is None:
+        args.mask_prob = 0.15
     source = args.processor_name_or_path or args.model_name_or_path
     processor = None
     with contextlib.suppress(OSError):

@@ -76,11 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Pretrain Image GPT on pixels (AR or BERT objective).")
     add = parser.add_argument
     add("--objective", choices=["ar", "bert"], default=None, help="Default: the config's, else ar.")
-    add("--model_size", choices=list(PRESETS), default="tiny", help="A preset for a new model.")
+    add("--model_size", choices=list(PRESETS), default=None, help="A preset for a new model (default: tiny).")
     add("--config_name", default=None, help="A config (folder, JSON or Hub id) instead of a preset.")
     add("--config_overrides", default=None, help="The new model's config fields, e.g. 'n_layer=4,n_embd=64'.")
     add("--model_name_or_path", default=None, help="Continue pretraining this checkpoint.")
-    add("--mask_prob", type=FRACTION, default=0.15, help="BERT: the probability that a pixel is masked.")
+    add("--mask_prob", type=FRACTION, default=None, help="BERT: the probability that a pixel is masked (0.15).")
     add("--dataset_name", default=DIGITS, help=f"A `datasets` image dataset, or {DIGITS!r}.")
     add("--dataset_config_name", default=None)
     add("--train_dir", default=None, help="An imagefolder of training images.")
@@ -91,7 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max_eval_samples", type=POSITIVE, default=None)
     add("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     add("--dataloader_num_workers", type=NON_NEGATIVE, default=0)
-    add("--n_px", type=POSITIVE, default=None, help="Default: the model's, 32, or 8 on the digits.")
+    add(
+        "--n_px",
+        type=POSITIVE,
+        default=None,
+        help="A new model's: 32, or 8 on the digits (default); with "
+        "--config_name / --model_name_or_path, that config's (the default; any other is refused).",
+    )
     add("--processor_name_or_path", default=None, help="A processor with a palette ('clusters').")
     add("--palette_size", type=checked(int, lambda v: v >= 2, "at least 2"), default=None)
     add("--palette_max_pixels", type=POSITIVE, default=1_000_000, help="Pixels sampled for the palette's k-means.")
@@ -127,6 +133,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_training_flags(args)
     if args.model_name_or_path is not None and (args.config_name is not None or args.config_overrides is not None):
         raise ValueError("--model_name_or_path brings its own config: drop --config_name / --config_overrides.")
+    if args.model_size is not None and (args.model_name_or_path is not None or args.config_name is not None):
+        given = "--model_name_or_path" if args.model_name_or_path is not None else "--config_name"
+        raise ValueError(
+            f"--model_size {args.model_size} is a preset for a new model; {given} brings its own config: drop "
+            "--model_size."
+        )
     args.overrides = {}  # --config_overrides as {field: value}, each a config field with a value of its type
     for pair in (p.strip() for p in (args.config_overrides or "").split(",") if p.strip()):
         field = pair.split("=", 1)[0].strip()
@@ -194,16 +206,24 @@ def main(argv=None) -> dict[str, float]:
             )
     digits = args.dataset_name == DIGITS and args.train_dir is None
     n_px = args.n_px or (base.n_px if base else 8 if digits else 32)
-    if base is not None and n_px > base.n_px:
+    if base is not None and n_px != base.n_px:
         raise ValueError(
-            f"--n_px {n_px} needs {n_px * n_px} positions but the model ({base_source}) has "
-            f"n_positions={base.n_positions} (n_px {base.n_px}). Use 1 <= --n_px <= {base.n_px}."
+            f"--n_px {n_px} differs from the config's n_px {base.n_px} ({base_source}, n_positions="
+            f"{base.n_positions}): the model would train at {n_px}x{n_px} but keep {base.n_positions} positions. "
+            f"Use --n_px {base.n_px} or leave it out."
         )
     objective = args.objective or args.overrides.get("objective") or (base.objective if base else "ar")
     if args.model_name_or_path is not None and objective != base.objective:
         raise ValueError(
             f"{args.model_name_or_path} was pretrained with objective {base.objective!r}, not {objective!r}."
         )
+    if args.mask_prob is not None and objective != "bert":
+        raise ValueError(
+            f"--mask_prob {args.mask_prob} masks pixels for the BERT objective, but this run's objective is "
+            f"{objective!r}, trained on whole images; leave --mask_prob out."
+        )
+    if objective == "bert" and args.mask_prob is None:
+        args.mask_prob = 0.15
     # OpenAI's AR input is [SOS, x_1, ..., x_{n-1}] predicting all n pixels; BERT reads the pixels alone.
     if args.overrides.get("prepend_sos", objective == "ar") != (objective == "ar"):
         raise ValueError(
@@ -287,7 +307,9 @@ def main(argv=None) -> dict[str, float]:
             "--palette_size / --processor_name_or_path."
         )
     config = (
-        base if base is not None else ImageGPTConfig.from_preset(args.model_size, n_px=n_px, palette_size=palette_size)
+        base
+        if base is not None
+        else ImageGPTConfig.from_preset(args.model_size or "tiny", n_px=n_px, palette_size=palette_size)
     )
     for field, value in args.overrides.items():
         setattr(config, field, value)

@@ -391,7 +391,30 @@ def test_n_px_larger_than_the_models_positions(tiny_checkpoint, tmp_path):
         for n_px in ("8", "3"):
             message = refusal(script, "--model_name_or_path", str(tiny_checkpoint), *out[2:], "--n_px", n_px)
             assert f"--n_px {n_px} differs from the model's n_px 4" in message and "n_positions=16" in message
-    assert "--n_px 8 needs 64 positions" in refusal("pretrain.py", "--config_name", str(tiny_checkpoint), *out)
+    for flag in ("--config_name", "--model_name_or_path"):  # it would train at 8x8 but keep 16 positions
+        for n_px in ("8", "3"):
+            message = refusal("pretrain.py", flag, str(tiny_checkpoint), *out[2:], "--n_px", n_px)
+            assert f"--n_px {n_px} differs from the config's n_px 4" in message and "n_positions=16" in message
+
+
+def test_flags_without_effect_are_refused(tiny_checkpoint, tmp_path):
+    out = ["--output_dir", str(tmp_path / "out")]
+    for flag in ("--config_name", "--model_name_or_path"):
+        message = refusal("pretrain.py", flag, str(tiny_checkpoint), "--model_size", "small", *out)
+        assert f"--model_size small is a preset for a new model; {flag} brings its own config" in message
+    message = refusal("pretrain.py", *TINY_MODEL, "--mask_prob", "0.3", *out)
+    assert "--mask_prob 0.3 masks pixels for the BERT objective, but this run's objective is 'ar'" in message
+    message = refusal("finetune.py", "--model_name_or_path", str(tiny_checkpoint), "--mask_prob", "0.3", *out)
+    assert "--mask_prob 0.3 masks pixels for a BERT model's generative loss, but this run is an AR model" in message
+    bert = tmp_path / "bert"
+    ImageGPTConfig.from_preset(
+        "tiny", n_px=4, palette_size=16, n_layer=2, n_embd=32, n_head=2, objective="bert", prepend_sos=False
+    ).save_pretrained(bert)
+    message = refusal(
+        "finetune.py", "--model_name_or_path", str(bert), "--mask_prob", "0.3", "--gen_loss_weight", "0", *out
+    )
+    assert "but this run is trained with --gen_loss_weight 0: it has no effect" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_is_kept_unless_overwrite(tiny_checkpoint, tmp_path):
