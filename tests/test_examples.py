@@ -195,14 +195,14 @@ def gpt2_checkpoint(tmp_path) -> Path:
     return path
 
 
-# The run every resume test starts from: 2 steps on an imagefolder, checkpointed at step 2.
+# The run every resume test starts from: 2 steps on an imagefolder, checkpointed at steps 1 and 2.
 RESUMABLE = [*TINY_MODEL, "--palette_size", "4", "--per_device_train_batch_size", "8", "--max_train_steps", "2"]
-RESUMABLE += ["--checkpointing_steps", "2", "--train_val_split", "0.25"]
+RESUMABLE += ["--checkpointing_steps", "1", "--train_val_split", "0.25"]
 
 
 @pytest.fixture(scope="module")
 def resumable(tmp_path_factory) -> tuple[Path, Path]:
-    """(the training folder, the checkpoints folder) of a finished 2-step run of `RESUMABLE`."""
+    """(the training folder, the checkpoints folder) of a finished 2-step run of `RESUMABLE` (its model beside it)."""
     data = image_folder(tmp_path_factory.mktemp("images") / "a")
     out = tmp_path_factory.mktemp("resumable") / "run"
     run_script("pretrain.py", *RESUMABLE, "--train_dir", str(data), "--output_dir", str(out))
@@ -504,7 +504,7 @@ def test_a_broken_newest_checkpoint_is_named_with_the_intact_one_before_it(tmp_p
 def test_resume_with_the_same_settings_continues(resumable, tmp_path):
     data, checkpoints = resumable
     out = tmp_path / "resumed"
-    shutil.copytree(checkpoints, out / "checkpoints")
+    shutil.copytree(checkpoints / "step_1", out / "checkpoints" / "step_1")  # one step left to train
     run_in_process(
         "pretrain.py",
         *RESUMABLE,
@@ -516,6 +516,11 @@ def test_resume_with_the_same_settings_continues(resumable, tmp_path):
         "latest",
     )
     assert (out / "model.safetensors").is_file() and (out / "checkpoints" / "step_2").is_dir()
+    # Step 2 trained from step 1's weights, optimizer and RNG: the uninterrupted run's model, exactly.
+    resumed, whole = load_file(out / "model.safetensors"), load_file(checkpoints.parent / "model.safetensors")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    step_1 = load_file(checkpoints / "step_1" / "model.safetensors")
+    assert any(not torch.equal(step_1[k], whole[k]) for k in whole if k in step_1)  # step 2 changed the weights
 
 
 def test_resume_refuses_a_changed_learning_rate_or_batch_size(resumable, tmp_path):
