@@ -718,12 +718,17 @@ def test_finetune_lora_writes_a_small_adapter_that_loads_on_the_base_and_merges(
 @pytest.mark.slow
 def test_finetune_bert_draws_masks_for_its_generative_loss(bert_checkpoint, tmp_path):
     pretrained, _ = bert_checkpoint
-    run_script(
-        "finetune.py", "--model_name_or_path", str(pretrained), "--gen_loss_weight", "1", *SMALL_DATA, *TRAIN,
-        "--max_train_steps", "2", "--output_dir", str(tmp_path),
-    )  # fmt: skip
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["objective"] == "bert" and config["gen_loss_weight"] == 1
+    losses = []
+    for mask_prob in ("0.15", "0.5"):  # the same run but its masks: the generative loss sees other pixels
+        out = tmp_path / mask_prob
+        log = run_script(
+            "finetune.py", "--model_name_or_path", str(pretrained), "--gen_loss_weight", "1", *SMALL_DATA, *TRAIN,
+            "--max_train_steps", "1", "--mask_prob", mask_prob, "--output_dir", str(out),
+        )  # fmt: skip
+        losses.append(float(re.search(r"step 1: train_loss ([0-9.]+)", log).group(1)))
+        config = json.loads((out / "config.json").read_text())
+        assert config["objective"] == "bert" and config["gen_loss_weight"] == 1
+    assert losses[0] != losses[1], losses  # without masks both runs would compute the same loss
 
 
 @pytest.mark.slow
