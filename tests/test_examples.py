@@ -821,6 +821,16 @@ def test_two_processes_on_cpu_pretrain_and_finetune(tmp_path):
     results = json.loads((finetuned / "all_results.json").read_text())
     assert math.isclose(classifier_accuracy(finetuned, 31), results["eval_accuracy"], abs_tol=1e-6)
 
+    # A LoRA adapter under DistributedDataParallel: the model card counts its parameters, the adapter is saved.
+    adapter = tmp_path / "adapter"
+    launch(
+        "multi_cpu.yaml", "finetune.py", "--model_name_or_path", str(pretrained), *small_data, *TRAIN,
+        "--max_train_steps", "1", "--lora_r", "2", "--output_dir", str(adapter),
+    )  # fmt: skip
+    assert (adapter / "adapter_model.safetensors").is_file() and "LoRA adapter (r=2" in (
+        adapter / "README.md"
+    ).read_text()
+
 
 @pytest.mark.slow
 def test_killed_pretraining_resumes_to_the_same_weights(tmp_path):
