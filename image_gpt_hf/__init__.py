@@ -19,6 +19,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from .checkpoint import load_config_and_processor
 from .configuration_imagegpt import EXTENDED_MODEL_TYPE, PAPER_RESOLUTIONS, PRESETS, ImageGPTConfig
 from .data import ImageGPTDataCollator, load_digits, random_resized_crop
 from .image_processing_imagegpt import ImageGPTImageProcessor, ImageGPTImageProcessorPil
@@ -75,6 +76,7 @@ __all__ = [
     "ImageGPTModel",
     "ImageGPTModelOutput",
     "ImageGPTPreTrainedModel",
+    "load_config_and_processor",
     "load_digits",
     "lora_config",
     "random_bert_mask",

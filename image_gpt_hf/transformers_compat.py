@@ -132,3 +132,17 @@ __all__ = [
     "output_cache",
     "resolve_cache",
 ]
+
+
+def builtin_imagegpt(module: str = "modeling_imagegpt"):
+    """transformers' own ImageGPT `module` (e.g. "modeling_imagegpt", "configuration_imagegpt",
+    "image_processing_pil_imagegpt"), where the release keeps it: `transformers.models.imagegpt`, or
+    `transformers.models.deprecated.imagegpt` once it is moved there; None where neither exists."""
+    import importlib
+
+    for package in ("transformers.models.imagegpt", "transformers.models.deprecated.imagegpt"):
+        try:
+            return importlib.import_module(f"{package}.{module}")
+        except ImportError:
+            continue
+    return None
