@@ -9,9 +9,7 @@ answers the file-resolution endpoint from local folders), so its layout is exact
 import hashlib
 import json
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import httpx2
@@ -19,7 +17,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_DIMS
+from conftest import TINY_DIMS, builtin, run_without_package
 from huggingface_hub import CommitInfo, HfApi, RepoUrl, constants, hf_hub_download, scan_cache_dir
 from huggingface_hub.utils import set_client_factory
 from huggingface_hub.utils._http import default_client_factory
@@ -33,8 +31,6 @@ from transformers import (
     ImageGPTImageProcessorPil,
     pipeline,
 )
-from transformers.models.imagegpt import modeling_imagegpt as hf
-from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
 
 from image_gpt_hf import (
     ImageGPTConfig,
@@ -198,7 +194,6 @@ def test_load_by_repo_id_offline_with_the_package(hub_cache, checkpoints, no_net
 
 REMOTE_SCRIPT = """
 import sys
-sys.modules["image_gpt_hf"] = None  # importing the package is impossible in this process
 import numpy as np, PIL.Image, torch
 from transformers import AutoImageProcessor, AutoModelForCausalLM, pipeline
 
@@ -223,22 +218,8 @@ def test_load_by_repo_id_offline_with_remote_code_where_the_package_cannot_be_im
     cache, _ = hub_cache
     _, model, processor = checkpoints
     image().save(tmp_path / "image.png")
-    env = {
-        **os.environ,
-        "HF_HUB_CACHE": str(cache),
-        "HF_HUB_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-    }
     out = tmp_path / "out.pt"
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), str(out), str(tmp_path / "image.png")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_without_package(REMOTE_SCRIPT, str(out), str(tmp_path / "image.png"), cwd=tmp_path, HF_HUB_CACHE=str(cache))
     results = torch.load(out)
     ids = processor(PIL.Image.open(tmp_path / "image.png"), return_tensors="pt")["input_ids"]
     assert torch.equal(results["ids"], ids)
@@ -250,10 +231,12 @@ def test_load_by_repo_id_offline_with_remote_code_where_the_package_cannot_be_im
 # ------------------------------------------------------------------------------- openai/imagegpt-small's layout
 
 
-def openai_style_folder(folder: Path, weights: str, processor_style: str) -> hf.ImageGPTForCausalImageModeling:
-    """A tiny folder with the files of the Hub's `openai/imagegpt-small`, as transformers 4 wrote them."""
+def openai_style_folder(folder: Path, weights: str, processor_style: str) -> torch.nn.Module:
+    """A tiny folder with the files of the Hub's `openai/imagegpt-small`, as transformers 4 wrote them, and
+    transformers' own model of its weights."""
     torch.manual_seed(1)
-    reference = hf.ImageGPTForCausalImageModeling(HFConfig(**DIMS)).eval()
+    config = builtin("configuration_imagegpt").ImageGPTConfig(**DIMS)
+    reference = builtin("modeling_imagegpt").ImageGPTForCausalImageModeling(config).eval()
     folder.mkdir(parents=True)
     config = {
         "activation_function": "quick_gelu",

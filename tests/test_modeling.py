@@ -628,13 +628,21 @@ def forward_inputs(draw):
     return batch, length, name, shape, dtype, low, high, draw(st.integers(0, 2**16))
 
 
+def broadcasts(shape: tuple, to: tuple) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, to) == to
+    except RuntimeError:
+        return False
+
+
 def well_formed(name: str, value: torch.Tensor, batch: int, length: int) -> bool:
     """What the forward must accept, judged here independently of the model's checks."""
     if name == "input_ids":  # alone, any non-empty (batch, length) is well formed
         shape_ok = value.dim() == 2 and value.numel() > 0
+    elif name in ("position_ids", "token_type_ids", "bool_masked_pos"):  # read by torch's broadcasting
+        shape_ok = value.numel() > 0 and broadcasts(tuple(value.shape), (batch, length))
     else:
-        broadcast = {(length,), (1, length)} if name in ("position_ids", "token_type_ids") else set()
-        shape_ok = tuple(value.shape) in {(batch, length)} | broadcast
+        shape_ok = tuple(value.shape) == (batch, length)
     if not shape_ok:
         return False
     if name in ("attention_mask", "bool_masked_pos"):  # masks: any dtype and values, true where nonzero
