@@ -127,9 +127,7 @@ class ImageGPTConfig(PreTrainedConfig):
     def __post_init__(self, n_px: int | None = None, palette_size: int | None = None, **kwargs):
         for name, value in (("n_px", n_px), ("palette_size", palette_size)):
             if value is not None and value != getattr(self, name):
-                raise ValueError(
-                    f"`{name}`={value!r} disagrees with {name}={getattr(self, name)} of the fields given."
-                )
+                raise ValueError(f"`{name}`={value!r} disagrees with the fields' {name}={getattr(self, name)}.")
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):

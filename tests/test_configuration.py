@@ -129,8 +129,11 @@ def test_preset_overrides_and_palette_size():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"n_px": 8, "palette_size": 16, "vocab_size": 100}, r"`palette_size`=16 disagrees with palette_size=99"),
-        ({"n_px": 8, "n_positions": 100}, r"`n_px`=8 disagrees with n_px=10"),
+        (
+            {"n_px": 8, "palette_size": 16, "vocab_size": 100},
+            r"`palette_size`=16 disagrees with the fields. palette_size=99",
+        ),
+        ({"n_px": 8, "n_positions": 100}, r"`n_px`=8 disagrees with the fields. n_px=10"),
     ],
 )
 def test_preset_keywords_that_disagree_are_refused(kwargs, message):
@@ -139,7 +142,7 @@ def test_preset_keywords_that_disagree_are_refused(kwargs, message):
 
 
 def test_the_image_size_is_n_positions_and_n_px_is_read_where_it_agrees(tmp_path):
-    with pytest.raises(ValueError, match=r"`n_px`=8 disagrees with n_px=32"):
+    with pytest.raises(ValueError, match=r"`n_px`=8 disagrees with the fields. n_px=32"):
         ImageGPTConfig(n_px=8)
     assert ImageGPTConfig(n_px=8, n_positions=64).n_px == 8
     # A config.json that names the image side: alone it is unambiguous; beside a different n_positions it is refused.
@@ -147,7 +150,7 @@ def test_the_image_size_is_n_positions_and_n_px_is_read_where_it_agrees(tmp_path
     config = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(config, ImageGPTConfig) and config.n_positions == 64 and "n_px" not in config.to_dict()
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "imagegpt", "n_px": 8, "n_positions": 100}))
-    with pytest.raises(ValueError, match=r"`n_px`=8 disagrees with n_px=10"):
+    with pytest.raises(ValueError, match=r"`n_px`=8 disagrees with the fields. n_px=10"):
         ImageGPTConfig.from_pretrained(tmp_path)
 
 
