@@ -147,7 +147,7 @@ class ImageGPTConfig(PreTrainedConfig):
         if layer is None:
             layer = self.n_layer // 2 if self.feature_layer is None else self.feature_layer
         if not -(self.n_layer + 1) <= operator.index(layer) <= self.n_layer:
-            raise ValueError(f"`{name}`={layer} is not a hidden-state index of a {self.n_layer}-layer model.")
+            raise ValueError(f"Layer {layer} is not a hidden-state index of a {self.n_layer}-layer model (`{name}`).")
         return layer % (self.n_layer + 1)
 
     @property

@@ -159,8 +159,8 @@ def test_the_image_size_is_n_positions_and_n_px_is_read_where_it_agrees(tmp_path
     [
         ({"n_embd": 100, "n_head": 3}, r"embed_dim \(100\) is not a multiple of the number of attention heads \(3\)"),
         ({"objective": "gpt"}, "objective"),
-        ({"classifier_layer": 30}, "`classifier_layer`=30 is not a hidden-state index of a 24-layer model"),
-        ({"feature_layer": -26}, "`feature_layer`=-26 is not a hidden-state index"),
+        ({"classifier_layer": 30}, r"Layer 30 is not a hidden-state index of a 24-layer model \(`classifier_layer`\)"),
+        ({"feature_layer": -26}, r"Layer -26 is not a hidden-state index.*`feature_layer`"),
         ({"gen_loss_weight": -1.0}, "gen_loss_weight"),
         ({"gen_loss_weight": float("nan")}, "gen_loss_weight"),
         ({"gen_loss_weight": float("inf")}, "gen_loss_weight"),

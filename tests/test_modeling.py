@@ -774,7 +774,7 @@ def test_pooler_output_is_the_middle_layer_by_default_and_follows_config():
     assert max_diff(out.pooler_output, model.extract_features(x, layers=2)[0]) < TOL
     model.config.feature_layer = -1
     assert max_diff(model(x).pooler_output, out.last_hidden_state.mean(1)) < TOL
-    with pytest.raises(ValueError, match="`layer`=7 is not a hidden-state index of a 4-layer model"):
+    with pytest.raises(ValueError, match="Layer 7 is not a hidden-state index of a 4-layer model"):
         model.extract_features(x, layers=[7])  # never read modulo n_layer + 1 as another layer
 
 
