@@ -427,7 +427,8 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             As in transformers' ImageGPT: their token embeddings are added to the input.
         bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Positions whose input embedding is zeroed, as OpenAI's BERT objective does (see `random_bert_mask`).
+            BERT models only: positions (true where nonzero) whose input embedding is zeroed, as OpenAI's BERT
+            objective does (see `random_bert_mask`). Causal models refuse it.
         prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
             Build the input as `[SOS, x_1, ..., x_{n-1}]` from the `n` pixel ids, as OpenAI's AR code does. The ids
             must then be pixels only: ids that contain SOS are refused (they would get a second one).
