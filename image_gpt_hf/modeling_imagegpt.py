@@ -67,7 +67,7 @@ AUTO_MAP = {
 # reads. Anything else is refused, so that nothing that would change the result is silently dropped.
 OUTPUT_FLAGS = frozenset({"output_attentions", "output_hidden_states", "return_dict"})
 
-# Opt-in attention for CPU training with attention dropout: `attn_implementation="imagegpt_blockwise_sdpa"`.
+# The attention of CPU training with attention dropout: what "sdpa" (the default) runs there.
 BLOCKWISE_SDPA = "imagegpt_blockwise_sdpa"
 
 
@@ -166,8 +166,8 @@ def blockwise_causal_sdpa_forward(
 ) -> tuple[torch.Tensor, None]:
     """sdpa for causal self-attention with dropout on CPU, one block of queries at a time.
 
-    Registered with transformers' attention interface as "imagegpt_blockwise_sdpa" (opt in with
-    `attn_implementation="imagegpt_blockwise_sdpa"`). On CPU, sdpa with dropout falls back to its math path over the
+    What the default attention ("sdpa") runs in CPU training with attention dropout, and registered with transformers'
+    attention interface as "imagegpt_blockwise_sdpa". On CPU, sdpa with dropout falls back to its math path over the
     full (T, T) scores, the masked half included. Queries `[s, e)` only see keys `[0, e)`: going block by block skips
     most of that half (and its dropout draws), which makes a CPU training step's attention about 2x cheaper. Same
     distribution, same gradients (not the same dropout draws as sdpa); anything it does not cover (no dropout, a
@@ -230,9 +230,10 @@ class ImageGPTAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        implementation = self.config._attn_implementation
+        if implementation == "sdpa" and self.training and self.attention_dropout > 0 and query.device.type == "cpu":
+            implementation = BLOCKWISE_SDPA  # sdpa's CPU dropout path computes the whole (T, T) score matrix
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self,
             query,
