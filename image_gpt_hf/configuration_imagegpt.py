@@ -62,6 +62,11 @@ class ImageGPTConfig(PreTrainedConfig):
     gen_loss_weight (`float`, defaults to 0.0):
         Weight `w` of the generative loss in the classification fine-tuning objective `L = L_clf + w * L_gen`
         (the paper uses 1.0 for AR models). With `w > 0` the classification model carries an LM head.
+    class_conditional (`bool`, defaults to `False`):
+        A class-conditional model: its input vocabulary holds one token per class after the palette (ids
+        `palette_size + c` for the `num_labels` classes of `id2label`), and a sequence starts with its class token in
+        place of SOS, which stands for "no class" (label dropout during training teaches the model both, for
+        classifier-free guidance). The LM head still predicts the palette only.
     feature_layer (`int`, *optional*):
         The layer whose normed hidden state `ImageGPTModel` averages into `pooler_output` (what the
         `image-feature-extraction` pipeline returns with `pool=True`). `None` is the middle of the network
@@ -73,8 +78,8 @@ class ImageGPTConfig(PreTrainedConfig):
     given, with a warning). `feature_layer` picks `l` for `ImageGPTModel`'s `pooler_output`, `classifier_layer` for
     `ImageGPTForImageClassification`; `hidden_state_index` resolves either.
 
-    `n_px` and `palette_size` are derived (`n_positions = n_px ** 2`, `vocab_size = palette_size + 1`); given beside the
-    fields they are checked to agree, never stored.
+    `n_px` and `palette_size` are derived (`n_positions = n_px ** 2`, `vocab_size = palette_size + 1`, plus the classes
+    of a class-conditional model); given beside the fields they are checked to agree, never stored.
 
     A config whose added fields keep their defaults describes a model transformers' built-in ImageGPT computes
     exactly; it is saved with `model_type: "imagegpt"` and moves both ways. Any other (a BERT objective, `prepend_sos`,
@@ -123,6 +128,7 @@ class ImageGPTConfig(PreTrainedConfig):
     classifier_layer: int | None = None
     gen_loss_weight: float | int = 0.0
     feature_layer: int | None = None
+    class_conditional: bool = False
 
     def __post_init__(self, n_px: int | None = None, palette_size: int | None = None, **kwargs):
         for name, value in (("n_px", n_px), ("palette_size", palette_size)):
@@ -135,8 +141,8 @@ class ImageGPTConfig(PreTrainedConfig):
         super().validate_architecture()  # n_embd divisible by n_head
         if not 0 <= self.gen_loss_weight < math.inf:
             raise ValueError(f"`gen_loss_weight` must be a finite number >= 0, got {self.gen_loss_weight}.")
-        if self.prepend_sos and self.objective == "bert":
-            raise ValueError("`prepend_sos` applies to autoregressive models only, not to objective='bert'.")
+        if (self.prepend_sos or self.class_conditional) and self.objective == "bert":
+            raise ValueError("`prepend_sos` and `class_conditional` apply to autoregressive models only, not to 'bert'.")
         for name in ("classifier_layer", "feature_layer"):
             if getattr(self, name) is not None:
                 self.hidden_state_index(getattr(self, name), name)
@@ -160,6 +166,7 @@ class ImageGPTConfig(PreTrainedConfig):
             and self.classifier_layer is None
             and self.feature_layer is None
             and self.gen_loss_weight == 0
+            and not self.class_conditional
         )
 
     def to_dict(self) -> dict:
@@ -194,7 +201,18 @@ class ImageGPTConfig(PreTrainedConfig):
     @property
     def palette_size(self) -> int:
         """Number of palette colors, i.e. the LM head's output size."""
-        return self.vocab_size - 1
+        return self.vocab_size - 1 - (self.num_labels if self.class_conditional else 0)
+
+    def class_token_id(self, label: int | str) -> int:
+        """The input id of a class-conditional model's class `label` (an index or a name of `id2label`)."""
+        names = {name: index for index, name in self.id2label.items()}
+        if not self.class_conditional:
+            raise ValueError("This model is not class-conditional (`class_conditional=False`): it takes no class.")
+        if isinstance(label, str) and label in names:
+            return self.palette_size + names[label]
+        if isinstance(label, str) or not 0 <= label < self.num_labels:
+            raise ValueError(f"Unknown class {label!r}: this model's classes are {self.id2label}.")
+        return self.palette_size + int(label)
 
     @property
     def n_px(self) -> int:
@@ -217,7 +235,8 @@ class ImageGPTConfig(PreTrainedConfig):
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-        derived = {"n_positions": n_px and n_px * n_px, "vocab_size": palette_size and palette_size + 1}
+        classes = len(kwargs.get("id2label") or {}) or kwargs.get("num_labels", 2) if kwargs.get("class_conditional") else 0
+        derived = {"n_positions": n_px and n_px * n_px, "vocab_size": palette_size and palette_size + 1 + classes}
         fields = {**PRESETS[name], "n_positions": 32 * 32, "vocab_size": 512 + 1}
         fields |= {key: value for key, value in derived.items() if value} | kwargs
         return cls(**fields, n_px=n_px, palette_size=palette_size)

@@ -393,10 +393,24 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         mask, n_positions = kwargs.get("attention_mask"), self.config.n_positions
         return torch.stack([mean_pool(f, mask, n_positions) if pool else f for f in features])
 
-    def add_sos(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """`[SOS, x_1, ..., x_{n-1}]` from the pixel ids `x` (B, n): the input OpenAI's AR code builds."""
-        sos = torch.full_like(input_ids[:, :1], self.config.sos_token_id)
-        return torch.cat([sos, input_ids[:, :-1]], dim=1)
+    def add_sos(self, input_ids: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """`[SOS, x_1, ..., x_{n-1}]` from the pixel ids `x` (B, n): the input OpenAI's AR code builds; with
+        `class_labels` (B,), each image's class token in place of SOS (-100: no class, SOS)."""
+        start = torch.full_like(input_ids[:, :1], self.config.sos_token_id)
+        if class_labels is not None:
+            labels = class_labels.to(input_ids.device).view(-1, 1)
+            start = torch.where(labels == -100, start, labels + self.config.palette_size)
+        return torch.cat([start, input_ids[:, :-1]], dim=1)
+
+    def resolve_prepend_sos(self, input_ids, cache, prepend_sos: bool | None, class_labels=None) -> bool:
+        """Whether a forward builds the start of the sequence (`prepend_sos`, default the config's): not for sequences
+        already started, a step on a cache that holds positions or ids that begin with SOS or a class token (as
+        generate() and its classifier-free guidance pass them), which are used as given."""
+        prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
+        if prepend_sos and class_labels is None and input_ids is not None and not torch.compiler.is_compiling():
+            cached = cache is not None and cache.get_seq_length() > 0
+            prepend_sos = not (cached or bool((input_ids[:, 0] >= self.config.palette_size).all()))
+        return prepend_sos
 
     @select_hidden_states_by_index
     @capture_outputs
@@ -410,6 +424,7 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         bool_masked_pos: torch.BoolTensor | None = None,
         prepend_sos: bool | None = None,
+        class_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         pooler_layer: int | None = None,
         return_pooler_output: bool | None = None,
@@ -431,8 +446,12 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
             BERT models only: positions (true where nonzero) whose input embedding is zeroed, as OpenAI's BERT
             objective does (see `random_bert_mask`). Causal models refuse it.
         prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
-            Build the input as `[SOS, x_1, ..., x_{n-1}]` from the `n` pixel ids, as OpenAI's AR code does. The ids
-            must then be pixels only: ids that contain SOS are refused (they would get a second one).
+            Build the input as `[SOS, x_1, ..., x_{n-1}]` from the `n` pixel ids, as OpenAI's AR code does. Ids that
+            already start with SOS or a class token, and steps on a cache that holds positions, are used as given
+            (generation, classifier-free guidance); ids that hold SOS elsewhere are refused.
+        class_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class-conditional models (`config.class_conditional`) with `prepend_sos`: each image's class, whose token
+            takes SOS's place (-100: no class, SOS itself).
         pooler_layer (`int`, *optional*, defaults to `config.feature_layer`):
             The hidden-state index whose normed states are averaged into `pooler_output` (see `resolve_layer`).
         return_pooler_output (`bool`, *optional*):
@@ -464,19 +483,29 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
             logger.warning_once("Caching is incompatible with gradient checkpointing: running without a cache.")
             use_cache, cache = False, None
 
-        if config.prepend_sos if prepend_sos is None else prepend_sos:
+        prepend_sos = self.resolve_prepend_sos(input_ids, cache, prepend_sos, class_labels)
+        if class_labels is not None:
+            known = (class_labels >= 0) & (class_labels < config.num_labels) | (class_labels == -100)
+            if not (config.class_conditional and prepend_sos) or not bool(known.all()):
+                raise ValueError(
+                    "`class_labels` (class indices, or -100 for none) choose the first token of a class-conditional "
+                    f"model's pixel ids (with `prepend_sos`); this model has {config.num_labels if config.class_conditional else 'no'} "
+                    "classes. Without `prepend_sos`, start `input_ids` with `config.class_token_id(label)` instead."
+                )
+        if prepend_sos:
             if input_ids is None or cache is not None or attention_mask is not None or token_type_ids is not None:
                 raise ValueError(
                     "`prepend_sos` builds `[SOS, x_1, ..., x_{n-1}]` from whole images' `input_ids`: it takes no "
                     "cache, `inputs_embeds`, `attention_mask` or `token_type_ids` (pass ids that start with SOS and "
                     "`prepend_sos=False` for those)."
                 )
-            if not torch.compiler.is_compiling() and bool((input_ids == config.sos_token_id).any()):
+            if not torch.compiler.is_compiling() and bool((input_ids >= config.palette_size).any()):
                 raise ValueError(
-                    f"`input_ids` contain the SOS id {config.sos_token_id}, but `prepend_sos` is on and adds SOS "
-                    "itself. Pass pixel ids only (e.g. `ids[:, 1:]` of a generate() output), or `prepend_sos=False`."
+                    f"`input_ids` hold SOS or class ids (>= {config.palette_size}) after a pixel, but `prepend_sos` is on "
+                    "and adds the start itself. Pass pixel ids only (e.g. `ids[:, 1:]` of a generate() output), whole "
+                    "sequences that each start with SOS, or `prepend_sos=False`."
                 )
-            input_ids = self.add_sos(input_ids)
+            input_ids = self.add_sos(input_ids, class_labels)
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         if bool_masked_pos is not None:
@@ -622,14 +651,16 @@ class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
             `labels[:, t]` is the target of `logits[:, t]`. The loss is the mean over the targets: nan when there is
             none (every label -100), as in transformers' causal LMs.
         prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
-            Build the input as `[SOS, x_1, ..., x_{n-1}]` from the pixel ids, as OpenAI's code does.
+            Build the input as `[SOS, x_1, ..., x_{n-1}]` from the pixel ids, as OpenAI's code does (a class-conditional
+            model takes `class_labels`, see `ImageGPTModel.forward`).
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits for the last `logits_to_keep` positions only (0: all), or for the given indices.
         """
-        prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
+        cache = resolve_cache(cache, past_key_values)
+        prepend_sos = self.transformer.resolve_prepend_sos(input_ids, cache, prepend_sos, kwargs.get("class_labels"))
         outputs: ImageGPTModelOutput = self.transformer(
             input_ids,
-            cache=resolve_cache(cache, past_key_values),
+            cache=cache,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
@@ -774,11 +805,12 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
         use_cache (`bool`, *optional*, defaults to `False`):
             Return the keys and values (classification does not need them, so they are not kept by default).
         """
-        prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
+        cache = resolve_cache(cache, past_key_values)
+        prepend_sos = self.transformer.resolve_prepend_sos(input_ids, cache, prepend_sos)
         layer = self.config.classifier_layer
         outputs: ImageGPTModelOutput = self.transformer(
             input_ids,
-            cache=resolve_cache(cache, past_key_values),
+            cache=cache,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,

@@ -41,7 +41,7 @@ def test_fields_and_defaults_match_transformers():
         assert key in ours, key
         assert ours[key] == value, key
     added = set(ours) - set(theirs)
-    assert added == {"objective", "prepend_sos", "classifier_layer", "gen_loss_weight", "feature_layer"}
+    assert added == {"objective", "prepend_sos", "classifier_layer", "gen_loss_weight", "feature_layer", "class_conditional"}
 
 
 def test_openai_hub_config_loads_unchanged(tmp_path):
@@ -73,6 +73,7 @@ def test_our_config_loads_in_transformers(tmp_path):
         {"classifier_layer": 2},
         {"feature_layer": -1},
         {"gen_loss_weight": 1.0},
+        {"class_conditional": True},
     ],
 )
 def test_what_the_builtin_cannot_compute_is_saved_under_a_type_of_its_own(tmp_path, fields):

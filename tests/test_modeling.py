@@ -295,6 +295,11 @@ CHECKPOINT_KINDS = {
         {"num_labels": 3, "classifier_layer": 1, "gen_loss_weight": 0.5},
         "AutoModelForImageClassification",
     ),
+    "class_conditional": (
+        ImageGPTForCausalImageModeling,
+        {"class_conditional": True, "prepend_sos": True, "num_labels": 3, "vocab_size": TINY_DIMS["vocab_size"] + 3},
+        "AutoModelForCausalLM",
+    ),
 }
 
 LOAD_EACH_KIND = """
@@ -734,20 +739,27 @@ def test_part_of_an_image_is_pooled_as_given_with_a_warning(caplog):
     assert base(pixels(2, 64)).pooler_output.shape == (2, DIMS["n_embd"])
 
 
-def test_prepend_sos_refused_with_a_cache_and_for_ids_holding_sos():
+def test_prepend_sos_leaves_started_sequences_as_given_and_refuses_a_start_after_pixels():
     model = make(ImageGPTForCausalImageModeling)
-    out = model(pixels(1, 4), use_cache=True)
-    with pytest.raises(ValueError, match="no cache"):
-        model(pixels(1, 4), cache=output_cache(out), prepend_sos=True)
-    with pytest.raises(ValueError, match="attention_mask"):
-        model(pixels(1, 4), attention_mask=torch.ones(1, 4), prepend_sos=True)
-    # A config with prepend_sos=True and ids that already start with SOS: refused, never a silent second SOS.
     converted = make(ImageGPTForCausalImageModeling, prepend_sos=True)
-    with_sos = torch.cat([torch.full((3, 1), SOS), pixels(3, 63)], dim=1)
-    with pytest.raises(ValueError, match="contain the SOS id 16"):
-        converted(with_sos)
     converted.load_state_dict(model.state_dict())
-    assert max_diff(converted(with_sos, prepend_sos=False).logits, model(with_sos).logits) < TOL
+    with_sos = torch.cat([torch.full((3, 1), SOS), pixels(3, 63)], dim=1)
+    # Started sequences (ids that begin with SOS, as generate() and its guidance pass them; a step on a cache) are
+    # used as given: never a second SOS, and the labels shift as transformers' do.
+    plain = model(with_sos, labels=with_sos)
+    started = converted(with_sos, labels=with_sos)
+    assert max_diff(started.logits, plain.logits) < TOL and abs(started.loss - plain.loss) < TOL
+    cache = output_cache(converted(with_sos[:, :5], use_cache=True))
+    step = converted(with_sos[:, 5:6], cache=cache)
+    assert max_diff(step.logits[:, -1], plain.logits[:, 5]) < TOL
+    # Pixel ids get SOS in front: logits[:, t] predicts pixel t.
+    x = pixels(3, 64)
+    assert max_diff(converted(x).logits, model(torch.cat([with_sos[:, :1], x[:, :-1]], 1)).logits) < TOL
+    with pytest.raises(ValueError, match="attention_mask"):
+        converted(pixels(1, 4), attention_mask=torch.ones(1, 4))
+    mixed = torch.cat([pixels(1, 4), torch.full((1, 1), SOS), pixels(1, 3)], dim=1)
+    with pytest.raises(ValueError, match="hold SOS or class ids"):
+        converted(mixed)
 
 
 # ------------------------------------------------------------------------------------------------------- features
@@ -837,3 +849,40 @@ def test_the_old_cache_name_warns_at_the_users_call():
         assert len(future) == 1 and future[0].filename == __file__
     else:
         assert future == []
+
+
+# ---------------------------------------------------------------------------------------------- class-conditional
+
+
+def test_class_conditional_model_starts_with_the_class_token_and_guides_through_generate():
+    fields = {"class_conditional": True, "prepend_sos": True, "id2label": {0: "zero", 1: "one", 2: "two"}}
+    model = make(ImageGPTForCausalImageModeling, **fields, vocab_size=DIMS["vocab_size"] + 3)
+    config = model.config
+    assert (config.palette_size, config.num_labels, config.sos_token_id) == (PALETTE, 3, PALETTE + 3)
+    assert config.class_token_id("two") == config.class_token_id(2) == PALETTE + 2
+    x, y = pixels(2), torch.tensor([1, -100])  # -100: no class (label dropout), SOS itself
+    starts = torch.tensor([[config.class_token_id(1)], [config.sos_token_id]])
+    out = model(x, labels=x, class_labels=y)
+    given = model(torch.cat([starts, x[:, :-1]], 1), prepend_sos=False)
+    assert max_diff(out.logits, given.logits) < TOL
+    assert abs(out.loss - F.cross_entropy(given.logits.flatten(0, 1), x.flatten())) < TOL  # every pixel, no class id
+    assert out.logits.shape[-1] == PALETTE  # the head predicts pixels only
+    # Guidance through generate(): scale 1 gives the unguided tokens; another scale follows uncond + s (cond - uncond).
+    prompt, negative = torch.full((2, 1), config.class_token_id(2)), torch.full((2, 1), config.sos_token_id)
+    plain = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    one = model.generate(prompt, max_new_tokens=12, do_sample=False, guidance_scale=1.0, negative_prompt_ids=negative)
+    guided = model.generate(prompt, max_new_tokens=12, do_sample=False, guidance_scale=3.0, negative_prompt_ids=negative)
+    assert torch.equal(plain, one) and not torch.equal(plain, guided)
+    with torch.no_grad():  # each guided token by hand, from whole-sequence forwards
+        for t in range(1, 12):
+            cond = model(guided[:, :t], prepend_sos=False).logits[:, -1].log_softmax(-1)
+            uncond_ids = torch.cat([negative, guided[:, 1:t]], 1)
+            uncond = model(uncond_ids, prepend_sos=False).logits[:, -1].log_softmax(-1)
+            assert torch.equal((uncond + 3.0 * (cond - uncond)).argmax(-1), guided[:, t])
+    for bad in (torch.tensor([3, 0]), torch.tensor([-1, 0])):
+        with pytest.raises(ValueError, match="class indices"):
+            model(x, class_labels=bad)
+    with pytest.raises(ValueError, match="this model has no classes"):
+        make(ImageGPTForCausalImageModeling, prepend_sos=True)(x, class_labels=y)
+    with pytest.raises(ValueError, match="Unknown class 'three'"):
+        config.class_token_id("three")
