@@ -75,15 +75,10 @@ class ImageGPTDataCollator(TrainerCallback):
     def __post_init__(self):
         if self.objective not in ("ar", "bert", None):
             raise ValueError(f"`objective` must be 'ar', 'bert' or None, got {self.objective!r}.")
-        if self.objective != "bert" and self.mask_probability is not None:
-            raise ValueError(
-                f"`mask_probability` masks pixels for objective='bert'; with objective={self.objective!r} nothing is "
-                "masked. Pass objective='bert', or leave `mask_probability` unset."
-            )
-        if self.objective == "bert":
-            self.mask_probability = 0.15 if self.mask_probability is None else self.mask_probability
-            if not 0.0 < self.mask_probability < 1.0:
-                raise ValueError(f"`mask_probability` must be in (0, 1), got {self.mask_probability}.")
+        if self.objective != "bert" and self.mask_probability is not None:  # it would mask nothing
+            raise ValueError(f"`mask_probability` masks pixels for objective='bert', not {self.objective!r}.")
+        if self.objective == "bert" and self.mask_probability is None:
+            self.mask_probability = 0.15
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         """transformers' `Trainer` callback: the masks follow its epoch (also after a resume in mid-epoch)."""
@@ -97,11 +92,8 @@ class ImageGPTDataCollator(TrainerCallback):
         if self.label_column is not None:
             batch["labels"] = torch.as_tensor([self._class_id(example) for example in examples])
         elif self.objective is not None:
-            if isinstance(examples[0], Mapping) and np.ndim(examples[0].get("labels", ())) == 0:
-                raise ValueError(
-                    "The examples hold class labels under `labels`, which this collator would replace by the pixel "
-                    "ids (the generative targets): pass `label_column='labels'` to train a classifier on them."
-                )
+            if isinstance(examples[0], Mapping) and np.ndim(examples[0].get("labels", ())) == 0:  # class labels
+                raise ValueError("The examples' `labels` would become the pixel ids: pass `label_column='labels'`.")
             batch["labels"] = input_ids.clone()
         return {key: value.numpy() for key, value in batch.items()} if self.return_tensors == "np" else batch
 
@@ -119,15 +111,10 @@ class ImageGPTDataCollator(TrainerCallback):
         return torch.stack(masks)
 
     def _class_id(self, example: Mapping) -> int:
-        if self.label_column not in example:
-            raise ValueError(f"`label_column` {self.label_column!r} is missing from an example (keys: {sorted(example)})")
         value = np.asarray(example[self.label_column])
         if value.ndim != 0 or value.dtype.kind not in "iuf" or value != np.round(value):
-            raise ValueError(
-                f"Class labels must be integer class ids, got {example[self.label_column]!r} under "
-                f"{self.label_column!r}: map names to ids first (e.g. datasets' `class_encode_column`); a fraction is "
-                "not a class id."
-            )
+            hint = "map names to ids (datasets' `class_encode_column`); int() would truncate fractions"
+            raise ValueError(f"Class labels must be integer class ids, got {example[self.label_column]!r}: {hint}.")
         return int(value)
 
     def _input_ids(self, examples: Sequence[Any]) -> torch.Tensor:
@@ -135,25 +122,16 @@ class ImageGPTDataCollator(TrainerCallback):
             rows = [np.asarray(example["input_ids"]) for example in examples]
         else:
             if self.image_processor is None:
-                raise ValueError(
-                    "These examples hold images, not `input_ids`: pass an `image_processor` (the model's, whose "
-                    "palette defines the ids) to encode them."
-                )
+                raise ValueError("These examples hold images, not `input_ids`: pass the model's `image_processor`.")
             missing = next((e for e in examples if isinstance(e, Mapping) and self.image_column not in e), None)
             if missing is not None:
-                raise ValueError(
-                    f"An example holds neither `input_ids` nor an image under `image_column` {self.image_column!r} "
-                    f"(keys: {sorted(missing)}). Under transformers' Trainer, set `remove_unused_columns=False` in "
-                    "TrainingArguments: its default drops the image column before the collator sees it."
-                )
+                trainer = "under Trainer, set `remove_unused_columns=False`, or it drops the image column"
+                raise ValueError(f"No `input_ids` nor {self.image_column!r} in {sorted(missing)}: {trainer}.")
             images = [e[self.image_column] if isinstance(e, Mapping) else e for e in examples]
             rows = [np.asarray(row) for row in self.image_processor(images, return_tensors=None)["input_ids"]]
         shapes = sorted({row.shape for row in rows})
         if len(shapes) > 1:
-            raise ValueError(
-                f"The examples' ids have shapes {shapes}: a batch needs images of one n_px x n_px (Image GPT has no "
-                "padding token). Resize them to one size with the image processor."
-            )
+            raise ValueError(f"The examples' ids have shapes {shapes}: resize the images to one n_px x n_px.")
         ids = np.stack(rows).reshape(len(rows), -1)
         if ids.dtype.kind not in "iu":
             raise ValueError(f"`input_ids` must be integer palette ids, got {ids.dtype}.")
@@ -199,15 +177,9 @@ def load_digits():
     fixed, stratified split: 1,437 "train" and 360 "test" images. The data ship inside scikit-learn, so nothing is
     downloaded. Needs the `datasets` and `scikit-learn` packages (`pip install "image_gpt_hf[examples]"`).
     """
-    try:
-        import datasets
-        from sklearn.datasets import load_digits as sklearn_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as err:
-        raise ImportError(
-            f"load_digits needs `datasets` and `scikit-learn` ({err}); install them with "
-            '`pip install "image_gpt_hf[examples]"`.'
-        ) from err
+    import datasets
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
 
     images, labels = load_sklearn_digits(), sklearn_digits().target
     train, test = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=0)
