@@ -86,7 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.validation_dir is not None and args.train_dir is None:  # it would be ignored
         raise ValueError("--validation_dir needs a --train_dir to go with it.")
-    if (args.num_labels_per_class or 1) < 1:  # an empty training set
+    if args.num_labels_per_class is not None and args.num_labels_per_class < 1:  # an empty training set
         raise ValueError(f"--num_labels_per_class must be at least 1, got {args.num_labels_per_class}.")
     if args.num_eval_masks > 1 and args.eval_mask_prob == 0:  # K identical views
         raise ValueError(f"--num_eval_masks {args.num_eval_masks} needs --eval_mask_prob > 0 (the paper's: 0.15).")
