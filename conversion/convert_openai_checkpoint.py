@@ -91,7 +91,8 @@ def check_palette(palette: np.ndarray, what: str, palette_size: int) -> np.ndarr
     except ValueError as err:
         raise ConversionError(f"{what}: {err}") from None
     if palette.shape[0] != palette_size:
-        raise ConversionError(f"{what} has {palette.shape[0]} colors but the checkpoint has {palette_size}.")
+        n, size = palette.shape[0], palette_size
+        raise ConversionError(f"{what} has {n} colors but the checkpoint has {size}; expected shape ({size}, 3).")
     return palette if palette.dtype.kind == "f" else palette.astype(np.float64)  # the file's own precision kept
 
 
