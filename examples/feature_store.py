@@ -149,7 +149,7 @@ class FeatureStore:
 
     def writer(self, name: str, part: str, num_rows: int, rank: int, num_processes: int) -> ShardWriter:
         """This process's shard of a part: the rows [rank*N/P, (rank+1)*N/P); resumed where it stopped."""
-        start, stop = shard_range(num_rows, rank, num_processes)
+        start, stop = num_rows * rank // num_processes, num_rows * (rank + 1) // num_processes
         return ShardWriter(self.part(name, part) / f"shard-{rank}-of-{num_processes}", start, stop)
 
     def features(self, name: str, part: str) -> DiskFeatures:
@@ -161,10 +161,6 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def shard_range(num_rows: int, rank: int, num_processes: int) -> tuple[int, int]:
-    return num_rows * rank // num_processes, num_rows * (rank + 1) // num_processes
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -204,10 +200,6 @@ class ShardWriter:
     def capacity(folder: Path) -> int:
         path = folder / PROGRESS_FILE
         return read_json(path)["rows"] if path.is_file() else -2
-
-    @property
-    def finished(self) -> bool:
-        return self.done >= self.rows
 
     def _file(self, name: str, array: np.ndarray) -> tuple[Any, int]:
         if name not in self.files:
