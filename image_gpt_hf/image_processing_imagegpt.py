@@ -54,9 +54,8 @@ def load_image_file(source: str | os.PathLike, timeout: float | None = None) -> 
                         raise TimeoutError
         except OSError as err:  # urllib's errors name neither the URL nor, for a timeout, what to do
             if isinstance(err, TimeoutError) or isinstance(getattr(err, "reason", None), TimeoutError):
-                raise TimeoutError(
-                    f"{source[:99]!r} did not send its image within {timeout} s; pass a larger `timeout`."
-                ) from None
+                late = f"{source[:99]!r} did not send its image within {timeout} s; pass a larger `timeout`."
+                raise TimeoutError(late) from None
             raise OSError(f"Could not read the image at {source[:200]!r}: {err}") from None
         source = io.BytesIO(b"".join(chunks))
     with PIL.Image.open(source) as image:
@@ -115,6 +114,9 @@ def _read_image(image: Any, input_data_format: Any, do_convert_rgb: bool, white:
     transformers' `convert_to_rgb`, except 16-bit, 32-bit and float modes, read as arrays. An array holds 1, 3 or 4
     channels (2 when `input_data_format` says where); a shape such as (3, 4, 3) is refused where transformers guesses.
     """
+    shape = image.size if isinstance(image, PIL.Image.Image) else np.shape(image)[:2]
+    if 0 in shape:  # resized, it would pass for an image
+        raise ValueError(f"Got an empty image (no pixels): {type(image).__name__} of size {image.size}.")
     if isinstance(image, PIL.Image.Image):
         if image.getexif().get(PIL.ExifTags.Base.Orientation, 1) != 1:
             image = PIL.ImageOps.exif_transpose(image)
@@ -135,9 +137,8 @@ def _read_image(image: Any, input_data_format: Any, do_convert_rgb: bool, white:
     channels = array.shape[-1]
     if channels not in (1, 2, 3, 4) or channels != 3 and not do_convert_rgb:
         what = "3 channels, or 1 (gray), 2 (+ alpha) or 4 (RGBA) with `do_convert_rgb=True`"
-        raise ValueError(
-            f"Got an image of {channels} channel(s) (shape {array.shape}); the palette is RGB: pass {what}."
-        )
+        problem = f"Got an image of {channels} channel(s) (shape {array.shape}); the palette is RGB: pass {what}"
+        raise ValueError(problem + ".")
     if channels in (2, 4):  # onto white, rounded for 8-bit images as transformers' `convert_to_rgb` does
         color, alpha = array[..., :-1], array[..., -1:].astype(np.float64) / white
         blended = alpha * color + (1.0 - alpha) * white
@@ -157,9 +158,10 @@ def _resize_and_crop(image: Any, size: SizeDict | None, resample: int, crop_size
             target = get_size_with_aspect_ratio((height, width), size.shortest_edge, size.longest_edge)
         elif size.max_height and size.max_width:
             target = get_image_size_for_max_height_width((height, width), size.max_height, size.max_width)
-        else:
-            target = (size.height, size.width)
-        new_size = (max(int(target[1]), 1), max(int(target[0]), 1))  # (width, height), as PIL takes it
+        else:  # as given: a 0 is refused by PIL
+            target = None
+        # (width, height), as PIL takes it; a side of an extreme aspect ratio rounded down to 0 becomes 1.
+        new_size = (size.width, size.height) if target is None else (max(int(target[1]), 1), max(int(target[0]), 1))
         if isinstance(image, PIL.Image.Image):
             image = image.resize(new_size, resample=resample)
         elif new_size != (width, height):
@@ -292,9 +294,9 @@ class ImageGPTImageProcessor(PilBackend):
         arrays = [_resize_and_crop(image, size, PIL.Image.Resampling(int(resample)), crop_size) for image in images]
         if return_tensors is not None and len({array.shape for array in arrays}) > 1:
             sizes = sorted({array.shape[:2] for array in arrays})
-            raise ValueError(
-                f"The processed images have different sizes {sizes}: resize them to one, or pass `return_tensors=None`."
-            )
+            problem = f"The processed images have different sizes {sizes}: resize them to one, or pass"
+            problem += " `return_tensors=None`."
+            raise ValueError(problem)
         device, quantize = torch.device(kwargs.get("device") or "cpu"), kwargs["do_color_quantize"]
         results: list[Any] = [None] * len(arrays)
         for is_uint8 in (True, False):  # 8-bit images and float ones, each kind in one go
@@ -348,9 +350,8 @@ class ImageGPTImageProcessor(PilBackend):
         ids = np.asarray(input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else input_ids)
         single = ids.ndim == 1
         if ids.dtype.kind not in "iu" or ids.ndim not in (1, 2):  # float ids would be truncated, a grid misread
-            raise ValueError(
-                f"`input_ids` must be integer palette ids ([batch,] length), got {ids.dtype} {ids.shape}."
-            )
+            problem = f"`input_ids` must be integer palette ids ([batch,] length), got {ids.dtype} {ids.shape}."
+            raise ValueError(problem)
         ids = ids[None].astype(np.int64) if single else ids.astype(np.int64)
         if ids.min() < 0 or ids.max() >= len(palette):  # numpy would wrap negative ids around
             bad = sorted(set(ids[(ids < 0) | (ids >= len(palette))].tolist()))[:5]

@@ -568,6 +568,10 @@ def bad_input_cases(palette):
             ),  # fmt: skip
             r"different sizes \[\(2, 8\), \(8, 2\)\]",
         ),
+        # Resized, an empty image or a size of 0 would pass for an image.
+        "empty image": (lambda: processor([good, np.zeros((0, 8, 3), np.uint8)]), r"empty image \(no pixels\)"),
+        "empty PIL image": (lambda: processor(PIL.Image.new("RGB", (0, 5))), r"empty image \(no pixels\)"),
+        "size 0": (lambda: processor(good, size={"height": 0, "width": 8}), "height and width must be > 0"),
         "crop too large": (
             lambda: processor(good, do_center_crop=True, crop_size={"height": 9, "width": 9}),
             r"`crop_size` \(9x9\) is larger than the resized image \(8x8\)",
