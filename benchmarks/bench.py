@@ -37,8 +37,6 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import CompileConfig
-from transformers.models.imagegpt import modeling_imagegpt as hf
-from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from results import cpu_name  # noqa: E402  (benchmarks/results.py; the other scripts import it from here too)
@@ -47,6 +45,12 @@ from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa:
 from image_gpt_hf.fast_decoding import fast_generate, forget  # noqa: E402
 from image_gpt_hf.modeling_imagegpt import BLOCKWISE_SDPA  # noqa: E402
 from image_gpt_hf.safe_io import atomic_file  # noqa: E402
+from image_gpt_hf.transformers_compat import builtin_imagegpt  # noqa: E402
+
+hf, hf_configuration = builtin_imagegpt("modeling_imagegpt"), builtin_imagegpt("configuration_imagegpt")
+if hf is None or hf_configuration is None:  # every figure here is a comparison with it
+    raise SystemExit(f"transformers {transformers.__version__} has no built-in ImageGPT to compare with: skipped.")
+HFConfig = hf_configuration.ImageGPTConfig
 
 PROCESSOR_SECTION = "## Image processor"
 HEADER = """# Benchmarks
@@ -411,9 +415,10 @@ def compiled_generate(bench: Bench, model, start: torch.Tensor, options: dict, m
 MEMORY_CHILD = """
 import json, os, sys, torch
 sys.path.insert(0, {repo!r})
-from transformers.models.imagegpt import modeling_imagegpt as hf
-from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling
+from image_gpt_hf.transformers_compat import builtin_imagegpt
+hf = builtin_imagegpt("modeling_imagegpt")
+HFConfig = builtin_imagegpt("configuration_imagegpt").ImageGPTConfig
 torch.set_num_threads({threads})
 config = ImageGPTConfig.from_preset({preset!r}, {n_px})
 if {which!r} == "ours":

@@ -30,10 +30,10 @@ import torch
 import transformers
 from results import cpu_name, replace_section
 from skimage import data as skdata
-from transformers.models.imagegpt.image_processing_pil_imagegpt import ImageGPTImageProcessorPil
 
 from image_gpt_hf import ImageGPTImageProcessor
 from image_gpt_hf.palette import load_sklearn_digits
+from image_gpt_hf.transformers_compat import builtin_imagegpt
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "cat")
 SECTION = "## Image processor"
@@ -94,6 +94,11 @@ def run(num_images: int = 256, n_px: int = 32, repeats: int = 5, torch_threads: 
     `torch_threads` sets `torch.set_num_threads` for the run (and restores it); it bounds our processor's torch work,
     while transformers' processor runs on numpy (with its BLAS threads) either way.
     """
+    reference_module = builtin_imagegpt("image_processing_pil_imagegpt")
+    if reference_module is None:
+        print(f"transformers {transformers.__version__} has no built-in ImageGPT processor: comparison skipped.")
+        return []
+    ImageGPTImageProcessorPil = reference_module.ImageGPTImageProcessorPil
     palette = np.random.default_rng(0).uniform(-1, 1, size=(512, 3))
     size = {"height": n_px, "width": n_px}
     ours = ImageGPTImageProcessor(clusters=palette, size=size)

@@ -33,13 +33,16 @@ from pathlib import Path
 
 import torch
 import transformers
-from bench import cpu_name  # benchmarks/bench.py, next to this script
-from results import replace_section
-from transformers.models.imagegpt import modeling_imagegpt as hf
-from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
+from results import cpu_name, replace_section
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling
 from image_gpt_hf.fast_decoding import _DECODERS, fast_generate, forget
+from image_gpt_hf.transformers_compat import builtin_imagegpt
+
+hf, hf_configuration = builtin_imagegpt("modeling_imagegpt"), builtin_imagegpt("configuration_imagegpt")
+if hf is None or hf_configuration is None:  # the ceiling is read against transformers' generate()
+    raise SystemExit(f"transformers {transformers.__version__} has no built-in ImageGPT to compare with: skipped.")
+HFConfig = hf_configuration.ImageGPTConfig
 
 SECTION = "## Decode ceiling (CPU)"
 

@@ -86,19 +86,13 @@ def check_palette(palette: np.ndarray, what: str, palette_size: int) -> np.ndarr
     `what` starts the messages ("The palette kmeans_centers.npy").
     """
     palette = np.asarray(palette)
-    if palette.ndim != 2 or palette.shape[1] != 3:
-        raise ConversionError(
-            f"{what} has shape {palette.shape} ({palette.dtype}); expected ({palette_size}, 3) RGB colors."
-        )
-    if palette.shape[0] != palette_size:
-        raise ConversionError(
-            f"{what} has {palette.shape[0]} colors but the checkpoint has {palette_size}; expected shape "
-            f"({palette_size}, 3)."
-        )
     try:
-        validate_palette(palette)  # the image processor's checks: real numbers, finite, in [-1, 1]
+        validate_palette(palette)  # the image processor's rule: (num_colors, 3) real numbers, finite, in [-1, 1]
     except ValueError as err:
         raise ConversionError(f"{what}: {err}") from None
+    if palette.shape[0] != palette_size:
+        n, size = palette.shape[0], palette_size
+        raise ConversionError(f"{what} has {n} colors but the checkpoint has {size}; expected shape ({size}, 3).")
     return palette if palette.dtype.kind == "f" else palette.astype(np.float64)  # the file's own precision kept
 
 

@@ -60,6 +60,17 @@ def digest(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def read_json(path: Path) -> Any:
+    """A file of the store, or an error that names it and says how to recover (a kill can leave nothing half-written,
+    but a disk or a hand can)."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(
+            f"{path} is damaged ({err}): delete {path.parent} and run again to extract it anew."
+        ) from None
+
+
 def write_json(path: Path, value: Any) -> None:
     """Whole or not at all (`safe_io.atomic_file`: staged beside the target, renamed over it)."""
     with atomic_file(path, overwrite=True, arg=str(path)) as tmp:
@@ -83,7 +94,7 @@ class FeatureStore:
         store, or that set alone), and records the settings of what is new. A store of the same settings is reused
         as it stands, complete or not: it holds what this run would compute."""
         path = self.root / SETTINGS_FILE
-        recorded = json.loads(path.read_text()) if path.is_file() else None
+        recorded = read_json(path) if path.is_file() else None
         entries = set(os.listdir(self.root)) if self.root.is_dir() else set()
         foreign = entries - {SETTINGS_FILE} - set(recorded["sets"] if recorded else ())
         if recorded is not None and recorded["data"] != data:
@@ -138,7 +149,7 @@ class FeatureStore:
 
     def writer(self, name: str, part: str, num_rows: int, rank: int, num_processes: int) -> ShardWriter:
         """This process's shard of a part: the rows [rank*N/P, (rank+1)*N/P); resumed where it stopped."""
-        start, stop = shard_range(num_rows, rank, num_processes)
+        start, stop = num_rows * rank // num_processes, num_rows * (rank + 1) // num_processes
         return ShardWriter(self.part(name, part) / f"shard-{rank}-of-{num_processes}", start, stop)
 
     def features(self, name: str, part: str) -> DiskFeatures:
@@ -152,16 +163,17 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def shard_range(num_rows: int, rank: int, num_processes: int) -> tuple[int, int]:
-    return num_rows * rank // num_processes, num_rows * (rank + 1) // num_processes
-
-
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape, dtype and data offset of a .npy file."""
     with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        except ValueError as err:
+            raise ValueError(
+                f"{path} is damaged ({err}): delete {path.parent} and run again to extract it anew."
+            ) from None
         return shape, dtype, f.tell()
 
 
@@ -173,7 +185,7 @@ class ShardWriter:
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / PROGRESS_FILE).is_file():
             write_json(folder / PROGRESS_FILE, {"start": start, "rows": self.rows, "done": 0})
-        recorded = json.loads((folder / PROGRESS_FILE).read_text())
+        recorded = read_json(folder / PROGRESS_FILE)
         if (recorded["start"], recorded["rows"]) != (start, self.rows):
             raise ValueError(f"{folder} holds rows {recorded['start']}.. of another split of the data.")
         self.done = recorded["done"]
@@ -182,16 +194,12 @@ class ShardWriter:
     @staticmethod
     def progress(folder: Path) -> int:
         path = folder / PROGRESS_FILE
-        return json.loads(path.read_text())["done"] if path.is_file() else -1
+        return read_json(path)["done"] if path.is_file() else -1
 
     @staticmethod
     def capacity(folder: Path) -> int:
         path = folder / PROGRESS_FILE
-        return json.loads(path.read_text())["rows"] if path.is_file() else -2
-
-    @property
-    def finished(self) -> bool:
-        return self.done >= self.rows
+        return read_json(path)["rows"] if path.is_file() else -2
 
     def _file(self, name: str, array: np.ndarray) -> tuple[Any, int]:
         if name not in self.files:
@@ -342,6 +350,8 @@ class DiskFeatures:
         with open(path, "rb") as f:
             f.seek(offset + start * width * dtype.itemsize)
             data = np.fromfile(f, dtype=dtype, count=(stop - start) * width)
+        if data.size != (stop - start) * width:  # cut short after it was complete
+            raise ValueError(f"{path} is shorter than its rows: delete {shard} and run again to extract it anew.")
         return data.reshape(stop - start, *shape[1:])
 
     def load(self, names: Sequence[str]) -> np.ndarray:

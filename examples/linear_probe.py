@@ -36,11 +36,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from transformers import AutoConfig
 
 import feature_store
-from image_gpt_hf import ImageGPTConfig, ImageGPTDataCollator, ImageGPTImageProcessor, ImageGPTModel, load_digits
-from image_gpt_hf.image_processing_imagegpt import check_palette_fits
+from image_gpt_hf import ImageGPTDataCollator, ImageGPTModel, load_config_and_processor, load_digits
 from image_gpt_hf.safe_io import atomic_file, check_output_path, clean_stale_staging
 
 matplotlib.use("Agg")  # files only, no display
@@ -55,7 +53,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--model_name_or_path", required=True, help="An Image GPT checkpoint (folder or Hub id).")
     add("--processor_name_or_path", default=None, help="A processor with the model's palette (default: the model's).")
-    add("--n_px", type=int, default=None, help="The model's n_px (the default); any other is refused.")
     add("--output_dir", required=True, help="Where to write probe_results.json, .md and probe_accuracy.png.")
     add("--overwrite", action="store_true", help="Replace earlier results (and a --feature_dir of other settings).")
     add("--layers", type=int, nargs="+", default=None, help="Hidden states to probe (0 = embeddings; default: all).")
@@ -87,33 +84,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     args = parser.parse_args(argv)
-    positive = ["per_device_eval_batch_size", "probe_max_iter", "probe_chunk_size", "num_eval_masks"]
-    for name in [*positive, "num_labels_per_class", "max_train_samples", "max_eval_samples"]:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    if args.dataloader_num_workers < 0:
-        raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
-    for name in ("train_dir", "validation_dir"):
-        if getattr(args, name) is not None and not os.path.isdir(getattr(args, name)):
-            raise ValueError(f"--{name} {getattr(args, name)!r} is not a folder of images.")
-    if args.validation_dir is not None and args.train_dir is None:
+    if args.validation_dir is not None and args.train_dir is None:  # it would be ignored
         raise ValueError("--validation_dir needs a --train_dir to go with it.")
-    for name in ("train_val_split", "eval_mask_prob"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise ValueError(f"--{name} is a fraction and must be in [0, 1), got {getattr(args, name)}.")
-    if not 0.0 < args.probe_holdout < 1.0:
-        raise ValueError(f"--probe_holdout must be in (0, 1), got {args.probe_holdout}.")
-    if args.num_eval_masks > 1 and args.eval_mask_prob == 0:
-        raise ValueError(
-            f"--num_eval_masks {args.num_eval_masks} needs --eval_mask_prob > 0 (the paper's is 0.15): without "
-            "masks every view is the same image."
-        )
-    if any(c <= 0 for c in args.probe_c):
-        raise ValueError(f"--probe_c values must be positive, got {args.probe_c}.")
-    if args.concat_layers is not None and len(set(args.concat_layers)) < 2:
-        raise ValueError(f"--concat_layers needs at least 2 different layers, got {args.concat_layers}.")
-    if args.concat_window is not None and args.concat_window < 2:
-        raise ValueError(f"--concat_window must be at least 2 layers, got {args.concat_window}.")
+    if args.num_labels_per_class is not None and args.num_labels_per_class < 1:  # an empty training set
+        raise ValueError(f"--num_labels_per_class must be at least 1, got {args.num_labels_per_class}.")
+    if args.num_eval_masks > 1 and args.eval_mask_prob == 0:  # K identical views
+        raise ValueError(f"--num_eval_masks {args.num_eval_masks} needs --eval_mask_prob > 0 (the paper's: 0.15).")
     return args
 
 
@@ -128,12 +104,8 @@ def load_data(args: argparse.Namespace) -> tuple[DatasetDict, str]:
         dataset = load_digits()
     else:
         dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
-    if "train" not in dataset:
-        raise ValueError(f"The dataset has no 'train' split; its splits are {list(dataset)}.")
     eval_split = described = next((name for name in ("validation", "test") if name in dataset), None)
     if eval_split is None:
-        if args.train_val_split == 0:
-            raise ValueError("The dataset has no validation or test split; pass --train_val_split > 0.")
         dataset, eval_split = dataset["train"].train_test_split(args.train_val_split, seed=args.seed), "test"
         described = f"{args.train_val_split:.0%} of train held out"
     dataset = DatasetDict({"train": dataset["train"], "validation": dataset[eval_split]})
@@ -173,8 +145,6 @@ def find_columns(dataset: DatasetDict, args: argparse.Namespace) -> tuple[str, s
     if isinstance(features[label], ClassLabel):
         return image, label, list(features[label].names), None
     values = sorted(set(dataset["train"][label]) | set(dataset["validation"][label]))
-    if len(values) < 2:
-        raise ValueError(f"The label column {label!r} holds {len(values)} distinct value(s); need at least 2.")
     return image, label, [str(v) for v in values], {value: index for index, value in enumerate(values)}
 
 
@@ -270,7 +240,7 @@ def check_holdout(train_labels: np.ndarray, args: argparse.Namespace) -> None:
 
 def write_outputs(results: dict[str, Any], paths: dict[str, str], overwrite: bool) -> str:
     """probe_results.json, probe_results.md (the table) and probe_accuracy.png (the plot); returns the table."""
-    layers, masks, pretrained, random_init = results["layers"], results["eval_masks"], results["pretrained"], None
+    layers, masks, pretrained = results["layers"], results["eval_masks"], results["pretrained"]
     random_init = results.get("random_init")
     ensemble, single = masks["num_eval_masks"] > 1, " (1 mask)" if masks["eval_mask_prob"] > 0 else ""
     columns = [f"Pretrained{single}"] + ([f"Pretrained, {masks['num_eval_masks']}-mask ensemble"] if ensemble else [])
@@ -359,33 +329,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_output_path(args.feature_dir, inputs=inputs, overwrite=args.overwrite, keep=keep, arg="--feature_dir")
 
     # The checkpoint's config and processor, the layers, the data and its labels: bad input fails before a model loads.
-    try:
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot load a model config from {args.model_name_or_path!r}: {err}") from err
-    if not isinstance(config, ImageGPTConfig):
-        raise ValueError(
-            f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint ({type(config).__name__}); these "
-            "examples need an Image GPT checkpoint (model_type 'imagegpt'), e.g. one written by examples/pretrain.py."
-        )
-    n_px = config.n_px if args.n_px is None else args.n_px
-    if n_px != config.n_px:
-        raise ValueError(
-            f"--n_px {n_px} differs from the model's n_px {config.n_px} ({args.model_name_or_path}, n_positions="
-            f"{config.n_positions}): features are pooled over whole images of n_positions ids. Use --n_px "
-            f"{config.n_px} or leave it out."
-        )
-    source = args.processor_name_or_path or args.model_name_or_path
-    try:
-        processor = ImageGPTImageProcessor.from_pretrained(source)
-    except OSError:
-        processor = None
-    if getattr(processor, "clusters", None) is None:
-        raise ValueError(
-            f"{source!r} has no preprocessor_config.json with a palette ('clusters'). The model's token ids index the "
-            "palette it was trained with; pass the processor it was trained with as --processor_name_or_path."
-        )
-    check_palette_fits(processor, config, f"The processor from {source!r}")
+    config, processor = load_config_and_processor(args.model_name_or_path, args.processor_name_or_path)
+    n_px = config.n_px  # features are pooled over whole images of the model's n_positions ids
     layers = args.layers if args.layers is not None else list(range(config.n_layer + 1))
     bad = [layer for layer in layers if not 0 <= layer <= config.n_layer]
     if bad:

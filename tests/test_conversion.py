@@ -609,11 +609,11 @@ def test_checkpoint_path_forms(fake_checkpoint):
     "palette, message",
     [
         (np.zeros((PALETTE - 8, 3)), f"has {PALETTE - 8} colors but the checkpoint has {PALETTE}"),
-        (np.zeros((PALETTE, 4)), f"expected \\({PALETTE}, 3\\)"),
+        (np.zeros((PALETTE, 4)), f"got shape \\({PALETTE}, 4\\)"),
         (np.full((PALETTE, 3), 1.5), "values in \\[1.5, 1.5\\]"),
-        (np.full((PALETTE, 3), np.nan), "NaN"),
-        (np.full((PALETTE, 3), 0.5 + 0.25j, dtype=np.complex64), "complex numbers"),
-        (np.zeros((PALETTE, 3), dtype=bool), "holds bool values"),
+        (np.full((PALETTE, 3), np.nan), "values in \\[nan, nan\\]"),
+        (np.full((PALETTE, 3), 0.5 + 0.25j, dtype=np.complex64), "complex64 values"),
+        (np.zeros((PALETTE, 3), dtype=bool), "bool values"),
     ],
 )
 def test_bad_palette(palette, message, tmp_path):
