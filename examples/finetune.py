@@ -158,9 +158,9 @@ def main(argv=None) -> dict[str, float]:
         )
     if args.mask_prob is not None and (config.objective != "bert" or args.gen_loss_weight == 0):
         why = (
-            f"an {config.objective.upper()} model"
-            if config.objective != "bert"
-            else "trained with --gen_loss_weight 0"
+            "trained with --gen_loss_weight 0"
+            if config.objective == "bert"
+            else f"an {config.objective.upper()} model"
         )
         raise ValueError(
             f"--mask_prob {args.mask_prob} masks pixels for a BERT model's generative loss, but this run is {why}: "
@@ -232,23 +232,22 @@ def main(argv=None) -> dict[str, float]:
     # The run contract (a resume must match it; a LoRA run's base weights too), carried by every checkpoint with the
     # position; one writer per output folder.
     flags = RUN_FLAGS + ["num_labels_per_class", "mask_prob", "lora_r", "lora_alpha", "lora_dropout"]
-    columns = {"image_column": image_column, "label_column": label_column}
-    data = (dataset["train"], [image_column, label_column])
-    if args.lora_r is not None and (checkpoint or args.checkpointing_steps) and os.path.isdir(args.model_name_or_path):
-        files = sorted(p for p in Path(args.model_name_or_path).glob("*") if p.suffix in (".safetensors", ".bin"))
-        columns["base weights (fingerprint)"] = hashlib.sha256(
-            b"".join(hashlib.file_digest(open(p, "rb"), "sha256").digest() for p in files)
-        ).hexdigest()[:16]
     flags += ["lora_target_modules"]
+    columns = {"image_column": image_column, "label_column": label_column}
+    if args.lora_r is not None and (checkpoint or args.checkpointing_steps):  # the base: the adapter's other half
+        files = sorted(p for p in Path(args.model_name_or_path).glob("*") if p.suffix in (".safetensors", ".bin"))
+        digests = [hashlib.file_digest(open(p, "rb"), "sha256").hexdigest() for p in files]  # noqa: SIM115
+        columns["base weights (fingerprint)"] = hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
+    data = (dataset["train"], [image_column, label_column])
     contract = contract_of("finetune.py", accelerator, config, processor, args, flags, data, **columns)
     run = Run(contract=contract, palette=None, completed_steps=0, epoch=0, seen=0)
     _lock = begin(accelerator, args, checkpoint, run, TRACKER_DIR)  # held while main() runs
 
     # The model: the pretrained weights and a new classification layer; with --lora_r, LoRA on the decoder's
     # projections (image_gpt_hf.lora), the new classifier trained in full.
-    mismatched = args.ignore_mismatched_sizes
+    pretrained = {"config": config, "ignore_mismatched_sizes": args.ignore_mismatched_sizes}
     model, info = ImageGPTForImageClassification.from_pretrained(
-        args.model_name_or_path, config=config, ignore_mismatched_sizes=mismatched, output_loading_info=True
+        args.model_name_or_path, **pretrained, output_loading_info=True
     )
     if missing := [key for key in info["missing_keys"] if key.startswith("transformer.")]:
         raise ValueError(
@@ -264,10 +263,7 @@ def main(argv=None) -> dict[str, float]:
         model = get_peft_model(model, lora)
         trainable, total = model.get_nb_trainable_parameters()
         logger.info(f"LoRA r={args.lora_r}: {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
-    logger.info(
-        f"Model: {config.n_layer} layers x {config.n_embd} wide ({config.objective}), {len(labels)} labels, loss "
-        f"L_clf + {args.gen_loss_weight:g} L_gen, {n_px}px"
-    )
+    logger.info(f"Model: {config.n_layer} x {config.n_embd} ({config.objective}), {len(labels)} labels, {n_px}px")
 
     # Transforms: random crops for training (one generator per batch, seeded by the seed, the epoch and the examples'
     # indices: a resumed run draws the same crops), the center for evaluation. BERT masks come from the collator; the
@@ -276,26 +272,21 @@ def main(argv=None) -> dict[str, float]:
     center = {"size": {"shortest_edge": n_px}, "do_center_crop": True, "crop_size": {"height": n_px, "width": n_px}}
 
     def encode(batch: dict, images: list[PIL.Image.Image], **kwargs) -> dict:
-        ids = processor(images, return_tensors="pt", **kwargs)["input_ids"]
-        return {
-            "input_ids": ids,
-            "label": [label_ids[x] for x in batch[label_column]] if label_ids else batch[label_column],
-        }
+        labels = [label_ids[x] for x in batch[label_column]] if label_ids else batch[label_column]
+        return {"input_ids": processor(images, return_tensors="pt", **kwargs)["input_ids"], "label": labels}
 
     def train_transforms(batch: dict) -> dict:
         if args.no_random_crop:
             return encode(batch, decode(batch), **center)
         seed = np.random.SeedSequence([args.seed, 1, epoch_now[0], *batch["index"]]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(seed))
-        return encode(
-            batch, [random_resized_crop(image, args.random_crop_scale, generator) for image in decode(batch)]
-        )
+        crops = [random_resized_crop(image, args.random_crop_scale, generator) for image in decode(batch)]
+        return encode(batch, crops)
 
+    columns = [image_column, label_column]
     undecoded = {
-        split: data.select_columns([image_column, label_column]).cast_column(
-            image_column, datasets.Image(decode=False)
-        )
-        for split, data in dataset.items()
+        k: v.select_columns(columns).cast_column(image_column, datasets.Image(decode=False))
+        for k, v in dataset.items()
     }
     train_dataset = undecoded["train"].add_column("index", list(range(len(undecoded["train"]))))
     train_dataset = train_dataset.with_transform(train_transforms)
@@ -400,11 +391,7 @@ def main(argv=None) -> dict[str, float]:
     # The model folder (weights or adapter + config, processor, card, all_results.json), staged and renamed into
     # --output_dir beside its checkpoints.
     digits, data_name = args.dataset_name == DIGITS and args.train_dir is None, f"the imagefolder {args.train_dir}"
-    data_name = (
-        args.train_dir
-        and data_name
-        or ("scikit-learn handwritten digits (8x8 scans)" if digits else args.dataset_name)
-    )
+    data_name = data_name if args.train_dir else "scikit-learn handwritten digits" if digits else args.dataset_name
     subset = f", {args.num_labels_per_class} labelled images per class" if args.num_labels_per_class else ""
     dataset_id = "imagefolder" if args.train_dir else args.dataset_name
     accuracy = {"dataset": dataset_id, "metric": "accuracy", "name": "top-1 accuracy (fine-tuned)"}
@@ -412,12 +399,8 @@ def main(argv=None) -> dict[str, float]:
     if args.eval_mask_prob > 0:  # the card reports the evaluation as it ran: masked, ensembled over K masks
         views = f"{args.num_eval_masks}-mask ensemble" if args.num_eval_masks > 1 else "one mask"
         accuracy["name"] = f"top-1 accuracy (fine-tuned; {views}, {args.eval_mask_prob:g} of the pixels masked)"
-    lora = (
-        f", as a LoRA adapter (r={args.lora_r}, alpha {args.lora_alpha:g}, on {', '.join(args.lora_target_modules)}; "
-        f"{trainable:,} parameters trained)"
-        if args.lora_r
-        else ""
-    )
+    lora = args.lora_r and f", as a LoRA adapter (r={args.lora_r}, alpha {args.lora_alpha:g}, on "
+    lora = lora and lora + f"{', '.join(args.lora_target_modules)}; {trainable:,} parameters trained)" or ""
     facts = {
         "training": f"Fine-tuned from {args.model_name_or_path} with examples/finetune.py on L_clf + "
         f"{args.gen_loss_weight:g} L_gen, {max_train_steps} steps{subset} on {data_name} in batches of "
@@ -440,19 +423,17 @@ def main(argv=None) -> dict[str, float]:
                 write_model_card(tmp, unwrapped, processor=processor, facts=facts)
             else:  # the classifier's config (labels) beside the adapter, which loads on the base with peft
                 config.save_pretrained(tmp)
-                note = (  # the Auto classes cannot load an adapter with its classifier's config beside it
-                    f"A LoRA adapter on {args.model_name_or_path}, loaded with peft: `base = AutoModelForImageClassification"
-                    f".from_pretrained({args.model_name_or_path!r}, config=AutoConfig.from_pretrained(THIS_FOLDER))`, then "
-                    "`PeftModel.from_pretrained(base, THIS_FOLDER)` (or use `merged/`, written with --merge_lora)."
+                note = (  # transformers' Auto classes cannot load it: they find a config.json and look for weights
+                    f"A LoRA adapter on {args.model_name_or_path}: `base = AutoModelForImageClassification.from_pretrained("
+                    f"{args.model_name_or_path!r}, config=AutoConfig.from_pretrained(this_folder))`, then peft's "
+                    "`PeftModel.from_pretrained(base, this_folder)` (--merge_lora writes the merged model to merged/)."
                 )
                 card = {"processor": processor, "facts": {**facts, "notes": [note]}, "overwrite": True}  # over peft's
                 write_model_card(tmp, unwrapped.get_base_model(), **card)
             if args.merge_lora:  # the saved adapter on a fresh base, merged: a plain checkpoint
                 from peft import PeftModel
 
-                base = ImageGPTForImageClassification.from_pretrained(
-                    args.model_name_or_path, config=config, ignore_mismatched_sizes=args.ignore_mismatched_sizes
-                )
+                base = ImageGPTForImageClassification.from_pretrained(args.model_name_or_path, **pretrained)
                 merged = PeftModel.from_pretrained(base, tmp).merge_and_unload()
                 merged.save_pretrained(tmp / "merged")
                 processor.save_pretrained(tmp / "merged")
