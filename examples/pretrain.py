@@ -152,9 +152,10 @@ def main(argv=None) -> dict[str, float]:
         elif not isinstance(base := AutoConfig.from_pretrained(source), ImageGPTConfig):
             raise ValueError(f"{source!r} is a {base.model_type!r} checkpoint ({type(base).__name__}), not Image GPT.")
     elif args.processor_name_or_path:
-        processor = ImageGPTImageProcessor.from_pretrained(args.processor_name_or_path)
-    if processor is None and checkpoint:  # the palette this run fitted
-        processor = ImageGPTImageProcessor(clusters=torch.load(os.path.join(checkpoint, STATE))["palette"])
+        if (processor := ImageGPTImageProcessor.from_pretrained(args.processor_name_or_path)).clusters is None:
+            raise ValueError(f"{args.processor_name_or_path!r} has no palette ('clusters') in its processor config.")
+    if processor is None and checkpoint and (palette := torch.load(os.path.join(checkpoint, STATE))["palette"]):
+        processor = ImageGPTImageProcessor(clusters=palette)  # the palette this run fitted
     digits = args.dataset_name == DIGITS and args.train_dir is None
     n_px = args.n_px or (base.n_px if base else 8 if digits else 32)
     if base is not None and n_px != base.n_px:

@@ -16,6 +16,7 @@ import PIL.Image
 import torch
 import transformers
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list
 from filelock import FileLock, Timeout
 
@@ -157,7 +158,7 @@ def make_accelerator(args) -> Accelerator:
         project_config=ProjectConfiguration(args.output_dir, None, True, args.checkpoints_total_limit),
         log_with=args.report_to if args.with_tracking else None,
     )
-    logging.getLogger(__name__).info(accelerator.state)
+    get_logger(__name__).info(accelerator.state, main_process_only=False)
     for library in (datasets, transformers):
         library.utils.logging.set_verbosity(logging.WARNING if accelerator.is_local_main_process else logging.ERROR)
     return accelerator
@@ -198,12 +199,9 @@ def contract_of(script: str, accelerator, config, processor, args, flags: list[s
     contract["palette"] = hashlib.sha256(torch.tensor(processor.clusters).float().numpy().tobytes()).hexdigest()[:16]
     found = [None]
     if data and accelerator.is_main_process and (args.resume_from_checkpoint or args.checkpointing_steps):
-        split, columns, digest = (
-            data[0].cast_column(data[1][0], datasets.Image(decode=False)),
-            data[1],
-            hashlib.sha256(),
-        )
-        for batch in split.select_columns(columns).iter(batch_size=256):
+        (split, columns), digest = data, hashlib.sha256()
+        split = split.select_columns(columns).cast_column(columns[0], datasets.Image(decode=False))
+        for batch in split.iter(batch_size=256):
             for image in batch[columns[0]]:
                 digest.update(hashlib.sha256(image["bytes"] or Path(image["path"]).read_bytes()).digest())
             digest.update(json.dumps([batch[column] for column in columns[1:]], default=str).encode())
@@ -221,23 +219,21 @@ def begin(accelerator, args, checkpoint: str | None, run: Run, tracker_dir: str)
         then, now = torch.load(os.path.join(checkpoint, STATE), weights_only=True)["contract"], run["contract"]
         if then["script"] != now["script"]:
             raise ValueError(f"{checkpoint} is a checkpoint of {then['script']}: resume it with that script.")
-        if changed := "; ".join(
+        differ = [
             f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(then | now) if then.get(k) != now.get(k)
-        ):
+        ]
+        if changed := "; ".join(differ):
             raise ValueError(
                 f"Cannot resume from {checkpoint}: this run differs from the one that wrote it in {changed}. To "
                 "continue that run, pass its settings again; to train with the new ones, start a new run (another "
                 "--output_dir, or --overwrite without --resume_from_checkpoint, which deletes its checkpoints)."
             )
-        needed = [f"random_states_{i}.pkl" for i in range(accelerator.num_processes)] + ["model.safetensors"]
-        if missing := [
-            n
-            for n in needed
-            if not Path(checkpoint, n).is_file()
-            and not Path(checkpoint, "pytorch_model_fsdp_0").is_dir() > n.startswith("m")
-        ]:
+        needed = [f"random_states_{i}.pkl" for i in range(accelerator.num_processes)]
+        needed += [] if Path(checkpoint, "pytorch_model_fsdp_0").is_dir() else ["model.safetensors"]  # FSDP: shards
+        if missing := [name for name in needed if not Path(checkpoint, name).is_file()]:
             raise ValueError(
-                f"Cannot resume from {checkpoint}: its {', '.join(missing)} is missing (without it the run would not continue as it was). Resume from another checkpoint, or start anew."
+                f"Cannot resume from {checkpoint}: its {', '.join(missing)} is missing, and without it the run would "
+                "not go on as it was. Resume from another checkpoint, or start anew."
             )
     lock = None
     if accelerator.is_main_process:
@@ -262,9 +258,8 @@ def load_checkpoint(accelerator, checkpoint: str | None, run: Run, batches_per_e
             accelerator.load_state(checkpoint)
         except Exception as err:  # whatever a damaged checkpoint raises inside accelerate or torch
             raise ValueError(f"Cannot resume from the checkpoint {checkpoint}: loading it failed ({err}).") from err
-        accelerator.project_configuration.iteration = (
-            int(([*re.findall(r"\d+", Path(checkpoint).name)] or [-1])[-1]) + 1
-        )
+        number = re.findall(r"\d+", Path(checkpoint).name)  # the next checkpoint's, after accelerate's naming
+        accelerator.project_configuration.iteration = int(number[-1]) + 1 if number else 0
         if run["seen"] >= batches_per_epoch:  # saved at the end of an epoch
             run.update(epoch=run["epoch"] + 1, seen=0)
         logging.getLogger(__name__).info(f"Resumed from checkpoint {checkpoint} at step {run['completed_steps']}")
@@ -273,13 +268,12 @@ def load_checkpoint(accelerator, checkpoint: str | None, run: Run, batches_per_e
 def save_checkpoint(accelerator, args, run: Run, **position) -> None:
     """`save_state` into the next checkpoint_N (an earlier one of that number or later, from before a resume or cut
     short, goes first); a full disk is reported with the file being written and the space left."""
-    root, folder = (
-        Path(args.output_dir, "checkpoints"),
-        Path(args.output_dir, "checkpoints", f"checkpoint_{accelerator.save_iteration}"),
-    )
+    root = Path(args.output_dir, "checkpoints")
+    folder = root / f"checkpoint_{accelerator.save_iteration}"
     for stale in checkpoints(root, complete=False) if accelerator.is_main_process else []:
         if int(Path(stale).name[11:]) >= accelerator.save_iteration:
             shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
     run.update(position)
     try:
         accelerator.save_state()
