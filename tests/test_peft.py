@@ -10,13 +10,11 @@ run the same steps on the same batches; run with `-s` to see both results.
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_without_package
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
 from image_gpt_hf import (
@@ -148,6 +146,12 @@ def test_lora_config_targets_the_four_projections_of_every_block():
     assert wrapped == expected
     # The causal model's LM head comes pretrained: nothing besides the adapter trains.
     assert lora_config(ImageGPTForCausalImageModeling(ImageGPTConfig(**DIMS))).modules_to_save is None
+    # Names as peft matches them (whole, or the end of a module's name); one that matches no projection is refused.
+    model = ImageGPTForImageClassification(ImageGPTConfig(**DIMS, num_labels=10))
+    assert lora_config(model, target_modules=["c_attn", "mlp.c_proj"]).target_modules == {"c_attn", "mlp.c_proj"}
+    for wrong in (["attn.c_attn", "atn.c_proj"], ["score"], ["h.0"]):
+        with pytest.raises(ValueError, match=rf"LoRA target modules \['{wrong[-1]}'\] name no projection"):
+            lora_config(model, target_modules=wrong)
 
 
 @pytest.mark.parametrize("preset", ["small", "medium", "large"])
@@ -185,22 +189,19 @@ def test_lora_continued_pretraining_is_close_to_full(causal_models):
 
 # ------------------------------------------------------------------------------------- save, reload, merge, load
 
-WITHOUT_THE_PACKAGE = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["image_gpt_hf"] = None  # importing the package is impossible in this process
-    import torch
-    import transformers
+LOAD_WITHOUT_THE_PACKAGE = """
+import json, sys
+import torch
+import transformers
 
-    folders, ids, out = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
-    results = {}
-    with torch.no_grad():
-        for folder, auto_class in folders:
-            model = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True).eval()
-            results[folder] = (type(model).__module__, model(ids).logits)
-    torch.save(results, out)
-    """
-)
+folders, ids, out = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
+results = {}
+with torch.no_grad():
+    for folder, auto_class in folders:
+        model = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True).eval()
+        results[folder] = (type(model).__module__, model(ids).logits)
+torch.save(results, out)
+"""
 
 
 def round_trip(adapted, base_folder, auto_class, ids, tmp_path, **base_kwargs):
@@ -251,17 +252,9 @@ def test_adapters_reload_merge_and_load_with_and_without_the_package(
         expected[folder] = logits
 
     out = tmp_path / "results.pt"
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_THE_PACKAGE, json.dumps(folders), json.dumps(ids.tolist()), str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=600,
+    run_without_package(
+        LOAD_WITHOUT_THE_PACKAGE, json.dumps(folders), json.dumps(ids.tolist()), str(out), cwd=tmp_path
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     for folder, (where, logits) in torch.load(out).items():
         assert where.startswith("transformers_modules"), where
         torch.testing.assert_close(logits, expected[folder], atol=TOL, rtol=0)
