@@ -32,11 +32,10 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from datasets import Image, load_dataset
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageToImage, PreTrainedModel
+from transformers import AutoImageProcessor, AutoModelForImageToImage, PreTrainedModel
 
-from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor, load_digits
+from image_gpt_hf import ImageGPTForCausalImageModeling, load_config_and_processor, load_digits
 from image_gpt_hf.generation import complete, sample, upscale_images
-from image_gpt_hf.image_processing_imagegpt import check_palette_fits
 from image_gpt_hf.safe_io import atomic_file, check_output_path
 
 logger = get_logger(__name__)
@@ -254,32 +253,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         upscaler.to(accelerator.device)
 
     # The model, its palette and its LM head: a model that cannot sample is refused before any image is read.
-    try:
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot load a model config from {args.model_name_or_path!r}: {err}") from err
-    if not isinstance(config, ImageGPTConfig):
-        raise ValueError(
-            f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint ({type(config).__name__}); sample.py "
-            "needs an autoregressive Image GPT checkpoint, e.g. one written by examples/pretrain.py."
-        )
-    if config.objective != "ar":
-        raise ValueError(
-            f"{args.model_name_or_path} is a BERT-objective model: it predicts masked pixels, not the next one, so it "
-            "cannot generate images pixel by pixel. Sample from an AR checkpoint (pretrain.py --objective ar)."
-        )
-    source = args.processor_name_or_path or args.model_name_or_path
-    try:
-        processor = ImageGPTImageProcessor.from_pretrained(source)
-    except OSError:
-        processor = None
-    if getattr(processor, "clusters", None) is None:
-        raise ValueError(
-            f"{source!r} has no preprocessor_config.json with a palette ('clusters'). The model's token ids index the "
-            "palette it was trained with; pass the processor it was trained with as --processor_name_or_path."
-        )
-    check_palette_fits(processor, config, f"The processor from {source!r}")
-    model, loading = ImageGPTForCausalImageModeling.from_pretrained(args.model_name_or_path, output_loading_info=True)
+    config, processor = load_config_and_processor(args.model_name_or_path, args.processor_name_or_path, objective="ar")
+    model, loading = ImageGPTForCausalImageModeling.from_pretrained(
+        args.model_name_or_path, config=config, output_loading_info=True
+    )
     if "lm_head.weight" in loading["missing_keys"]:
         raise ValueError(
             f"{args.model_name_or_path} has no LM-head weights (lm_head.weight), the layer that predicts the next "

@@ -3,15 +3,14 @@ raises), judged by the grids it writes: completions keep their given rows, upsca
 enlarged, and a model that cannot sample is refused before anything is written."""
 
 import re
-import runpy
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import run_in_process
 
 from image_gpt_hf import (
     ImageGPTConfig,
@@ -21,18 +20,12 @@ from image_gpt_hf import (
     ImageGPTImageProcessor,
 )
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "sample.py"
 GAP, HEADER = 2, 14  # the grids' white gaps between cells, and the height of the column titles
 
 
 def run(*args) -> None:
     """`python examples/sample.py args...`, in this process."""
-    argv = sys.argv
-    sys.argv = [str(SCRIPT), *map(str, args)]
-    try:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
-    finally:
-        sys.argv = argv
+    run_in_process("sample.py", *map(str, args))
 
 
 def save_tiny(path: Path, model_class=ImageGPTForCausalImageModeling, **config) -> Path:
@@ -147,7 +140,7 @@ def test_a_checkpoint_without_lm_head_weights_is_refused(tmp_path):
 
 def test_a_bert_model_is_refused(tmp_path):
     bert = save_tiny(tmp_path / "bert", ImageGPTForMaskedImageModeling, objective="bert")
-    with pytest.raises(ValueError, match="is a BERT-objective model: it predicts masked pixels"):
+    with pytest.raises(ValueError, match="is a BERT-objective model; this needs an AR one"):
         run("--model_name_or_path", bert, "--output_dir", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
