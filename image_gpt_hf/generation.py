@@ -85,7 +85,7 @@ def sample(
             `num_return_sequences`: ask for more images with `num_images` (in `complete`, `num_completions`). Values
             saved in the model's generation config for these are overridden.
     """
-    config, processor = _prepare(model, processor, output_type, upscale, num_images=num_images)
+    config, processor = _prepare(model, processor, output_type, upscale)
     prompts = torch.full((num_images, 1), config.sos_token_id, dtype=torch.long, device=_input_device(model))
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample, **generate_kwargs)
     ids = _generate(model, prompts, batch_size=batch_size, seed=seed, progress=progress, compile=compile,
@@ -134,16 +134,12 @@ def complete(
         first `primer_rows` rows of each result are the kept rows, unchanged. With `upscale`: `(images, upscaled)`.
     """
     given_ids = _are_ids(images)
-    config, processor = _prepare(
-        model, processor, output_type, upscale, not given_ids, num_completions=num_completions
-    )
+    config, processor = _prepare(model, processor, output_type, upscale, not given_ids)
     n_px = config.n_px
     primer_rows = n_px // 2 if primer_rows is None else primer_rows
-    if not isinstance(primer_rows, int) or not 0 <= primer_rows < n_px:  # -1 would silently keep all but one pixel
-        raise ValueError(
-            f"`primer_rows` must be an integer in [0, {n_px}) for {n_px}x{n_px} images, got {primer_rows!r}."
-        )
-    ids = _check_ids(images, config) if given_ids else _encode(images, processor, n_px)
+    if not isinstance(primer_rows, int) or not 0 <= primer_rows < n_px:  # -1 would keep all but one pixel
+        raise ValueError(f"`primer_rows` must be an integer in [0, {n_px}) for this model, got {primer_rows!r}.")
+    ids = _as_ids(images, config) if given_ids else _encode(images, processor, n_px)
     primer = ids[:, : primer_rows * n_px].to(_input_device(model))
     sos = torch.full((len(primer), 1), config.sos_token_id, dtype=torch.long, device=primer.device)
     prompts = torch.cat([sos, primer], dim=1).repeat_interleave(
@@ -234,24 +230,15 @@ def _prepare(
     output_type: str,
     upscale: Any,
     needs_processor: bool = False,
-    **counts: int,
 ) -> tuple[ImageGPTConfig, ImageGPTImageProcessor | None]:
     """The preamble of `sample` and `complete`: the model's config (read as this package's, which derives n_px, the
     palette size and the SOS id) and the processor that fits it; a ValueError for what would give wrong images."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in ("imagegpt", "image_gpt_hf") or not hasattr(model, "generate"):
+    config = model.config
+    if getattr(config, "objective", "ar") != "ar":  # a BERT model's logits are not next-pixel predictions
         raise ValueError(
-            f"Expected an autoregressive Image GPT (ImageGPTForCausalImageModeling), got {type(model).__name__}."
-        )
-    if getattr(config, "objective", "ar") != "ar":
-        raise ValueError(
-            f"Sampling needs an autoregressive model (objective='ar'); this one has objective={config.objective!r} "
-            "(it predicts masked pixels, not the next one)."
+            f"Sampling needs an autoregressive model (objective='ar'), not objective={config.objective!r}."
         )
     config = config if isinstance(config, ImageGPTConfig) else ImageGPTConfig.from_dict(config.to_dict())
-    for name, value in counts.items():
-        if not isinstance(value, int) or value < 1:  # 0 would end in torch.cat's "expected a non-empty list"
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     if output_type not in OUTPUT_TYPES or (upscale is not None and output_type != "pil"):
         raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES} ('pil' with `upscale`), got {output_type!r}.")
     if processor is None and (output_type != "ids" or needs_processor):
@@ -259,11 +246,10 @@ def _prepare(
         try:
             processor = ImageGPTImageProcessor.from_pretrained(source)
         except (OSError, ValueError) as error:
-            raise ValueError(
-                "Encoding or decoding images needs the image processor (it holds the color palette): pass "
-                "`processor=ImageGPTImageProcessor.from_pretrained(...)`, or use palette ids with output_type='ids' "
-                f"(loading it from {source!r} failed: {error})."
-            ) from None
+            error = (
+                f"Images need the image processor (its palette): pass `processor=`, or use output_type='ids' ({error})"
+            )
+            raise ValueError(error) from None
     if processor is not None:
         check_palette_fits(processor, config)
     return config, processor
@@ -293,10 +279,9 @@ def _generate(
     """`fast_generate()` over `prompts` (N, 1 + primer) in batches, each to a whole image; the (N, n_px * n_px)
     palette ids, SOS dropped."""
     fixed = {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_return_sequences"}
-    if fixed & set(generate_kwargs):  # the image size and the number of results are set here
+    if fixed & set(generate_kwargs):  # the image size and `num_images` / `num_completions` set these
         raise ValueError(
-            f"`{sorted(fixed & set(generate_kwargs))[0]}` is set by the image size and `num_images` / "
-            "`num_completions`; do not pass it."
+            f"{sorted(fixed & set(generate_kwargs))} are set by the image size and `num_images` / `num_completions`."
         )
     batch_size = len(prompts) if batch_size is None else batch_size
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -327,7 +312,7 @@ def _generate(
             outputs.append(out[:, 1:])  # drop SOS: (b, primer + new) = (b, n_px * n_px)
     if bar is not None:
         bar.close()
-    return torch.cat(outputs)
+    return torch.cat(outputs) if outputs else prompts[:, 1:1]  # no images asked for: none
 
 
 def _are_ids(images: Any) -> bool:
@@ -337,21 +322,17 @@ def _are_ids(images: Any) -> bool:
     return isinstance(images, np.ndarray) and np.issubdtype(images.dtype, np.integer) and images.dtype != np.uint8
 
 
-def _check_ids(images: torch.Tensor | np.ndarray, config: ImageGPTConfig) -> torch.LongTensor:
+def _as_ids(images: torch.Tensor | np.ndarray, config: ImageGPTConfig) -> torch.LongTensor:
     """Palette ids as (batch, n_px * n_px): one sequence or a batch, flat or as (n_px, n_px) grids."""
     ids, n_px = torch.as_tensor(images).long(), config.n_px
     grid = ids.dim() in (2, 3) and tuple(ids.shape[-2:]) == (n_px, n_px)
     flat = ids.dim() in (1, 2) and ids.shape[-1] == n_px * n_px
-    if not (grid or flat) or ids.numel() == 0:
+    if not (grid or flat):
         raise ValueError(
-            f"Palette ids must have shape ({n_px * n_px},), (batch, {n_px * n_px}), ({n_px}, {n_px}) or "
-            f"(batch, {n_px}, {n_px}) for this {n_px}x{n_px} model, got {tuple(ids.shape)}."
+            f"Palette ids must be of shape (batch,) ({n_px * n_px},) or ({n_px}, {n_px}), got {tuple(ids.shape)}."
         )
-    if bool((ids < 0).any()) or bool((ids >= config.palette_size).any()):  # the SOS id would be read as a color
-        raise ValueError(
-            f"Palette ids must be in [0, {config.palette_size}); got values from {int(ids.min())} to {int(ids.max())} "
-            "(drop the SOS token of generate() outputs first)."
-        )
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < config.palette_size:  # SOS would read as a color
+        raise ValueError(f"Palette ids must be in [0, {config.palette_size}) (drop the SOS of generate()'s output).")
     return ids.reshape(-1, n_px * n_px)
 
 
