@@ -162,9 +162,7 @@ def launch_command(config: str, script: str, *args: str, num_processes: int | No
 def launch(config: str, script: str, *args: str, timeout: int = 300, env=None, **options) -> str:
     """Runs `launch_command(config, script, *args, num_processes=...)`; returns its output, failing on an error."""
     command = launch_command(config, script, *args, **options)
-    result = subprocess.run(
-        command, env=env or script_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+    result = subprocess.run(command, env=env or script_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"accelerate launch {script} failed:\n{output[-6000:]}"
     return output
