@@ -136,7 +136,7 @@ def _eval_result(result: EvalResult | dict[str, Any]) -> EvalResult:
     """A result as huggingface_hub's `EvalResult` (which names a missing field); a dict's keys read by RESULT_FIELDS."""
     if isinstance(result, EvalResult):
         return result
-    fields = {RESULT_FIELDS[key]: value for key, value in result.items()}  # a KeyError names an unknown key
+    fields = {RESULT_FIELDS.get(key, key): value for key, value in result.items()}  # EvalResult names a wrong one
     return EvalResult(**{"dataset_name": result.get("dataset"), **fields})
 
 

@@ -222,16 +222,15 @@ def _load(path: str, task: str) -> ImageGPTPreTrainedModel:
 
 def _task_model(model: ImageGPTPreTrainedModel, task: str) -> ImageGPTPreTrainedModel:
     _check_config(model.config, task, f"The model ({type(model).__name__})")
-    if task == "feature-extraction":
-        return model.base_model
-    if not isinstance(model, _TASK_CLASSES[task]):
+    if task != "feature-extraction" and not isinstance(model, _TASK_CLASSES[task]):
         raise ValueError(f"--task {task} needs an {_TASK_CLASSES[task].__name__}, got {type(model).__name__}.")
-    return model
+    if model.dtype != torch.float32:  # the export is float32 (onnxruntime's CPU kernels)
+        raise ValueError(f"The model's weights are {model.dtype}; the export is float32: pass `model.float()`.")
+    return model.base_model if task == "feature-extraction" else model
 
 
 def _eager_twin(model: ImageGPTPreTrainedModel) -> ImageGPTPreTrainedModel:
-    """The model in eval mode with eager attention and float32 weights (shared where they are float32 already); the
-    model itself is left as it is.
+    """The model in eval mode with eager attention, sharing its weights; the model itself is left as it is.
 
     Eager attention (matmul, additive mask, softmax) becomes the same short graph at every opset, whereas torch's sdpa
     becomes, below opset 23 (ONNX's own Attention operator), a longer one with its masking and NaN guards.
@@ -240,7 +239,7 @@ def _eager_twin(model: ImageGPTPreTrainedModel) -> ImageGPTPreTrainedModel:
     with torch.device("meta"):  # no memory and no random init for weights that are replaced right away
         twin = type(model)(config)
     twin.load_state_dict(model.state_dict(), assign=True)
-    return twin.to(model.device, torch.float32).eval()  # float32: onnxruntime's CPU kernels; the model keeps its dtype
+    return twin.to(model.device).eval()
 
 
 def _random_ids(shape: tuple[int, ...], high: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -332,7 +331,7 @@ def export_onnx(
 
     Args:
         model: a checkpoint path or Hub id (loaded in float32 with the task's class; refused if it lacks the task's
-            weights), or an in-memory model (exported in float32): any Image GPT model for `feature-extraction` (its decoder is
+            weights), or an in-memory float32 model: any Image GPT model for `feature-extraction` (its decoder is
             exported), an `ImageGPTForImageClassification` or an `ImageGPTForCausalImageModeling` for the others.
         output_dir: the folder to write; refused if it exists and is not empty, unless `overwrite`.
         task: "feature-extraction", "image-classification" or "causal-lm" (see the module docstring for the graphs).
@@ -379,7 +378,7 @@ def export_onnx(
         _save_config(model.config, tmp / "config.json")
         if image_processor is not None:
             image_processor.save_pretrained(tmp)
-        max_diff = _validate(tmp / ONNX_FILE, wrapper, task, atol) if validate else None
+        max_diff = _max_difference(tmp / ONNX_FILE, wrapper, task, atol) if validate else None
     return OnnxExport(
         path=Path(output_dir) / ONNX_FILE,
         task=task,
@@ -434,7 +433,7 @@ def _compare(name: str, ours: np.ndarray, reference: torch.Tensor, atol: float) 
     return diff
 
 
-def _validate(path: Path, wrapper: nn.Module, task: str, atol: float) -> float:
+def _max_difference(path: Path, wrapper: nn.Module, task: str, atol: float) -> float:
     """Largest difference between onnxruntime and PyTorch on random ids, batch sizes 1 and 3; ValueError if too large."""
     session = _session(path)
     names = [output.name for output in session.get_outputs()]
