@@ -16,18 +16,14 @@ Three tasks, each exported with a dynamic batch dimension by `torch.onnx.export(
   `present.{i}.value` `(batch, n_head, past_sequence + sequence, head_dim)`. `greedy_generate` runs it token by token;
   its tokens are those of `model.generate(do_sample=False)`.
 
-The ids are the image processor's (`ImageGPTImageProcessor(images, return_tensors="np")["input_ids"]`); the exported
-models take them without the PyTorch forward's checks, but an id outside `[0, vocab_size)` makes onnxruntime refuse
-the run (its Gather raises: "indices element out of data bounds"), negative ones included, which ONNX's Gather would
-otherwise read from the end of the embedding table (-1 as SOS). A checkpoint saved with
-`prepend_sos=True` (OpenAI's converted AR models) adds SOS inside the feature and classification graphs, as its
-PyTorch forward does; the causal-lm graph takes ids that already start with SOS (as `generate()` feeds them).
+The ids are the image processor's. An id outside `[0, vocab_size)`, negative ones included (ONNX's Gather would read
+them from the end of the table), makes onnxruntime refuse the run. A checkpoint with `prepend_sos=True` adds SOS inside
+the feature and classification graphs, as its PyTorch forward does; the causal-lm graph takes ids that start with SOS.
 
-The output folder holds `model.onnx` (plus `model.onnx.data` for models over 2 GB), the checkpoint's `config.json` and,
-where the checkpoint has one, its `preprocessor_config.json`. Before the folder is put in place, onnxruntime runs the
-exported model on random ids (batch sizes 1 and 3) and its outputs are compared with PyTorch's; a mismatch is an
-error and leaves nothing behind. Writing follows `image_gpt_hf.safe_io`: a non-empty `--output_dir` is refused
-without `--overwrite`, and the folder appears complete or not at all.
+The output folder holds `model.onnx` (plus `model.onnx.data` over 2 GB), `config.json` and the checkpoint's
+`preprocessor_config.json` where it has one. Before the folder is put in place (`image_gpt_hf.safe_io`: complete or
+absent, a non-empty folder replaced only with `--overwrite`), onnxruntime runs the export on random ids (batch sizes 1
+and 3) and a difference from PyTorch's outputs is an error that leaves nothing behind.
 
     python -m image_gpt_hf.onnx_export --model_name_or_path PATH --output_dir DIR --task feature-extraction
 
