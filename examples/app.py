@@ -2,7 +2,8 @@
 
 Upload an image (or pick an example), choose how many of its top rows to keep, and watch the completions fill in row
 by row; a second tab samples whole images. The app calls the library's `complete()` and `sample()`, so with the same
-seed and settings it shows exactly their images.
+seed and settings it shows exactly their images. A class-conditional model (pretrain.py --class_conditional) also gets
+a class selector and a classifier-free guidance slider.
 
     make app                                                 # the model `make demo` writes, on http://127.0.0.1:7860
     python examples/app.py --model openai/imagegpt-small     # any checkpoint: a folder or a Hub id
@@ -46,6 +47,7 @@ NEUTRAL_GRAY = 128  # the rows not generated yet
 # from benchmarks/RESULTS.md; README.md's App section says how).
 DEFAULT_COMPLETIONS = 4
 MAX_COMPLETIONS = 8
+NO_CLASS = "no class"  # the class selector's choice for unconditional sampling
 
 
 def load_model(name_or_path: str) -> tuple[ImageGPTForCausalImageModeling, ImageGPTImageProcessor]:
@@ -183,9 +185,10 @@ def stream(run, model, processor, kept_rows: int, count: int) -> Iterator[tuple[
         thread.join()
 
 
-def check_settings(num_images, temperature, top_k, seed) -> dict:
+def check_settings(num_images, temperature, top_k, seed, class_name=NO_CLASS, guidance_scale=1.0) -> dict:
     """The sampling settings from the page as `complete`/`sample` keywords; gr.Error for a value it cannot take (the
-    sliders' ranges are Gradio's to enforce; the seed box takes any number)."""
+    sliders' ranges are Gradio's to enforce; the seed box takes any number). A class (a name of the model's
+    id2label) comes with its guidance scale; no class, with none."""
     for name, value in (("count", num_images), ("top-k", top_k), ("seed", seed)):
         if value is None or not math.isfinite(value) or int(value) != value:
             raise gr.Error(f"The {name} must be a whole number, got {value!r}.")
@@ -193,10 +196,13 @@ def check_settings(num_images, temperature, top_k, seed) -> dict:
         raise gr.Error(f"The seed must be from 0 to 2**63 - 1 (torch's seeds), got {seed}.")
     # top_k 0: every color drawn from the full softmax, as OpenAI's sampler does. compile=False: the compiled step is
     # made once per batch size (10-26 s for iGPT-S), which would stall the first request at every count on the slider.
-    return {"temperature": float(temperature), "top_k": int(top_k), "seed": int(seed), "compile": False}
+    settings = {"temperature": float(temperature), "top_k": int(top_k), "seed": int(seed), "compile": False}
+    if class_name not in (None, NO_CLASS):
+        settings |= {"class_labels": class_name, "guidance_scale": float(guidance_scale)}
+    return settings
 
 
-def complete_images(model, processor, path, kept_rows, num_completions, temperature, top_k, seed):
+def complete_images(model, processor, path, kept_rows, num_completions, temperature, top_k, seed, *classes):
     """The completion tab: the given rows of the uploaded image and its completions, filling in row by row."""
     if path is None:
         raise gr.Error("Upload an image (or pick an example) first.")
@@ -207,7 +213,7 @@ def complete_images(model, processor, path, kept_rows, num_completions, temperat
     n_px = model.config.n_px
     if int(kept_rows) != kept_rows:
         raise gr.Error(f"Keep a whole number of rows, got {kept_rows!r}.")
-    settings = check_settings(num_completions, temperature, top_k, seed)
+    settings = check_settings(num_completions, temperature, top_k, seed, *classes)
     kept_rows, num_completions = int(kept_rows), int(num_completions)
 
     def run(streamer):
@@ -220,9 +226,9 @@ def complete_images(model, processor, path, kept_rows, num_completions, temperat
         raise gr.Error(str(error)) from None
 
 
-def sample_images(model, processor, num_images, temperature, top_k, seed):
+def sample_images(model, processor, num_images, temperature, top_k, seed, *classes):
     """The sampling tab: whole new images, filling in row by row."""
-    settings = check_settings(num_images, temperature, top_k, seed)
+    settings = check_settings(num_images, temperature, top_k, seed, *classes)
     n_px = model.config.n_px
 
     def run(streamer):
@@ -255,7 +261,7 @@ def example_images(n_px: int, folder: str) -> list[str]:
 def build_app(model, processor, title: str = "Image GPT") -> gr.Blocks:
     """The page: a completion tab and a sampling tab, each with its settings on the left and a gallery on the right."""
     n_px = model.config.n_px
-    palette = model.config.vocab_size - 1
+    palette = model.config.palette_size
     examples = example_images(n_px, tempfile.mkdtemp(prefix="igpt_app_examples_"))
     with gr.Blocks(title=title) as demo:
         gr.Markdown(
@@ -270,7 +276,7 @@ def build_app(model, processor, title: str = "Image GPT") -> gr.Blocks:
                     gr.Examples(examples, inputs=upload, label="Examples")
                     rows = gr.Slider(0, n_px - 1, value=n_px // 2, step=1, label="Rows kept")
                     count = gr.Slider(1, MAX_COMPLETIONS, value=DEFAULT_COMPLETIONS, step=1, label="Completions")
-                    settings = sampling_settings(palette)
+                    settings = sampling_settings(model.config)
                     with gr.Row():
                         run_complete = gr.Button("Complete", variant="primary")
                         stop_complete = gr.Button("Stop", variant="stop")
@@ -283,7 +289,7 @@ def build_app(model, processor, title: str = "Image GPT") -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=1):
                     sample_count = gr.Slider(1, MAX_COMPLETIONS, value=DEFAULT_COMPLETIONS, step=1, label="Images")
-                    sample_settings = sampling_settings(palette)
+                    sample_settings = sampling_settings(model.config)
                     with gr.Row():
                         run_sample = gr.Button("Sample", variant="primary")
                         stop_sample = gr.Button("Stop", variant="stop")
@@ -309,11 +315,16 @@ def build_app(model, processor, title: str = "Image GPT") -> gr.Blocks:
     return demo.queue(default_concurrency_limit=1)
 
 
-def sampling_settings(palette: int) -> list:
+def sampling_settings(config) -> list:
+    """Temperature, top-k and seed; for a class-conditional model also its class and guidance (else hidden)."""
+    conditional = bool(getattr(config, "class_conditional", False))
+    names = [config.id2label[i] for i in range(config.num_labels)] if conditional else []
     return [
         gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature"),
-        gr.Slider(0, palette, value=0, step=1, label="Top-k (0: all colors)"),
+        gr.Slider(0, config.palette_size, value=0, step=1, label="Top-k (0: all colors)"),
         gr.Number(0, precision=0, label="Seed"),
+        gr.Dropdown([NO_CLASS, *names], value=NO_CLASS, label="Class", visible=conditional),
+        gr.Slider(0, 8, value=3.0, step=0.5, label="Guidance scale (1: none)", visible=conditional),
     ]
 
 

@@ -12,6 +12,11 @@ at the size it made them.
     python examples/sample.py --model_name_or_path igpt-tiny-digits --output_dir samples-digits --upscale_model 16
     python examples/sample.py --model_name_or_path openai/imagegpt-small --num_images 0 --output_dir samples-small \\
         --upscale_model caidas/swin2SR-classical-sr-x2-64
+
+A class-conditional model (pretrain.py --class_conditional) samples and completes the classes given with --class_label
+(an id or a name; once for all images, or once per image), sharpened by classifier-free guidance (--guidance_scale):
+
+    python examples/sample.py --model_name_or_path igpt-digits-cc --output_dir sevens --class_label 7 --guidance_scale 3
 """
 
 from __future__ import annotations
@@ -93,6 +98,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Also write completions_upscaled.png and samples_upscaled.png, every image enlarged by this: an integer "
         "factor (nearest-neighbour, no model) or an image super-resolution checkpoint, a folder or Hub id that "
         "AutoModelForImageToImage loads (e.g. a Swin2SR model). Default: no upscaled grids.",
+    )
+    parser.add_argument(
+        "--class_label",
+        action="append",
+        default=None,
+        help="A class-conditional model's class (an id or a name of its id2label): once for every image, or repeated, "
+        "once per image (--num_samples of them, and --num_images held-out ones).",
+    )
+    parser.add_argument(
+        "--guidance_scale", type=float, default=None, help="Classifier-free guidance towards --class_label (1: none)."
     )
     parser.add_argument("--seed", type=int, default=42, help="Seeds the choice of held-out images and the sampling.")
     group = parser.add_argument_group("the held-out images to complete")
@@ -272,7 +287,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             "batch_size": args.batch_size,
             "output_type": "np",
             "progress": accelerator.is_local_main_process,
+            "guidance_scale": args.guidance_scale,
         }
+        if args.class_label is not None:  # a name of id2label, else an id
+            labels = [
+                name if name in config.label2id else int(name) if INTEGER.fullmatch(name) else name
+                for name in args.class_label
+            ]
+            options["class_labels"] = labels[0] if len(labels) == 1 else labels
         if args.num_images > 0:
             originals = processor.batch_decode(ids, output_type="np")
             logger.info(

@@ -49,8 +49,13 @@ class ImageGPTDataCollator(TrainerCallback):
             `mask_probability`); the loss covers the masked pixels. None: `input_ids` only (evaluation, features).
         mask_probability: the BERT masking probability (the paper's 0.15); only with `objective="bert"`.
         label_column: a key of the examples holding integer class ids; they become `labels` (for a classifier, whose
-            generative loss reads the `input_ids` and, for BERT models, `bool_masked_pos`).
-        seed: seeds the masks. Each example's mask is drawn from (seed, epoch, the example's ids), so it is the same
+            generative loss reads the `input_ids` and, for BERT models, `bool_masked_pos`), or with `class_conditional`
+            `class_labels` (default there: "label").
+        class_conditional: for a class-conditional model (`config.class_conditional`): `labels` are the pixels and
+            `class_labels` the classes, each dropped (-100: no class, SOS) with probability `class_dropout`, so that
+            the model also learns the unconditional distribution classifier-free guidance subtracts.
+        class_dropout: the probability of dropping an example's class (default 0.1), drawn as the BERT masks are.
+        seed: seeds the masks (and class dropout). Each example's mask is drawn from (seed, epoch, the example's ids), so it is the same
             whatever the batch, the process, the DataLoader worker or the resumed run that draws it.
         epoch: the epoch the masks are drawn for. A training loop sets it each epoch; under transformers' `Trainer`,
             pass the collator as a callback too (`callbacks=[collator]`): it then follows Trainer's epoch (with
@@ -71,8 +76,16 @@ class ImageGPTDataCollator(TrainerCallback):
     epoch: int = 0
     image_column: str = "image"
     return_tensors: str = "pt"
+    class_conditional: bool = False
+    class_dropout: float = 0.1
 
     def __post_init__(self):
+        if self.class_conditional and self.objective != "ar":  # the config refuses class-conditional BERT models
+            raise ValueError(f"`class_conditional` trains autoregressive models ('ar'), not {self.objective!r}.")
+        if self.class_conditional and not 0 <= self.class_dropout <= 1:
+            raise ValueError(f"`class_dropout` is a probability in [0, 1], got {self.class_dropout!r}.")
+        if self.class_conditional and self.label_column is None:
+            self.label_column = "label"
         if self.objective not in ("ar", "bert", None):
             raise ValueError(f"`objective` must be 'ar', 'bert' or None, got {self.objective!r}.")
         if self.objective != "bert" and self.mask_probability is not None:  # it would mask nothing
@@ -89,7 +102,11 @@ class ImageGPTDataCollator(TrainerCallback):
         batch: dict[str, torch.Tensor] = {"input_ids": input_ids}
         if self.objective == "bert":
             batch["bool_masked_pos"] = self.masks(input_ids)
-        if self.label_column is not None:
+        if self.class_conditional:
+            classes = torch.as_tensor([self._class_id(example) for example in examples])
+            dropped = torch.stack([torch.rand((), generator=self._generator(row)) for row in input_ids])
+            batch |= {"labels": input_ids.clone(), "class_labels": classes.where(dropped >= self.class_dropout, -100)}
+        elif self.label_column is not None:
             batch["labels"] = torch.as_tensor([self._class_id(example) for example in examples])
         elif self.objective is not None:
             if isinstance(examples[0], Mapping) and np.ndim(examples[0].get("labels", ())) == 0:  # class labels
@@ -102,13 +119,16 @@ class ImageGPTDataCollator(TrainerCallback):
 
         `epoch` (default: `self.epoch`) also numbers the views of an evaluation that averages several masks.
         """
+        rows = torch.as_tensor(input_ids).detach().cpu()
+        return torch.stack(
+            [random_bert_mask(row.shape, self.mask_probability, self._generator(row, epoch)) for row in rows]
+        )
+
+    def _generator(self, row: torch.Tensor, epoch: int | None = None) -> torch.Generator:
+        """A generator seeded by (seed, epoch, the example's ids) alone."""
         epoch = self.epoch if epoch is None else epoch
-        masks = []
-        for row in torch.as_tensor(input_ids).detach().cpu().to(torch.int64):
-            key = hashlib.blake2b(np.int64([self.seed, epoch]).tobytes() + row.numpy().tobytes(), digest_size=8)
-            generator = torch.Generator().manual_seed(int.from_bytes(key.digest(), "little") >> 1)
-            masks.append(random_bert_mask(row.shape, self.mask_probability, generator=generator))
-        return torch.stack(masks)
+        key = hashlib.blake2b(np.int64([self.seed, epoch]).tobytes() + row.long().numpy().tobytes(), digest_size=8)
+        return torch.Generator().manual_seed(int.from_bytes(key.digest(), "little") >> 1)
 
     def _class_id(self, example: Mapping) -> int:
         value = np.asarray(example[self.label_column])

@@ -13,7 +13,7 @@ float32 tokens are the default path's.
 weights change; the model itself is untouched): bfloat16 weights and activations, or int8 weight-only quantization
 (per-output-channel scales, bfloat16 activations) of every projection and the LM head, which inductor lowers to its int8
 weight-only matmul kernel on CPU. A peft model decodes on the default path (merge its adapter to compile or
-quantize).
+quantize), and so does classifier-free guidance (`guidance_scale`, whose unconditional pass keeps a dynamic cache).
 
 ```python
 from image_gpt_hf.fast_decoding import fast_generate
@@ -185,6 +185,8 @@ def _default_path_reason(model: PreTrainedModel, compile: bool | None, generate_
     given += [name for name in _OWN_CACHE_OPTIONS[2:] if getattr(config, name, None)]
     if given:
         return f"the call or its generation config sets {', '.join(given)} itself"
+    if (generate_kwargs.get("guidance_scale") or config.guidance_scale or 1) != 1:
+        return "classifier-free guidance (guidance_scale) runs the unconditional forward on a dynamic cache of its own"
     if getattr(model, "peft_config", None):
         return "a peft model's generate() calls its base model's own forward (merge_and_unload() first to compile)"
     if model.training:

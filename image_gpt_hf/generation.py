@@ -14,11 +14,19 @@ model = ImageGPTForCausalImageModeling.from_pretrained(path).eval()
 processor = ImageGPTImageProcessor.from_pretrained(path)
 images = sample(model, 8, processor=processor, top_k=64, seed=0)  # 8 PIL images
 halves = complete(model, images[:2], processor=processor, num_completions=4, seed=0)  # 2 x 4 completions
+sevens = sample(model, 8, class_labels="7", guidance_scale=3.0, seed=0)  # a class-conditional model's class "7"
 ```
+
+A class-conditional model (`config.class_conditional`) starts each sequence with its class token (SOS: no class), and
+`guidance_scale` runs classifier-free guidance through generate()'s own `UnbatchedClassifierFreeGuidanceLogitsProcessor`
+(logits `uncond + s * (cond - uncond)`, the unconditional ones from the same ids started with SOS, on a cache of its
+own). That is the form generate() wires for any model; the batched `ClassifierFreeGuidanceLogitsProcessor` expects the
+model to run doubled batches itself (as MusicGen does), which would need a model-side pairing of the rows.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -55,6 +63,8 @@ def sample(
     upscale: Upscaler | None = None,
     compile: bool | None = None,
     precision: str | None = None,
+    class_labels: Any = None,
+    guidance_scale: float | None = None,
     **generate_kwargs: Any,
 ) -> list[PIL.Image.Image] | np.ndarray | torch.LongTensor | tuple[list[PIL.Image.Image], list[PIL.Image.Image]]:
     """Draw `num_images` images from an autoregressive Image GPT, each generated pixel by pixel from the SOS token.
@@ -80,16 +90,20 @@ def sample(
             Greedy float32 tokens are the same either way. See `fast_decoding.fast_generate`.
         precision: `None` (the model's weights), `"bfloat16"` or `"int8"` (weight-only, bfloat16 activations): decode
             with lower-precision weights, from a copy of the model, remade when its weights change (the model itself is untouched).
+        class_labels: a class-conditional model's class for each image (a list, one per image; None for no class) or
+            for all of them (one label): class indices or names of `config.id2label`. Default: no class (SOS).
+        guidance_scale: classifier-free guidance towards `class_labels` (>= 0; 1 or None: none, exactly the unguided
+            tokens; 0: the unconditional model). Guided sampling takes generate()'s default path (no compiled step).
         **generate_kwargs: passed on to `model.generate()` (e.g. a `streamer`). The image size sets the length, so
             `max_new_tokens`, `max_length`, `min_new_tokens` and `min_length` are refused, and so is
             `num_return_sequences`: ask for more images with `num_images` (in `complete`, `num_completions`). Values
             saved in the model's generation config for these are overridden.
     """
     config, processor = _prepare(model, processor, output_type, upscale)
-    prompts = torch.full((num_images, 1), config.sos_token_id, dtype=torch.long, device=_input_device(model))
+    prompts = _starts(config, class_labels, num_images, guidance_scale)[:, None].to(_input_device(model))
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample, **generate_kwargs)
     ids = _generate(model, prompts, batch_size=batch_size, seed=seed, progress=progress, compile=compile,
-                    precision=precision, **options)  # fmt: skip
+                    precision=precision, guidance_scale=guidance_scale, **options)  # fmt: skip
     return _with_upscaled(_to_output(ids, processor, output_type, config.n_px), upscale)
 
 
@@ -111,6 +125,8 @@ def complete(
     upscale: Upscaler | None = None,
     compile: bool | None = None,
     precision: str | None = None,
+    class_labels: Any = None,
+    guidance_scale: float | None = None,
     **generate_kwargs: Any,
 ) -> list[PIL.Image.Image] | np.ndarray | torch.LongTensor | tuple[list[PIL.Image.Image], list[PIL.Image.Image]]:
     """Keep the top `primer_rows` rows of each image and let the model generate the rest.
@@ -126,7 +142,7 @@ def complete(
         num_completions: completions per image.
         batch_size: sequences generated together (default: all of them in one batch).
         temperature, top_k, top_p, do_sample, seed, output_type, progress, upscale, compile, precision,
-            **generate_kwargs: as in `sample`.
+            class_labels (one per image, or one for all), guidance_scale, **generate_kwargs: as in `sample`.
 
     Returns:
         `len(images) * num_completions` results, image by image (the completions of the first image come first), as
@@ -141,13 +157,13 @@ def complete(
         raise ValueError(f"`primer_rows` must be an integer in [0, {n_px}) for this model, got {primer_rows!r}.")
     ids = _as_ids(images, config) if given_ids else _encode(images, processor, n_px)
     primer = ids[:, : primer_rows * n_px].to(_input_device(model))
-    sos = torch.full((len(primer), 1), config.sos_token_id, dtype=torch.long, device=primer.device)
-    prompts = torch.cat([sos, primer], dim=1).repeat_interleave(
+    starts = _starts(config, class_labels, len(primer), guidance_scale)[:, None].to(primer.device)
+    prompts = torch.cat([starts, primer], dim=1).repeat_interleave(
         num_completions, dim=0
     )  # (N * completions, 1 + primer)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample, **generate_kwargs)
     completed = _generate(model, prompts, batch_size=batch_size, seed=seed, progress=progress, compile=compile,
-                          precision=precision, **options)  # fmt: skip
+                          precision=precision, guidance_scale=guidance_scale, **options)  # fmt: skip
     return _with_upscaled(_to_output(completed, processor, output_type, n_px), upscale)
 
 
@@ -274,10 +290,11 @@ def _generate(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
+    guidance_scale: float | None = None,
     **generate_kwargs: Any,
 ) -> torch.LongTensor:
     """`fast_generate()` over `prompts` (N, 1 + primer) in batches, each to a whole image; the (N, n_px * n_px)
-    palette ids, SOS dropped."""
+    palette ids, SOS (or the class token) dropped. With guidance, the negative prompt is the same ids started with SOS."""
     fixed = {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_return_sequences"}
     if fixed & set(generate_kwargs):  # the image size and `num_images` / `num_completions` set these
         raise ValueError(
@@ -308,11 +325,32 @@ def _generate(
             batch = prompts[start : start + batch_size]
             if bar is not None:
                 options["streamer"] = _BarStreamer(bar, len(batch))
+            if guidance_scale not in (None, 1):  # at 1, exactly the unguided call
+                negative = torch.cat([torch.full_like(batch[:, :1], model.config.sos_token_id), batch[:, 1:]], dim=1)
+                options |= dict(guidance_scale=guidance_scale, negative_prompt_ids=negative)
             out = fast_generate(model, batch, compile=compile, precision=precision, **options)
             outputs.append(out[:, 1:])  # drop SOS: (b, primer + new) = (b, n_px * n_px)
     if bar is not None:
         bar.close()
     return torch.cat(outputs) if outputs else prompts[:, 1:1]  # no images asked for: none
+
+
+def _starts(config: ImageGPTConfig, class_labels: Any, count: int, guidance_scale: float | None) -> torch.LongTensor:
+    """The first id of each of `count` sequences: SOS, or the class token of `class_labels` (one for all, or one per
+    sequence; indices or names, None for no class), with the checks of `guidance_scale`."""
+    given = [n for n, v in (("class_labels", class_labels), ("guidance_scale", guidance_scale)) if v is not None]
+    if given and not config.class_conditional:  # else they would be ignored
+        raise ValueError(f"{' and '.join(given)} need a class-conditional model (config.class_conditional).")
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"`guidance_scale` must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}.")
+    if guidance_scale not in (None, 1) and class_labels is None:  # SOS against SOS: nothing to guide towards
+        raise ValueError("`guidance_scale` guides towards `class_labels`: give the classes too.")
+    labels = [class_labels] * count if np.ndim(class_labels) == 0 else list(class_labels)
+    if len(labels) != count:
+        raise ValueError(
+            f"`class_labels` holds {len(labels)} labels for {count} images: give one per image, or one for all."
+        )
+    return torch.tensor([config.sos_token_id if label is None else config.class_token_id(label) for label in labels])
 
 
 def _are_ids(images: Any) -> bool:

@@ -6,6 +6,7 @@ The browser test saves a screenshot of the page; `APP_SCREENSHOT=docs/app.png py
 writes it where README.md shows it."""
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -41,17 +42,36 @@ GRAY = 128  # the rows not generated yet
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def save_tiny(path, **fields):
     """A tiny random autoregressive Image GPT at 32x32 and its 16-color processor, saved as a checkpoint folder."""
     torch.manual_seed(0)
-    model = ImageGPTForCausalImageModeling(ImageGPTConfig(**{**TINY_DIMS, "n_positions": N_PX * N_PX}))
+    model = ImageGPTForCausalImageModeling(ImageGPTConfig(**{**TINY_DIMS, "n_positions": N_PX * N_PX, **fields}))
     palette = np.random.default_rng(0).uniform(-1, 1, (TINY_DIMS["vocab_size"] - 1, 3))
     processor = ImageGPTImageProcessor(clusters=palette, size={"height": N_PX, "width": N_PX})
-    path = tmp_path_factory.mktemp("tiny_ar")
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny_ar"))
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory):
+    """A class-conditional checkpoint (two classes), served, with the client and the model as the library loads it."""
+    # Larger initial weights: the class tokens make a visible difference to a random model.
+    classes = {"class_conditional": True, "prepend_sos": True, "id2label": {0: "cat", 1: "dog"}}
+    path = save_tiny(tmp_path_factory.mktemp("tiny_cc"), **classes, initializer_range=0.5, vocab_size=19)
+    server = serve(path, tmp_path_factory)
+    url, log = next(server)
+    yield (
+        url,
+        gradio_client.Client(url, verbose=False),
+        (ImageGPTForCausalImageModeling.from_pretrained(path).eval(), ImageGPTImageProcessor.from_pretrained(path)),
+    )
+    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +93,11 @@ def pixels(images):
     return [np.asarray(image) for image in images]
 
 
-def library(loaded, digit, rows, count, seed, temperature=1.0, top_k=0):
+def library(loaded, digit, rows, count, seed, temperature=1.0, top_k=0, **classes):
     model, processor = loaded
     _, enlarged = complete(model, PIL.Image.open(digit), processor=processor, primer_rows=rows, num_completions=count,
-                           temperature=temperature, top_k=top_k, seed=seed, upscale=FACTOR, progress=False)  # fmt: skip
+                           temperature=temperature, top_k=top_k, seed=seed, upscale=FACTOR, progress=False,
+                           **classes)  # fmt: skip
     return pixels(enlarged)
 
 
@@ -91,6 +112,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
+    yield from serve(checkpoint, tmp_path_factory)
+
+
+def serve(checkpoint, tmp_path_factory):
     """`python examples/app.py --model <tiny checkpoint> --port <free port>`, as a user starts it; its log is kept."""
     port, log_path = free_port(), tmp_path_factory.mktemp("server") / "app.log"
     with open(log_path, "w") as log:
@@ -138,9 +163,9 @@ def shown(gallery) -> tuple[list[np.ndarray], list[str]]:
     return images, [item["caption"] for item in gallery]
 
 
-def ask_completion(client, digit, rows, count, temperature, top_k, seed):
+def ask_completion(client, digit, rows, count, temperature, top_k, seed, *classes):
     upload = gradio_client.handle_file(str(digit))
-    return client.submit(upload, rows, count, temperature, top_k, seed, api_name="/complete")
+    return client.submit(upload, rows, count, temperature, top_k, seed, *classes, api_name="/complete")
 
 
 def test_completions_are_the_librarys_and_fill_in_row_by_row(client, loaded, digit):
@@ -170,6 +195,30 @@ def test_samples_are_the_librarys(client, loaded):
     _, enlarged = sample(model, 2, processor=processor, top_k=0, seed=4, upscale=FACTOR, progress=False)
     images, captions = shown(gallery)
     assert captions == ["1 of 2", "2 of 2"] and all(np.array_equal(a, b) for a, b in zip(images, pixels(enlarged)))
+
+
+def test_a_class_picked_gives_the_librarys_images_for_that_class(conditional, digit):
+    _, client, loaded = conditional
+    model, processor = loaded
+    gallery, _ = client.predict(2, 1.0, 0, 4, "dog", 2.5, api_name="/sample")
+    _, enlarged = sample(model, 2, processor=processor, top_k=0, seed=4, upscale=FACTOR, progress=False,
+                         class_labels="dog", guidance_scale=2.5)  # fmt: skip
+    unconditional = sample(model, 2, processor=processor, top_k=0, seed=4, progress=False, output_type="ids")
+    assert not torch.equal(sample(model, 2, processor=processor, top_k=0, seed=4, progress=False, output_type="ids",
+                                  class_labels="dog", guidance_scale=2.5), unconditional)  # fmt: skip
+    assert all(np.array_equal(a, b) for a, b in zip(shown(gallery)[0], pixels(enlarged), strict=True))
+    gallery, _ = ask_completion(client, digit, 24, 1, 1.0, 0, 5, "cat", 4.0).result(timeout=300)
+    expected = library(loaded, digit, 24, 1, 5, class_labels="cat", guidance_scale=4.0)
+    assert np.array_equal(shown(gallery)[0][1], expected[0])
+
+
+def test_the_class_selector_shows_for_a_class_conditional_model_only(server, conditional):
+    for url, shown_here in ((server[0], False), (conditional[0], True)):
+        with urllib.request.urlopen(url + "config", timeout=30) as response:
+            props = [c["props"] for c in json.load(response)["components"]]
+        visible = {p["label"]: p.get("visible", True) for p in props if p.get("label")}
+        assert visible["Seed"] is True and visible["Class"] is shown_here
+        assert visible["Guidance scale (1: none)"] is shown_here
 
 
 def test_stop_ends_generation_and_the_next_request_runs(server, client, loaded, digit):

@@ -78,6 +78,8 @@ def test_bert_masks_are_seeded_per_example(digits, processor):
     [
         ({"objective": "mlm"}, "`objective` must be 'ar', 'bert' or None"),
         ({"mask_probability": 0.3}, "masks pixels for objective='bert', not 'ar'"),
+        ({"class_conditional": True, "objective": "bert"}, "`class_conditional` trains autoregressive models"),
+        ({"class_conditional": True, "class_dropout": 1.5}, r"`class_dropout` is a probability in \[0, 1\], got 1.5"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, message):
@@ -114,6 +116,23 @@ def test_class_labels_are_integer_ids_and_never_replaced_by_pixels():
     ]
 
 
+def test_class_dropout_is_seeded_per_example(digits, processor):
+    ids = processor(digits["train"]["image"], return_tensors="pt")["input_ids"]
+    rows = [{"input_ids": row, "label": label} for row, label in zip(ids, digits["train"]["label"])]
+    collator = ImageGPTDataCollator(class_conditional=True, seed=3)
+    batch = collator(rows)
+    assert torch.equal(batch["labels"], ids)  # the loss is over the pixels
+    classes, dropped = batch["class_labels"], batch["class_labels"] == -100
+    assert torch.equal(classes[~dropped], torch.tensor(digits["train"]["label"])[~dropped])
+    assert 0.07 < dropped.float().mean() < 0.13  # class_dropout=0.1 of 1,437
+    assert torch.equal(collator(rows[::-1])["class_labels"], classes.flip(0))  # whatever the batch
+    assert not torch.equal(ImageGPTDataCollator(class_conditional=True, seed=4)(rows)["class_labels"], classes)
+    collator.epoch = 1
+    assert not torch.equal(collator(rows)["class_labels"], classes)
+    none = ImageGPTDataCollator(class_conditional=True, class_dropout=0.0)(rows)["class_labels"]
+    assert (none >= 0).all()
+
+
 def test_bert_masks_follow_the_epoch_under_trainer(tmp_path):
     """Trainer never sets the collator's epoch; given the collator as a callback, each epoch draws new masks."""
     from transformers import Trainer, TrainingArguments
@@ -134,10 +153,10 @@ def test_bert_masks_follow_the_epoch_under_trainer(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["ar", "bert"])
+@pytest.mark.parametrize("objective", ["ar", "bert", "class_conditional"])
 def test_trainer_trains_with_the_collator_and_saves_a_loadable_model(objective, digits, processor, tmp_path):
     """transformers' Trainer with `data_collator=ImageGPTDataCollator`: the loss falls on the digits, and the saved
-    folder loads with the Auto classes."""
+    folder loads with the Auto classes (a class-conditional model: its class labels, some dropped, train it too)."""
     from transformers import (
         AutoImageProcessor,
         AutoModelForCausalLM,
@@ -149,11 +168,15 @@ def test_trainer_trains_with_the_collator_and_saves_a_loadable_model(objective, 
     from image_gpt_hf import ImageGPTForCausalImageModeling, ImageGPTForMaskedImageModeling
 
     torch.manual_seed(0)
-    config = ImageGPTConfig.from_preset("tiny", n_px=4, palette_size=16, n_layer=2, n_embd=32, n_head=2)
+    conditional = objective == "class_conditional"
+    classes = {"class_conditional": True, "id2label": dict(enumerate("0123456789"))} if conditional else {}
+    config = ImageGPTConfig.from_preset("tiny", n_px=4, palette_size=16, n_layer=2, n_embd=32, n_head=2, **classes)
+    objective = "ar" if conditional else objective
     config.objective, config.prepend_sos = objective, objective == "ar"
     model_class = ImageGPTForCausalImageModeling if objective == "ar" else ImageGPTForMaskedImageModeling
     model = model_class(config)
-    train = digits["train"].select(range(512)).with_transform(lambda batch: processor(batch["image"]))
+    train = digits["train"].select(range(512))
+    train = train.with_transform(lambda batch: {**processor(batch["image"]), "label": batch["label"]})
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"),
         per_device_train_batch_size=32,
@@ -166,7 +189,7 @@ def test_trainer_trains_with_the_collator_and_saves_a_loadable_model(objective, 
         remove_unused_columns=False,  # the transform reads the image column
         seed=0,
     )
-    collator = ImageGPTDataCollator(objective=objective, seed=0)
+    collator = ImageGPTDataCollator(objective=objective, seed=0, class_conditional=conditional)
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[collator])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -176,6 +199,7 @@ def test_trainer_trains_with_the_collator_and_saves_a_loadable_model(objective, 
     auto = AutoModelForCausalLM if objective == "ar" else AutoModelForMaskedImageModeling
     loaded = auto.from_pretrained(tmp_path / "model")
     assert isinstance(loaded, model_class) and loaded.config.objective == objective
+    assert loaded.config.class_conditional == conditional
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value.cpu()), key
     assert np.array_equal(AutoImageProcessor.from_pretrained(tmp_path / "model").clusters, processor.clusters)
