@@ -1,8 +1,9 @@
 """The whole method end to end, offline, on scikit-learn's bundled handwritten digits, in minutes on two CPU cores
 (6 min 22 s on an idle 2-vCPU machine): pretrain a tiny Image GPT on pixels, complete held-out digits from their top
 half (the grids also upscaled: nearest-neighbour by default, or any image super-resolution checkpoint given with
-`--upscale_model`), probe every layer linearly (pretrained vs random init vs raw pixels), and fine-tune it as a
-classifier.
+`--upscale_model`), probe every layer linearly (pretrained vs random init vs raw pixels), fine-tune it as a
+classifier, and pretrain a class-conditional model beside it: a grid with one row per digit, and how often the
+fine-tuned classifier recognises the requested digit in its samples at several classifier-free guidance scales.
 
     make demo                      # or: python examples/demo.py --output_dir demo_output
 
@@ -50,6 +51,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_images", type=int, default=8, help="Held-out digits to complete.")
     parser.add_argument("--num_completions", type=int, default=4, help="Completions per held-out digit.")
     parser.add_argument("--num_samples", type=int, default=16, help="Unconditional samples.")
+    parser.add_argument("--samples_per_class", type=int, default=20, help="Class-conditional samples per digit.")
+    parser.add_argument(
+        "--guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0], help="Guidance scales measured."
+    )
     parser.add_argument(
         "--upscale_model",
         type=str,
@@ -119,6 +124,44 @@ def run_stage(name: str, script: str, arguments: list[str], log_dir: str, num_pr
     return seconds
 
 
+@torch.no_grad()
+def recognise_classes(paths: dict, args: argparse.Namespace) -> list[tuple[str, str, float]]:
+    """How often the fine-tuned classifier recognises the requested digit in the class-conditional model's samples,
+    at each guidance scale, and in its unconditional samples (the same labels asked for, none given: chance). Writes
+    classes.png, one row per digit (at the best scale)."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from image_gpt_hf import ImageGPTForCausalImageModeling, ImageGPTImageProcessor
+    from image_gpt_hf.generation import sample
+
+    model = ImageGPTForCausalImageModeling.from_pretrained(paths["conditional"]).eval()
+    processor = ImageGPTImageProcessor.from_pretrained(paths["conditional"])
+    classifier = AutoModelForImageClassification.from_pretrained(paths["finetuned"]).eval()
+    classifier_processor = AutoImageProcessor.from_pretrained(paths["finetuned"])
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    requested = [name for name in names for _ in range(args.samples_per_class)]
+    rows, best = [], (-1.0, None)
+    for scale in [None, *args.guidance_scales]:
+        classes = {} if scale is None else {"class_labels": requested, "guidance_scale": scale}
+        images = sample(model, len(requested), processor=processor, seed=args.seed, progress=False, **classes)
+        logits = classifier(**classifier_processor(images, return_tensors="pt")).logits
+        found = [classifier.config.id2label[int(i)] for i in logits.argmax(-1)]
+        share = sum(a == b for a, b in zip(found, requested)) / len(requested)
+        rows.append(("unconditional", "-", share) if scale is None else ("class-conditional", f"{scale:g}", share))
+        if scale is not None and share > best[0]:
+            best = (share, images)
+    per_row = min(8, args.samples_per_class)
+    grid = [best[1][i * args.samples_per_class : i * args.samples_per_class + per_row] for i in range(len(names))]
+    side = max(1, math.ceil(128 / args.n_px)) * args.n_px // 2
+    canvas = PIL.Image.new("RGB", (per_row * (side + 2), len(names) * (side + 2)), "white")
+    for r, row in enumerate(grid):
+        for c, image in enumerate(row):
+            canvas.paste(image.resize((side, side), PIL.Image.NEAREST), (c * (side + 2), r * (side + 2)))
+    with atomic_file(os.path.join(paths["conditional"], "classes.png"), overwrite=True, arg="the grid") as tmp:
+        canvas.save(tmp, format="PNG")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     # An earlier run's artifacts stay unless --overwrite; a super-resolution checkpoint is an input, never written to.
@@ -129,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "samples": os.path.join(out, "samples"),
         "probe": os.path.join(out, "probe"),
         "finetuned": os.path.join(out, "finetuned"),
+        "conditional": os.path.join(out, "conditional"),
         "logs": os.path.join(out, "logs"),
     }
     os.makedirs(paths["logs"], exist_ok=True)
@@ -144,20 +188,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     times = {}
 
     warmup = max(1, args.pretrain_steps // 20)
-    times["pretrain"] = run_stage(
-        "1/4 Pretrain a tiny Image GPT on the digits' pixels (autoregressive objective)",
-        "pretrain.py",
+    pretraining = (
         f"--objective ar --model_size {args.model_size} --n_px {args.n_px} --max_train_steps {args.pretrain_steps} "
         f"--num_warmup_steps {warmup} --learning_rate 2e-3 --per_device_train_batch_size {batch} "
         f"--eval_steps {max(1, args.pretrain_steps // 4)} --logging_steps 50 "
         f"--checkpointing_steps {max(1, args.pretrain_steps // 2)} --checkpoints_total_limit 1".split()
         + overrides
-        + ["--output_dir", paths["pretrained"], *shared],
+    )
+    times["pretrain"] = run_stage(
+        "1/5 Pretrain a tiny Image GPT on the digits' pixels (autoregressive objective)",
+        "pretrain.py",
+        pretraining + ["--output_dir", paths["pretrained"], *shared],
         paths["logs"],
         args.num_processes,
     )
     times["sample"] = run_stage(
-        "2/4 Complete held-out digits from their top half, and sample new ones",
+        "2/5 Complete held-out digits from their top half, and sample new ones",
         "sample.py",
         f"--num_images {args.num_images} --num_completions {args.num_completions} --num_samples {args.num_samples}".split()
         + ["--upscale_model", args.upscale_model]
@@ -165,14 +211,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         paths["logs"],
     )
     times["linear_probe"] = run_stage(
-        "3/4 Linear probes on every layer: pretrained vs random init vs raw pixels",
+        "3/5 Linear probes on every layer: pretrained vs random init vs raw pixels",
         "linear_probe.py",
         ["--model_name_or_path", paths["pretrained"], "--output_dir", paths["probe"], *shared],
         paths["logs"],
         args.num_processes,
     )
     times["finetune"] = run_stage(
-        "4/4 Fine-tune as a classifier on the paper's joint loss (L_clf + L_gen)",
+        "4/5 Fine-tune as a classifier on the paper's joint loss (L_clf + L_gen)",
         "finetune.py",
         f"--gen_loss_weight 1.0 --max_train_steps {args.finetune_steps} "
         f"--num_warmup_steps {max(1, args.finetune_steps // 10)} --learning_rate 3e-3 --per_device_train_batch_size {batch} "
@@ -181,12 +227,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
         paths["logs"],
         args.num_processes,
     )
+    times["class_conditional"] = run_stage(
+        "5/5 Pretrain the same model class-conditionally (each digit's class token, dropped 10% of the time)",
+        "pretrain.py",
+        pretraining + ["--class_conditional", "--output_dir", paths["conditional"], *shared],
+        paths["logs"],
+        args.num_processes,
+    )
+    started = time.perf_counter()
+    recognition = recognise_classes(paths, args)
+    times["class_conditional"] += time.perf_counter() - started
     total = time.perf_counter() - start
 
     with open(os.path.join(paths["pretrained"], "all_results.json")) as f:
         pretrain_results = json.load(f)
     with open(os.path.join(paths["finetuned"], "all_results.json")) as f:
         finetune_results = json.load(f)
+    with open(os.path.join(paths["conditional"], "all_results.json")) as f:
+        conditional_results = json.load(f)
     with open(os.path.join(paths["probe"], "probe_results.md")) as f:
         probe_table = f.read().strip()
     artifacts = {
@@ -206,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "linear probe plot": os.path.join(paths["probe"], "probe_accuracy.png"),
         "linear probe results (JSON)": os.path.join(paths["probe"], "probe_results.json"),
         "fine-tuned classifier (AutoModelForImageClassification)": paths["finetuned"],
+        "class-conditional model": paths["conditional"],
+        "class-conditional samples (one row per digit)": os.path.join(paths["conditional"], "classes.png"),
         "logs of every stage": paths["logs"],
     }
     lines = [
@@ -219,6 +279,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         probe_table,
         "",
         f"Fine-tuning: test accuracy {finetune_results['eval_accuracy']:.4f} after {args.finetune_steps} steps.",
+        "",
+        f"Class-conditional pretraining (the same run, --class_conditional): held-out bits per pixel "
+        f"{conditional_results['eval_bpd']:.3f} without a class, {conditional_results['eval_bpd_conditional']:.3f} "
+        f"with it (the unconditional model: {pretrain_results['eval_bpd']:.3f}). Samples recognised as the requested "
+        f"digit by the fine-tuned classifier ({args.samples_per_class} per digit):",
+        "",
+        "| samples | guidance scale | recognised as requested |",
+        "|---|---|---|",
+        *(f"| {kind} | {scale} | {share:.1%} |" for kind, scale, share in recognition),
         "",
         "Artifacts:",
         *(f"- {name}: {path}" for name, path in artifacts.items()),

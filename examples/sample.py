@@ -290,10 +290,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "guidance_scale": args.guidance_scale,
         }
         if args.class_label is not None:  # a name of id2label, else an id
-            labels = [
-                name if name in config.label2id else int(name) if INTEGER.fullmatch(name) else name
-                for name in args.class_label
-            ]
+            names = set(config.id2label.values())
+            labels = [int(x) if x not in names and INTEGER.fullmatch(x) else x for x in args.class_label]
             options["class_labels"] = labels[0] if len(labels) == 1 else labels
         if args.num_images > 0:
             originals = processor.batch_decode(ids, output_type="np")

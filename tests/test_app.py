@@ -387,7 +387,7 @@ def gallery_images(page, url: str) -> list[np.ndarray]:
     ]
 
 
-def request_completion(page, url: str, digit: Path, rows: int, count: int, seed: int) -> None:
+def request_completion(page, url: str, digit: Path, rows: int, count: int, seed: int, class_name=None) -> None:
     page.goto(url)
     page.locator("input[type=file]").first.set_input_files(str(digit))
     page.get_by_text(digit.name).first.wait_for()
@@ -397,11 +397,14 @@ def request_completion(page, url: str, digit: Path, rows: int, count: int, seed:
         slider.press("ArrowRight" if rows > N_PX // 2 else "ArrowLeft")
     page.get_by_label("range slider for Completions").fill(str(count))
     page.get_by_label("Seed").filter(visible=True).fill(str(seed))
+    if class_name is not None:  # picked from the class selector's list, as a user picks it
+        page.get_by_label("Class").filter(visible=True).click()
+        page.get_by_role("option", name=class_name, exact=True).click()
     page.get_by_role("button", name="Complete", exact=True).click()
 
 
 @pytest.mark.slow
-def test_app_in_a_real_browser(server, loaded, digit, tmp_path):
+def test_app_in_a_real_browser(server, loaded, digit, tmp_path, conditional):
     sync_playwright = browser_or_skip()
     url, log_path = server
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -447,5 +450,9 @@ def test_app_in_a_real_browser(server, loaded, digit, tmp_path):
         assert all(
             np.array_equal(a, b) for a, b in zip(finished(other, 2), library(loaded, digit, 24, 2, 4), strict=True)
         )
+        # A class-conditional model: the class picked on the page gives the library's images for that class.
+        request_completion(page, conditional[0], digit, rows=24, count=2, seed=5, class_name="dog")
+        expected = library(conditional[2], digit, 24, 2, 5, class_labels="dog", guidance_scale=3.0)
+        assert all(np.array_equal(a, b) for a, b in zip(finished(page, 2), expected, strict=True))
         browser.close()
     print(f"browser test: {time.perf_counter() - start:.0f} s")

@@ -189,3 +189,22 @@ def test_existing_grids_are_kept_unless_overwrite_and_links_never_followed(tiny,
     run(*run_args, "--output_dir", samples, "--overwrite")
     with PIL.Image.open(samples / "samples.png") as image:
         assert image.size == (GAP + 64 + GAP, GAP + 64 + GAP)  # one 4x4 sample in a 64-pixel cell
+
+
+def test_class_labels_and_guidance_give_the_librarys_samples(tmp_path):
+    from image_gpt_hf.generation import sample
+
+    classes = {"class_conditional": True, "prepend_sos": True, "id2label": {0: "cat", 1: "dog"}}
+    path = save_tiny(tmp_path / "cc", **classes, initializer_range=0.5)
+    model = ImageGPTForCausalImageModeling.from_pretrained(path).eval()
+    processor = ImageGPTImageProcessor.from_pretrained(path)
+    for labels, expected in ((["dog"], "dog"), (["cat", "1", "1", "cat"], ["cat", 1, 1, "cat"])):
+        out = tmp_path / "-".join(labels)
+        flags = [item for label in labels for item in ("--class_label", label)]
+        run("--model_name_or_path", path, "--num_images", 0, "--num_samples", 4, "--magnification", 1,
+            "--guidance_scale", 2, *flags, "--output_dir", out)  # fmt: skip
+        library = sample(model, 4, processor=processor, seed=43, class_labels=expected, guidance_scale=2.0,
+                         output_type="np", progress=False)  # fmt: skip
+        assert all(np.array_equal(a, b) for a, b in zip(grid_cells(out / "samples.png", 4, 1, 4)[0], library))
+    with pytest.raises(ValueError, match="Unknown class 'fish'"):
+        run("--model_name_or_path", path, "--num_images", 0, "--class_label", "fish", "--output_dir", tmp_path / "f")
