@@ -1,13 +1,15 @@
 """Class-conditional sampling and classifier-free guidance through `sample` / `complete`, and a class-conditional
 checkpoint from pretrain.py."""
 
+import json
 import logging
 
+import numpy as np
 import pytest
 import torch
-from conftest import TINY_DIMS
+from conftest import TINY_DIMS, run_script, run_without_package
 
-from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling
+from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, load_digits
 from image_gpt_hf.generation import complete, sample
 
 PALETTE, N_PX = TINY_DIMS["vocab_size"] - 1, 4
@@ -110,3 +112,47 @@ def test_an_unconditional_model_takes_no_class_nor_guidance(kwargs):
     model = ImageGPTForCausalImageModeling(ImageGPTConfig(**TINY_DIMS)).eval()
     with pytest.raises(ValueError, match=f"{next(iter(kwargs))} need a class-conditional model"):
         sample(model, 1, output_type="ids", progress=False, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_pretrain_reloads_with_the_same_logits(tmp_path):
+    """pretrain.py --class_conditional on the digits for a few steps: id2label from the dataset's ClassLabel, bits per
+    pixel with and without the class; the folder loads through the Auto classes and as remote code alike."""
+    from transformers import AutoImageProcessor, AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run_script(
+        "pretrain.py",
+        "--class_conditional",
+        "--class_dropout",
+        "0.5",
+        "--max_train_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "16",
+        "--config_overrides",
+        "n_layer=2",
+        "--output_dir",
+        str(out),
+    )
+    results = json.loads((out / "all_results.json").read_text())
+    assert {"eval_bpd", "eval_bpd_conditional"} <= results.keys()
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.class_conditional and model.config.id2label == {i: str(i) for i in range(10)}
+    ids = AutoImageProcessor.from_pretrained(out)(load_digits()["test"][:2]["image"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids, class_labels=torch.tensor([7, -100])).logits
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    run_without_package(
+        """
+        import sys, numpy as np, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(torch.from_numpy(np.load("ids.npy")), class_labels=torch.tensor([7, -100])).logits
+        np.save("remote.npy", logits.numpy())
+        """,
+        str(out),
+        cwd=tmp_path,
+    )
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "remote.npy")), logits)
