@@ -55,8 +55,8 @@ class ImageGPTDataCollator(TrainerCallback):
             `class_labels` the classes, each dropped (-100: no class, SOS) with probability `class_dropout`, so that
             the model also learns the unconditional distribution classifier-free guidance subtracts.
         class_dropout: the probability of dropping an example's class (default 0.1), drawn as the BERT masks are.
-        seed: seeds the masks (and class dropout). Each example's mask is drawn from (seed, epoch, the example's ids), so it is the same
-            whatever the batch, the process, the DataLoader worker or the resumed run that draws it.
+        seed: seeds the masks and the class dropout. Each example's are drawn from (seed, epoch, the example's ids), so
+            they are the same whatever the batch, the process, the DataLoader worker or the resumed run that draws them.
         epoch: the epoch the masks are drawn for. A training loop sets it each epoch; under transformers' `Trainer`,
             pass the collator as a callback too (`callbacks=[collator]`): it then follows Trainer's epoch (with
             `dataloader_persistent_workers=False`, the default, so that workers see it).
@@ -120,9 +120,7 @@ class ImageGPTDataCollator(TrainerCallback):
         `epoch` (default: `self.epoch`) also numbers the views of an evaluation that averages several masks.
         """
         rows = torch.as_tensor(input_ids).detach().cpu()
-        return torch.stack(
-            [random_bert_mask(row.shape, self.mask_probability, self._generator(row, epoch)) for row in rows]
-        )
+        return torch.stack([random_bert_mask(r.shape, self.mask_probability, self._generator(r, epoch)) for r in rows])
 
     def _generator(self, row: torch.Tensor, epoch: int | None = None) -> torch.Generator:
         """A generator seeded by (seed, epoch, the example's ids) alone."""

@@ -294,7 +294,7 @@ def _generate(
     **generate_kwargs: Any,
 ) -> torch.LongTensor:
     """`fast_generate()` over `prompts` (N, 1 + primer) in batches, each to a whole image; the (N, n_px * n_px)
-    palette ids, SOS (or the class token) dropped. With guidance, the negative prompt is the same ids started with SOS."""
+    palette ids, the first id (SOS or a class) dropped. Guidance's negative prompt: the same ids started with SOS."""
     fixed = {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_return_sequences"}
     if fixed & set(generate_kwargs):  # the image size and `num_images` / `num_completions` set these
         raise ValueError(
