@@ -95,7 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_stage(name: str, script: str, arguments: list[str], log_dir: str, num_processes: int = 1) -> float:
+def run_stage(name: str, script: str, arguments: list[str], log_dir: str, num_processes: int = 1, log=None) -> float:
     """Runs one example script as a user would (`python examples/<script> ...`, or `accelerate launch` on several
     CPU processes); returns its wall time."""
     script_path = os.path.join(EXAMPLES, script)
@@ -108,7 +108,7 @@ def run_stage(name: str, script: str, arguments: list[str], log_dir: str, num_pr
         command, shown = [sys.executable, script_path, *arguments], ["python"]
     shown = " ".join([*shown, os.path.relpath(script_path), *arguments])
     print(f"\n=== {name} ===\n$ {shown}\n", flush=True)
-    log_path = os.path.join(log_dir, f"{os.path.splitext(script)[0]}.log")
+    log_path = os.path.join(log_dir, f"{log or os.path.splitext(script)[0]}.log")
     start = time.perf_counter()
     with open(log_path, "w") as log:
         # The script's own logs and progress bars go to the terminal and to the stage's log file.
@@ -233,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         pretraining + ["--class_conditional", "--output_dir", paths["conditional"], *shared],
         paths["logs"],
         args.num_processes,
+        log="pretrain_class_conditional",
     )
     started = time.perf_counter()
     recognition = recognise_classes(paths, args)
