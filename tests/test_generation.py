@@ -109,24 +109,18 @@ def test_generate_past_n_positions_is_a_clear_error(model):
 
 
 def test_cached_decode_steps_read_no_tensor_values():
-    """Input checks that read tensor values (a device sync per token on an accelerator) run on the prompt only: a
-    one-token step after a filled cache runs on the meta device, where reading any value raises."""
+    """Reading a tensor value is a device sync per token on an accelerator: a one-token step after a filled cache runs
+    on the meta device, where reading any value raises (as reading a prompt's ids under `prepend_sos` does)."""
     model = ImageGPTForCausalImageModeling(ImageGPTConfig(**DIMS)).eval().to("meta")
     head_dim = DIMS["n_embd"] // DIMS["n_head"]
-    cache = DynamicCache(config=model.config)
-    for layer in range(DIMS["n_layer"]):
-        cache.update(*(torch.empty(2, DIMS["n_head"], 5, head_dim, device="meta") for _ in range(2)), layer)
-    step = model(torch.zeros(2, 1, dtype=torch.long, device="meta"), cache=cache, use_cache=True)
-    assert step.logits.shape == (2, 1, PALETTE) and cache.get_seq_length() == 6
-    with pytest.raises(Exception, match="meta"):  # the prompt's ids are checked: that reads them
-        model(torch.zeros(2, 5, dtype=torch.long, device="meta"), use_cache=False)
-
-
-def test_decode_step_builds_no_pooler_output(model):
-    assert model.transformer(torch.full((1, 3), SOS)).pooler_output is None  # a prompt is not a whole image
-    image = torch.zeros(1, N_PX * N_PX, dtype=torch.long)
-    assert model.transformer(image).pooler_output.shape == (1, DIMS["n_embd"])
-    assert model.transformer(image, return_pooler_output=False).pooler_output is None
+    for prepend_sos in (False, True):  # a cached step is never shifted, so its ids are not read
+        cache = DynamicCache(config=model.config)
+        for layer in range(DIMS["n_layer"]):
+            cache.update(*(torch.empty(2, DIMS["n_head"], 5, head_dim, device="meta") for _ in range(2)), layer)
+        step = model(torch.zeros(2, 1, dtype=torch.long, device="meta"), cache=cache, prepend_sos=prepend_sos)
+        assert step.logits.shape == (2, 1, PALETTE) and cache.get_seq_length() == 6
+    with pytest.raises(RuntimeError, match="meta"):
+        model(torch.zeros(2, 5, dtype=torch.long, device="meta"), use_cache=False, prepend_sos=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- sample
