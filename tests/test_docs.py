@@ -8,7 +8,6 @@ repositories; they are checked for being exactly that.
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -391,17 +390,6 @@ def test_bert_models_are_tagged_as_masked_image_modeling(tmp_path):
     config = ImageGPTConfig(**DIMS, objective="bert")
     _, metadata, _ = read_card(write_model_card(tmp_path, config))
     assert "masked-image-modeling" in metadata["tags"] and "unconditional-image-generation" not in metadata["tags"]
-
-
-def test_card_replaces_an_existing_one_only_when_told_and_atomically(tmp_path):
-    (tmp_path / "README.md").write_text("old card")
-    config = ImageGPTConfig(**DIMS)
-    with pytest.raises(ValueError, match="overwrite"):
-        write_model_card(tmp_path, config)
-    assert (tmp_path / "README.md").read_text() == "old card"
-    write_model_card(tmp_path, config, overwrite=True)
-    assert (tmp_path / "README.md").read_text().startswith("---\n")
-    assert sorted(os.listdir(tmp_path)) == ["README.md"]  # no temporary file left behind
 
 
 def test_unknown_facts_are_refused(tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_DIMS, builtin
+from conftest import TINY_DIMS
 from transformers import DynamicCache, GenerationConfig
 
 from image_gpt_hf import (
@@ -88,15 +88,6 @@ def test_compiled_generate_equals_uncached_greedy_decoding(prompts, backend):
         prompts["primer"], max_new_tokens=steps, min_new_tokens=steps, do_sample=False, cache_implementation="static"
     )
     assert torch.equal(generated, expected)
-
-
-def test_generate_equals_transformers_imagegpt(model):
-    hf, hf_config = builtin("modeling_imagegpt"), builtin("configuration_imagegpt")
-    theirs = hf.ImageGPTForCausalImageModeling(hf_config.ImageGPTConfig(**DIMS)).eval()
-    theirs.load_state_dict(model.state_dict())
-    reference = greedy(theirs)
-    assert reference.shape == (2, 1 + N_PX * N_PX)
-    assert torch.equal(greedy(model), reference)
 
 
 def test_generate_past_n_positions_is_a_clear_error(model):
