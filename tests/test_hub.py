@@ -309,10 +309,12 @@ def test_push_to_hub_uploads_weights_config_code_and_card(fake_upload, checkpoin
     assert "README.md" in model_files
     config = json.loads(model_files["config.json"])
     assert config["model_type"] == "imagegpt"
-    heads = ("Model", "ForCausalLM", "ForMaskedImageModeling", "ForImageClassification")
-    classes = ("Model", "ForCausalImageModeling", "ForMaskedImageModeling", "ForImageClassification")
-    assert config["auto_map"] == {"AutoConfig": "configuration_imagegpt.ImageGPTConfig"} | {
-        f"Auto{head}": f"modeling_imagegpt.ImageGPT{cls}" for head, cls in zip(heads, classes)
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_imagegpt.ImageGPTConfig",
+        "AutoModel": "modeling_imagegpt.ImageGPTModel",
+        "AutoModelForCausalLM": "modeling_imagegpt.ImageGPTForCausalImageModeling",
+        "AutoModelForMaskedImageModeling": "modeling_imagegpt.ImageGPTForMaskedImageModeling",
+        "AutoModelForImageClassification": "modeling_imagegpt.ImageGPTForImageClassification",
     }
 
     assert {"preprocessor_config.json", "image_processing_imagegpt.py"} <= set(processor_files)
