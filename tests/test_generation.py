@@ -202,19 +202,16 @@ def test_processor_with_another_palette_size_is_refused(model):
         complete(model, torch.zeros(1, 64, dtype=torch.long), processor=other, progress=False)
 
 
+IMAGE = torch.zeros(1, N_PX * N_PX, dtype=torch.long)  # the ids of one image
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
+        (lambda m, p: complete(m, IMAGE, primer_rows=N_PX, output_type="ids"), r"primer_rows.*\[0, 8\)"),
+        (lambda m, p: complete(m, IMAGE, primer_rows=-1, output_type="ids"), "primer_rows"),
         (
-            lambda m, p: complete(m, torch.zeros(1, 64, dtype=torch.long), primer_rows=N_PX, output_type="ids"),
-            r"primer_rows.*\[0, 8\)",
-        ),
-        (
-            lambda m, p: complete(m, torch.zeros(1, 64, dtype=torch.long), primer_rows=-1, output_type="ids"),
-            "primer_rows",
-        ),
-        (
-            lambda m, p: complete(m, torch.zeros(1, 63, dtype=torch.long), output_type="ids"),
+            lambda m, p: complete(m, IMAGE[:, 1:], output_type="ids"),
             r"shape \(batch,\) \(64,\) or \(8, 8\), got \(1, 63\)",
         ),
         (lambda m, p: complete(m, torch.full((1, 64), SOS), output_type="ids"), "drop the SOS"),
