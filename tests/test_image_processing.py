@@ -441,28 +441,6 @@ def test_folders_load_both_ways_with_transformers_and_give_the_same_ids(tmp_path
     )
 
 
-@pytest.mark.parametrize("size, with_type", [({"height": N_PX, "width": N_PX}, True), (N_PX, False)])
-def test_openai_preprocessor_config_loads_unchanged(tmp_path, small_images, random_palette, size, with_type):
-    # Written like openai/imagegpt-small's preprocessor_config.json; older ones have the int form of `size` and only
-    # the feature extractor's type.
-    config = {
-        "clusters": random_palette.tolist(),
-        "do_normalize": True,
-        "do_resize": True,
-        "feature_extractor_type": "ImageGPTFeatureExtractor",
-        "resample": 2,
-        "size": size,
-    }
-    if with_type:
-        config["image_processor_type"] = "ImageGPTImageProcessor"
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
-    expected = ids(reference_class().from_pretrained(tmp_path), small_images)
-    for loaded in (AutoImageProcessor.from_pretrained(tmp_path), ImageGPTImageProcessor.from_pretrained(tmp_path)):
-        assert isinstance(loaded, ImageGPTImageProcessor)
-        assert (loaded.size.height, loaded.size.width) == (N_PX, N_PX)
-        np.testing.assert_array_equal(ids(loaded, small_images), expected)
-
-
 def test_loading_a_saved_checkpoint_never_asks_to_run_its_code(tmp_path, monkeypatch):
     # transformers asks on stdin (15 s, then gives up) before it runs a folder's code it was not told to trust.
     prompts = []
