@@ -71,21 +71,13 @@ def load_hub_state_dict(src: Path) -> dict[str, torch.Tensor]:
     if name is None:
         raise ConversionError(f"{src} has no weights: expected one of {', '.join(_WEIGHT_FILES)}.")
     try:
+        files = [name]
         if name.endswith(".index.json"):
-            shards = sorted(set(json.loads((src / name).read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (src / s).is_file()]
-            if missing:
-                raise ConversionError(
-                    f"{src} is incomplete: the shards {', '.join(missing)} named in {name} are missing."
-                )
-            state_dict = {}
-            for shard in shards:
-                state_dict.update(_load_weight_file(src / shard))
-        else:
-            state_dict = _load_weight_file(src / name)
-    except ConversionError:
-        raise
-    except Exception as err:  # a truncated or corrupt file: torch and safetensors raise many kinds of errors
+            files = sorted(set(json.loads((src / name).read_text())["weight_map"].values()))
+        state_dict = {}
+        for file in files:
+            state_dict.update(_load_weight_file(src / file))
+    except Exception as err:  # a missing shard, a truncated or corrupt file: torch and safetensors raise many kinds
         raise ConversionError(f"Cannot read the weights in {src}/{name}: {err}") from None
     return {k: v for k, v in state_dict.items() if not _OLD_BUFFERS.fullmatch(k)}
 
@@ -95,16 +87,12 @@ def load_hub_palette(src: Path, palette_size: int) -> np.ndarray:
     path = src / "preprocessor_config.json"
     if not path.is_file():
         raise ConversionError(f"{src} has no preprocessor_config.json, so no palette (`clusters`).")
-    try:
-        clusters = json.loads(path.read_text()).get("clusters")
-    except (ValueError, AttributeError) as err:  # not JSON, or not a JSON object
-        raise ConversionError(f"Cannot read {path}: {err}") from None
-    if clusters is None:
-        raise ConversionError(f"{path} has no `clusters` (the palette).")
-    try:
-        clusters = np.asarray(clusters, dtype=np.float64)
-    except (TypeError, ValueError) as err:  # ragged rows, strings, ...
-        raise ConversionError(f"The palette (`clusters`) in {path} is not an array of numbers: {err}") from None
+    try:  # not JSON, not a JSON object, no `clusters`, ragged rows or strings, ...
+        clusters = np.asarray(json.loads(path.read_text())["clusters"], dtype=np.float64)
+    except (ValueError, AttributeError, TypeError, KeyError) as err:
+        raise ConversionError(
+            f"Cannot read the palette (`clusters`, an array of numbers) in {path}: {err!r}"
+        ) from None
     return check_palette(clusters, f"The palette (`clusters`) in {path}", palette_size)
 
 

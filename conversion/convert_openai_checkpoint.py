@@ -61,19 +61,17 @@ def load_palette(path: str | os.PathLike, palette_size: int) -> np.ndarray:
     """
     try:
         loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                if len(loaded.files) != 1:
-                    raise ConversionError(
-                        f"The palette {path} is an .npz archive of {len(loaded.files)} arrays "
-                        f"({', '.join(loaded.files) or 'none'}); expected one, the ({palette_size}, 3) colors. Save "
-                        "that array alone with numpy.save, as OpenAI's kmeans_centers.npy."
-                    )
-                loaded = loaded[loaded.files[0]]
     except (OSError, ValueError, EOFError) as err:
-        if isinstance(err, ConversionError):
-            raise
         raise ConversionError(f"Cannot read the palette {path}: {err}") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            if len(loaded.files) != 1:
+                raise ConversionError(
+                    f"The palette {path} is an .npz archive of {len(loaded.files)} arrays "
+                    f"({', '.join(loaded.files) or 'none'}); expected one, the ({palette_size}, 3) colors. Save "
+                    "that array alone with numpy.save, as OpenAI's kmeans_centers.npy."
+                )
+            loaded = loaded[loaded.files[0]]
     return check_palette(loaded, f"The palette {path}", palette_size)
 
 

@@ -131,17 +131,8 @@ def test_saved_palette_loads_as_a_processor(tmp_path, digits):
 
 def test_cli_on_the_bundled_digits(tmp_path, capsys, digits):
     main(
-        [
-            "--sklearn_digits",
-            "--num_colors",
-            "16",
-            "--n_px",
-            "16",
-            "--max_pixels",
-            "50000",
-            "--output_dir",
-            str(tmp_path),
-        ]
+        ["--sklearn_digits", "--num_colors", "16", "--n_px", "16", "--max_pixels", "50000"]
+        + ["--output_dir", str(tmp_path)]
     )
     printed = capsys.readouterr().out
     palette = np.load(tmp_path / PALETTE_FILE)
