@@ -9,6 +9,7 @@ both give the same outputs (largest absolute difference over both outputs) and p
 
     python benchmarks/bench_onnx.py
     python benchmarks/bench_onnx.py --threads 1 2 --update_results benchmarks/RESULTS.md   # replaces its own section
+    python benchmarks/bench_onnx.py --presets tiny --repeats 1                               # a quick check
 
 Needs the `onnx` extra (onnx, onnxscript, onnxruntime).
 """
@@ -100,13 +101,17 @@ def run_case(preset: str, n_px: int, batch_size: int, repeats: int, folder: Path
 def markdown(rows: list[dict]) -> str:
     header = ["model", "tokens", "batch", "threads", "PyTorch (images/s)", "onnxruntime (images/s)"]
     header += ["onnxruntime / PyTorch", "max abs diff", "export (s)", "model.onnx (MiB)", "load"]
-    cells = ["model", "tokens", "batch", "threads", "torch_images_per_s", "onnx_images_per_s", "ratio", "max_abs_diff"]
-    formats = ["", "", "", "", ".2f", ".2f", ".2f", ".1e"]
     return table(
         header,
         [
-            [format(r[c], f) for c, f in zip(cells, formats)]
-            + [f"{r['export_s']:.0f}", f"{r['model_mb']:.1f}", load(r["load"])]
+            [r["model"], r["tokens"], r["batch"], r["threads"], f"{r['torch_images_per_s']:.2f}"]
+            + [
+                f"{r['onnx_images_per_s']:.2f}",
+                f"{r['ratio']:.2f}x",
+                f"{r['max_abs_diff']:.1e}",
+                f"{r['export_s']:.0f}",
+            ]
+            + [f"{r['model_mb']:.1f}", load(r["load"])]
             for r in rows
         ],
     )
@@ -117,13 +122,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="Timed calls per runtime (the median is reported).")
     threads_help = "Thread counts to run with, torch's and onnxruntime's intra-op threads alike (default: torch's)."
     parser.add_argument("--threads", type=int, nargs="+", help=threads_help)
+    presets = [case[0] for case in CASES]
+    parser.add_argument("--presets", nargs="+", default=presets, choices=presets, help="The cases to run.")
     parser.add_argument("--update_results", type=Path, default=None, help="Write the table into this RESULTS.md.")
     args = parser.parse_args()
     threads = args.threads or [torch.get_num_threads()]
     load_at_start = os.getloadavg()[0]
     started = time.strftime("%Y-%m-%d %H:%M")
     with tempfile.TemporaryDirectory() as folder:
-        rows = [row for case in CASES for row in run_case(*case, args.repeats, Path(folder), threads)]
+        rows = [
+            row
+            for case in CASES
+            if case[0] in args.presets
+            for row in run_case(*case, args.repeats, Path(folder), threads)
+        ]
     command = " ".join(["python benchmarks/bench_onnx.py", *sys.argv[1:]])
     versions = (f"{module.__name__} {module.__version__}" for module in (onnxruntime, onnx, onnxscript))
     text = "\n\n".join(
