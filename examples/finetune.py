@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -42,25 +43,13 @@ from image_gpt_hf import (
 )
 from image_gpt_hf.data import random_resized_crop
 from image_gpt_hf.model_card import write_model_card
-from image_gpt_hf.safe_io import staged_dir
-from training_run import (
-    DIGITS,
-    LOCK,
-    RUN_FLAGS,
-    Run,
-    begin,
-    check_finite,
-    contract_of,
-    find_checkpoint,
-    load_checkpoint,
-    load_data,
-    make_accelerator,
-    save_checkpoint,
-    training_parser,
-)
+from image_gpt_hf.safe_io import check_output_path, staged_dir
+from image_gpt_hf.training import DIGITS, TrainingRun, decode_images, load_image_dataset
+from training_run import RUN_FLAGS, check_finite, make_accelerator, training_parser
 
 logger = get_logger(__name__)
 TRACKER_DIR = "image_gpt_finetune"
+KEEP = ["checkpoints", TRACKER_DIR, ".lock"]  # this run's own entries in --output_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -147,7 +136,8 @@ def main(argv=None) -> dict[str, float]:
     # The output folder (refused before any work when it holds anything but this run's own entries) and the checkpoint.
     inputs = [args.model_name_or_path, args.processor_name_or_path, args.train_dir, args.validation_dir]
     inputs += [args.dataset_name]
-    checkpoint = find_checkpoint(args, inputs, keep=["checkpoints", TRACKER_DIR, LOCK])
+    checkpoint = TrainingRun.find_checkpoint(args.resume_from_checkpoint, args.output_dir, inputs)
+    check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite, keep=KEEP if checkpoint else [".lock"])
 
     # The pretrained model's config and processor (its palette defines the model's token ids).
     config, processor = load_config_and_processor(args.model_name_or_path, args.processor_name_or_path)
@@ -176,7 +166,13 @@ def main(argv=None) -> dict[str, float]:
         lora = lora_config(classifier, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
 
     # Data: "train" and "validation" splits, the image column and the labels.
-    dataset, eval_split, image_column, decode = load_data(args, accelerator)
+    with accelerator.main_process_first():
+        names = inspect.signature(load_image_dataset).parameters  # the data flags, by name
+        dataset, eval_split, image_column = load_image_dataset(**{k: v for k, v in vars(args).items() if k in names})
+
+    def decode(batch: dict) -> list[PIL.Image.Image]:
+        return decode_images(batch[image_column])
+
     features = dataset["train"].features
     if args.label_column_name not in (None, *features):
         raise ValueError(
@@ -232,16 +228,16 @@ def main(argv=None) -> dict[str, float]:
     # The run contract (a resume must match it; a LoRA run's base weights too), carried by every checkpoint with the
     # position; one writer per output folder.
     flags = RUN_FLAGS + ["num_labels_per_class", "mask_prob", "lora_r", "lora_alpha", "lora_dropout"]
-    flags += ["lora_target_modules"]
-    columns = {"image_column": image_column, "label_column": label_column}
-    if args.lora_r is not None and (checkpoint or args.checkpointing_steps):  # the base: the adapter's other half
+    flags = {f"--{name}": getattr(args, name) for name in flags + ["lora_target_modules"]}
+    flags |= {"image_column": image_column, "label_column": label_column}
+    fingerprint = bool(checkpoint or args.checkpointing_steps)
+    if args.lora_r is not None and fingerprint:  # the base: the adapter's other half
         files = sorted(p for p in Path(args.model_name_or_path).glob("*") if p.suffix in (".safetensors", ".bin"))
         digests = [hashlib.file_digest(open(p, "rb"), "sha256").hexdigest() for p in files]  # noqa: SIM115
-        columns["base weights (fingerprint)"] = hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
+        flags["base weights (fingerprint)"] = hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
     data = (dataset["train"], [image_column, label_column])
-    contract = contract_of("finetune.py", accelerator, config, processor, args, flags, data, **columns)
-    run = Run(contract=contract, palette=None, completed_steps=0, epoch=0, seen=0)
-    _lock = begin(accelerator, args, checkpoint, run, TRACKER_DIR)  # held while main() runs
+    run = TrainingRun(accelerator, "finetune.py", config, processor, flags, data, fingerprint, palette=None)
+    _lock = run.start(args.output_dir, checkpoint, args.overwrite, clear=(TRACKER_DIR,))  # held while main() runs
 
     # The model: the pretrained weights and a new classification layer; with --lora_r, LoRA on the decoder's
     # projections (image_gpt_hf.lora), the new classifier trained in full.
@@ -329,7 +325,7 @@ def main(argv=None) -> dict[str, float]:
     logger.info(f"***** Running training: {len(train_dataset)} examples, {num_train_epochs} epochs")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
-    load_checkpoint(accelerator, checkpoint, run, len(train_dataloader))
+    run.resume(checkpoint, len(train_dataloader))
     completed_steps, starting_epoch = run["completed_steps"], run["epoch"]
     progress_bar = tqdm(
         total=max_train_steps, initial=completed_steps, desc="train", disable=not accelerator.is_local_main_process
@@ -373,7 +369,7 @@ def main(argv=None) -> dict[str, float]:
                 if every == "epoch"
                 else (every is not None and completed_steps % int(every) == 0)
             ):
-                save_checkpoint(accelerator, args, run, completed_steps=completed_steps, epoch=epoch, seen=seen)
+                run.save(completed_steps=completed_steps, epoch=epoch, seen=seen)
             if (completed_steps % args.eval_steps == 0 or done) if args.eval_steps else (end_of_epoch or done):
                 logs |= (metrics := evaluate(accelerator, model, eval_dataloader, masker, args.num_eval_masks))
             if logs:
@@ -415,8 +411,7 @@ def main(argv=None) -> dict[str, float]:
     state_dict = accelerator.get_state_dict(model)  # every process: gathers sharded (FSDP) weights
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        keep = ["checkpoints", TRACKER_DIR, LOCK]
-        with staged_dir(args.output_dir, overwrite=args.overwrite, keep=keep, inputs=inputs) as tmp:
+        with staged_dir(args.output_dir, overwrite=args.overwrite, keep=KEEP, inputs=inputs) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)  # LoRA: adapter_config.json, adapter_model.*
             processor.save_pretrained(tmp)
             if args.lora_r is None:

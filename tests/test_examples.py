@@ -28,8 +28,6 @@ from safetensors.torch import load_file, save_file
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor, load_digits
 
-sys.path.insert(0, str(EXAMPLES))  # the scripts import examples/training_run.py, as `python examples/<script>.py` does
-
 # A 2-layer, 32-wide model on 4x4 digits: a script run takes seconds.
 TINY_MODEL = ["--n_px", "4", "--config_overrides", "n_layer=2,n_embd=32,n_head=2"]
 SMALL_DATA = ["--max_train_samples", "64", "--max_eval_samples", "32", "--per_device_eval_batch_size", "32"]

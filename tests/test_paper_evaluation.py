@@ -32,7 +32,6 @@ from image_gpt_hf import (
     load_digits,
 )
 
-sys.path.insert(0, str(EXAMPLES))  # linear_probe.py imports feature_store.py beside it (run_in_process: not on the path)
 SMALL = ["--max_train_samples", "80", "--max_eval_samples", "30", "--per_device_eval_batch_size", "16"]
 
 
