@@ -20,7 +20,6 @@ import inspect
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import datasets
@@ -44,7 +43,14 @@ from image_gpt_hf import (
 from image_gpt_hf.data import random_resized_crop
 from image_gpt_hf.model_card import write_model_card
 from image_gpt_hf.safe_io import check_output_path, staged_dir
-from image_gpt_hf.training import DIGITS, TrainingRun, decode_images, load_image_dataset
+from image_gpt_hf.training import (
+    DIGITS,
+    TrainingRun,
+    class_balanced_subset,
+    class_labels,
+    decode_images,
+    load_image_dataset,
+)
 from training_run import RUN_FLAGS, check_finite, make_accelerator, training_parser
 
 logger = get_logger(__name__)
@@ -173,49 +179,13 @@ def main(argv=None) -> dict[str, float]:
     def decode(batch: dict) -> list[PIL.Image.Image]:
         return decode_images(batch[image_column])
 
-    features = dataset["train"].features
-    if args.label_column_name not in (None, *features):
-        raise ValueError(
-            f"--label_column_name {args.label_column_name!r} is not a column; the columns: {list(features)}."
-        )
-    labelled = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)] + ["label", "labels"]
-    label_column = args.label_column_name or next((n for n in labelled if n in features), None)
-    if label_column is None:  # (as for an imagefolder of a single class subfolder)
-        raise ValueError(
-            f"This script needs class labels, but the dataset has no label column (columns: {list(features)}). Pass "
-            "--label_column_name, or give --train_dir an imagefolder with one subfolder per class (two at least)."
-        )
-    feature = features[label_column]
-    if not isinstance(feature, datasets.ClassLabel) and not (
-        isinstance(feature, datasets.Value) and re.fullmatch(r"u?int\d+|bool|(large_)?string", feature.dtype)
-    ):
-        raise ValueError(
-            f"--label_column_name {label_column!r} holds {type(feature).__name__} values, not class labels; pass a "
-            f"column of class labels (ClassLabel, integers or strings) among {list(features)}."
-        )
-    if isinstance(feature, datasets.ClassLabel):
-        labels, label_ids = list(feature.names), None
-    else:  # raw values -> class ids
-        values = sorted(set(dataset["train"][label_column]) | set(dataset["validation"][label_column]))
-        labels, label_ids = [str(v) for v in values], {v: i for i, v in enumerate(values)}
-    if len(set(dataset["train"][label_column])) < 2:
-        raise ValueError("The training data hold one class: a classifier needs at least two (--label_column_name).")
-
-    # The paper's low-data subsets: N images of every class, the first N of one permutation drawn by --seed, so that
-    # the subsets of one seed are nested (the 4 per class are among the 25).
-    if args.num_labels_per_class is not None:
+    label_column, labels, label_ids = class_labels(dataset, args.label_column_name)
+    if args.num_labels_per_class is not None:  # the paper's low-data subsets: N seeded images of every class
         raw = dataset["train"][label_column]
         ids = np.asarray([label_ids[x] for x in raw] if label_ids else raw, dtype=np.int64)
-        order = np.random.default_rng(args.seed).permutation(len(ids))
-        chosen = []
-        for class_id, name in enumerate(labels):
-            if len(members := order[ids[order] == class_id]) < args.num_labels_per_class:
-                raise ValueError(
-                    f"--num_labels_per_class {args.num_labels_per_class}: the class {name!r} has only {len(members)} "
-                    "training images. Pass a smaller --num_labels_per_class."
-                )
-            chosen.append(members[: args.num_labels_per_class])
-        dataset["train"] = dataset["train"].select(np.sort(np.concatenate(chosen)))
+        dataset["train"] = dataset["train"].select(
+            class_balanced_subset(ids, labels, args.num_labels_per_class, args.seed)
+        )
         logger.info(f"Training on {args.num_labels_per_class} labelled images per class (seed {args.seed})")
 
     # The classifier's config: the pretrained decoder (+ its LM head for the generative loss) and a new linear layer.

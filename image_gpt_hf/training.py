@@ -1,6 +1,7 @@
-"""What training scripts built on Accelerate reuse: `load_image_dataset` (an image dataset with a held-out split) and
-`TrainingRun` (the resumable state of a run: its position and the contract a resume must match, in accelerate's own
-numbered checkpoints)."""
+"""What training and evaluation scripts built on Accelerate reuse (needs the `examples` extra: accelerate, datasets):
+`load_image_dataset` (an image dataset with a held-out split), `class_labels` and `class_balanced_subset` (the paper's
+low-data subsets), and `TrainingRun` (the resumable state of a run: its position and the contract a resume must
+match, in accelerate's own numbered checkpoints)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import datasets
+import numpy as np
 import PIL.Image
 import torch
 from accelerate.utils import broadcast_object_list
@@ -239,3 +241,47 @@ class TrainingRun(dict):
                 f"({err}). Free some space or choose another --output_dir, and resume with --resume_from_checkpoint "
                 "latest."
             ) from err
+
+
+def class_labels(dataset: datasets.DatasetDict, label_column_name: str | None = None) -> tuple[str, list, dict | None]:
+    """The label column of `dataset` (default: the first `ClassLabel`, else "label" or "labels"), its class names, and
+    the map from raw values (integers or strings) to class ids (None for a `ClassLabel`, whose values are the ids)."""
+    features = dataset["train"].features
+    if label_column_name not in (None, *features):
+        raise ValueError(f"--label_column_name {label_column_name!r} is not a column; the columns: {list(features)}.")
+    labelled = [name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)]
+    if (
+        column := label_column_name or next((n for n in [*labelled, "label", "labels"] if n in features), None)
+    ) is None:
+        raise ValueError(  # (as for an imagefolder of a single class subfolder)
+            f"This script needs class labels, but the dataset has no label column (columns: {list(features)}). Pass "
+            "--label_column_name, or give --train_dir an imagefolder with one subfolder per class (two at least)."
+        )
+    if isinstance(feature := features[column], datasets.ClassLabel):
+        names, ids = list(feature.names), None
+    elif isinstance(feature, datasets.Value) and re.fullmatch(r"u?int\d+|bool|(large_)?string", feature.dtype):
+        values = sorted(set().union(*(split[column] for split in dataset.values())))
+        names, ids = [str(value) for value in values], {value: index for index, value in enumerate(values)}
+    else:
+        raise ValueError(
+            f"--label_column_name {column!r} holds {type(feature).__name__} values, not class labels; pass a column of "
+            f"class labels (ClassLabel, integers or strings) among {list(features)}."
+        )
+    if len(set(dataset["train"][column])) < 2:
+        raise ValueError("The training data hold one class: a classifier needs at least two (--label_column_name).")
+    return column, names, ids
+
+
+def class_balanced_subset(labels: np.ndarray, names: list[str], n: int, seed: int) -> np.ndarray:
+    """The rows of n examples of every class (class ids `labels`, class `names`), in the split's order: the first n
+    of each class in one permutation drawn by `seed`, so that the subsets of one seed are nested (4 per class are
+    among the 25), as in the paper's low-data evaluation."""
+    order, chosen = np.random.default_rng(seed).permutation(len(labels)), []
+    for class_id, name in enumerate(names):
+        if len(members := order[labels[order] == class_id]) < n:
+            raise ValueError(
+                f"--num_labels_per_class {n}: the class {name!r} has only {len(members)} training images. Pass a "
+                "smaller --num_labels_per_class."
+            )
+        chosen.append(members[:n])
+    return np.sort(np.concatenate(chosen))
