@@ -8,8 +8,9 @@ OpenAI's `[SOS, x_1, ..., x_{n-1}]`; BERT models draw the paper's 15% masks for 
 paper's evaluation protocol: `--num_labels_per_class N` trains on a seeded, class-balanced subset of the labels, and
 BERT models can be evaluated under `--num_eval_masks K` masks of `--eval_mask_prob`, their class probabilities
 averaged. The output folder loads with `AutoModelForImageClassification` (a LoRA run's with peft's `PeftModel` on the
-base model; `--merge_lora` also writes the merged model to `merged/`). Checkpoints (accelerate's `save_state`), resume
-and the run contract are in training_run.py, which pretrain.py shares: to train on your own data, copy both files.
+base model; `--merge_lora` also writes the merged model to `merged/`). Checkpoints are accelerate's (`save_state`), with
+the run's position and contract (`image_gpt_hf.training.TrainingRun`); the flags and the Accelerator are in
+training_run.py, which pretrain.py shares: to train on your own data, copy both files.
 """
 
 from __future__ import annotations
@@ -287,8 +288,9 @@ def main(argv=None) -> dict[str, float]:
     lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer, **steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if args.with_tracking:
-        hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers(TRACKER_DIR, hyperparameters)
+        accelerator.init_trackers(
+            TRACKER_DIR, {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        )
 
     # Training, from the checkpoint when resuming: the batches of its epoch that it has seen are skipped unloaded.
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -334,11 +336,7 @@ def main(argv=None) -> dict[str, float]:
                 running, right = [], []
                 progress_bar.set_postfix(train_loss=f"{logs['train_loss']:.4f}")
             every = args.checkpointing_steps
-            if (
-                (end_of_epoch or done)
-                if every == "epoch"
-                else (every is not None and completed_steps % int(every) == 0)
-            ):
+            if (end_of_epoch or done) if every == "epoch" else every and completed_steps % int(every) == 0:
                 run.save(completed_steps=completed_steps, epoch=epoch, seen=seen)
             if (completed_steps % args.eval_steps == 0 or done) if args.eval_steps else (end_of_epoch or done):
                 logs |= (metrics := evaluate(accelerator, model, eval_dataloader, masker, args.num_eval_masks))

@@ -7,8 +7,9 @@ Images become palette ids in the datasets' transforms (random crops for training
 the training images unless one is given. Batches come from the library's `ImageGPTDataCollator`. Evaluation reports
 the loss in bits per dimension (one dimension = one pixel = one palette id). The output folder loads with
 `AutoModelForCausalLM` (AR, which then samples from SOS with a plain `generate()`) / `AutoModelForMaskedImageModeling`
-(BERT) / `AutoModel`, and its processor with `AutoImageProcessor`. Checkpoints (accelerate's `save_state`), resume and
-the run contract are in training_run.py, which finetune.py shares: to train on your own data, copy both files.
+(BERT) / `AutoModel`, and its processor with `AutoImageProcessor`. Checkpoints are accelerate's (`save_state`), with
+the run's position and contract (`image_gpt_hf.training.TrainingRun`); the flags and the Accelerator are in
+training_run.py, which finetune.py shares: to train on your own data, copy both files.
 """
 
 from __future__ import annotations
@@ -61,13 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--config_overrides", default=None, help="The new model's config fields, e.g. 'n_layer=4,n_embd=64'.")
     add("--model_name_or_path", default=None, help="Continue pretraining this checkpoint.")
     add("--mask_prob", type=float, default=None, help="BERT: the probability that a pixel is masked (0.15).")
-    add(
-        "--n_px",
-        type=int,
-        default=None,
-        help="A new model's: 32, or 8 on the digits (default); with "
-        "--config_name / --model_name_or_path, that config's (the default; any other is refused).",
-    )
+    add("--n_px", type=int, help="A new model's side: 32, or 8 on the digits (default); else the config's.")
     add("--processor_name_or_path", default=None, help="A processor with a palette ('clusters').")
     add("--palette_size", type=int, default=None)
     add("--palette_max_pixels", type=int, default=1_000_000, help="Pixels sampled for the palette's k-means.")
@@ -275,8 +270,9 @@ def main(argv=None) -> dict[str, float]:
     lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer, **steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if args.with_tracking:
-        hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers(TRACKER_DIR, hyperparameters)
+        accelerator.init_trackers(
+            TRACKER_DIR, {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        )
 
     # Training, from the checkpoint when resuming: the batches of its epoch that it has seen are skipped unloaded.
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -321,11 +317,7 @@ def main(argv=None) -> dict[str, float]:
                 running = []
                 progress_bar.set_postfix(train_loss=f"{logs['train_loss']:.4f}")
             every = args.checkpointing_steps
-            if (
-                (end_of_epoch or done)
-                if every == "epoch"
-                else (every is not None and completed_steps % int(every) == 0)
-            ):
+            if (end_of_epoch or done) if every == "epoch" else every and completed_steps % int(every) == 0:
                 run.save(completed_steps=completed_steps, epoch=epoch, seen=seen)
             if (completed_steps % args.eval_steps == 0 or done) if args.eval_steps else (end_of_epoch or done):
                 logs |= (metrics := evaluate(accelerator, model, eval_dataloader))
