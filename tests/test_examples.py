@@ -348,7 +348,7 @@ def test_existing_output_is_kept_unless_overwrite(tiny_checkpoint, tmp_path):
     # --overwrite.
     (tmp_path / "run" / "checkpoints" / "checkpoint_3").mkdir(parents=True)
     message = refusal("pretrain.py", *TINY_MODEL, "--output_dir", str(tmp_path / "run"))
-    assert "holds checkpoints). Choose another folder, or pass --overwrite" in message
+    assert "holds checkpoints). Choose another path, or pass --overwrite" in message
 
 
 def test_demo_argument_errors(tmp_path):
