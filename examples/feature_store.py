@@ -48,6 +48,7 @@ logger = get_logger(__name__)
 SETTINGS_FILE = "features.json"
 PROGRESS_FILE = "progress.json"
 SHARD = re.compile(r"shard-(\d+)-of-(\d+)")
+Compute = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # a batch -> {feature name: (B, width)}
 
 
 def digest(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
@@ -238,18 +239,9 @@ class ShardWriter:
 
 @torch.no_grad()
 def features_to_disk(
-    accelerator: Accelerator,
-    store: FeatureStore,
-    name: str,
-    part: str,
-    dataset: Dataset,
-    compute: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-    *,
-    collate_fn: Callable[[list], dict[str, torch.Tensor]],
-    batch_size: int,
-    num_workers: int = 0,
-    overwrite: bool = False,
-) -> DiskFeatures | None:
+    accelerator: Accelerator, store: FeatureStore, name: str, part: str, dataset: Dataset, compute: Compute, *,
+    collate_fn: Callable[[list], dict[str, torch.Tensor]], batch_size: int, num_workers: int = 0, overwrite: bool = False
+) -> DiskFeatures | None:  # fmt: skip
     """Streams `compute(batch)` (`{feature name: (B, width)}`) of this process's rows of `dataset` (batched by
     `collate_fn`, which gives `labels`) to its shard of `store/name/part`, after the rows already there; returns the
     whole part on the main process."""
@@ -284,11 +276,7 @@ def features_to_disk(
 
 @torch.no_grad()
 def features_in_memory(
-    accelerator: Accelerator,
-    desc: str,
-    dataset: Dataset,
-    compute: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-    **loader: Any,
+    accelerator: Accelerator, desc: str, dataset: Dataset, compute: Compute, **loader
 ) -> ArrayFeatures:
     """`compute(batch)` of every row of `dataset` (DataLoader options `loader`), gathered from every process."""
     found: dict[str, list[np.ndarray]] = {}
@@ -432,15 +420,13 @@ class TorchProbe:
         width = len(self.mean)
         self.weight = torch.zeros(width, len(self.classes), device=self.device, requires_grad=True)
         self.bias = torch.zeros(len(self.classes), device=self.device, requires_grad=True)
-        optimizer = torch.optim.LBFGS(
-            [self.weight, self.bias],
-            lr=1,
-            max_iter=max_iter,
-            tolerance_grad=1e-5,
-            tolerance_change=1e-10,
-            history_size=10,
-            line_search_fn="strong_wolfe",
-        )
+        options = {
+            "tolerance_grad": 1e-5,
+            "tolerance_change": 1e-10,
+            "history_size": 10,
+            "line_search_fn": "strong_wolfe",
+        }
+        optimizer = torch.optim.LBFGS([self.weight, self.bias], lr=1, max_iter=max_iter, **options)
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
@@ -473,17 +459,9 @@ def accuracy(probabilities: np.ndarray, classes: np.ndarray, labels: np.ndarray)
 
 
 def fit_torch_probe(
-    train,
-    eval_views: Sequence[Any],
-    names: Sequence[str],
-    *,
-    c_values: Sequence[float],
-    holdout: float,
-    seed: int,
-    max_iter: int,
-    chunk_size: int,
-    device: torch.device | str,
-) -> dict[str, Any]:
+    train, eval_views: Sequence[Any], names: Sequence[str], *, c_values: Sequence[float], holdout: float, seed: int,
+    max_iter: int, chunk_size: int, device: torch.device | str
+) -> dict[str, Any]:  # fmt: skip
     """linear_probe.py's probe, in torch: C chosen on a stratified hold-out of train (the rows scikit-learn's
     `train_test_split` holds out with the same seed), refit on all of train, scored on `eval_views[0]`; with several
     views (BERT masks), also the accuracy of their averaged class probabilities."""
@@ -506,12 +484,8 @@ def fit_torch_probe(
     converged = probe.fit(best_c, every, max_iter)
     probabilities = [probe.predict_proba(view) for view in eval_views]
     labels = eval_views[0].labels
-    result = {
-        "accuracy": accuracy(probabilities[0], probe.classes, labels),
-        "C": best_c,
-        "holdout_accuracy": holdout_accuracy,
-        "converged": converged,
-    }
+    result = {"accuracy": accuracy(probabilities[0], probe.classes, labels), "C": best_c}
+    result |= {"holdout_accuracy": holdout_accuracy, "converged": converged}
     if len(eval_views) > 1:
         result["ensemble_accuracy"] = accuracy(np.mean(probabilities, axis=0), probe.classes, labels)
     return result

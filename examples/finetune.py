@@ -8,18 +8,19 @@ OpenAI's `[SOS, x_1, ..., x_{n-1}]`; BERT models draw the paper's 15% masks for 
 paper's evaluation protocol: `--num_labels_per_class N` trains on a seeded, class-balanced subset of the labels, and
 BERT models can be evaluated under `--num_eval_masks K` masks of `--eval_mask_prob`, their class probabilities
 averaged. The output folder loads with `AutoModelForImageClassification` (a LoRA run's with peft's `PeftModel` on the
-base model; `--merge_lora` also writes the merged model to `merged/`). Checkpoints (accelerate's `save_state`), resume
-and the run contract are in training_run.py, which pretrain.py shares: to train on your own data, copy both files.
+base model; `--merge_lora` also writes the merged model to `merged/`). Checkpoints are accelerate's (`save_state`), with
+the run's position and contract (`image_gpt_hf.training.TrainingRun`); the flags and the Accelerator are in
+training_run.py, which pretrain.py shares: to train on your own data, copy both files.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import datasets
@@ -42,25 +43,20 @@ from image_gpt_hf import (
 )
 from image_gpt_hf.data import random_resized_crop
 from image_gpt_hf.model_card import write_model_card
-from image_gpt_hf.safe_io import staged_dir
-from training_run import (
+from image_gpt_hf.safe_io import check_output_path, staged_dir
+from image_gpt_hf.training import (
     DIGITS,
-    LOCK,
-    RUN_FLAGS,
-    Run,
-    begin,
-    check_finite,
-    contract_of,
-    find_checkpoint,
-    load_checkpoint,
-    load_data,
-    make_accelerator,
-    save_checkpoint,
-    training_parser,
+    TrainingRun,
+    class_balanced_subset,
+    class_labels,
+    decode_images,
+    load_image_dataset,
 )
+from training_run import RUN_FLAGS, check_finite, make_accelerator, training_parser
 
 logger = get_logger(__name__)
 TRACKER_DIR = "image_gpt_finetune"
+KEEP = ["checkpoints", TRACKER_DIR, ".lock"]  # this run's own entries in --output_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -147,7 +143,8 @@ def main(argv=None) -> dict[str, float]:
     # The output folder (refused before any work when it holds anything but this run's own entries) and the checkpoint.
     inputs = [args.model_name_or_path, args.processor_name_or_path, args.train_dir, args.validation_dir]
     inputs += [args.dataset_name]
-    checkpoint = find_checkpoint(args, inputs, keep=["checkpoints", TRACKER_DIR, LOCK])
+    checkpoint = TrainingRun.find_checkpoint(args.resume_from_checkpoint, args.output_dir, inputs)
+    check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite, keep=KEEP if checkpoint else [".lock"])
 
     # The pretrained model's config and processor (its palette defines the model's token ids).
     config, processor = load_config_and_processor(args.model_name_or_path, args.processor_name_or_path)
@@ -176,50 +173,20 @@ def main(argv=None) -> dict[str, float]:
         lora = lora_config(classifier, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
 
     # Data: "train" and "validation" splits, the image column and the labels.
-    dataset, eval_split, image_column, decode = load_data(args, accelerator)
-    features = dataset["train"].features
-    if args.label_column_name not in (None, *features):
-        raise ValueError(
-            f"--label_column_name {args.label_column_name!r} is not a column; the columns: {list(features)}."
-        )
-    labelled = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)] + ["label", "labels"]
-    label_column = args.label_column_name or next((n for n in labelled if n in features), None)
-    if label_column is None:  # (as for an imagefolder of a single class subfolder)
-        raise ValueError(
-            f"This script needs class labels, but the dataset has no label column (columns: {list(features)}). Pass "
-            "--label_column_name, or give --train_dir an imagefolder with one subfolder per class (two at least)."
-        )
-    feature = features[label_column]
-    if not isinstance(feature, datasets.ClassLabel) and not (
-        isinstance(feature, datasets.Value) and re.fullmatch(r"u?int\d+|bool|(large_)?string", feature.dtype)
-    ):
-        raise ValueError(
-            f"--label_column_name {label_column!r} holds {type(feature).__name__} values, not class labels; pass a "
-            f"column of class labels (ClassLabel, integers or strings) among {list(features)}."
-        )
-    if isinstance(feature, datasets.ClassLabel):
-        labels, label_ids = list(feature.names), None
-    else:  # raw values -> class ids
-        values = sorted(set(dataset["train"][label_column]) | set(dataset["validation"][label_column]))
-        labels, label_ids = [str(v) for v in values], {v: i for i, v in enumerate(values)}
-    if len(set(dataset["train"][label_column])) < 2:
-        raise ValueError("The training data hold one class: a classifier needs at least two (--label_column_name).")
+    with accelerator.main_process_first():
+        names = inspect.signature(load_image_dataset).parameters  # the data flags, by name
+        dataset, eval_split, image_column = load_image_dataset(**{k: v for k, v in vars(args).items() if k in names})
 
-    # The paper's low-data subsets: N images of every class, the first N of one permutation drawn by --seed, so that
-    # the subsets of one seed are nested (the 4 per class are among the 25).
-    if args.num_labels_per_class is not None:
+    def decode(batch: dict) -> list[PIL.Image.Image]:
+        return decode_images(batch[image_column])
+
+    label_column, labels, label_ids = class_labels(dataset, args.label_column_name)
+    if args.num_labels_per_class is not None:  # the paper's low-data subsets: N seeded images of every class
         raw = dataset["train"][label_column]
         ids = np.asarray([label_ids[x] for x in raw] if label_ids else raw, dtype=np.int64)
-        order = np.random.default_rng(args.seed).permutation(len(ids))
-        chosen = []
-        for class_id, name in enumerate(labels):
-            if len(members := order[ids[order] == class_id]) < args.num_labels_per_class:
-                raise ValueError(
-                    f"--num_labels_per_class {args.num_labels_per_class}: the class {name!r} has only {len(members)} "
-                    "training images. Pass a smaller --num_labels_per_class."
-                )
-            chosen.append(members[: args.num_labels_per_class])
-        dataset["train"] = dataset["train"].select(np.sort(np.concatenate(chosen)))
+        dataset["train"] = dataset["train"].select(
+            class_balanced_subset(ids, labels, args.num_labels_per_class, args.seed)
+        )
         logger.info(f"Training on {args.num_labels_per_class} labelled images per class (seed {args.seed})")
 
     # The classifier's config: the pretrained decoder (+ its LM head for the generative loss) and a new linear layer.
@@ -232,16 +199,16 @@ def main(argv=None) -> dict[str, float]:
     # The run contract (a resume must match it; a LoRA run's base weights too), carried by every checkpoint with the
     # position; one writer per output folder.
     flags = RUN_FLAGS + ["num_labels_per_class", "mask_prob", "lora_r", "lora_alpha", "lora_dropout"]
-    flags += ["lora_target_modules"]
-    columns = {"image_column": image_column, "label_column": label_column}
-    if args.lora_r is not None and (checkpoint or args.checkpointing_steps):  # the base: the adapter's other half
+    flags = {f"--{name}": getattr(args, name) for name in flags + ["lora_target_modules"]}
+    flags |= {"image_column": image_column, "label_column": label_column}
+    fingerprint = bool(checkpoint or args.checkpointing_steps)
+    if args.lora_r is not None and fingerprint:  # the base: the adapter's other half
         files = sorted(p for p in Path(args.model_name_or_path).glob("*") if p.suffix in (".safetensors", ".bin"))
         digests = [hashlib.file_digest(open(p, "rb"), "sha256").hexdigest() for p in files]  # noqa: SIM115
-        columns["base weights (fingerprint)"] = hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
+        flags["base weights (fingerprint)"] = hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
     data = (dataset["train"], [image_column, label_column])
-    contract = contract_of("finetune.py", accelerator, config, processor, args, flags, data, **columns)
-    run = Run(contract=contract, palette=None, completed_steps=0, epoch=0, seen=0)
-    _lock = begin(accelerator, args, checkpoint, run, TRACKER_DIR)  # held while main() runs
+    run = TrainingRun(accelerator, "finetune.py", config, processor, flags, data, fingerprint, palette=None)
+    _lock = run.start(args.output_dir, checkpoint, args.overwrite, clear=(TRACKER_DIR,))  # held while main() runs
 
     # The model: the pretrained weights and a new classification layer; with --lora_r, LoRA on the decoder's
     # projections (image_gpt_hf.lora), the new classifier trained in full.
@@ -321,15 +288,16 @@ def main(argv=None) -> dict[str, float]:
     lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer, **steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if args.with_tracking:
-        hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers(TRACKER_DIR, hyperparameters)
+        accelerator.init_trackers(
+            TRACKER_DIR, {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        )
 
     # Training, from the checkpoint when resuming: the batches of its epoch that it has seen are skipped unloaded.
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Running training: {len(train_dataset)} examples, {num_train_epochs} epochs")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
-    load_checkpoint(accelerator, checkpoint, run, len(train_dataloader))
+    run.resume(checkpoint, len(train_dataloader))
     completed_steps, starting_epoch = run["completed_steps"], run["epoch"]
     progress_bar = tqdm(
         total=max_train_steps, initial=completed_steps, desc="train", disable=not accelerator.is_local_main_process
@@ -368,12 +336,8 @@ def main(argv=None) -> dict[str, float]:
                 running, right = [], []
                 progress_bar.set_postfix(train_loss=f"{logs['train_loss']:.4f}")
             every = args.checkpointing_steps
-            if (
-                (end_of_epoch or done)
-                if every == "epoch"
-                else (every is not None and completed_steps % int(every) == 0)
-            ):
-                save_checkpoint(accelerator, args, run, completed_steps=completed_steps, epoch=epoch, seen=seen)
+            if (end_of_epoch or done) if every == "epoch" else every and completed_steps % int(every) == 0:
+                run.save(completed_steps=completed_steps, epoch=epoch, seen=seen)
             if (completed_steps % args.eval_steps == 0 or done) if args.eval_steps else (end_of_epoch or done):
                 logs |= (metrics := evaluate(accelerator, model, eval_dataloader, masker, args.num_eval_masks))
             if logs:
@@ -415,8 +379,7 @@ def main(argv=None) -> dict[str, float]:
     state_dict = accelerator.get_state_dict(model)  # every process: gathers sharded (FSDP) weights
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        keep = ["checkpoints", TRACKER_DIR, LOCK]
-        with staged_dir(args.output_dir, overwrite=args.overwrite, keep=keep, inputs=inputs) as tmp:
+        with staged_dir(args.output_dir, overwrite=args.overwrite, keep=KEEP, inputs=inputs) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)  # LoRA: adapter_config.json, adapter_model.*
             processor.save_pretrained(tmp)
             if args.lora_r is None:

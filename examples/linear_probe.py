@@ -13,16 +13,15 @@ them a chunk at a time (`--probe torch`), both in examples/feature_store.py.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import datasets
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, set_seed
-from datasets import ClassLabel, DatasetDict, load_dataset
+from datasets import DatasetDict
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -38,13 +37,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import feature_store
-from image_gpt_hf import ImageGPTDataCollator, ImageGPTModel, load_config_and_processor, load_digits
+from image_gpt_hf import ImageGPTDataCollator, ImageGPTModel, load_config_and_processor
 from image_gpt_hf.safe_io import atomic_file, check_output_path, clean_stale_staging
+from image_gpt_hf.training import DIGITS, class_balanced_subset, class_labels, dataset_fingerprint, load_image_dataset
 
 matplotlib.use("Agg")  # files only, no display
 logger = get_logger(__name__)
 
-DIGITS = "sklearn-digits"  # scikit-learn's bundled 8x8 handwritten digits: no download
 SETS = ("pretrained", "random_init", "raw_pixels")  # the feature sets, as a --feature_dir names them
 
 
@@ -84,97 +83,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     args = parser.parse_args(argv)
-    if args.validation_dir is not None and args.train_dir is None:  # it would be ignored
-        raise ValueError("--validation_dir needs a --train_dir to go with it.")
     if args.num_labels_per_class is not None and args.num_labels_per_class < 1:  # an empty training set
         raise ValueError(f"--num_labels_per_class must be at least 1, got {args.num_labels_per_class}.")
     if args.num_eval_masks > 1 and args.eval_mask_prob == 0:  # K identical views
         raise ValueError(f"--num_eval_masks {args.num_eval_masks} needs --eval_mask_prob > 0 (the paper's: 0.15).")
     return args
-
-
-def load_data(args: argparse.Namespace) -> tuple[DatasetDict, str]:
-    """ "train" and "validation" splits of --dataset_name / --train_dir, and the name of the split evaluated on."""
-    if args.train_dir is not None:
-        files = {"train": os.path.join(args.train_dir, "**")}
-        if args.validation_dir is not None:
-            files["validation"] = os.path.join(args.validation_dir, "**")
-        dataset = load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir)
-    elif args.dataset_name == DIGITS:
-        dataset = load_digits()
-    else:
-        dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
-    eval_split = described = next((name for name in ("validation", "test") if name in dataset), None)
-    if eval_split is None:
-        dataset, eval_split = dataset["train"].train_test_split(args.train_val_split, seed=args.seed), "test"
-        described = f"{args.train_val_split:.0%} of train held out"
-    dataset = DatasetDict({"train": dataset["train"], "validation": dataset[eval_split]})
-    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
-        if limit is not None:
-            dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
-    return dataset, described
-
-
-def find_columns(dataset: DatasetDict, args: argparse.Namespace) -> tuple[str, str, list[str], dict | None]:
-    """The image and label columns, the class names, and the map from raw labels to class ids (None: ClassLabel)."""
-    features = dataset["train"].features
-    for name in (args.image_column_name, args.label_column_name):
-        if name is not None and name not in features:
-            flag = "--image_column_name" if name == args.image_column_name else "--label_column_name"
-            raise ValueError(f"{flag} {name!r} is not a column of the dataset; its columns are {list(features)}.")
-    image = args.image_column_name or next((n for n, f in features.items() if isinstance(f, datasets.Image)), None)
-    if image is None or not isinstance(features[image], datasets.Image):
-        raise ValueError(f"The dataset has no `Image` column among {list(features)}; pass --image_column_name.")
-
-    def holds_labels(name: str) -> bool:  # ClassLabels, integers or strings
-        kind = getattr(features[name], "dtype", "").lstrip("u")
-        return isinstance(features[name], ClassLabel) or kind.startswith(("int", "str"))
-
-    if args.label_column_name is not None and not holds_labels(args.label_column_name):
-        raise ValueError(
-            f"--label_column_name {args.label_column_name!r} holds {type(features[args.label_column_name]).__name__} "
-            f"values, not class labels; pass a column of class labels (ClassLabel, integers or strings)."
-        )
-    candidates = [n for n, f in features.items() if isinstance(f, ClassLabel)] + ["label", "labels"]
-    label = args.label_column_name or next((n for n in candidates if n in features and holds_labels(n)), None)
-    if label is None:
-        raise ValueError(
-            f"This script needs class labels, but the dataset has no label column (columns: {list(features)}). Pass "
-            "--label_column_name, or give --train_dir an imagefolder with one subfolder per class (at least two)."
-        )
-    if isinstance(features[label], ClassLabel):
-        return image, label, list(features[label].names), None
-    values = sorted(set(dataset["train"][label]) | set(dataset["validation"][label]))
-    return image, label, [str(v) for v in values], {value: index for index, value in enumerate(values)}
-
-
-def class_balanced_subset(labels: np.ndarray, names: list[str], n: int, seed: int) -> np.ndarray:
-    """n examples of every class, in the split's order: the first n of each class in one permutation drawn by `seed`,
-    so that the subsets of one seed are nested (the 4 per class are among the 25)."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    chosen = []
-    for class_id, name in enumerate(names):
-        members = order[labels[order] == class_id]
-        if len(members) < n:
-            raise ValueError(
-                f"--num_labels_per_class {n}: the class {name!r} has only {len(members)} training images. Pass a "
-                "smaller --num_labels_per_class."
-            )
-        chosen.append(members[:n])
-    return np.sort(np.concatenate(chosen))
-
-
-def image_digest(split: datasets.Dataset, image_column: str) -> str:
-    """A digest of the images' encoded bytes in the split's order (files read where they lie): a feature store is
-    reused only for the same pixels, not only the same file names."""
-    raw = split.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
-
-    def contents():
-        for start in range(0, len(raw), 1024):
-            for value in raw[start : start + 1024][image_column]:
-                yield value["bytes"] if value["bytes"] is not None else Path(value["path"]).read_bytes()
-
-    return feature_store.digest(contents())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -346,8 +259,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"an {config.objective.upper()} model, trained on whole images; leave --eval_mask_prob at 0."
         )
     with accelerator.main_process_first():
-        dataset, eval_split = load_data(args)
-    image_column, label_column, label_names, label_map = find_columns(dataset, args)
+        names = inspect.signature(load_image_dataset).parameters  # the data flags, by name
+        dataset, eval_split, image_column = load_image_dataset(**{k: v for k, v in vars(args).items() if k in names})
+    label_column, label_names, label_map = class_labels(dataset, args.label_column_name)
     labels = {
         split: np.asarray([label_map[x] for x in values] if label_map else values, dtype=np.int64)
         for split, values in ((split, dataset[split][label_column]) for split in ("train", "validation"))
@@ -374,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         names += ["label_column_name", "train_val_split", "max_train_samples", "max_eval_samples"]
         data = {name: getattr(args, name) for name in [*names, "num_labels_per_class", "seed", "eval_mask_prob"]}
         images = [
-            image_digest(dataset[split], image_column) if accelerator.is_main_process else None for split in labels
+            dataset_fingerprint(dataset[split], [image_column]) if accelerator.is_main_process else None
+            for split in labels
         ]
         data["images"] = dict(zip(labels, broadcast_object_list(images)))  # read once, on the main process
         data |= {

@@ -7,13 +7,15 @@ Images become palette ids in the datasets' transforms (random crops for training
 the training images unless one is given. Batches come from the library's `ImageGPTDataCollator`. Evaluation reports
 the loss in bits per dimension (one dimension = one pixel = one palette id). The output folder loads with
 `AutoModelForCausalLM` (AR, which then samples from SOS with a plain `generate()`) / `AutoModelForMaskedImageModeling`
-(BERT) / `AutoModel`, and its processor with `AutoImageProcessor`. Checkpoints (accelerate's `save_state`), resume and
-the run contract are in training_run.py, which finetune.py shares: to train on your own data, copy both files.
+(BERT) / `AutoModel`, and its processor with `AutoImageProcessor`. Checkpoints are accelerate's (`save_state`), with
+the run's position and contract (`image_gpt_hf.training.TrainingRun`); the flags and the Accelerator are in
+training_run.py, which finetune.py shares: to train on your own data, copy both files.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -42,26 +44,13 @@ from image_gpt_hf.data import random_resized_crop
 from image_gpt_hf.generation import openai_generation_config
 from image_gpt_hf.model_card import write_model_card
 from image_gpt_hf.palette import fit_palette
-from image_gpt_hf.safe_io import staged_dir
-from training_run import (
-    DIGITS,
-    LOCK,
-    RUN_FLAGS,
-    STATE,
-    Run,
-    begin,
-    check_finite,
-    contract_of,
-    find_checkpoint,
-    load_checkpoint,
-    load_data,
-    make_accelerator,
-    save_checkpoint,
-    training_parser,
-)
+from image_gpt_hf.safe_io import check_output_path, staged_dir
+from image_gpt_hf.training import DIGITS, TrainingRun, decode_images, load_image_dataset
+from training_run import RUN_FLAGS, check_finite, make_accelerator, training_parser
 
 logger = get_logger(__name__)
 TRACKER_DIR = "image_gpt_pretrain"
+KEEP = ["checkpoints", TRACKER_DIR, ".lock"]  # this run's own entries in --output_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,13 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--config_overrides", default=None, help="The new model's config fields, e.g. 'n_layer=4,n_embd=64'.")
     add("--model_name_or_path", default=None, help="Continue pretraining this checkpoint.")
     add("--mask_prob", type=float, default=None, help="BERT: the probability that a pixel is masked (0.15).")
-    add(
-        "--n_px",
-        type=int,
-        default=None,
-        help="A new model's: 32, or 8 on the digits (default); with "
-        "--config_name / --model_name_or_path, that config's (the default; any other is refused).",
-    )
+    add("--n_px", type=int, help="A new model's side: 32, or 8 on the digits (default); else the config's.")
     add("--processor_name_or_path", default=None, help="A processor with a palette ('clusters').")
     add("--palette_size", type=int, default=None)
     add("--palette_max_pixels", type=int, default=1_000_000, help="Pixels sampled for the palette's k-means.")
@@ -142,7 +125,8 @@ def main(argv=None) -> dict[str, float]:
     # The output folder (refused before any work when it holds anything but this run's own entries) and the checkpoint.
     inputs = [args.model_name_or_path, args.config_name, args.processor_name_or_path]
     inputs += [args.train_dir, args.validation_dir, args.dataset_name]
-    checkpoint = find_checkpoint(args, inputs, keep=["checkpoints", TRACKER_DIR, LOCK])
+    checkpoint = TrainingRun.find_checkpoint(args.resume_from_checkpoint, args.output_dir, inputs)
+    check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite, keep=KEEP if checkpoint else [".lock"])
 
     # The config (a preset, --config_name or --model_name_or_path, with --config_overrides) and a given palette.
     base = processor = None
@@ -154,7 +138,7 @@ def main(argv=None) -> dict[str, float]:
     elif args.processor_name_or_path:
         if (processor := ImageGPTImageProcessor.from_pretrained(args.processor_name_or_path)).clusters is None:
             raise ValueError(f"{args.processor_name_or_path!r} has no palette ('clusters') in its processor config.")
-    if processor is None and checkpoint and (palette := torch.load(os.path.join(checkpoint, STATE))["palette"]):
+    if processor is None and checkpoint and (palette := TrainingRun.saved(checkpoint)["palette"]):
         processor = ImageGPTImageProcessor(clusters=palette)  # the palette this run fitted
     digits = args.dataset_name == DIGITS and args.train_dir is None
     n_px = args.n_px or (base.n_px if base else 8 if digits else 32)
@@ -182,7 +166,13 @@ def main(argv=None) -> dict[str, float]:
         )
 
     # Data: "train" and "validation" splits, the image column.
-    dataset, eval_split, image_column, decode = load_data(args, accelerator)
+    with accelerator.main_process_first():
+        names = inspect.signature(load_image_dataset).parameters  # the data flags, by name
+        dataset, eval_split, image_column = load_image_dataset(**{k: v for k, v in vars(args).items() if k in names})
+
+    def decode(batch: dict) -> list[PIL.Image.Image]:
+        return decode_images(batch[image_column])
+
     undecoded = {
         split: dataset[split].select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
         for split in dataset
@@ -218,11 +208,11 @@ def main(argv=None) -> dict[str, float]:
         processor = ImageGPTImageProcessor(clusters=palette[0], size={"height": n_px, "width": n_px})
 
     # The run contract (a resume must match it), carried by every checkpoint with the position; one writer per folder.
-    flags = RUN_FLAGS + (["mask_prob"] if objective == "bert" else [])
-    data = (dataset["train"], [image_column])
-    contract = contract_of("pretrain.py", accelerator, config, processor, args, flags, data, image_column=image_column)
-    run = Run(contract=contract, palette=np.asarray(processor.clusters).tolist(), completed_steps=0, epoch=0, seen=0)
-    _lock = begin(accelerator, args, checkpoint, run, TRACKER_DIR)  # held while main() runs
+    flags = {f"--{name}": getattr(args, name) for name in RUN_FLAGS + (["mask_prob"] if objective == "bert" else [])}
+    data, fingerprint = (dataset["train"], [image_column]), bool(checkpoint or args.checkpointing_steps)
+    flags["image_column"], palette = image_column, np.asarray(processor.clusters).tolist()
+    run = TrainingRun(accelerator, "pretrain.py", config, processor, flags, data, fingerprint, palette=palette)
+    _lock = run.start(args.output_dir, checkpoint, args.overwrite, clear=(TRACKER_DIR,))  # held while main() runs
 
     # The model: new from the config, or the given checkpoint's weights.
     model_class = ImageGPTForCausalImageModeling if objective == "ar" else ImageGPTForMaskedImageModeling
@@ -280,15 +270,16 @@ def main(argv=None) -> dict[str, float]:
     lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer, **steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if args.with_tracking:
-        hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers(TRACKER_DIR, hyperparameters)
+        accelerator.init_trackers(
+            TRACKER_DIR, {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        )
 
     # Training, from the checkpoint when resuming: the batches of its epoch that it has seen are skipped unloaded.
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Running training: {len(train_dataset)} examples, {num_train_epochs} epochs")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
-    load_checkpoint(accelerator, checkpoint, run, len(train_dataloader))
+    run.resume(checkpoint, len(train_dataloader))
     completed_steps, starting_epoch = run["completed_steps"], run["epoch"]
     progress_bar = tqdm(
         total=max_train_steps, initial=completed_steps, desc="train", disable=not accelerator.is_local_main_process
@@ -326,12 +317,8 @@ def main(argv=None) -> dict[str, float]:
                 running = []
                 progress_bar.set_postfix(train_loss=f"{logs['train_loss']:.4f}")
             every = args.checkpointing_steps
-            if (
-                (end_of_epoch or done)
-                if every == "epoch"
-                else (every is not None and completed_steps % int(every) == 0)
-            ):
-                save_checkpoint(accelerator, args, run, completed_steps=completed_steps, epoch=epoch, seen=seen)
+            if (end_of_epoch or done) if every == "epoch" else every and completed_steps % int(every) == 0:
+                run.save(completed_steps=completed_steps, epoch=epoch, seen=seen)
             if (completed_steps % args.eval_steps == 0 or done) if args.eval_steps else (end_of_epoch or done):
                 logs |= (metrics := evaluate(accelerator, model, eval_dataloader))
             if logs:
@@ -370,8 +357,7 @@ def main(argv=None) -> dict[str, float]:
     state_dict = accelerator.get_state_dict(model)  # every process: gathers sharded (FSDP) weights
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        keep = ["checkpoints", TRACKER_DIR, LOCK]
-        with staged_dir(args.output_dir, overwrite=args.overwrite, keep=keep, inputs=inputs) as tmp:
+        with staged_dir(args.output_dir, overwrite=args.overwrite, keep=KEEP, inputs=inputs) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
             processor.save_pretrained(tmp)
             if objective == "ar":

@@ -164,11 +164,7 @@ def test_the_image_size_is_n_positions_and_n_px_is_read_where_it_agrees(tmp_path
         ({"feature_layer": -26}, r"Layer -26 is not a hidden-state index.*`feature_layer`"),
         ({"gen_loss_weight": -1.0}, "gen_loss_weight"),
         ({"gen_loss_weight": float("nan")}, "gen_loss_weight"),
-        ({"gen_loss_weight": float("inf")}, "gen_loss_weight"),
         ({"objective": "bert", "prepend_sos": True}, "prepend_sos"),
-        ({"n_layer": 2.5}, "n_layer"),
-        ({"n_layer": True}, "n_layer"),
-        ({"classifier_layer": 1.0}, "classifier_layer"),
     ],
 )
 def test_bad_configs_are_refused(kwargs, message):

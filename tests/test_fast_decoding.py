@@ -50,11 +50,6 @@ def sos(model, batch):
     return torch.full((batch, 1), model.config.vocab_size - 1)
 
 
-def test_compile_false_is_the_default_generate(model):
-    out = fd.fast_generate(model, sos(model, 2), compile=False, max_new_tokens=64, **GREEDY)
-    assert torch.equal(out, model.generate(sos(model, 2), max_new_tokens=64, **GREEDY))
-
-
 def test_auto_leaves_small_models_eager_and_says_why(model, logs, compiles):
     out = fd.fast_generate(model, sos(model, 1), max_new_tokens=8, **GREEDY)
     assert torch.equal(out, model.generate(sos(model, 1), max_new_tokens=8, **GREEDY))

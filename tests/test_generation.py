@@ -5,7 +5,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_DIMS, builtin
+from conftest import TINY_DIMS
 from transformers import DynamicCache, GenerationConfig
 
 from image_gpt_hf import (
@@ -90,15 +90,6 @@ def test_compiled_generate_equals_uncached_greedy_decoding(prompts, backend):
     assert torch.equal(generated, expected)
 
 
-def test_generate_equals_transformers_imagegpt(model):
-    hf, hf_config = builtin("modeling_imagegpt"), builtin("configuration_imagegpt")
-    theirs = hf.ImageGPTForCausalImageModeling(hf_config.ImageGPTConfig(**DIMS)).eval()
-    theirs.load_state_dict(model.state_dict())
-    reference = greedy(theirs)
-    assert reference.shape == (2, 1 + N_PX * N_PX)
-    assert torch.equal(greedy(model), reference)
-
-
 def test_generate_past_n_positions_is_a_clear_error(model):
     start = torch.full((1, 1), SOS)
     with pytest.raises(ValueError, match="n_positions=64"):
@@ -109,24 +100,18 @@ def test_generate_past_n_positions_is_a_clear_error(model):
 
 
 def test_cached_decode_steps_read_no_tensor_values():
-    """Input checks that read tensor values (a device sync per token on an accelerator) run on the prompt only: a
-    one-token step after a filled cache runs on the meta device, where reading any value raises."""
+    """Reading a tensor value is a device sync per token on an accelerator: a one-token step after a filled cache runs
+    on the meta device, where reading any value raises (as reading a prompt's ids under `prepend_sos` does)."""
     model = ImageGPTForCausalImageModeling(ImageGPTConfig(**DIMS)).eval().to("meta")
     head_dim = DIMS["n_embd"] // DIMS["n_head"]
-    cache = DynamicCache(config=model.config)
-    for layer in range(DIMS["n_layer"]):
-        cache.update(*(torch.empty(2, DIMS["n_head"], 5, head_dim, device="meta") for _ in range(2)), layer)
-    step = model(torch.zeros(2, 1, dtype=torch.long, device="meta"), cache=cache, use_cache=True)
-    assert step.logits.shape == (2, 1, PALETTE) and cache.get_seq_length() == 6
-    with pytest.raises(Exception, match="meta"):  # the prompt's ids are checked: that reads them
-        model(torch.zeros(2, 5, dtype=torch.long, device="meta"), use_cache=False)
-
-
-def test_decode_step_builds_no_pooler_output(model):
-    assert model.transformer(torch.full((1, 3), SOS)).pooler_output is None  # a prompt is not a whole image
-    image = torch.zeros(1, N_PX * N_PX, dtype=torch.long)
-    assert model.transformer(image).pooler_output.shape == (1, DIMS["n_embd"])
-    assert model.transformer(image, return_pooler_output=False).pooler_output is None
+    for prepend_sos in (False, True):  # a cached step is never shifted, so its ids are not read
+        cache = DynamicCache(config=model.config)
+        for layer in range(DIMS["n_layer"]):
+            cache.update(*(torch.empty(2, DIMS["n_head"], 5, head_dim, device="meta") for _ in range(2)), layer)
+        step = model(torch.zeros(2, 1, dtype=torch.long, device="meta"), cache=cache, prepend_sos=prepend_sos)
+        assert step.logits.shape == (2, 1, PALETTE) and cache.get_seq_length() == 6
+    with pytest.raises(RuntimeError, match="meta"):
+        model(torch.zeros(2, 5, dtype=torch.long, device="meta"), use_cache=False, prepend_sos=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- sample
@@ -217,19 +202,16 @@ def test_processor_with_another_palette_size_is_refused(model):
         complete(model, torch.zeros(1, 64, dtype=torch.long), processor=other, progress=False)
 
 
+IMAGE = torch.zeros(1, N_PX * N_PX, dtype=torch.long)  # the ids of one image
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
+        (lambda m, p: complete(m, IMAGE, primer_rows=N_PX, output_type="ids"), r"primer_rows.*\[0, 8\)"),
+        (lambda m, p: complete(m, IMAGE, primer_rows=-1, output_type="ids"), "primer_rows"),
         (
-            lambda m, p: complete(m, torch.zeros(1, 64, dtype=torch.long), primer_rows=N_PX, output_type="ids"),
-            r"primer_rows.*\[0, 8\)",
-        ),
-        (
-            lambda m, p: complete(m, torch.zeros(1, 64, dtype=torch.long), primer_rows=-1, output_type="ids"),
-            "primer_rows",
-        ),
-        (
-            lambda m, p: complete(m, torch.zeros(1, 63, dtype=torch.long), output_type="ids"),
+            lambda m, p: complete(m, IMAGE[:, 1:], output_type="ids"),
             r"shape \(batch,\) \(64,\) or \(8, 8\), got \(1, 63\)",
         ),
         (lambda m, p: complete(m, torch.full((1, 64), SOS), output_type="ids"), "drop the SOS"),

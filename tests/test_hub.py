@@ -8,7 +8,6 @@ answers the file-resolution endpoint from local folders), so its layout is exact
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,11 +17,12 @@ import PIL.Image
 import pytest
 import torch
 from conftest import TINY_DIMS, builtin, run_without_package
-from huggingface_hub import CommitInfo, HfApi, RepoUrl, constants, hf_hub_download, scan_cache_dir
+from huggingface_hub import CommitInfo, HfApi, RepoUrl, constants, hf_hub_download
 from huggingface_hub.utils import set_client_factory
 from huggingface_hub.utils._http import default_client_factory
 from huggingface_hub.utils.sha import git_hash
 from safetensors.torch import save_file
+from test_configuration import OPENAI_SMALL_CONFIG
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -32,12 +32,7 @@ from transformers import (
     pipeline,
 )
 
-from image_gpt_hf import (
-    ImageGPTConfig,
-    ImageGPTForCausalImageModeling,
-    ImageGPTImageProcessor,
-    ImageGPTModel,
-)
+from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor, ImageGPTModel
 from image_gpt_hf.pipelines import ImageGPTFeatureExtractionPipeline
 
 DIMS = TINY_DIMS
@@ -145,24 +140,6 @@ def hub_cache(checkpoints, tmp_path_factory):
 # ------------------------------------------------------------------------------------------- loading by repo id
 
 
-def test_cache_is_laid_out_as_huggingface_hub_lays_it_out(hub_cache, checkpoints):
-    cache, hub = hub_cache
-    repo = cache / "models--org--igpt-tiny"
-    assert (repo / "refs" / "main").read_text() == COMMIT
-    snapshot = repo / "snapshots" / COMMIT
-    names = {p.name for p in snapshot.iterdir()}
-    assert names == set(hub.files["org/igpt-tiny"])
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_imagegpt.py"} <= names
-    for path in snapshot.iterdir():
-        data = hub.files["org/igpt-tiny"][path.name]
-        blob = hashlib.sha256(data).hexdigest() if path.name.endswith(LFS_SUFFIXES) else git_hash(data)
-        assert path.is_symlink() and os.readlink(path) == f"../../blobs/{blob}", path
-        assert (repo / "blobs" / blob).read_bytes() == data
-    report = scan_cache_dir(cache)
-    assert not report.warnings
-    assert {r.repo_id for r in report.repos} == {"org/igpt-tiny", "org/igpt-tiny-pipeline"}
-
-
 def test_load_by_repo_id_offline_with_the_package(hub_cache, checkpoints, no_network, monkeypatch):
     cache, _ = hub_cache
     _, model, processor = checkpoints
@@ -238,29 +215,7 @@ def openai_style_folder(folder: Path, weights: str, processor_style: str) -> tor
     config = builtin("configuration_imagegpt").ImageGPTConfig(**DIMS)
     reference = builtin("modeling_imagegpt").ImageGPTForCausalImageModeling(config).eval()
     folder.mkdir(parents=True)
-    config = {
-        "activation_function": "quick_gelu",
-        "architectures": ["ImageGPTForCausalImageModeling"],
-        "attn_pdrop": 0.1,
-        "embd_pdrop": 0.1,
-        "initializer_range": 0.02,
-        "layer_norm_epsilon": 1e-05,
-        "model_type": "imagegpt",
-        "n_embd": DIMS["n_embd"],
-        "n_head": DIMS["n_head"],
-        "n_inner": None,
-        "n_layer": DIMS["n_layer"],
-        "n_positions": DIMS["n_positions"],
-        "reorder_and_upcast_attn": False,
-        "resid_pdrop": 0.1,
-        "scale_attn_by_inverse_layer_idx": False,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-        "transformers_version": "4.16.0.dev0",
-        "use_cache": True,
-        "vocab_size": DIMS["vocab_size"],
-    }
+    config = {**OPENAI_SMALL_CONFIG, **DIMS}  # its config.json, with the tiny sizes
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     state = {key: value.clone() for key, value in reference.state_dict().items()}
     if weights == "pytorch_model.bin":

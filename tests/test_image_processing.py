@@ -21,7 +21,7 @@ import PIL.Image
 import PIL.ImageOps
 import pytest
 import torch
-from conftest import builtin, run_without_package
+from conftest import builtin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from skimage import data as skdata
@@ -126,20 +126,9 @@ def test_ids_identical_to_transformers_when_resizing(rgb_photos, photo_palette, 
     np.testing.assert_array_equal(ids(ours_for(photo_palette, resample=resample), images), expected)
 
 
-def test_gray_rgba_and_digit_images_match_transformers_on_their_rgb_conversion(photos, random_palette):
-    ours, reference = ours_for(random_palette), reference_for(random_palette)
-    # PIL images of modes L and RGBA: transformers converts them itself when asked to.
-    for image in (PIL.Image.fromarray(photos["camera"]), PIL.Image.fromarray(photos["logo"])):
-        np.testing.assert_array_equal(ids(ours, image), ids(reference, image, do_convert_rgb=True))
-    # Arrays: gray is replicated, alpha composited onto white (rounded), as transformers' `convert_to_rgb` does.
-    gray = photos["camera"]
-    np.testing.assert_array_equal(ids(ours, gray), ids(reference, np.stack([gray] * 3, -1)))
-    rgba = photos["logo"]
-    alpha = rgba[..., 3:] / 255.0
-    on_white = np.round(alpha * rgba[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    np.testing.assert_array_equal(ids(ours, rgba), ids(reference, on_white))
-    # scikit-learn's 8x8 digits (17 gray levels) against a gray palette, where ties are everywhere; as they are and
-    # upsampled to n_px.
+def test_digit_images_match_transformers_on_their_rgb_conversion():
+    # Gray and RGBA pictures of every kind are compared below (property-based); here scikit-learn's 8x8 digits (17
+    # gray levels) against a gray palette, where ties are everywhere; as they are and upsampled to n_px.
     digits = list(load_sklearn_digits()[:64])
     gray_palette = np.repeat(np.linspace(-1, 1, 16)[:, None], 3, axis=1)
     as_rgb = [np.stack([digit] * 3, -1) for digit in digits]
@@ -164,13 +153,9 @@ def test_every_input_format_gives_the_same_ids(small_images, random_palette):
     stacked = np.stack(small_images)  # (B, H, W, 3)
     formats = {
         "list of HWC arrays": small_images,
-        "list of CHW arrays": [image.transpose(2, 0, 1) for image in small_images],
         "4-D HWC array": stacked,
         "4-D CHW tensor": torch.from_numpy(stacked).permute(0, 3, 1, 2),
         "list of CHW tensors": [torch.from_numpy(image).permute(2, 0, 1) for image in small_images],
-        "float64 array in [0, 255]": stacked.astype(np.float64),
-        "float32 tensor in [0, 255]": torch.from_numpy(stacked).float(),
-        "uint16 array": stacked.astype(np.uint16) * 257,
         "nested lists": [small_images[:10], small_images[10:]],
         "datasets Column": datasets.Dataset.from_dict({"image": list(stacked)}).cast_column("image", datasets.Image())[
             "image"
@@ -178,8 +163,6 @@ def test_every_input_format_gives_the_same_ids(small_images, random_palette):
     }
     for name, images in formats.items():
         np.testing.assert_array_equal(ids(processor, images), expected, err_msg=name)
-    # Floats in [0, 1] (as transformers' rescale makes them) with do_rescale=False are the same images.
-    np.testing.assert_array_equal(ids(processor, (stacked * (1 / 255)).astype(np.float32), do_rescale=False), expected)
     # One image (not a batch) gives a batch of one.
     np.testing.assert_array_equal(ids(processor, small_images[3]), expected[3:4])
 
@@ -446,40 +429,16 @@ def test_a_saved_random_crop_loads_when_off_and_is_refused_with_where_it_went_wh
         AutoImageProcessor.from_pretrained(tmp_path)
 
 
-def test_transformers_loads_our_folder_and_gives_the_same_ids(tmp_path, small_images, random_palette):
-    ours_for(random_palette).save_pretrained(tmp_path)
-    reference = reference_class().from_pretrained(tmp_path)
+def test_folders_load_both_ways_with_transformers_and_give_the_same_ids(tmp_path, small_images, random_palette):
+    ours_for(random_palette).save_pretrained(tmp_path / "ours")
+    reference = reference_class().from_pretrained(tmp_path / "ours")
     np.testing.assert_array_equal(ids(reference, small_images), ids(ours_for(random_palette), small_images))
-
-
-def test_a_folder_saved_by_transformers_loads_and_gives_the_same_ids(tmp_path, small_images, random_palette):
-    reference = reference_for(random_palette, size={"height": 16, "width": 16})
-    reference.save_pretrained(tmp_path)
-    loaded = ImageGPTImageProcessor.from_pretrained(tmp_path)
+    reference_for(random_palette, size={"height": 16, "width": 16}).save_pretrained(tmp_path / "theirs")
+    loaded = ImageGPTImageProcessor.from_pretrained(tmp_path / "theirs")
     assert (loaded.size.height, loaded.size.width) == (16, 16)
-    np.testing.assert_array_equal(ids(loaded, small_images), ids(reference, small_images))
-
-
-@pytest.mark.parametrize("size, with_type", [({"height": N_PX, "width": N_PX}, True), (N_PX, False)])
-def test_openai_preprocessor_config_loads_unchanged(tmp_path, small_images, random_palette, size, with_type):
-    # Written like openai/imagegpt-small's preprocessor_config.json; older ones have the int form of `size` and only
-    # the feature extractor's type.
-    config = {
-        "clusters": random_palette.tolist(),
-        "do_normalize": True,
-        "do_resize": True,
-        "feature_extractor_type": "ImageGPTFeatureExtractor",
-        "resample": 2,
-        "size": size,
-    }
-    if with_type:
-        config["image_processor_type"] = "ImageGPTImageProcessor"
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
-    expected = ids(reference_class().from_pretrained(tmp_path), small_images)
-    for loaded in (AutoImageProcessor.from_pretrained(tmp_path), ImageGPTImageProcessor.from_pretrained(tmp_path)):
-        assert isinstance(loaded, ImageGPTImageProcessor)
-        assert (loaded.size.height, loaded.size.width) == (N_PX, N_PX)
-        np.testing.assert_array_equal(ids(loaded, small_images), expected)
+    np.testing.assert_array_equal(
+        ids(loaded, small_images), ids(reference_class().from_pretrained(tmp_path / "theirs"), small_images)
+    )
 
 
 def test_loading_a_saved_checkpoint_never_asks_to_run_its_code(tmp_path, monkeypatch):
@@ -498,33 +457,6 @@ def test_loading_a_saved_checkpoint_never_asks_to_run_its_code(tmp_path, monkeyp
     assert prompts == []
 
 
-def test_remote_code_loads_without_the_package(tmp_path, small_images, random_palette):
-    ours_for(random_palette).save_pretrained(tmp_path / "processor")
-    ImageGPTConfig.from_preset("tiny", n_px=N_PX, palette_size=512).save_pretrained(tmp_path / "processor")
-    np.save(tmp_path / "images.npy", np.stack(small_images[:4]))
-    run_without_package(
-        """
-        import builtins, sys
-        def refuse(prompt=""):
-            raise SystemExit("asked: " + prompt)
-        builtins.input = refuse
-        import numpy as np
-        from transformers import AutoImageProcessor
-        from transformers.models.auto.video_processing_auto import AutoVideoProcessor
-        try:
-            AutoVideoProcessor.from_pretrained("processor")
-        except ValueError:
-            pass
-        processor = AutoImageProcessor.from_pretrained("processor", trust_remote_code=True)
-        assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
-        assert type(processor).__name__ == "ImageGPTImageProcessor"
-        np.save("ids.npy", processor(np.load("images.npy"), return_tensors="np")["input_ids"])
-        """,
-        cwd=tmp_path,
-    )
-    np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), ids(ours_for(random_palette), small_images[:4]))
-
-
 # ------------------------------------------------------------------------------------------------ bad input
 
 
@@ -541,7 +473,6 @@ def bad_input_cases(palette):
         ),
         "palette nan": (lambda: ImageGPTImageProcessor(clusters=[[0, 0, 0], [np.nan, 0, 0]]), r"\[nan, nan\]"),
         "palette complex": (lambda: ImageGPTImageProcessor(clusters=np.full((4, 3), 0.5j)), "complex128 values"),
-        "palette bool": (lambda: ImageGPTImageProcessor(clusters=np.zeros((4, 3), bool)), "bool values"),
         "palette at call": (lambda: processor(good, clusters=np.full((4, 3), -2.0)), r"must be .* in \[-1, 1\]"),
         "no palette": (lambda: ImageGPTImageProcessor(size=8)(good), "Color quantization needs a palette"),
         "ambiguous layout": (
@@ -578,8 +509,6 @@ def bad_input_cases(palette):
         ),
         # Parameters are checked at construction and at each call, before any image is read.
         "std zero": (lambda: ImageGPTImageProcessor(image_std=[0, 0, 0]), r"`image_std` finite and nonzero"),
-        "std zero at call": (lambda: processor(good, image_std=[0.5, 0.0, 0.5]), "`image_std` finite and nonzero"),
-        "rescale factor zero": (lambda: ImageGPTImageProcessor(rescale_factor=0), "`rescale_factor` must be positive"),
         "rescale factor at call": (lambda: processor(good, rescale_factor=-1 / 255), "`rescale_factor` must be"),
         "padding": (lambda: processor(good, do_pad=True, pad_size={"height": 9, "width": 9}), "`do_pad=True`"),
         "decode id too large": (lambda: processor.decode([0] * 63 + [len(palette)]), "must be palette ids"),
@@ -587,9 +516,9 @@ def bad_input_cases(palette):
         "decode float ids": (lambda: processor.decode(np.zeros(64)), "must be integer palette ids"),
         "decode grid": (lambda: processor.decode(np.zeros((1, 8, 8), int)), r"\(\[batch,\] length\)"),
         "decode size": (lambda: processor.decode([0] * 63, size=(8, 8)), "sequences of 63 ids: pass a `size`"),
-        "decode size, one key": (lambda: processor.decode([0] * 64, size={"height": 8}), "pass a `size`"),
         "decode size, negative": (lambda: processor.decode([0] * 64, size=(-8, -8)), r"got \(-8, -8\)"),
         "decode not square": (lambda: processor.decode([0] * 60), "image size of sequences of 60 ids"),
+        "decode SOS": (lambda: processor.decode(np.full(64, len(palette))), rf"SOS token \(id {len(palette)}\)"),
     }
 
 
@@ -598,11 +527,6 @@ def test_bad_input_raises_a_clear_value_error(random_palette, case):
     call, message = bad_input_cases(random_palette)[case]
     with pytest.raises(ValueError, match=message):
         call()
-
-
-def test_sos_token_is_named_when_decoding(random_palette):
-    with pytest.raises(ValueError, match=r"SOS token \(id 512\)"):
-        ours_for(random_palette).decode(np.full(N_PX * N_PX, 512))
 
 
 # ------------------------------------------------------------------------------------------- property-based
@@ -679,7 +603,7 @@ def test_any_representation_of_a_picture_gives_transformers_ids_of_its_rgb(pictu
 
 @st.composite
 def broken_images(draw):
-    """(an image the processor cannot read, the call's options, the exception, a pattern of its message)."""
+    """(an image the processor cannot read, the call's options, a pattern of its ValueError's message)."""
     height, width = draw(st.integers(5, 12)), draw(st.integers(5, 12))
     value = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
     out_of_range = draw(st.sampled_from([-1.0, 255.5 * 1.01, 1e6]))
@@ -693,70 +617,45 @@ def broken_images(draw):
         return array
 
     kinds = {
-        "non-finite": lambda: (
-            with_value(rgb.astype(np.float32), value),
-            {},
-            ValueError,
-            "Pixel values must be finite",
-        ),
-        "non-finite tensor": lambda: (
-            torch.from_numpy(with_value(rgb.astype(np.float64), value)),
-            {},
-            ValueError,
-            "Pixel values must be finite",
-        ),
+        "non-finite": lambda: (with_value(rgb.astype(np.float32), value), {}, "Pixel values must be finite"),
         "float out of range": lambda: (
             with_value(rgb.astype(np.float64), out_of_range),
             {},
-            ValueError,
             r"Pixel values must be finite, floats in \[0, 255\]",
         ),
         "float out of [0, 1] without rescaling": lambda: (
             with_value(rgb.astype(np.float32), 2.0),
             {"do_rescale": False},
-            ValueError,
             r"floats in \[0, 1\]",
         ),
         "integer out of range": lambda: (
             with_value(rgb.astype(np.int64), big),
             {},
-            ValueError,
             rf"Integer pixel values must lie in \[0, 255\], got \[0, {big}\]",
         ),
         "negative integer": lambda: (
             with_value(rgb.astype(np.int16), -1),
             {},
-            ValueError,
-            r"Integer pixel values must lie in \[0, 255\], got \[-1, 0\]",
+            r"values must lie in \[0, 255\], got \[-1, 0\]",
         ),
         "PIL I out of range": lambda: (
             PIL.Image.fromarray(with_value(rgb.astype(np.int32), big)[..., 0]),
             {},
-            ValueError,
-            r"Integer pixel values must lie in \[0, 255\]",
-        ),
-        "5 channels": lambda: (
-            np.zeros((height, width, 5), np.uint8),
-            {},
-            ValueError,
-            "Cannot infer the channel axis",
+            r"values must lie in \[0, 255\]",
         ),
         "5 channels, channels last": lambda: (
             np.zeros((height, width, 5), np.uint8),
             {"input_data_format": "channels_last"},
-            ValueError,
-            r"Got an image of 5 channel\(s\)",
+            r"image of 5 channel\(s\)",
         ),
         "2 channels": lambda: (
             np.zeros((height, width, 2), np.uint8),
             {},
-            ValueError,
             "Cannot infer the channel axis .*: pass `input_data_format",
         ),
-        "complex": lambda: (rgb.astype(np.complex64), {}, ValueError, "Unsupported pixel dtype complex64"),
-        "1-D": lambda: (np.zeros(width, np.uint8), {}, ValueError, r"Unsupported image ndarray\(\d+,\)"),
-        "missing file": lambda: ("/nonexistent/missing.png", {}, FileNotFoundError, "/nonexistent/missing.png"),
-        "not an image": lambda: (3.5, {}, ValueError, "Unsupported image float"),
+        "complex": lambda: (rgb.astype(np.complex64), {}, "Unsupported pixel dtype complex64"),
+        "1-D": lambda: (np.zeros(width, np.uint8), {}, r"Unsupported image ndarray\(\d+,\)"),
+        "not an image": lambda: (3.5, {}, "Unsupported image float"),
     }
     return kinds[draw(st.sampled_from(sorted(kinds)))]()
 
@@ -764,8 +663,8 @@ def broken_images(draw):
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(broken=broken_images(), position=st.integers(0, 2))
 def test_an_unreadable_image_in_a_batch_raises_its_specific_error(broken, position):
-    image, options, error, message = broken
+    image, options, message = broken
     batch = [np.zeros((8, 8, 3), np.uint8)] * 2
     batch.insert(position, image)
-    with pytest.raises(error, match=message):
+    with pytest.raises(ValueError, match=message):
         ImageGPTImageProcessor(clusters=PALETTE_16, size=8)(batch, **options)

@@ -32,7 +32,6 @@ from image_gpt_hf import (
     load_digits,
 )
 
-sys.path.insert(0, str(EXAMPLES))  # linear_probe.py imports feature_store.py beside it (run_in_process: not on the path)
 SMALL = ["--max_train_samples", "80", "--max_eval_samples", "30", "--per_device_eval_batch_size", "16"]
 
 
@@ -192,9 +191,7 @@ def test_a_store_of_other_weights_is_refused_and_a_damaged_one_is_named(ar_model
     model = ImageGPTForCausalImageModeling.from_pretrained(other)
     torch.nn.init.normal_(model.transformer.h[0].mlp.c_fc.weight)
     model.save_pretrained(other)
-    message = refusal(
-        "linear_probe.py", *map(str, [*args[:1], other, *args[2:], *store, "--output_dir", tmp_path / "b"])
-    )
+    message = refusal("linear_probe.py", *map(str, [*args[:1], other, *args[2:], *store, "--output_dir", tmp_path / "b"]))  # fmt: skip
     assert "holds pretrained features of other settings (their model, weights differ" in message
 
     shard = tmp_path / "features" / "pretrained" / "train" / "shard-0-of-1"
@@ -272,9 +269,7 @@ def test_default_probe_of_a_bert_model_reads_whole_images(bert_model, tmp_path):
         np.testing.assert_allclose(stored[f"pretrained/{part}/layer1"], features[part], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(stored[f"pretrained/{part}/labels"], labels[part])
     probe = sklearn_probe(1.0, features["train"], labels["train"])
-    assert results["pretrained"]["1"]["accuracy"] == pytest.approx(
-        probe.score(features["validation"], labels["validation"])
-    )
+    assert results["pretrained"]["1"]["accuracy"] == pytest.approx(probe.score(features["validation"], labels["validation"]))  # fmt: skip
 
 
 def test_bert_mask_ensembles_average_one_probes_probabilities_over_the_masks(bert_model, tmp_path):
@@ -309,9 +304,7 @@ def test_finetune_on_a_label_subset_with_a_mask_ensemble(bert_model, tmp_path):
     base += ["--per_device_train_batch_size", "10", "--max_train_steps", "3", "--eval_mask_prob", "0.15"]
     for name, extra in (("three", ["--num_eval_masks", "3"]), ("again", ["--num_eval_masks", "3"]), ("one", [])):
         run("finetune.py", *base, *extra, "--output_dir", tmp_path / name)
-    three, again, one = (
-        json.loads((tmp_path / n / "all_results.json").read_text()) for n in ("three", "again", "one")
-    )
+    three, again, one = (json.loads((tmp_path / n / "all_results.json").read_text()) for n in ("three", "again", "one"))  # fmt: skip
     assert set(three) >= {"eval_accuracy", "eval_loss", "eval_ensemble_accuracy", "eval_ensemble_loss"}
     assert three == again
     assert one["eval_accuracy"] == three["eval_accuracy"] and "eval_ensemble_accuracy" not in one
@@ -374,9 +367,7 @@ def test_killed_extraction_resumes_and_the_disk_probe_matches_the_memory_probe(a
             assert abs(reference[name][layer]["accuracy"] - memory[name][layer]["accuracy"]) <= 0.01, (name, layer)
     assert abs(reference["raw_pixels"]["accuracy"] - memory["raw_pixels"]["accuracy"]) <= 0.01
     assert reference["concat"][0]["layers"] == memory["concat"][0]["layers"]
-    assert (
-        abs(reference["concat"][0]["pretrained"]["accuracy"] - memory["concat"][0]["pretrained"]["accuracy"]) <= 0.01
-    )
+    assert abs(reference["concat"][0]["pretrained"]["accuracy"] - memory["concat"][0]["pretrained"]["accuracy"]) <= 0.01  # fmt: skip
 
 
 @pytest.mark.slow

@@ -197,21 +197,11 @@ def test_save_pretrained_ships_the_pipeline_as_remote_code(checkpoint, tmp_path)
     extractor.save_pretrained(tmp_path)
 
     files = set(os.listdir(tmp_path))
-    assert {
-        "pipelines.py",
-        "modeling_imagegpt.py",
-        "configuration_imagegpt.py",
-        "image_processing_imagegpt.py",
-    } <= files
-    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
+    sources = {"pipelines.py", "modeling_imagegpt.py", "configuration_imagegpt.py", "image_processing_imagegpt.py"}
+    assert sources | {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["custom_pipelines"] == {
-        "image-feature-extraction": {
-            "impl": "pipelines.ImageGPTFeatureExtractionPipeline",
-            "pt": ["AutoModel"],
-            "type": "image",
-        }
-    }
+    entry = {"impl": "pipelines.ImageGPTFeatureExtractionPipeline", "pt": ["AutoModel"], "type": "image"}
+    assert config["custom_pipelines"] == {"image-feature-extraction": entry}
     assert config["auto_map"]["AutoModel"] == "modeling_imagegpt.ImageGPTModel"
     # Remote code may import only what any transformers user has (besides the standard library).
     assert set(get_imports(tmp_path / "pipelines.py")) - set(sys.stdlib_module_names) == {"torch", "transformers"}

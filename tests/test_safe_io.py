@@ -225,12 +225,6 @@ def test_files_and_folders_get_the_umask_mode(tmp_path, umask, mask):
     assert stat.S_IMODE((tmp_path / "model" / "config.json").stat().st_mode) == 0o666 & ~mask
 
 
-def test_model_card_mode_follows_the_umask(tmp_path, umask):
-    umask(0o022)
-    path = write_model_card(tmp_path / "ckpt", ImageGPTConfig(vocab_size=17, n_positions=64, n_embd=32, n_layer=2))
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # mkstemp's private 0600 made it unreadable to others
-
-
 def test_write_model_card_keeps_user_files(arena):
     user, outside = arena
     config = ImageGPTConfig(vocab_size=17, n_positions=64, n_embd=32, n_layer=2)
