@@ -5,7 +5,9 @@ objective, on any `datasets` image dataset, an imagefolder, or the bundled sciki
 
 Images become palette ids in the datasets' transforms (random crops for training); a palette is fitted by k-means to
 the training images unless one is given. Batches come from the library's `ImageGPTDataCollator`. Evaluation reports
-the loss in bits per dimension (one dimension = one pixel = one palette id). The output folder loads with
+the loss in bits per dimension (one dimension = one pixel = one palette id). With `--class_conditional`, each image's
+class (`--label_column_name`, dropped with probability `--class_dropout`) is its first token, and evaluation reports
+the bits per pixel without a class (`eval_bpd`) and with it (`eval_bpd_conditional`). The output folder loads with
 `AutoModelForCausalLM` (AR, which then samples from SOS with a plain `generate()`) / `AutoModelForMaskedImageModeling`
 (BERT) / `AutoModel`, and its processor with `AutoImageProcessor`. Checkpoints are accelerate's (`save_state`), with
 the run's position and contract (`image_gpt_hf.training.TrainingRun`); the flags and the Accelerator are in
@@ -45,7 +47,7 @@ from image_gpt_hf.generation import openai_generation_config
 from image_gpt_hf.model_card import write_model_card
 from image_gpt_hf.palette import fit_palette
 from image_gpt_hf.safe_io import check_output_path, staged_dir
-from image_gpt_hf.training import DIGITS, TrainingRun, decode_images, load_image_dataset
+from image_gpt_hf.training import DIGITS, TrainingRun, class_labels, decode_images, load_image_dataset
 from training_run import RUN_FLAGS, check_finite, make_accelerator, training_parser
 
 logger = get_logger(__name__)
@@ -66,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--processor_name_or_path", default=None, help="A processor with a palette ('clusters').")
     add("--palette_size", type=int, default=None)
     add("--palette_max_pixels", type=int, default=1_000_000, help="Pixels sampled for the palette's k-means.")
+    add("--class_conditional", action="store_true", help="Condition on the class labels (a new AR model).")
+    add("--class_dropout", type=float, default=0.1, help="With --class_conditional: how often the class is dropped.")
+    add("--label_column_name", default="label", help="With --class_conditional: the column of class labels.")
     args = parser.parse_args(argv)
 
     # The errors argparse cannot see, before anything is loaded.
@@ -103,16 +108,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def evaluate(accelerator: Accelerator, model: torch.nn.Module, eval_dataloader: DataLoader) -> dict[str, float]:
-    """The objective's loss on the evaluation split, in nats and in bits per dimension (per pixel)."""
+    """The objective's loss on the evaluation split, in nats and in bits per dimension (per pixel); a class-conditional
+    model's without a class (as an unconditional model is evaluated) and, `_conditional`, with each image's class."""
     model.eval()
-    losses = []
+    losses = {"": [], "_conditional": []}
     with torch.no_grad(), torch.random.fork_rng():  # evaluation draws nothing from training's random stream
         for batch in tqdm(eval_dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
-            loss = model(**batch).loss
-            losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(len(batch["input_ids"]))))
+            classes = batch.pop("class_labels", None)
+            for name, given in (("", None), ("_conditional", classes)) if classes is not None else (("", None),):
+                loss = model(**batch, class_labels=given).loss.detach().float().repeat(len(batch["input_ids"]))
+                losses[name].append(accelerator.gather_for_metrics(loss))
     model.train()
-    eval_loss = torch.cat(losses).mean().item()
-    return {"eval_loss": eval_loss, "eval_bpd": eval_loss / math.log(2)}
+    metrics = {}
+    for name, values in losses.items():
+        if values:
+            loss = torch.cat(values).mean().item()
+            metrics |= {f"eval_loss{name}": loss, f"eval_bpd{name}": loss / math.log(2)}
+    return metrics
 
 
 def main(argv=None) -> dict[str, float]:
@@ -165,16 +177,21 @@ def main(argv=None) -> dict[str, float]:
             "--config_overrides."
         )
 
-    # Data: "train" and "validation" splits, the image column.
+    # Data: "train" and "validation" splits, the image column (and, class-conditional, the labels and their names).
     with accelerator.main_process_first():
         names = inspect.signature(load_image_dataset).parameters  # the data flags, by name
         dataset, eval_split, image_column = load_image_dataset(**{k: v for k, v in vars(args).items() if k in names})
+    label_column = label_ids = None
+    if args.class_conditional:  # the labels' names become the config's id2label
+        label_column, class_names, label_ids = class_labels(dataset, args.label_column_name)
 
     def decode(batch: dict) -> list[PIL.Image.Image]:
         return decode_images(batch[image_column])
 
     undecoded = {
-        split: dataset[split].select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+        split: dataset[split]
+        .select_columns([image_column] + [label_column] * args.class_conditional)
+        .cast_column(image_column, datasets.Image(decode=False))
         for split in dataset
     }
 
@@ -185,11 +202,12 @@ def main(argv=None) -> dict[str, float]:
     if args.palette_size not in (None, palette_size or args.palette_size):
         raise ValueError(f"--palette_size {args.palette_size} contradicts the {palette_size}-color palette given.")
     palette_size = palette_size or args.palette_size or (16 if digits else 512)
-    config = (
-        base
-        if base is not None
-        else ImageGPTConfig.from_preset(args.model_size or "tiny", n_px=n_px, palette_size=palette_size)
-    )
+    if args.class_conditional and (objective != "ar" or source):
+        raise ValueError("--class_conditional trains a new AR model from a preset: drop --model_name_or_path, "
+                         "--config_name and --objective bert.")  # fmt: skip
+    classes = {"class_conditional": True, "id2label": dict(enumerate(class_names))} if args.class_conditional else {}
+    preset = args.model_size or "tiny"
+    config = base or ImageGPTConfig.from_preset(preset, n_px=n_px, palette_size=palette_size, **classes)
     for field, value in args.overrides.items():
         setattr(config, field, value)
     config.objective, config.prepend_sos = objective, objective == "ar"
@@ -208,8 +226,11 @@ def main(argv=None) -> dict[str, float]:
         processor = ImageGPTImageProcessor(clusters=palette[0], size={"height": n_px, "width": n_px})
 
     # The run contract (a resume must match it), carried by every checkpoint with the position; one writer per folder.
-    flags = {f"--{name}": getattr(args, name) for name in RUN_FLAGS + (["mask_prob"] if objective == "bert" else [])}
-    data, fingerprint = (dataset["train"], [image_column]), bool(checkpoint or args.checkpointing_steps)
+    names = RUN_FLAGS + (["mask_prob"] if objective == "bert" else [])
+    names += ["class_conditional", "class_dropout", "label_column_name"] if args.class_conditional else []
+    flags = {f"--{name}": getattr(args, name) for name in names}
+    data = (dataset["train"], [image_column] + [label_column] * args.class_conditional)
+    fingerprint = bool(checkpoint or args.checkpointing_steps)
     flags["image_column"], palette = image_column, np.asarray(processor.clusters).tolist()
     run = TrainingRun(accelerator, "pretrain.py", config, processor, flags, data, fingerprint, palette=palette)
     _lock = run.start(args.output_dir, checkpoint, args.overwrite, clear=(TRACKER_DIR,))  # held while main() runs
@@ -230,22 +251,28 @@ def main(argv=None) -> dict[str, float]:
     epoch_now = [0]
     center = {"size": {"shortest_edge": n_px}, "do_center_crop": True, "crop_size": {"height": n_px, "width": n_px}}
 
-    def encode(images: list[PIL.Image.Image], **kwargs) -> dict:
-        return {"input_ids": processor(images, return_tensors="pt", **kwargs)["input_ids"]}
+    def encode(images: list[PIL.Image.Image], batch: dict, **kwargs) -> dict:
+        encoded = {"input_ids": processor(images, return_tensors="pt", **kwargs)["input_ids"]}
+        if label_column:  # class ids (a ClassLabel's values are its ids), for the collator's class_labels
+            encoded["label"] = [label_ids[value] if label_ids else value for value in batch[label_column]]
+        return encoded
 
     def train_transforms(batch: dict) -> dict:
         if args.no_random_crop:
-            return encode(decode(batch), **center)
+            return encode(decode(batch), batch, **center)
         seed = np.random.SeedSequence([args.seed, 1, epoch_now[0], *batch["index"]]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(seed))
-        return encode([random_resized_crop(image, args.random_crop_scale, generator) for image in decode(batch)])
+        crops = [random_resized_crop(image, args.random_crop_scale, generator) for image in decode(batch)]
+        return encode(crops, batch)
 
     train_dataset = undecoded["train"].add_column("index", list(range(len(undecoded["train"]))))
     train_dataset = train_dataset.with_transform(train_transforms)
-    eval_dataset = undecoded["validation"].with_transform(lambda batch: encode(decode(batch), **center))
+    eval_dataset = undecoded["validation"].with_transform(lambda batch: encode(decode(batch), batch, **center))
     masking = {"mask_probability": args.mask_prob} if objective == "bert" else {}
+    masking |= {"class_conditional": args.class_conditional, "class_dropout": args.class_dropout}
     collator = ImageGPTDataCollator(objective=objective, **masking, seed=args.seed)
-    eval_collator = ImageGPTDataCollator(objective=objective, **masking, seed=args.seed)  # epoch 0: fixed masks
+    # Epoch 0: fixed masks; every class given (evaluate() also measures without them).
+    eval_collator = ImageGPTDataCollator(objective=objective, **masking | {"class_dropout": 0.0}, seed=args.seed)
     order = torch.Generator().manual_seed(args.seed)  # keeps the data order off the global RNG (dropout)
     loading = {"num_workers": args.dataloader_num_workers}
     train_dataloader = DataLoader(
