@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DIMS, run_script, run_without_package
+from conftest import TINY_DIMS, refusal, run_script, run_without_package
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, load_digits
 from image_gpt_hf.generation import complete, sample
@@ -156,3 +156,8 @@ def test_a_checkpoint_of_pretrain_reloads_with_the_same_logits(tmp_path):
         cwd=tmp_path,
     )
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "remote.npy")), logits)
+
+
+def test_pretrain_refuses_a_class_conditional_bert_model(tmp_path):
+    error = refusal("pretrain.py", "--class_conditional", "--objective", "bert", "--output_dir", str(tmp_path / "o"))
+    assert "--class_conditional trains a new AR model from a preset" in error
