@@ -136,9 +136,11 @@ def serve(checkpoint, tmp_path_factory):
                 process.kill()
                 pytest.fail(f"The app did not start; its log:\n{log_path.read_text()}")
             time.sleep(1)
-    yield url, log_path
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        yield url, log_path
+    finally:  # also when a fixture closes it
+        process.terminate()
+        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
