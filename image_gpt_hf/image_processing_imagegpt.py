@@ -180,12 +180,12 @@ def _resize_and_crop(image: Any, size: SizeDict | None, resample: int, crop_size
 
 def check_palette_fits(processor: Any, config: Any, source: str = "The processor") -> None:
     """The one rule that a processor and a model belong together: the processor's palette has the colors the model
-    predicts (vocab_size minus SOS, for this package's config and transformers' own), or its ids and decoded images
+    predicts (`config.palette_size`; vocab_size minus SOS for transformers' own config), or its ids and decoded images
     mean something else. A processor without a palette (None, or no `clusters`) has nothing to check."""
-    clusters, size = getattr(processor, "clusters", None), config.vocab_size - 1
+    clusters, size = getattr(processor, "clusters", None), getattr(config, "palette_size", config.vocab_size - 1)
     if clusters is not None and len(clusters) != size:
         raise ValueError(f"{source}'s palette has {len(clusters)} colors but the model predicts {size} (vocab_size "
-                         f"{size + 1} = palette + SOS): use the processor saved with the model.")  # fmt: skip
+                         f"{config.vocab_size}): use the processor saved with the model.")  # fmt: skip
 
 
 def _positive_pair(size: Any) -> tuple[int, int] | None:
