@@ -181,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # The cores shared out between the processes (one each on a 2-core machine): the tiny model's matrices gain little
     # from more threads, and threads that wait on each other inside every operation stall whenever anything else runs.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.num_processes)))
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # MKL's sums in one order on a machine: reruns repeat bit for bit
     batch = str(64 // args.num_processes)  # 64 images per step, whatever the number of processes
     shared = ["--seed", str(args.seed)] + (["--overwrite"] if args.overwrite else [])
     overrides = ["--config_overrides", args.config_overrides] if args.config_overrides else []
