@@ -1,0 +1,107 @@
+"""Tokenized shards at scale: tokenization throughput with 1 and 2 processes (examples/tokenize_images.py on crops of
+the bundled photos), reading throughput map-style against streamed (examples/s through a DataLoader, batch 64), and
+the peak memory of streaming 10,000 against 200,000 rows (it must not grow with the data).
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_streaming.py [--images 2000] [--rows 10000 200000]
+
+Prints a Markdown table (append it to benchmarks/RESULTS.md with `--results benchmarks/RESULTS.md`).
+"""
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pyarrow as pa
+import pyarrow.parquet as pq
+from skimage import data as skdata
+from torch.utils.data import DataLoader
+
+from image_gpt_hf import ImageGPTDataCollator, ImageGPTImageProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_rows(folder: Path, rows: int, seq_len: int, shards: int = 8) -> list[str]:
+    """`rows` examples of random palette ids (16 colors) in `shards` Parquet files, as tokenize_images.py lays them."""
+    rng, files = np.random.default_rng(0), []
+    for i, part in enumerate(np.array_split(np.arange(rows), shards)):
+        ids = rng.integers(0, 16, (len(part), seq_len), dtype=np.uint16)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq_len)
+        files.append(str(folder / f"shard-{i:05d}-of-{shards:05d}.parquet"))
+        pq.write_table(pa.table({"input_ids": column, "index": pa.array(part)}), files[-1])
+    return files
+
+
+def read_rate(files: list[str], streaming: bool) -> tuple[float, int]:
+    """examples/s through a DataLoader (batch 64, the library's collator), and the examples read."""
+    dataset = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
+    start, seen = time.perf_counter(), 0
+    for batch in DataLoader(dataset.with_format("numpy"), batch_size=64, collate_fn=ImageGPTDataCollator()):
+        seen += len(batch["input_ids"])
+    return seen / (time.perf_counter() - start), seen
+
+
+def tokenize_rate(images: Path, palette: Path, processes: int, output: Path) -> float:
+    script = [str(ROOT / "examples" / "tokenize_images.py"), "--train_dir", str(images), "--n_px", "32"]
+    script += ["--processor_name_or_path", str(palette), "--num_shards", "4", "--output_dir", str(output)]
+    launcher = ["-m", "accelerate.commands.launch", "--config_file"]
+    launcher += [str(ROOT / "examples" / "accelerate_configs" / "multi_cpu.yaml"), "--num_processes", str(processes)]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *(launcher if processes > 1 else []), *script], check=True, capture_output=True)
+    return sum(1 for _ in images.rglob("*.png")) / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="Photo crops to tokenize.")
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 200_000], help="Rows streamed for memory.")
+    parser.add_argument("--seq_len", type=int, default=1024, help="Ids per row (1024: 32x32).")
+    parser.add_argument("--results", default=None, help="Append the table to this file.")
+    parser.add_argument("--peak_rss_of", default=None, help=argparse.SUPPRESS)  # a child run: stream this folder
+    args = parser.parse_args()
+    if args.peak_rss_of:  # a fresh process per size, so that its peak memory is that of streaming alone
+        rate, seen = read_rate(sorted(map(str, Path(args.peak_rss_of).glob("*.parquet"))), streaming=True)
+        print(seen, rate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
+    table = ["| measurement | value |", "|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rng, photos = np.random.default_rng(0), [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
+        for i in range(args.images):  # random 64x64 crops of the photos, in 4 class folders
+            photo = photos[i % 4]
+            top, left = rng.integers(0, photo.shape[0] - 64), rng.integers(0, photo.shape[1] - 64)
+            (tmp / "images" / str(i % 4)).mkdir(parents=True, exist_ok=True)
+            PIL.Image.fromarray(photo[top : top + 64, left : left + 64]).save(tmp / "images" / str(i % 4) / f"{i}.png")
+        ImageGPTImageProcessor(clusters=rng.uniform(-1, 1, (512, 3))).save_pretrained(tmp / "palette")
+        for processes in (1, 2):
+            rate = tokenize_rate(tmp / "images", tmp / "palette", processes, tmp / f"shards{processes}")
+            table.append(f"| tokenize {args.images} crops at 32x32, {processes} process(es), with startup | "
+                         f"{rate:,.0f} images/s |")  # fmt: skip
+        (tmp / "rows").mkdir()
+        files = write_rows(tmp / "rows", 20_000, args.seq_len)
+        for streaming in (False, True):
+            rate, _ = read_rate(files, streaming)
+            table.append(f"| read 20,000 rows, {'streamed' if streaming else 'map-style'}, batch 64 | "
+                         f"{rate:,.0f} examples/s |")  # fmt: skip
+        for rows in args.rows:
+            (tmp / f"rows{rows}").mkdir()
+            write_rows(tmp / f"rows{rows}", rows, args.seq_len)
+            child = [sys.executable, __file__, "--peak_rss_of", str(tmp / f"rows{rows}")]
+            seen, rate, peak = subprocess.run(child, check=True, capture_output=True, text=True).stdout.split()[-3:]
+            assert int(seen) == rows
+            table.append(f"| stream {rows:,} rows: peak RSS, rate | {float(peak):,.0f} MiB, {float(rate):,.0f} ex/s |")
+    print("\n".join(table))
+    if args.results:
+        with open(args.results, "a") as file:
+            file.write("\n" + "\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()
