@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import datasets
@@ -57,7 +58,7 @@ def parse_args():
     add("--processor_name_or_path", default=None, help="The palette; needed with --npy_ids. Default: fitted.")
     add("--palette_size", type=int, default=None, help="Colors of a fitted palette (16 on the digits, else 512).")
     add("--palette_max_pixels", type=int, default=1_000_000, help="Pixels sampled for the palette's k-means.")
-    add("--n_px", type=int, default=None, help="Image side (8 on the digits, else 32; with --npy_ids: the array's).")
+    add("--n_px", type=int, default=None, help="Image side (8 on the digits, else 32; --npy_ids: the ids').")
     add("--num_shards", type=int, default=None, help=f"Training shards (default: one per {SHARD_SIZE} images).")
     add("--seed", type=int, default=0, help="Seeds the shuffle before sharding and the palette's k-means.")
     add("--batch_size", type=int, default=256, help="Images per call of the processor.")
@@ -85,11 +86,12 @@ def load_source(args):
             labels = np.load(labels_file) if file.endswith("X.npy") and labels_file.is_file() else None
             labels = labels.argmax(1) if labels is not None and labels.ndim == 2 else labels  # one-hot (N, C)
             paths += [labels_file] if labels is not None else []
-            if ids.ndim != 2 or math.isqrt(ids.shape[1]) ** 2 != ids.shape[1] or len(ids if labels is None else labels) != len(ids):
+            square = ids.ndim == 2 and math.isqrt(ids.shape[1]) ** 2 == ids.shape[1]
+            if not square or len(ids if labels is None else labels) != len(ids):
                 raise ValueError(f"{file} must hold (N, n_px * n_px) ids, its labels N rows; got {ids.shape}.")
             splits[split] = ({"ids": ids, "labels": labels}, file)
-        train_labels = splits["train"][0]["labels"]
-        label = None if train_labels is None else ("labels", datasets.ClassLabel(num_classes=int(train_labels.max()) + 1))
+        classes = splits["train"][0]["labels"]
+        label = None if classes is None else ("labels", datasets.ClassLabel(num_classes=int(classes.max()) + 1))
         return splits, label, None, {"npy": files, "fingerprint": fingerprint(files, paths)}
     if args.train_dir:
         dirs = {"train": args.train_dir, "validation": args.validation_dir}
@@ -98,7 +100,8 @@ def load_source(args):
         description, paths = {"imagefolder": dirs}, [d for d in dirs.values() if d]
     else:
         digits = args.dataset_name == DIGITS
-        dataset = load_digits() if digits else datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        name, config_name = args.dataset_name, args.dataset_config_name
+        dataset = load_digits() if digits else datasets.load_dataset(name, config_name, cache_dir=args.cache_dir)
         description = {"dataset": args.dataset_name, "config": args.dataset_config_name}
         paths = [f["filename"] for split in dataset.values() for f in split.cache_files]
     held_out = next((name for name in ("validation", "test") if name in dataset), None)
@@ -137,18 +140,11 @@ def main():
     with state.main_process_first():
         splits, label, image_column, source = load_source(args)
     digits = args.dataset_name == DIGITS and not (args.train_dir or args.npy_ids)
-    processor = None
-    if args.processor_name_or_path:
-        processor = ImageGPTImageProcessor.from_pretrained(args.processor_name_or_path)
-        if processor.clusters is None:
-            raise ValueError(f"{args.processor_name_or_path} has no palette ('clusters') in its processor config.")
+    processor = args.processor_name_or_path and ImageGPTImageProcessor.from_pretrained(args.processor_name_or_path)
     palette_size = len(processor.clusters) if processor else args.palette_size or (16 if digits else 512)
     lengths = {split: len(rows["ids"] if image_column is None else rows) for split, (rows, _) in splits.items()}
     n_px = args.n_px or (8 if digits else 32)
-    if image_column is None:
-        n_px = math.isqrt(splits["train"][0]["ids"].shape[1])
-        if args.n_px not in (None, n_px):
-            raise ValueError(f"--n_px {args.n_px}: the ids in {args.npy_ids} are of {n_px}x{n_px} images.")
+    n_px = math.isqrt(splits["train"][0]["ids"].shape[1]) if image_column is None else n_px  # the ids' own
     request = {"processor": args.processor_name_or_path, "palette": palette_digest(processor)} if processor else {}
     shard_size = math.ceil(lengths["train"] / (args.num_shards or math.ceil(lengths["train"] / SHARD_SIZE)))
     manifest = {
@@ -195,22 +191,23 @@ def main():
             with atomic_file(output / "preprocessor_config.json", overwrite=True, arg="--output_dir") as tmp:
                 processor.to_json_file(tmp)
     state.wait_for_everyone()
-    processor = ImageGPTImageProcessor.from_pretrained(output)
+    start, processor = time.perf_counter(), ImageGPTImageProcessor.from_pretrained(output)
     manifest = json.loads((output / MANIFEST).read_text())  # the plan, or the earlier run's with its checksums
 
     # Each process writes every num_processes-th shard: a seeded permutation of each split, cut in contiguous runs.
     features = {"input_ids": datasets.Sequence(datasets.Value(manifest["id_dtype"]), length=n_px * n_px)}
-    features = datasets.Features(features | {"index": datasets.Value("int64")} | ({"label": label[1]} if label else {}))
+    features |= {"index": datasets.Value("int64")} | ({"label": label[1]} if label else {})
     work = []
     for number, (split, entry) in enumerate(manifest["splits"].items()):
         order = np.random.default_rng([args.seed, number]).permutation(entry["num_examples"])
         starts = np.cumsum([0] + [shard["num_examples"] for shard in entry["shards"]])
         work += [(split, shard, order[a:b]) for shard, a, b in zip(entry["shards"], starts, starts[1:])]
     mine = work[state.process_index :: state.num_processes]
-    done = lambda shard: (output / shard["file"]).is_file() and (  # noqa: E731
-        "sha256" not in shard or shard_problem(output, shard, checksum=True) is None
-    )
-    todo = [(split, shard, indices) for split, shard, indices in mine if not done(shard)]
+
+    def complete(shard):  # renamed into place when complete; a checksum in the manifest must match too
+        return (output / shard["file"]).is_file() and ("sha256" not in shard or not shard_problem(output, shard, True))
+
+    todo = [(split, shard, indices) for split, shard, indices in mine if not complete(shard)]
     bar = tqdm(total=sum(len(i) for *_, i in todo), unit="img", disable=not state.is_local_main_process)
     for split, shard, indices in todo:
         rows = splits[split][0]
@@ -231,20 +228,24 @@ def main():
         columns = {"input_ids": ids.astype(manifest["id_dtype"]), "index": indices}
         columns |= {"label": labels} if label else {}
         with atomic_file(output / shard["file"], overwrite=True, arg="--output_dir") as tmp:
-            datasets.Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
+            datasets.Dataset.from_dict(columns, features=datasets.Features(features)).to_parquet(str(tmp))
     bar.close()
 
     # When every shard is in place, the main process completes the manifest with each shard's size and checksum.
     state.wait_for_everyone()
+    seconds = time.perf_counter() - start
     if state.is_main_process:
         for entry in manifest["splits"].values():
             for shard in entry["shards"]:
-                shard |= {"bytes": (output / shard["file"]).stat().st_size, "sha256": file_sha256(output / shard["file"])}
+                path = output / shard["file"]
+                shard |= {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         manifest |= {"palette": palette_digest(processor), "complete": True}
+        splits_done = manifest["splits"].items()
         with atomic_file(output / MANIFEST, overwrite=True, arg="--output_dir") as tmp:
             tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        counts = ", ".join(f"{e['num_examples']} {s} in {len(e['shards'])} shards" for s, e in manifest["splits"].items())
-        print(f"Tokenized {counts} into {output} ({n_px}x{n_px}, {palette_size} colors, {len(todo)} shards written here)")
+        counts = [f"{entry['num_examples']} {split} in {len(entry['shards'])}" for split, entry in splits_done]
+        print(f"Tokenized {', '.join(counts)} shards into {output} in {seconds:.1f} s; {len(todo)} shards written by "
+              "the main process.")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
-"""Tokenized shards: palette ids written once by examples/tokenize_images.py, read map-style or streamed.
+"""Tokenized shards, written once by examples/tokenize_images.py, read map-style or streamed.
 
-A shards folder holds `train/shard-00000-of-000NN.parquet` (and `validation/...`) with the columns `input_ids`
-(palette ids, raster order), `index` (the example's position in its source split) and `label` where the source has
-labels; `preprocessor_config.json`, the processor whose palette the ids index; and `manifest.json` (palette digest and
-size, n_px, vocab_size, sequence length, source fingerprint, and per shard its file, row count, bytes and sha256). It
-is a plain Parquet dataset: `datasets.load_dataset("parquet", data_files=...)` reads it, with `streaming=True` too,
-and the Hub hosts it as it is. `load_shards` reads it after checking that it belongs to the model and is intact.
+A shards folder holds `train/shard-00000-of-000NN.parquet` (and `validation/...`: columns `input_ids`, `index` (the
+example's position in its source split) and `label` where there are labels), the processor whose palette the ids
+index (`preprocessor_config.json`), and `manifest.json` (palette digest and size, n_px, vocab_size, source
+fingerprint; per shard its rows, bytes and sha256). `datasets.load_dataset("parquet", ...)` reads and streams it and
+the Hub hosts it as it is; `load_shards` reads it once it has checked that it is the model's and intact.
 """
 
 from __future__ import annotations
@@ -34,8 +33,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def shard_problem(root: Path, shard: dict, checksum: bool = False) -> str | None:
-    """What is wrong with a shard of the manifest (None: nothing). Its byte count is checked always (a stat: free);
-    its sha256 with `checksum` (one read of the file)."""
+    """What is wrong with a shard of the manifest, or None: its size always (free), its sha256 with `checksum`."""
     path = root / shard["file"]
     if not path.is_file():
         return f"The shard {path} is missing"

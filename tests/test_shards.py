@@ -13,13 +13,15 @@ import numpy as np
 import PIL.Image
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_DIMS, launch, run_script, snapshot
+from conftest import TINY_DIMS, launch, refusal, run_script, snapshot
 from datasets.distributed import split_dataset_by_node
 from skimage import data as skdata
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTImageProcessor, load_digits
 from image_gpt_hf.safe_io import staging_path
 from image_gpt_hf.shards import load_shards, palette_digest, plan_processes
+
+pytestmark = pytest.mark.slow  # every test runs examples/tokenize_images.py
 
 
 def tokenize(output, *args, check=True):
@@ -35,7 +37,6 @@ def digits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def palette(tmp_path_factory):
-    """A 16-color processor folder."""
     folder = tmp_path_factory.mktemp("palette")
     ImageGPTImageProcessor(clusters=np.random.default_rng(0).uniform(-1, 1, (16, 3))).save_pretrained(folder)
     return folder
@@ -48,7 +49,7 @@ def in_source_order(dataset):
 
 
 def test_digits_shards_hold_the_processors_ids_and_labels(digits):
-    processor, manifest, source = ImageGPTImageProcessor.from_pretrained(digits), load_shards(digits), load_digits()
+    processor, source = ImageGPTImageProcessor.from_pretrained(digits), load_digits()
     manifest = json.loads((digits / "manifest.json").read_text())
     assert (manifest["n_px"], manifest["vocab_size"], manifest["sequence_length"]) == (8, 17, 64)
     for split, name in (("train", "train"), ("validation", "test")):
@@ -121,11 +122,15 @@ def test_rerun_after_a_kill_finishes_as_a_clean_run(digits, tmp_path):
     partial = staging_path(output / "train" / "shard-00002-of-00004.parquet")
     (partial.parent / partial.name.replace(f"-{os.getpid()}-", f"-{dead.pid}-")).write_bytes(b"PAR1 half")
     (output / "train" / "shard-00002-of-00004.parquet").unlink()
-    assert "2 shards written here" in tokenize(output, "--num_shards", "4")
+    with pytest.raises(ValueError, match="did not finish; rerun examples/tokenize_images.py with the same arguments"):
+        load_shards(output)
+    assert "2 shards written by the main process" in tokenize(output, "--num_shards", "4")
     assert snapshot(output) == snapshot(digits)
     refused = tokenize(output, "--num_shards", "2", check=False)
     assert "other settings (splits differ)" in refused and "--overwrite" in refused
     assert snapshot(output) == snapshot(digits)
+    tokenize(output, "--num_shards", "2", "--overwrite")
+    assert load_shards(output, streaming=True).num_shards == 2 and len(os.listdir(output / "train")) == 2
 
 
 def test_two_processes_write_the_shards_of_one(digits, tmp_path):
@@ -137,6 +142,8 @@ def test_shards_that_are_not_the_models_or_not_intact_are_refused(digits, tmp_pa
     config = ImageGPTConfig(**TINY_DIMS)
     processor = ImageGPTImageProcessor.from_pretrained(digits)
     assert len(load_shards(digits, config, processor, checksum=True)) == 1437
+    with pytest.raises(ValueError, match=r"no 'test' split; they have \['train', 'validation'\]"):
+        load_shards(digits, split="test")
     cases = {
         "palette": (config, ImageGPTImageProcessor.from_pretrained(palette)),
         "n_px 8 (the model's: 16)": (ImageGPTConfig(**TINY_DIMS | {"n_positions": 256}), processor),
@@ -162,3 +169,5 @@ def test_shards_that_are_not_the_models_or_not_intact_are_refused(digits, tmp_pa
     with pytest.raises(ValueError, match="More processes than shards"):
         plan_processes(4, 8)
     assert "8 times the reading" in plan_processes(4, 8, allow_reread=True)
+    no_palette = refusal("tokenize_images.py", "--npy_ids", "x_trX.npy", "--output_dir", str(tmp_path / "out"))
+    assert "--npy_ids needs --processor_name_or_path" in no_palette
