@@ -45,12 +45,9 @@ def shard_problem(root: Path, shard: dict, checksum: bool = False) -> str | None
 
 
 def load_shards(path, config=None, processor=None, *, split="train", streaming=False, checksum=False):
-    """The `split` of the shards folder `path` as a `datasets.Dataset`, or with `streaming` an `IterableDataset` with
-    one shard per file (so `split_dataset_by_node` gives each process its own files).
-
-    Refused with a ValueError naming the difference: shards of another palette than `processor`'s, of another n_px or
-    vocab_size than `config`'s, an unfinished folder, a missing shard or one whose size (or with `checksum`, sha256;
-    worth it once after a copy or download) differs from the manifest's."""
+    """The `split` of the shards folder `path`: a `datasets.Dataset`, or with `streaming` an `IterableDataset` of one
+    shard per file. A ValueError names what is wrong: another palette than `processor`'s, n_px or vocab_size than
+    `config`'s; an unfinished folder; a shard missing or of another size (or sha256, with `checksum`: after a copy)."""
     import datasets
 
     root = Path(path)
