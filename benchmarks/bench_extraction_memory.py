@@ -26,6 +26,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from results import LOAD_NOTE, load, load_note, table
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor, load_digits
 
@@ -55,8 +56,9 @@ def make_model(folder: Path, model_size: str) -> Path:
     return folder
 
 
-def peak_rss(command: list[str], log: Path) -> tuple[float, float]:
-    """Runs `command` in a fresh process; returns its peak resident memory (MiB) and wall time (s)."""
+def peak_rss(command: list[str], log: Path) -> tuple[float, float, str]:
+    """Runs `command` in a fresh process; returns its peak resident memory (MiB), wall time (s) and load cell."""
+    before = os.getloadavg()[0]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     start = time.perf_counter()
     with open(log, "w") as out:
@@ -64,7 +66,8 @@ def peak_rss(command: list[str], log: Path) -> tuple[float, float]:
         _, status, usage = os.wait4(process.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(command)} failed; its log: {log}\n{log.read_text()[-3000:]}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
+    # ru_maxrss is in KiB on Linux
+    return usage.ru_maxrss / 1024, time.perf_counter() - start, load((before, os.getloadavg()[0]))
 
 
 def main() -> None:
@@ -73,13 +76,14 @@ def main() -> None:
     parser.add_argument("--model_size", default="tiny", help="The preset of the random model.")
     parser.add_argument("--batch_size", type=int, default=128, help="--per_device_eval_batch_size of the runs.")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_extraction_memory_") as tmp:
         tmp = Path(tmp)
         model = make_model(tmp / "model", args.model_size)
         config = ImageGPTConfig.from_pretrained(model)
         rows = []
         probe_import = "import sys; sys.path.insert(0, 'examples'); import linear_probe"
-        floor, _ = peak_rss([sys.executable, "-c", probe_import], tmp / "import.log")
+        floor, *_ = peak_rss([sys.executable, "-c", probe_import], tmp / "import.log")
         for k in args.multipliers:
             data = make_data(tmp / f"digits_x{k}", k)
             for mode, extra in MODES.items():
@@ -93,19 +97,17 @@ def main() -> None:
                 command += ["--dataset_name", str(data), "--cache_dir", str(tmp / "cache"), "--output_dir", str(run)]
                 command += ["--no_baselines", "--probe_c", "1", "--per_device_eval_batch_size", str(args.batch_size)]
                 command += [value.format(features=run / "features") for value in extra]
-                rss, seconds = peak_rss(command, tmp / f"x{k}_{len(rows)}.log")
-                rows.append((k, 1797 * k, mode, rss, seconds))
+                rss, seconds, load_cell = peak_rss(command, tmp / f"x{k}_{len(rows)}.log")
+                rows.append([f"x{k}", f"{1797 * k:,}", mode, f"{rss:.0f}", f"{seconds:.0f}", load_cell])
                 print(f"x{k}: {mode}: {rss:.0f} MiB, {seconds:.0f} s", file=sys.stderr, flush=True)
     width = (config.n_layer + 1) * config.n_embd
     print(
         f"Random `{args.model_size}` model ({config.n_layer} layers, width {config.n_embd}: {width} feature values "
         f"per image over its {config.n_layer + 1} layers), 8x8 digits, batches of {args.batch_size}, "
-        f"{torch.__version__}, one torch thread. Importing the script's modules alone peaks at {floor:.0f} MiB.\n"
+        f"{torch.__version__}, one torch thread; {load_note(load_at_start)}. Importing the script's modules alone "
+        f"peaks at {floor:.0f} MiB. {LOAD_NOTE}\n"
     )
-    print("| digits | images | features | peak RSS (MiB) | wall (s) |")
-    print("|---:|---:|---|---:|---:|")
-    for k, images, mode, rss, seconds in rows:
-        print(f"| x{k} | {images:,} | {mode} | {rss:.0f} | {seconds:.0f} |")
+    print(table(["digits", "images", "features", "peak RSS (MiB)", "wall (s)", "load"], rows))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ both give the same outputs (largest absolute difference over both outputs) and p
 
     python benchmarks/bench_onnx.py
     python benchmarks/bench_onnx.py --threads 1 2 --update_results benchmarks/RESULTS.md   # replaces its own section
+    python benchmarks/bench_onnx.py --presets tiny --repeats 1                               # a quick check
 
 Needs the `onnx` extra (onnx, onnxscript, onnxruntime).
 """
@@ -17,8 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +28,7 @@ import onnx
 import onnxruntime
 import onnxscript
 import torch
-import transformers
-from results import replace_section
+from results import LOAD_NOTE, alternate, load, load_note, machine, replace_section, table
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTModel
 from image_gpt_hf.onnx_export import ONNX_FILE, export_onnx
@@ -73,16 +72,11 @@ def run_case(preset: str, n_px: int, batch_size: int, repeats: int, folder: Path
         previous = torch.get_num_threads()
         torch.set_num_threads(count)
         try:
-            reference, ours = run_torch(), run_onnx()  # also the warm-up calls
-            torch_times, onnx_times = [], []
-            for _ in range(repeats):
-                for function, times in ((run_torch, torch_times), (run_onnx, onnx_times)):
-                    start = time.perf_counter()
-                    function()
-                    times.append(time.perf_counter() - start)
+            run = alternate({"torch": run_torch, "onnx": run_onnx}, repeats)
         finally:
             torch.set_num_threads(previous)
-        torch_s, onnx_s = statistics.median(torch_times), statistics.median(onnx_times)
+        torch_s, onnx_s = run.seconds["torch"], run.seconds["onnx"]
+        reference, ours = run.outputs["torch"], run.outputs["onnx"]
         rows.append(
             {
                 "model": f"{preset} ({config.n_layer} layers, width {config.n_embd}, "
@@ -98,65 +92,52 @@ def run_case(preset: str, n_px: int, batch_size: int, repeats: int, folder: Path
                 "export_s": export_s,
                 "opset": export.opset,
                 "model_mb": sum(f.stat().st_size for f in (folder / preset).glob(f"{ONNX_FILE}*")) / 2**20,
+                "load": run.load,
             }
         )
     return rows
 
 
-def machine() -> str:
-    from bench import cpu_name  # benchmarks/bench.py, next to this script
-
-    return (
-        f"{cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, onnxscript "
-        f"{onnxscript.__version__}"
+def markdown(rows: list[dict]) -> str:
+    header = ["model", "tokens", "batch", "threads", "PyTorch (images/s)", "onnxruntime (images/s)"]
+    header += ["onnxruntime / PyTorch", "max abs diff", "export (s)", "model.onnx (MiB)", "load"]
+    return table(
+        header,
+        [
+            [r["model"], r["tokens"], r["batch"], r["threads"], f"{r['torch_images_per_s']:.2f}"]
+            + [
+                f"{r['onnx_images_per_s']:.2f}",
+                f"{r['ratio']:.2f}x",
+                f"{r['max_abs_diff']:.1e}",
+                f"{r['export_s']:.0f}",
+            ]
+            + [f"{r['model_mb']:.1f}", load(r["load"])]
+            for r in rows
+        ],
     )
-
-
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| model | tokens | batch | threads | PyTorch (images/s) | onnxruntime (images/s) | onnxruntime / PyTorch | max abs diff | "
-        "export (s) | model.onnx (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['tokens']} | {row['batch']} | {row['threads']} | {row['torch_images_per_s']:.2f} | "
-            f"{row['onnx_images_per_s']:.2f} | {row['ratio']:.2f}x | {row['max_abs_diff']:.1e} | "
-            f"{row['export_s']:.0f} | {row['model_mb']:.1f} |"
-        )
-    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=10, help="Timed calls per runtime (the median is reported).")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        nargs="+",
-        default=None,
-        help="Thread counts to run with, torch's and onnxruntime's intra-op threads alike (default: torch's).",
-    )
+    threads_help = "Thread counts to run with, torch's and onnxruntime's intra-op threads alike (default: torch's)."
+    parser.add_argument("--threads", type=int, nargs="+", help=threads_help)
+    presets = [case[0] for case in CASES]
+    parser.add_argument("--presets", nargs="+", default=presets, choices=presets, help="The cases to run.")
     parser.add_argument("--update_results", type=Path, default=None, help="Write the table into this RESULTS.md.")
     args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}.")
     threads = args.threads or [torch.get_num_threads()]
-    if min(threads) < 1:
-        parser.error(f"--threads must be at least 1, got {threads}.")
-    load_before = os.getloadavg()[0]
+    load_at_start = os.getloadavg()[0]
     started = time.strftime("%Y-%m-%d %H:%M")
     with tempfile.TemporaryDirectory() as folder:
-        rows = [row for case in CASES for row in run_case(*case, args.repeats, Path(folder), threads)]
-    load = f"1-minute load average {load_before:.1f} before the run and {os.getloadavg()[0]:.1f} after"
-    command = "python benchmarks/bench_onnx.py"
-    if args.repeats != 10:
-        command += f" --repeats {args.repeats}"
-    if args.threads:
-        command += " --threads " + " ".join(map(str, args.threads))
-    if args.update_results is not None:
-        command += f" --update_results {args.update_results}"
+        rows = [
+            row
+            for case in CASES
+            if case[0] in args.presets
+            for row in run_case(*case, args.repeats, Path(folder), threads)
+        ]
+    command = " ".join(["python benchmarks/bench_onnx.py", *sys.argv[1:]])
+    versions = (f"{module.__name__} {module.__version__}" for module in (onnxruntime, onnx, onnxscript))
     text = "\n\n".join(
         [
             f"`{command}`, {started}: random-weight models of the presets at 32x32 exported with "
@@ -165,11 +146,11 @@ def main() -> None:
             "`torch.no_grad()`, sdpa attention) against onnxruntime's CPU provider on the same ids, "
             f"{args.repeats} timed calls each, alternating, after a warm-up; images/s = batch / median time; threads: "
             "torch's threads and onnxruntime's intra-op threads alike.",
-            f"Machine: {machine()}; {load}. The machine is shared with other jobs: the ratio of the two columns, "
-            "measured side by side, is the figure to read, not the absolute rates. When the load average reaches the "
+            f"Machine: {machine(*versions)}; {load_note(load_at_start)}. {LOAD_NOTE} The machine is shared with "
+            "other jobs: the ratio of the two columns, measured side by side, is the figure to read, not the absolute rates. When the load average reaches the "
             "number of cores, threads of either runtime wait on peers that another job has taken the core from: "
             "compare rows of the same thread count, and trust the 1-thread rows most.",
-            table(rows),
+            markdown(rows),
             "max abs diff: the largest difference between the two runtimes' `last_hidden_state` and `pooler_output` "
             "on the timed ids (the export's own check, batch sizes 1 and 3: "
             + ", ".join(f"{row['export_check_diff']:.1e}" for row in rows if row["threads"] == threads[0])

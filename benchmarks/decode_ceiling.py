@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
-import statistics
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -32,14 +31,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import transformers
-from bench import cpu_name  # benchmarks/bench.py, next to this script
-from results import replace_section
-from transformers.models.imagegpt import modeling_imagegpt as hf
-from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
+from results import LOAD_NOTE, alternate, load, load_note, machine, replace_section, table, transformers_twin
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling
-from image_gpt_hf.fast_decoding import _DECODERS, fast_generate, forget
+from image_gpt_hf.fast_decoding import fast_generate, forget
 
 SECTION = "## Decode ceiling (CPU)"
 
@@ -64,36 +59,22 @@ def matmul_only_steps(model: ImageGPTForCausalImageModeling, batch: int) -> tupl
     return steps, nbytes
 
 
-def median_seconds(calls: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, float], dict]:
-    """The median seconds of each call and its last output, timed in rounds (every call once per round, in turn), so
-    that a change in the machine's load falls on all of them alike."""
-    times, outputs = {name: [] for name in calls}, {}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            outputs[name] = call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, outputs
-
-
-def seconds_in_the_step(model, batch: int, call: Callable[[], object]) -> tuple[float, float]:
-    """Seconds of one `call()` of the compiled float32 path, and of them the seconds inside the model's forward (the
-    eager prefill and the compiled decode steps); the rest is generate()'s own work around each step."""
-    decoder = _DECODERS[model][(batch, None, torch.float32, model.device)].model
-    inner, inside = decoder.forward, []
-
-    @functools.wraps(inner)  # generate() reads the forward's signature
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        out = inner(*args, **kwargs)
-        inside.append(time.perf_counter() - start)
-        return out
-
-    decoder.forward = timed
+def seconds_in_the_forward(model: ImageGPTForCausalImageModeling, call: Callable[[], object]) -> tuple[float, float]:
+    """Seconds of one `call()`, and of them the seconds inside the model's forward (the prefill and every decode
+    step), timed by forward hooks on the model, which fire around each forward generate() runs, compiled or not; the
+    rest is generate()'s own work around each step."""
+    inside, begun = [], []
+    hooks = [
+        model.register_forward_pre_hook(lambda *_: begun.append(time.perf_counter())),
+        model.register_forward_hook(lambda *_: inside.append(time.perf_counter() - begun[-1])),
+    ]
     start = time.perf_counter()
     call()
     total = time.perf_counter() - start
-    decoder.forward = inner
+    for hook in hooks:
+        hook.remove()
+    if not inside:
+        raise RuntimeError("generate() ran no forward of the model with its hooks: the split cannot be measured.")
     return total, sum(inside)
 
 
@@ -116,40 +97,28 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    began = time.perf_counter()
+    began, load_at_start = time.perf_counter(), os.getloadavg()[0]
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     paths = ["transformers generate()", "ours generate()", "ours fast_generate() (auto)"]
     paths += [f"compiled, {p}" for p in args.precisions] if args.compile else []
     header = ["model", "batch", "matmuls only (ms/step)", "weights streamed (GB/s)", "ceiling (tok/s)"]
     header += [f"{p} (tok/s)" for p in paths] + ["first call (s)", "same tokens (fp32)", "tokens as fp32 (bf16, int8)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    steps = ["| model | batch | whole generate() | in the forward | around it |", "|---|---|---|---|---|"]
-    machine = (
-        f"{cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}"
-    )
-    print(f"Machine: {machine}\n" + "\n".join(lines), file=sys.stderr, flush=True)  # progress, row by row
+    rows, steps = [], []
+    print(f"Machine: {machine()}\n" + " | ".join(header), file=sys.stderr, flush=True)  # progress, row by row
+    options = {
+        "max_new_tokens": args.new_tokens,
+        "min_new_tokens": args.new_tokens,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
+    short = {**options, "max_new_tokens": 8, "min_new_tokens": 8}  # a warm-up of the eager paths
     for preset in args.presets:
-        config = ImageGPTConfig.from_preset(preset)
-        ours = ImageGPTForCausalImageModeling(config).eval()
-        fields = HFConfig().to_dict()
-        theirs = hf.ImageGPTForCausalImageModeling(
-            HFConfig(**{k: v for k, v in config.to_dict().items() if k in fields})
-        )
-        theirs.load_state_dict(ours.state_dict())
-        theirs.eval()
+        ours = ImageGPTForCausalImageModeling(ImageGPTConfig.from_preset(preset)).eval()
+        theirs = transformers_twin(ours)
         for batch in args.batches:
             matmuls, weight_bytes = matmul_only_steps(ours, batch)
-            start = torch.full((batch, 1), config.sos_token_id)
-            options = {
-                "max_new_tokens": args.new_tokens,
-                "min_new_tokens": args.new_tokens,
-                "do_sample": False,
-                "pad_token_id": 0,
-            }
-            tokens = batch * args.new_tokens
-            short = {**options, "max_new_tokens": 8, "min_new_tokens": 8}  # a warm-up of the eager paths
+            start = torch.full((batch, 1), ours.config.sos_token_id)
             calls = {
                 "ceiling": (matmuls, True),
                 "transformers generate()": (partial(theirs.generate, start), True),
@@ -168,66 +137,59 @@ def main() -> None:
                 call(**(short if short_warmup else options))  # the warm-up; for a compiled path, its compilation
                 if not short_warmup:
                     first_call_s.append(f"{time.perf_counter() - begin:.0f}")
-            seconds, outputs = median_seconds(
-                {n: partial(call, **options) for n, (call, _) in calls.items()}, args.repeats
-            )
+            run = alternate({n: partial(call, **options) for n, (call, _) in calls.items()}, args.repeats, warmup=0)
             if "compiled, float32" in calls:
-                total, inside = seconds_in_the_step(ours, batch, partial(calls["compiled, float32"][0], **options))
-                ms = [1e3 * x / args.new_tokens for x in (total, inside, total - inside)]
-                share = f"{1 - inside / total:.1%}"
-                steps.append(f"| {preset} | {batch} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} ({share}) |")
+                total, inside = seconds_in_the_forward(ours, partial(calls["compiled, float32"][0], **options))
+                ms = [f"{1e3 * x / args.new_tokens:.2f}" for x in (total, inside, total - inside)]
+                steps.append([preset, batch, ms[0], ms[1], f"{ms[2]} ({1 - inside / total:.1%})"])
             forget(ours)
             torch.compiler.reset()
-            rates = {name: tokens / s for name, s in seconds.items()}
+            rates = {name: batch * args.new_tokens / s for name, s in run.seconds.items()}
             ceiling, base = rates.pop("ceiling"), rates["transformers generate()"]
-            reference = outputs["transformers generate()"]
-            fp32 = [n for n in rates if "bfloat16" not in n and "int8" not in n]
+            reference = run.outputs["transformers generate()"]
             low = [n for n in rates if "bfloat16" in n or "int8" in n]
-            step = seconds["ceiling"] / args.new_tokens
-            row = [preset, str(batch), f"{step * 1e3:.2f}", f"{weight_bytes / step / 1e9:.1f}", f"{ceiling:,.1f}"]
+            step = run.seconds["ceiling"] / args.new_tokens
+            row = [preset, batch, f"{step * 1e3:.2f}", f"{weight_bytes / step / 1e9:.1f}", f"{ceiling:,.1f}"]
             row += [f"{rates[n]:,.1f} ({rates[n] / ceiling:.0%} of ceiling, {rates[n] / base:.2f}x)" for n in rates]
-            row += [", ".join(first_call_s), str(all(torch.equal(outputs[n], reference) for n in fp32))]
-            row += [", ".join(f"{(outputs[n] == reference).float().mean():.0%}" for n in low)]
-            lines.append("| " + " | ".join(row) + " |")
-            print(lines[-1], file=sys.stderr, flush=True)
+            row += [", ".join(first_call_s)]
+            row += [all(torch.equal(run.outputs[n], reference) for n in rates if n not in low)]
+            row += [", ".join(f"{(run.outputs[n] == reference).float().mean():.0%}" for n in low), load(run.load)]
+            rows.append(row)
+            print(" | ".join(map(str, row)), file=sys.stderr, flush=True)
 
     command = "python benchmarks/decode_ceiling.py " + " ".join(sys.argv[1:])
-    text = "\n\n".join(
-        [
-            f"`{command.strip()}` ({datetime.datetime.now():%Y-%m-%d %H:%M}, {time.perf_counter() - began:.0f} s; "
-            f"{args.new_tokens} greedy tokens from SOS, median of {args.repeats} calls after a warm-up, timed in "
-            "rounds: every path, the ceiling's matmuls included, once per round in turn).",
-            f"Machine: {machine}.",
-            "ceiling: decode steps' matmuls alone (every projection and the LM head as `torch.addmm` on the "
-            "model's own fp32 weights with a `(batch, d)` input, nothing else), as tokens/s. Each path: tokens/s (its "
-            "fraction of the ceiling, its multiple of transformers'). ours generate(): the default, transformers' "
-            "`DynamicCache`; fast_generate() (auto): what sample()/complete() run (compiles models of 20M parameters "
-            "and more); compiled: `fast_generate(compile=True, precision=...)`, a static cache and a decode step "
-            "compiled with `torch.compile(fullgraph=True, dynamic=False)`; bfloat16 weights and activations; int8 "
-            "weight-only quantized projections and LM head with bfloat16 activations. first call: the seconds of the "
-            "first, untimed call of each fast_generate() path in the order of the columns, its compilation included "
-            "(auto compiles the float32 step that compiled float32 then reuses). same tokens: every fp32 path gave "
-            "transformers' tokens; the last column: the share of bf16 and int8 tokens equal to transformers' (greedy "
-            "decoding of random weights amplifies any rounding; benchmarks/precision_quality.py measures their cost "
-            "in bits per pixel).",
-            "\n".join(lines),
-        ]
-        + (
-            [
-                "Where a step's time goes on the compiled float32 path, in ms per step, from one more call after the "
-                "timed ones (under a load that may differ from theirs: compare its parts with each other): the whole "
-                "generate() call, the model's forward in it (the compiled decode step with its matmuls, norms, "
-                "attention and cache writes), and generate()'s own work around each step (logits processing, stopping "
-                "criteria, cache and input bookkeeping; its share of the call).",
-                "\n".join(steps),
-            ]
-            if len(steps) > 2
-            else []
+    text = [
+        f"`{command.strip()}` ({datetime.datetime.now():%Y-%m-%d %H:%M}, {time.perf_counter() - began:.0f} s; "
+        f"{args.new_tokens} greedy tokens from SOS, median of {args.repeats} calls after a warm-up, timed in "
+        "rounds: every path, the ceiling's matmuls included, once per round in turn).",
+        f"Machine: {machine()}; {load_note(load_at_start)}.",
+        "ceiling: decode steps' matmuls alone (every projection and the LM head as `torch.addmm` on the "
+        "model's own fp32 weights with a `(batch, d)` input, nothing else), as tokens/s. Each path: tokens/s (its "
+        "fraction of the ceiling, its multiple of transformers'). ours generate(): the default, transformers' "
+        "`DynamicCache`; fast_generate() (auto): what sample()/complete() run (compiles models of 20M parameters "
+        "and more); compiled: `fast_generate(compile=True, precision=...)`, a static cache and a decode step "
+        "compiled with `torch.compile(fullgraph=True, dynamic=False)`; bfloat16 weights and activations; int8 "
+        "weight-only quantized projections and LM head with bfloat16 activations. first call: the seconds of the "
+        "first, untimed call of each fast_generate() path in the order of the columns, its compilation included "
+        "(auto compiles the float32 step that compiled float32 then reuses). same tokens: every fp32 path gave "
+        "transformers' tokens; the next column: the share of bf16 and int8 tokens equal to transformers' (greedy "
+        "decoding of random weights amplifies any rounding; benchmarks/precision_quality.py measures their cost "
+        f"in bits per pixel). {LOAD_NOTE}",
+        table(header + ["load"], rows),
+    ]
+    if steps:
+        text.append(
+            "Where a step's time goes on the compiled float32 path, in ms per step, from one more call after the "
+            "timed ones (under a load that may differ from theirs: compare its parts with each other): the whole "
+            "generate() call, the model's forward in it (timed by forward hooks on the model: the eager prefill and "
+            "the compiled decode steps with their matmuls, norms, attention and cache writes), and generate()'s own "
+            "work around each step (logits processing, stopping criteria, cache and input bookkeeping; its share of "
+            "the call)."
         )
-    )
-    print(text)
+        text.append(table(["model", "batch", "whole generate()", "in the forward", "around it"], steps))
+    print("\n\n".join(text))
     if args.update_results is not None:
-        replace_section(args.update_results, SECTION, text)
+        replace_section(args.update_results, SECTION, "\n\n".join(text))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The command line both converters share: the output options, the run, and the upload after it."""
+"""What both converters share: the output options, the output folder, the run, and the upload after it."""
 
 from __future__ import annotations
 
@@ -6,20 +6,28 @@ import argparse
 import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 from huggingface_hub import HfApi, split_torch_state_dict_into_shards
 
 from conversion.openai_checkpoint import ConversionError
-from image_gpt_hf.safe_io import OutputPathError
+from conversion.verify import Check
+from image_gpt_hf import ImageGPTPreTrainedModel
+from image_gpt_hf.generation import openai_generation_config
+from image_gpt_hf.image_processing_imagegpt import ImageGPTImageProcessor
+from image_gpt_hf.model_card import write_model_card
+from image_gpt_hf.safe_io import OutputPathError, check_output_path, staged_dir
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def check_options(dtype: str, max_shard_size: str) -> None:
-    """Refuse a `--dtype` or `--max_shard_size` that saving would reject only after the conversion."""
+def check_options(output_dir, inputs: list, overwrite: bool, dtype: str, max_shard_size: str) -> None:
+    """Refuse, before anything is read, an output path that must not be written and a `--dtype` or
+    `--max_shard_size` that saving would reject only after the conversion."""
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     try:
@@ -28,6 +36,56 @@ def check_options(dtype: str, max_shard_size: str) -> None:
         raise ConversionError(
             f"--max_shard_size {max_shard_size!r} is not a size such as 5GB or 500MB: {err}"
         ) from None
+    check_output_path(output_dir, inputs=inputs, overwrite=overwrite)
+
+
+def write_checkpoint(
+    output_dir: str | os.PathLike,
+    inputs: list,
+    model: ImageGPTPreTrainedModel,
+    palette: np.ndarray,
+    options: dict,
+    check: Callable[[Path], list[Check]] | None,
+    against: str,
+    facts: dict[str, object],
+) -> list[Check]:
+    """Write the converted `model` with its `palette` to `output_dir`: config.json (+ auto_map and source files),
+    safetensors in `options["dtype"]` (the model is cast in place, then its weights are freed), preprocessor_config,
+    generation_config and a model card stating `facts` and the checks `check(folder)` made against `against`.
+
+    The folder is assembled in a hidden sibling and renamed into place only when every check passed
+    (`image_gpt_hf.safe_io.staged_dir`); a failed check raises ConversionError and leaves nothing behind.
+    """
+    with staged_dir(output_dir, overwrite=options["overwrite"], inputs=inputs) as tmp:
+        config = model.to(DTYPES[options["dtype"]]).config
+        model.save_pretrained(tmp, max_shard_size=options["max_shard_size"])
+        processor = ImageGPTImageProcessor(clusters=palette, size={"height": config.n_px, "width": config.n_px})
+        processor.save_pretrained(tmp)
+        if config.objective == "ar" and hasattr(model, "lm_head"):
+            # Written explicitly: a classification model with an LM head (AR + clf) would not write one, yet it
+            # generates once loaded with AutoModelForCausalLM.
+            openai_generation_config(config).save_pretrained(tmp)
+        # The check loads the folder back: free the weights first. The card reads only class, size and dtype.
+        model.to("meta")
+        checks = check(tmp) if check else []
+        for c in checks:
+            logger.info("%s", c)
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            raise ConversionError(
+                f"The converted model does not match {against}: {'; '.join(map(str, failed))}. Nothing was written."
+            )
+        record = "This conversion was not verified (`--skip_verification`)."
+        if checks:
+            figures = "; ".join(f"{c.name} {c.max_abs_diff:.1e}" for c in checks)
+            record = (
+                f"Verified at conversion, on random tokens, against {against}. Max abs differences: {figures} "
+                f"(tolerance {max(c.tolerance for c in checks):.0e})."
+            )
+        facts = {**facts, "notes": [*facts.get("notes", []), record]}
+        write_model_card(tmp, model, processor=processor, facts=facts)
+    logger.info("Wrote %s", output_dir)
+    return checks
 
 
 def run_converter(

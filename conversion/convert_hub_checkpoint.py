@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import sys
@@ -38,13 +37,8 @@ from safetensors.torch import load_file
 if __package__ in (None, ""):  # run as a file (python conversion/convert_hub_checkpoint.py): find `conversion`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conversion.cli import DTYPES, check_options, run_converter  # noqa: E402
-from conversion.convert_openai_checkpoint import (  # noqa: E402
-    check_palette,
-    meta_copy,
-    record_checks,
-    save_checkpoint_folder,
-)
+from conversion.cli import DTYPES, check_options, run_converter, write_checkpoint  # noqa: E402
+from conversion.convert_openai_checkpoint import check_palette  # noqa: E402
 from conversion.openai_checkpoint import OPENAI_SIZES, ConversionError  # noqa: E402
 from conversion.verify import ATOL, Check, stored_dtype  # noqa: E402
 from image_gpt_hf import (  # noqa: E402
@@ -53,10 +47,6 @@ from image_gpt_hf import (  # noqa: E402
     ImageGPTForImageClassification,
     ImageGPTPreTrainedModel,
 )
-from image_gpt_hf.model_card import write_model_card  # noqa: E402
-from image_gpt_hf.safe_io import check_output_path, staged_dir  # noqa: E402
-
-logger = logging.getLogger(__name__)
 
 # Buffers transformers 4 saved with each attention layer; the masks now come from transformers' masking utilities.
 _OLD_BUFFERS = re.compile(r".*\.attn\.(?:bias|masked_bias)$")
@@ -81,21 +71,13 @@ def load_hub_state_dict(src: Path) -> dict[str, torch.Tensor]:
     if name is None:
         raise ConversionError(f"{src} has no weights: expected one of {', '.join(_WEIGHT_FILES)}.")
     try:
+        files = [name]
         if name.endswith(".index.json"):
-            shards = sorted(set(json.loads((src / name).read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (src / s).is_file()]
-            if missing:
-                raise ConversionError(
-                    f"{src} is incomplete: the shards {', '.join(missing)} named in {name} are missing."
-                )
-            state_dict = {}
-            for shard in shards:
-                state_dict.update(_load_weight_file(src / shard))
-        else:
-            state_dict = _load_weight_file(src / name)
-    except ConversionError:
-        raise
-    except Exception as err:  # a truncated or corrupt file: torch and safetensors raise many kinds of errors
+            files = sorted(set(json.loads((src / name).read_text())["weight_map"].values()))
+        state_dict = {}
+        for file in files:
+            state_dict.update(_load_weight_file(src / file))
+    except Exception as err:  # a missing shard, a truncated or corrupt file: torch and safetensors raise many kinds
         raise ConversionError(f"Cannot read the weights in {src}/{name}: {err}") from None
     return {k: v for k, v in state_dict.items() if not _OLD_BUFFERS.fullmatch(k)}
 
@@ -105,16 +87,12 @@ def load_hub_palette(src: Path, palette_size: int) -> np.ndarray:
     path = src / "preprocessor_config.json"
     if not path.is_file():
         raise ConversionError(f"{src} has no preprocessor_config.json, so no palette (`clusters`).")
-    try:
-        clusters = json.loads(path.read_text()).get("clusters")
-    except (ValueError, AttributeError) as err:  # not JSON, or not a JSON object
-        raise ConversionError(f"Cannot read {path}: {err}") from None
-    if clusters is None:
-        raise ConversionError(f"{path} has no `clusters` (the palette).")
-    try:
-        clusters = np.asarray(clusters, dtype=np.float64)
-    except (TypeError, ValueError) as err:  # ragged rows, strings, ...
-        raise ConversionError(f"The palette (`clusters`) in {path} is not an array of numbers: {err}") from None
+    try:  # not JSON, not a JSON object, no `clusters`, ragged rows or strings, ...
+        clusters = np.asarray(json.loads(path.read_text())["clusters"], dtype=np.float64)
+    except (ValueError, AttributeError, TypeError, KeyError) as err:
+        raise ConversionError(
+            f"Cannot read the palette (`clusters`, an array of numbers) in {path}: {err!r}"
+        ) from None
     return check_palette(clusters, f"The palette (`clusters`) in {path}", palette_size)
 
 
@@ -197,36 +175,26 @@ def convert_hub_checkpoint(
     `repo_id` names the destination in the card's usage snippet.
     """
     src = Path(src)
-    check_options(dtype, max_shard_size)
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src} is not a checkpoint folder: it has no config.json.")
-    check_output_path(output_dir, inputs=[src], overwrite=overwrite)
+    check_options(output_dir, [src], overwrite, dtype, max_shard_size)
     model = build_hub_model(src, load_hub_state_dict(src))
     config = model.config
     palette = load_hub_palette(src, config.palette_size)
-
-    with staged_dir(output_dir, overwrite=overwrite, inputs=[src]) as tmp:
-        processor = save_checkpoint_folder(tmp, model, palette, DTYPES[dtype], max_shard_size)
-        card_model = meta_copy(model)
-        del model  # the check below loads the folder back; do not hold two copies of a large model
-        checks = compare_with_transformers(tmp, src) if verify else []
-        inputs = "given SOS explicitly" if config.prepend_sos else "on the same pixel ids"
-        notes = record_checks(checks, f"transformers' own ImageGPT on the source folder, {inputs}")
-        size = OPENAI_SIZES.get((config.n_layer, config.n_embd, config.n_head))
-        name = f"iGPT-{size.upper()}" if size else f"iGPT ({config.n_layer} layers, width {config.n_embd})"
-        facts: dict[str, object] = {
-            "model_name": f"{name} AR {config.n_px}x{config.n_px}",
-            "source": f"The transformers ImageGPT checkpoint `{base_model or src.name}`, re-saved with "
-            "`conversion/convert_hub_checkpoint.py` (weights unchanged).",
-            "notes": notes,
-        }
-        if base_model:
-            facts["base_model"] = base_model
-        if repo_id:
-            facts["repo_id"] = repo_id
-        write_model_card(tmp, card_model, processor=processor, facts=facts)
-    logger.info("Wrote %s", output_dir)
-    return checks
+    size = OPENAI_SIZES.get((config.n_layer, config.n_embd, config.n_head))
+    name = f"iGPT-{size.upper()}" if size else f"iGPT ({config.n_layer} layers, width {config.n_embd})"
+    facts: dict[str, object] = {
+        "model_name": f"{name} AR {config.n_px}x{config.n_px}",
+        "source": f"The transformers ImageGPT checkpoint `{base_model or src.name}`, re-saved with "
+        "`conversion/convert_hub_checkpoint.py` (weights unchanged).",
+        **({"base_model": base_model} if base_model else {}),
+        **({"repo_id": repo_id} if repo_id else {}),
+    }
+    inputs = "given SOS explicitly" if config.prepend_sos else "on the same pixel ids"
+    options = {"dtype": dtype, "max_shard_size": max_shard_size, "overwrite": overwrite}
+    against = f"transformers' own ImageGPT on the source folder, {inputs}"
+    check = (lambda folder: compare_with_transformers(folder, src)) if verify else None
+    return write_checkpoint(output_dir, [src], model, palette, options, check, against, facts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,7 @@ import torch
 if __package__ in (None, ""):  # run as a file (python conversion/convert_openai_checkpoint.py): find `conversion`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conversion.cli import DTYPES, check_options, run_converter  # noqa: E402
+from conversion.cli import check_options, run_converter, write_checkpoint  # noqa: E402
 from conversion.openai_checkpoint import (  # noqa: E402
     PALETTE_URL,
     SCOPE,
@@ -49,10 +49,7 @@ from image_gpt_hf import (  # noqa: E402
     ImageGPTForMaskedImageModeling,
     ImageGPTPreTrainedModel,
 )
-from image_gpt_hf.generation import openai_generation_config  # noqa: E402
-from image_gpt_hf.image_processing_imagegpt import ImageGPTImageProcessor, validate_palette  # noqa: E402
-from image_gpt_hf.model_card import write_model_card  # noqa: E402
-from image_gpt_hf.safe_io import check_output_path, staged_dir  # noqa: E402
+from image_gpt_hf.image_processing_imagegpt import validate_palette  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -64,19 +61,17 @@ def load_palette(path: str | os.PathLike, palette_size: int) -> np.ndarray:
     """
     try:
         loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                if len(loaded.files) != 1:
-                    raise ConversionError(
-                        f"The palette {path} is an .npz archive of {len(loaded.files)} arrays "
-                        f"({', '.join(loaded.files) or 'none'}); expected one, the ({palette_size}, 3) colors. Save "
-                        "that array alone with numpy.save, as OpenAI's kmeans_centers.npy."
-                    )
-                loaded = loaded[loaded.files[0]]
     except (OSError, ValueError, EOFError) as err:
-        if isinstance(err, ConversionError):
-            raise
         raise ConversionError(f"Cannot read the palette {path}: {err}") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            if len(loaded.files) != 1:
+                raise ConversionError(
+                    f"The palette {path} is an .npz archive of {len(loaded.files)} arrays "
+                    f"({', '.join(loaded.files) or 'none'}); expected one, the ({palette_size}, 3) colors. Save "
+                    "that array alone with numpy.save, as OpenAI's kmeans_centers.npy."
+                )
+            loaded = loaded[loaded.files[0]]
     return check_palette(loaded, f"The palette {path}", palette_size)
 
 
@@ -86,19 +81,13 @@ def check_palette(palette: np.ndarray, what: str, palette_size: int) -> np.ndarr
     `what` starts the messages ("The palette kmeans_centers.npy").
     """
     palette = np.asarray(palette)
-    if palette.ndim != 2 or palette.shape[1] != 3:
-        raise ConversionError(
-            f"{what} has shape {palette.shape} ({palette.dtype}); expected ({palette_size}, 3) RGB colors."
-        )
-    if palette.shape[0] != palette_size:
-        raise ConversionError(
-            f"{what} has {palette.shape[0]} colors but the checkpoint has {palette_size}; expected shape "
-            f"({palette_size}, 3)."
-        )
     try:
-        validate_palette(palette)  # the image processor's checks: real numbers, finite, in [-1, 1]
+        validate_palette(palette)  # the image processor's rule: (num_colors, 3) real numbers, finite, in [-1, 1]
     except ValueError as err:
         raise ConversionError(f"{what}: {err}") from None
+    if palette.shape[0] != palette_size:
+        n, size = palette.shape[0], palette_size
+        raise ConversionError(f"{what} has {n} colors but the checkpoint has {size}; expected shape ({size}, 3).")
     return palette if palette.dtype.kind == "f" else palette.astype(np.float64)  # the file's own precision kept
 
 
@@ -192,61 +181,6 @@ def build_model(config: ImageGPTConfig, state_dict: dict[str, torch.Tensor]) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Writing the output folder
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint_folder(
-    folder: Path,
-    model: ImageGPTPreTrainedModel,
-    palette: np.ndarray,
-    dtype: torch.dtype = torch.float32,
-    max_shard_size: str = "5GB",
-) -> ImageGPTImageProcessor:
-    """config.json (+ auto_map and source files), safetensors, preprocessor_config.json, generation_config.json.
-
-    The model is cast to `dtype` in place. Returns the image processor it saved.
-    """
-    model.to(dtype)
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
-    config = model.config
-    processor = ImageGPTImageProcessor(clusters=palette, size={"height": config.n_px, "width": config.n_px})
-    processor.save_pretrained(folder)
-    if config.objective == "ar" and hasattr(model, "lm_head"):
-        # Written explicitly: a classification model with an LM head (AR + clf) would not write one, yet it
-        # generates once loaded with AutoModelForCausalLM.
-        openai_generation_config(config).save_pretrained(folder)
-    return processor
-
-
-def meta_copy(model: ImageGPTPreTrainedModel) -> ImageGPTPreTrainedModel:
-    """The same class, config and dtype, holding no memory: what the model card reads (class, parameter count,
-    dtype) after the real model has been freed."""
-    with torch.device("meta"):
-        copy = type(model)(model.config)
-    return copy.to(model.dtype)
-
-
-def record_checks(checks: list[Check], against: str) -> list[str]:
-    """Log the checks made at conversion against `against` and return the model card's record of them; if one
-    failed, raise ConversionError (the staged folder is then removed: nothing is written)."""
-    for check in checks:
-        logger.info("%s", check)
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        raise ConversionError(
-            f"The converted model does not match {against}: {'; '.join(map(str, failed))}. Nothing was written."
-        )
-    if not checks:
-        return ["This conversion was not verified (`--skip_verification`)."]
-    figures = "; ".join(f"{c.name} {c.max_abs_diff:.1e}" for c in checks)
-    tolerance = max(c.tolerance for c in checks)
-    return [
-        f"Verified at conversion, on random tokens, against {against}. Max abs differences: {figures} (tolerance {tolerance:.0e})."
-    ]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -294,21 +228,13 @@ def convert_openai_checkpoint(
     the converted model does not match the reference, and `image_gpt_hf.safe_io.OutputPathError` (before reading
     anything) for an output path it must not write to.
     """
-    check_options(dtype, max_shard_size)
     inputs = [*checkpoint_inputs(checkpoint), clusters]
-    check_output_path(output_dir, inputs=inputs, overwrite=overwrite)
+    check_options(output_dir, inputs, overwrite, dtype, max_shard_size)
     ckpt = read_openai_checkpoint(checkpoint)
     palette = load_palette(clusters, ckpt.palette_size)
     logger.info(
         "%s: %d layers, width %d, %d heads, %dx%d pixels, %d colors, step %s%s; ignored %d other variables.",
-        ckpt.title,
-        ckpt.n_layer,
-        ckpt.n_embd,
-        ckpt.n_head,
-        ckpt.n_px,
-        ckpt.n_px,
-        ckpt.palette_size,
-        ckpt.step,
+        *(ckpt.title, ckpt.n_layer, ckpt.n_embd, ckpt.n_head, ckpt.n_px, ckpt.n_px, ckpt.palette_size, ckpt.step),
         f", classifier with {ckpt.num_labels} classes" if ckpt.num_labels else "",
         len(ckpt.ignored),
     )
@@ -319,22 +245,19 @@ def convert_openai_checkpoint(
             "`transformer.wte.weight` (id vocab_size - 1) is zeros."
         )
         logger.info(notes[-1])
-
-    config = build_config(ckpt)
-    model = build_model(config, convert_state_dict(ckpt))
-    with staged_dir(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
-        processor = save_checkpoint_folder(tmp, model, palette, DTYPES[dtype], max_shard_size)
-        card_model = meta_copy(model)
-        del model  # the check below loads the folder back; do not hold two copies of a large model
-        checks = compare_with_reference(tmp, ckpt.weights, num_images=num_verify_images) if verify else []
-        against = (
-            "an independent NumPy implementation of OpenAI's forward pass (`conversion/openai_reference.py`) "
-            "run on the TensorFlow checkpoint's arrays"
-        )
-        notes += record_checks(checks, against)
-        write_model_card(tmp, card_model, processor=processor, facts=card_facts(ckpt, repo_id, notes))
-    logger.info("Wrote %s", output_dir)
-    return checks
+    return write_checkpoint(
+        output_dir,
+        inputs,
+        build_model(build_config(ckpt), convert_state_dict(ckpt)),
+        palette,
+        {"dtype": dtype, "max_shard_size": max_shard_size, "overwrite": overwrite},
+        (lambda folder: compare_with_reference(folder, ckpt.weights, num_images=num_verify_images))
+        if verify
+        else None,
+        "an independent NumPy implementation of OpenAI's forward pass (`conversion/openai_reference.py`) run on the "
+        "TensorFlow checkpoint's arrays",
+        card_facts(ckpt, repo_id, notes),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -183,24 +183,6 @@ def read_openai_checkpoint(path: str | os.PathLike) -> OpenAICheckpoint:
             raise ConversionError(
                 f"The checkpoint {prefix} is incomplete or not an iGPT checkpoint: no {SCOPE}{required}."
             )
-    wte = shapes[SCOPE + "wte"]
-    if len(wte) != 2:
-        raise ConversionError(
-            f"Inconsistent checkpoint: {SCOPE}wte has shape {list(wte)}, expected [n_vocab, n_embd]."
-        )
-    palette_size, n_embd = wte
-    _expect(SCOPE + "wtet", shapes[SCOPE + "wtet"], wte, "the output embedding has the shape of wte")
-    wpe = shapes[SCOPE + "wpe"]
-    if len(wpe) != 2 or wpe[1] != n_embd:
-        raise ConversionError(
-            f"Inconsistent checkpoint: {SCOPE}wpe has shape {list(wpe)}, expected [n_ctx, {n_embd}]."
-        )
-    n_ctx = wpe[0]
-    n_px = math.isqrt(n_ctx)
-    if n_px * n_px != n_ctx:
-        raise ConversionError(f"{SCOPE}wpe has {n_ctx} positions, which is not a square image (n_px * n_px).")
-    _expect(SCOPE + "ln_f/g", shapes[SCOPE + "ln_f/g"], [n_embd], "a norm gain per channel")
-
     layers = {int(m.group("layer")) for m in map(_WEIGHT_NAME.fullmatch, names) if m.group("layer") is not None}
     if not layers:
         raise ConversionError(f"The checkpoint {prefix} has no transformer layers ({SCOPE}h0/... is missing).")
@@ -214,34 +196,33 @@ def read_openai_checkpoint(path: str | os.PathLike) -> OpenAICheckpoint:
                     f"(it has layers up to h{n_layer - 1}, so every h0..h{n_layer - 1} needs all of its variables)."
                 )
 
-    q_shape = shapes[f"{SCOPE}h0/attn/q_proj"]
-    if len(q_shape) != 3 or q_shape[0] * q_shape[1] != n_embd or q_shape[2] != n_embd:
-        raise ConversionError(
-            f"Inconsistent checkpoint: {SCOPE}h0/attn/q_proj has shape {list(q_shape)}, expected "
-            f"[n_head, {n_embd} / n_head, {n_embd}]."
-        )
-    n_head = q_shape[0]
+    # The sizes, read off three variables; then every variable's shape must follow from them.
+    wte, wpe, q_shape = shapes[SCOPE + "wte"], shapes[SCOPE + "wpe"], shapes[f"{SCOPE}h0/attn/q_proj"]
+    _expect(SCOPE + "wte", wte, wte if len(wte) == 2 else (0, 0), "[n_vocab, n_embd]")
+    palette_size, n_embd = wte
+    _expect(SCOPE + "wpe", wpe, (wpe[0], n_embd), f"[n_ctx, {n_embd}]")
+    n_ctx, n_px = wpe[0], math.isqrt(wpe[0])
+    if n_px * n_px != n_ctx:
+        raise ConversionError(f"{SCOPE}wpe has {n_ctx} positions, which is not a square image (n_px * n_px).")
+    n_head = q_shape[0] if len(q_shape) == 3 and q_shape[0] * q_shape[1] == n_embd else 0
+    _expect(
+        f"{SCOPE}h0/attn/q_proj", q_shape, (n_head, n_embd // max(n_head, 1), n_embd), "[n_head, head_dim, n_embd]"
+    )
     n_inner = shapes[f"{SCOPE}h0/mlp/c_fc/w"][-1]
+    expected = {"wtet": (wte, "the output embedding has the shape of wte"), "ln_f/g": ((n_embd,), "a norm gain")}
     for layer in range(n_layer):
-        p = f"{SCOPE}h{layer}/"
-        for var in ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/c_proj"):
-            _expect(p + var, shapes[p + var], q_shape, f"[n_head, head_dim, n_embd] as {SCOPE}h0/attn/q_proj")
-        _expect(p + "ln_1/g", shapes[p + "ln_1/g"], [n_embd], "a norm gain per channel")
-        _expect(p + "ln_2/g", shapes[p + "ln_2/g"], [n_embd], "a norm gain per channel")
-        _expect(p + "mlp/c_fc/w", shapes[p + "mlp/c_fc/w"], [n_embd, n_inner], "[n_embd, n_inner]")
-        _expect(p + "mlp/c_proj/w", shapes[p + "mlp/c_proj/w"], [n_inner, n_embd], "[n_inner, n_embd]")
-
+        expected |= {f"h{layer}/{v}": (q_shape, "[n_head, head_dim, n_embd]") for v in LAYER_VARIABLES if "attn" in v}
+        expected |= {f"h{layer}/{v}": ((n_embd,), "a norm gain per channel") for v in ("ln_1/g", "ln_2/g")}
+        expected[f"h{layer}/mlp/c_fc/w"] = ((n_embd, n_inner), "[n_embd, n_inner]")
+        expected[f"h{layer}/mlp/c_proj/w"] = ((n_inner, n_embd), "[n_inner, n_embd]")
     objective = "ar" if SCOPE + "sos" in shapes else "bert"
-    if objective == "ar":
-        _expect(SCOPE + "sos", shapes[SCOPE + "sos"], [n_embd], "the start-of-sequence embedding")
-    num_labels = None
-    if SCOPE + "clf/wclf" in shapes:
-        wclf = shapes[SCOPE + "clf/wclf"]
-        if len(wclf) != 2 or wclf[1] != n_embd:
-            raise ConversionError(
-                f"Inconsistent checkpoint: {SCOPE}clf/wclf has shape {list(wclf)}, expected [n_classes, {n_embd}]."
-            )
-        num_labels = wclf[0]
+    expected["sos"] = ((n_embd,), "the start-of-sequence embedding")
+    wclf = shapes.get(SCOPE + "clf/wclf")
+    num_labels = wclf[0] if wclf else None
+    expected["clf/wclf"] = ((num_labels, n_embd), f"[n_classes, {n_embd}]")
+    for name, (shape, what) in expected.items():
+        if SCOPE + name in shapes:
+            _expect(SCOPE + name, shapes[SCOPE + name], shape, what)
 
     weights = {}
     for name in names:

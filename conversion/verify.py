@@ -130,24 +130,16 @@ def compare_with_reference(
 
     input_ids = torch.from_numpy(tokens).to(device)
     masked_pos = torch.from_numpy(~keep).to(device)
+    inputs = {"input_ids": input_ids, **({"bool_masked_pos": masked_pos} if bert else {"prepend_sos": True})}
+    heads = {("masked" if bert else "causal"): AutoModelForMaskedImageModeling if bert else AutoModelForCausalLM}
+    if "ImageGPTForImageClassification" in (config.architectures or []):
+        heads["classification"] = AutoModelForImageClassification
     outputs = {}
     with torch.no_grad():
-        if bert:
-            model = AutoModelForMaskedImageModeling.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-            out = model(input_ids=input_ids, bool_masked_pos=masked_pos, labels=input_ids)
-            outputs["masked"] = (out.logits, out.loss)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-            out = model(input_ids=input_ids, labels=input_ids, prepend_sos=True)
-            outputs["causal"] = (out.logits, out.loss)
-        del model
-        if "ImageGPTForImageClassification" in (config.architectures or []):
-            model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-            if bert:
-                out = model(input_ids=input_ids, bool_masked_pos=masked_pos)
-            else:
-                out = model(input_ids=input_ids, prepend_sos=True)
-            outputs["classification"] = (out.logits, None)
+        for head, auto_class in heads.items():  # one model in memory at a time
+            model = auto_class.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+            out = model(**inputs) if head == "classification" else model(**inputs, labels=input_ids)
+            outputs[head] = (out.logits, None if head == "classification" else out.loss)
             del model
 
     checks = []
@@ -250,15 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt.weights.clear()  # the evaluation below needs only the converted model
 
     if args.eval_npy:
-        loss = evaluate_gen_loss(
-            args.folder,
-            args.eval_npy,
-            args.num_images,
-            args.batch_size,
-            args.device,
-            getattr(torch, args.eval_dtype),
-            args.seed,
-        )
+        options = (args.num_images, args.batch_size, args.device, getattr(torch, args.eval_dtype), args.seed)
+        loss = evaluate_gen_loss(args.folder, args.eval_npy, *options)
         bits = loss / math.log(2)
         print(
             f"test generative loss on {args.eval_npy}: {loss:.4f} nats/token, {bits:.4f} bits/token, "

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 import image_gpt_hf
-from image_gpt_hf import ImageGPTForCausalImageModeling, ImageGPTImageProcessor
+from image_gpt_hf import ImageGPTForCausalImageModeling, ImageGPTImageProcessor, load_config_and_processor
 from image_gpt_hf.generation import complete, sample, upscale_images
 
 # `--write_space` writes this line with the Space's model.
@@ -55,19 +56,13 @@ def load_model(name_or_path: str) -> tuple[ImageGPTForCausalImageModeling, Image
             "minutes on 2 CPU cores), or pass any checkpoint with --model (a folder or a Hub id such as "
             "openai/imagegpt-small)."
         )
-    try:
-        model, info = ImageGPTForCausalImageModeling.from_pretrained(name_or_path, output_loading_info=True)
-    except (OSError, ValueError) as error:  # not a checkpoint, or not an autoregressive one (a BERT objective)
-        raise ValueError(f"Cannot load an autoregressive Image GPT from {name_or_path!r}: {error}") from None
-    if any(key.startswith("lm_head.") for key in info["missing_keys"]):
+    config, processor = load_config_and_processor(name_or_path, objective="ar")
+    model, info = ImageGPTForCausalImageModeling.from_pretrained(name_or_path, config=config, output_loading_info=True)
+    if any(key.startswith("lm_head.") for key in info["missing_keys"]):  # else: completions from a random head
         raise ValueError(
             f"{name_or_path!r} has no LM head (a feature-extraction or classification checkpoint): completing images "
             "needs the next-pixel head an autoregressive pretraining saves (e.g. examples/pretrain.py --objective ar)."
         )
-    try:
-        processor = ImageGPTImageProcessor.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"Cannot load the image processor (the palette) from {name_or_path!r}: {error}") from None
     return model.eval(), processor
 
 
@@ -188,20 +183,14 @@ def stream(run, model, processor, kept_rows: int, count: int) -> Iterator[tuple[
         thread.join()
 
 
-def check_settings(model, num_images, temperature, top_k, seed) -> dict:
-    """The sampling settings from the page as `complete`/`sample` keywords; gr.Error for a value it cannot take."""
+def check_settings(num_images, temperature, top_k, seed) -> dict:
+    """The sampling settings from the page as `complete`/`sample` keywords; gr.Error for a value it cannot take (the
+    sliders' ranges are Gradio's to enforce; the seed box takes any number)."""
     for name, value in (("count", num_images), ("top-k", top_k), ("seed", seed)):
         if value is None or not math.isfinite(value) or int(value) != value:
             raise gr.Error(f"The {name} must be a whole number, got {value!r}.")
     if not 0 <= seed < 2**63:
         raise gr.Error(f"The seed must be from 0 to 2**63 - 1 (torch's seeds), got {seed}.")
-    if not 1 <= num_images <= MAX_COMPLETIONS:
-        raise gr.Error(f"Choose 1 to {MAX_COMPLETIONS} images, got {num_images}.")
-    if temperature is None or not temperature > 0:
-        raise gr.Error(f"The temperature must be positive, got {temperature!r}.")
-    palette = model.config.vocab_size - 1
-    if not 0 <= top_k <= palette:
-        raise gr.Error(f"Top-k must be from 0 (the full distribution) to {palette} (the palette), got {top_k}.")
     # top_k 0: every color drawn from the full softmax, as OpenAI's sampler does. compile=False: the compiled step is
     # made once per batch size (10-26 s for iGPT-S), which would stall the first request at every count on the slider.
     return {"temperature": float(temperature), "top_k": int(top_k), "seed": int(seed), "compile": False}
@@ -216,9 +205,9 @@ def complete_images(model, processor, path, kept_rows, num_completions, temperat
     except ValueError as error:
         raise gr.Error(str(error)) from None
     n_px = model.config.n_px
-    if kept_rows is None or int(kept_rows) != kept_rows or not 0 <= kept_rows < n_px:
-        raise gr.Error(f"Keep 0 to {n_px - 1} rows, got {kept_rows!r}.")
-    settings = check_settings(model, num_completions, temperature, top_k, seed)
+    if int(kept_rows) != kept_rows:
+        raise gr.Error(f"Keep a whole number of rows, got {kept_rows!r}.")
+    settings = check_settings(num_completions, temperature, top_k, seed)
     kept_rows, num_completions = int(kept_rows), int(num_completions)
 
     def run(streamer):
@@ -233,7 +222,7 @@ def complete_images(model, processor, path, kept_rows, num_completions, temperat
 
 def sample_images(model, processor, num_images, temperature, top_k, seed):
     """The sampling tab: whole new images, filling in row by row."""
-    settings = check_settings(model, num_images, temperature, top_k, seed)
+    settings = check_settings(num_images, temperature, top_k, seed)
     n_px = model.config.n_px
 
     def run(streamer):
@@ -328,37 +317,47 @@ def sampling_settings(palette: int) -> list:
     ]
 
 
+# What a Space needs of a local checkpoint: its top-level config, weights, processor and remote code; not its
+# training state (checkpoints/, optimizer and random states, the run's lock file) nor anything else in the folder.
+SPACE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "*.safetensors*", "pytorch_model*",
+               "*.py", "README.md")  # fmt: skip
+
+
 def write_space(folder: str, model: str) -> None:
     """A Hugging Face Space in `folder`: this app serving `model`, the package it runs on, requirements and the
     README front matter (`sdk: gradio`). Push it with `hf upload spaces/USER/NAME FOLDER . --repo-type space`."""
-    if os.path.exists(folder) and os.listdir(folder):
-        raise ValueError(f"{folder} is not empty: write the Space into a new folder.")
+    target = Path(folder).resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"{folder} is not an empty folder: write the Space into a new one.")
+    package = Path(image_gpt_hf.__file__).resolve().parent
+    sources = [package] + ([Path(model).resolve()] if os.path.isdir(model) else [])
+    for source in sources:  # a Space inside what it copies would copy itself
+        if target.is_relative_to(source):
+            raise ValueError(f"{folder} is inside {source}, which the Space is made from: write it elsewhere.")
+    if os.path.isdir(model):  # what the Space would refuse at start is refused here (a Hub id is checked there)
+        load_model(model)
     with open(__file__) as f:
         source = f.read()
     line = f'DEFAULT_MODEL = "{DEFAULT_MODEL}"'
-    if source.count(line) != 1:
-        raise ValueError(f"examples/app.py must hold the line {line!r} once (it names the Space's model).")
-    os.makedirs(folder, exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
     if os.path.isdir(model):  # a local checkpoint travels with the Space, which cannot read this machine's folders
-        shutil.copytree(model, os.path.join(folder, "model"))
+        (target / "model").mkdir()
+        for path in sorted(Path(model).iterdir()):
+            if path.is_file() and any(path.match(pattern) for pattern in SPACE_FILES):
+                shutil.copy2(path, target / "model" / path.name)
         model = "model"
-    with open(os.path.join(folder, "app.py"), "w") as f:
-        f.write(source.replace(line, f"DEFAULT_MODEL = {model!r}"))
+    (target / "app.py").write_text(source.replace(line, f"DEFAULT_MODEL = {model!r}"))
     # The package itself, so that the Space runs the version that wrote it.
-    package = os.path.dirname(image_gpt_hf.__file__)
-    shutil.copytree(package, os.path.join(folder, "image_gpt_hf"), ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(package, target / "image_gpt_hf", ignore=shutil.ignore_patterns("__pycache__"))
     requirements = [r for r in importlib.metadata.requires("image_gpt_hf") if "extra ==" not in r]
-    with open(os.path.join(folder, "requirements.txt"), "w") as f:
-        f.write(
-            "\n".join([*requirements, f"gradio=={gr.__version__}", "scikit-image", "scikit-learn", "datasets"]) + "\n"
-        )
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(
-            f"---\ntitle: Image GPT completion\nsdk: gradio\nsdk_version: {gr.__version__}\napp_file: app.py\n"
-            f"pinned: false\n---\n\n# Image GPT completion\n\nUpload an image and let `{model}` complete it from its "
-            "top rows, or sample new images. Made with image_gpt_hf's examples/app.py "
-            f"(`python examples/app.py --model {model} --write_space DIR`).\n"
-        )
+    requirements += [f"gradio=={gr.__version__}", "scikit-image", "scikit-learn", "datasets"]
+    (target / "requirements.txt").write_text("\n".join(requirements) + "\n")
+    (target / "README.md").write_text(
+        f"---\ntitle: Image GPT completion\nsdk: gradio\nsdk_version: {gr.__version__}\napp_file: app.py\n"
+        f"pinned: false\n---\n\n# Image GPT completion\n\nUpload an image and let `{model}` complete it from its "
+        "top rows, or sample new images. Made with image_gpt_hf's examples/app.py "
+        f"(`python examples/app.py --model {model} --write_space DIR`).\n"
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

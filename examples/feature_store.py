@@ -48,6 +48,7 @@ logger = get_logger(__name__)
 SETTINGS_FILE = "features.json"
 PROGRESS_FILE = "progress.json"
 SHARD = re.compile(r"shard-(\d+)-of-(\d+)")
+Compute = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # a batch -> {feature name: (B, width)}
 
 
 def digest(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
@@ -58,6 +59,17 @@ def digest(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
             array = array.detach().cpu().contiguous().flatten().view(torch.uint8).numpy()
         h.update(array if isinstance(array, bytes) else np.ascontiguousarray(array).view(np.uint8).data)
     return h.hexdigest()
+
+
+def read_json(path: Path) -> Any:
+    """A file of the store, or an error that names it and says how to recover (a kill can leave nothing half-written,
+    but a disk or a hand can)."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(
+            f"{path} is damaged ({err}): delete {path.parent} and run again to extract it anew."
+        ) from None
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -83,7 +95,7 @@ class FeatureStore:
         store, or that set alone), and records the settings of what is new. A store of the same settings is reused
         as it stands, complete or not: it holds what this run would compute."""
         path = self.root / SETTINGS_FILE
-        recorded = json.loads(path.read_text()) if path.is_file() else None
+        recorded = read_json(path) if path.is_file() else None
         entries = set(os.listdir(self.root)) if self.root.is_dir() else set()
         foreign = entries - {SETTINGS_FILE} - set(recorded["sets"] if recorded else ())
         if recorded is not None and recorded["data"] != data:
@@ -138,7 +150,7 @@ class FeatureStore:
 
     def writer(self, name: str, part: str, num_rows: int, rank: int, num_processes: int) -> ShardWriter:
         """This process's shard of a part: the rows [rank*N/P, (rank+1)*N/P); resumed where it stopped."""
-        start, stop = shard_range(num_rows, rank, num_processes)
+        start, stop = num_rows * rank // num_processes, num_rows * (rank + 1) // num_processes
         return ShardWriter(self.part(name, part) / f"shard-{rank}-of-{num_processes}", start, stop)
 
     def features(self, name: str, part: str) -> DiskFeatures:
@@ -152,16 +164,17 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def shard_range(num_rows: int, rank: int, num_processes: int) -> tuple[int, int]:
-    return num_rows * rank // num_processes, num_rows * (rank + 1) // num_processes
-
-
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape, dtype and data offset of a .npy file."""
     with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        except ValueError as err:
+            raise ValueError(
+                f"{path} is damaged ({err}): delete {path.parent} and run again to extract it anew."
+            ) from None
         return shape, dtype, f.tell()
 
 
@@ -173,7 +186,7 @@ class ShardWriter:
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / PROGRESS_FILE).is_file():
             write_json(folder / PROGRESS_FILE, {"start": start, "rows": self.rows, "done": 0})
-        recorded = json.loads((folder / PROGRESS_FILE).read_text())
+        recorded = read_json(folder / PROGRESS_FILE)
         if (recorded["start"], recorded["rows"]) != (start, self.rows):
             raise ValueError(f"{folder} holds rows {recorded['start']}.. of another split of the data.")
         self.done = recorded["done"]
@@ -182,16 +195,12 @@ class ShardWriter:
     @staticmethod
     def progress(folder: Path) -> int:
         path = folder / PROGRESS_FILE
-        return json.loads(path.read_text())["done"] if path.is_file() else -1
+        return read_json(path)["done"] if path.is_file() else -1
 
     @staticmethod
     def capacity(folder: Path) -> int:
         path = folder / PROGRESS_FILE
-        return json.loads(path.read_text())["rows"] if path.is_file() else -2
-
-    @property
-    def finished(self) -> bool:
-        return self.done >= self.rows
+        return read_json(path)["rows"] if path.is_file() else -2
 
     def _file(self, name: str, array: np.ndarray) -> tuple[Any, int]:
         if name not in self.files:
@@ -230,18 +239,9 @@ class ShardWriter:
 
 @torch.no_grad()
 def features_to_disk(
-    accelerator: Accelerator,
-    store: FeatureStore,
-    name: str,
-    part: str,
-    dataset: Dataset,
-    compute: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-    *,
-    collate_fn: Callable[[list], dict[str, torch.Tensor]],
-    batch_size: int,
-    num_workers: int = 0,
-    overwrite: bool = False,
-) -> DiskFeatures | None:
+    accelerator: Accelerator, store: FeatureStore, name: str, part: str, dataset: Dataset, compute: Compute, *,
+    collate_fn: Callable[[list], dict[str, torch.Tensor]], batch_size: int, num_workers: int = 0, overwrite: bool = False
+) -> DiskFeatures | None:  # fmt: skip
     """Streams `compute(batch)` (`{feature name: (B, width)}`) of this process's rows of `dataset` (batched by
     `collate_fn`, which gives `labels`) to its shard of `store/name/part`, after the rows already there; returns the
     whole part on the main process."""
@@ -276,11 +276,7 @@ def features_to_disk(
 
 @torch.no_grad()
 def features_in_memory(
-    accelerator: Accelerator,
-    desc: str,
-    dataset: Dataset,
-    compute: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-    **loader: Any,
+    accelerator: Accelerator, desc: str, dataset: Dataset, compute: Compute, **loader
 ) -> ArrayFeatures:
     """`compute(batch)` of every row of `dataset` (DataLoader options `loader`), gathered from every process."""
     found: dict[str, list[np.ndarray]] = {}
@@ -342,6 +338,8 @@ class DiskFeatures:
         with open(path, "rb") as f:
             f.seek(offset + start * width * dtype.itemsize)
             data = np.fromfile(f, dtype=dtype, count=(stop - start) * width)
+        if data.size != (stop - start) * width:  # cut short after it was complete
+            raise ValueError(f"{path} is shorter than its rows: delete {shard} and run again to extract it anew.")
         return data.reshape(stop - start, *shape[1:])
 
     def load(self, names: Sequence[str]) -> np.ndarray:
@@ -422,15 +420,13 @@ class TorchProbe:
         width = len(self.mean)
         self.weight = torch.zeros(width, len(self.classes), device=self.device, requires_grad=True)
         self.bias = torch.zeros(len(self.classes), device=self.device, requires_grad=True)
-        optimizer = torch.optim.LBFGS(
-            [self.weight, self.bias],
-            lr=1,
-            max_iter=max_iter,
-            tolerance_grad=1e-5,
-            tolerance_change=1e-10,
-            history_size=10,
-            line_search_fn="strong_wolfe",
-        )
+        options = {
+            "tolerance_grad": 1e-5,
+            "tolerance_change": 1e-10,
+            "history_size": 10,
+            "line_search_fn": "strong_wolfe",
+        }
+        optimizer = torch.optim.LBFGS([self.weight, self.bias], lr=1, max_iter=max_iter, **options)
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
@@ -463,17 +459,9 @@ def accuracy(probabilities: np.ndarray, classes: np.ndarray, labels: np.ndarray)
 
 
 def fit_torch_probe(
-    train,
-    eval_views: Sequence[Any],
-    names: Sequence[str],
-    *,
-    c_values: Sequence[float],
-    holdout: float,
-    seed: int,
-    max_iter: int,
-    chunk_size: int,
-    device: torch.device | str,
-) -> dict[str, Any]:
+    train, eval_views: Sequence[Any], names: Sequence[str], *, c_values: Sequence[float], holdout: float, seed: int,
+    max_iter: int, chunk_size: int, device: torch.device | str
+) -> dict[str, Any]:  # fmt: skip
     """linear_probe.py's probe, in torch: C chosen on a stratified hold-out of train (the rows scikit-learn's
     `train_test_split` holds out with the same seed), refit on all of train, scored on `eval_views[0]`; with several
     views (BERT masks), also the accuracy of their averaged class probabilities."""
@@ -496,12 +484,8 @@ def fit_torch_probe(
     converged = probe.fit(best_c, every, max_iter)
     probabilities = [probe.predict_proba(view) for view in eval_views]
     labels = eval_views[0].labels
-    result = {
-        "accuracy": accuracy(probabilities[0], probe.classes, labels),
-        "C": best_c,
-        "holdout_accuracy": holdout_accuracy,
-        "converged": converged,
-    }
+    result = {"accuracy": accuracy(probabilities[0], probe.classes, labels), "C": best_c}
+    result |= {"holdout_accuracy": holdout_accuracy, "converged": converged}
     if len(eval_views) > 1:
         result["ensemble_accuracy"] = accuracy(np.mean(probabilities, axis=0), probe.classes, labels)
     return result

@@ -8,18 +8,19 @@ OpenAI's `[SOS, x_1, ..., x_{n-1}]`; BERT models draw the paper's 15% masks for 
 paper's evaluation protocol: `--num_labels_per_class N` trains on a seeded, class-balanced subset of the labels, and
 BERT models can be evaluated under `--num_eval_masks K` masks of `--eval_mask_prob`, their class probabilities
 averaged. The output folder loads with `AutoModelForImageClassification` (a LoRA run's with peft's `PeftModel` on the
-base model; `--merge_lora` also writes the merged model to `merged/`). Checkpoints, resume and the run contract are in
-training_run.py, which pretrain.py shares: to train on your own data, copy this file and that one.
+base model; `--merge_lora` also writes the merged model to `merged/`). Checkpoints are accelerate's (`save_state`), with
+the run's position and contract (`image_gpt_hf.training.TrainingRun`); the flags and the Accelerator are in
+training_run.py, which pretrain.py shares: to train on your own data, copy both files.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import hashlib
+import inspect
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import datasets
@@ -31,129 +32,68 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, SchedulerType, get_scheduler
+from transformers import get_scheduler
 
 from image_gpt_hf import (
     LORA_TARGET_MODULES,
-    ImageGPTConfig,
     ImageGPTDataCollator,
     ImageGPTForImageClassification,
-    ImageGPTImageProcessor,
-    load_digits,
+    load_config_and_processor,
     lora_config,
 )
 from image_gpt_hf.data import random_resized_crop
-from image_gpt_hf.image_processing_imagegpt import check_palette_fits
 from image_gpt_hf.model_card import write_model_card
 from image_gpt_hf.safe_io import check_output_path, staged_dir
-from training_run import (
-    BELOW_ONE,
-    CHECKPOINTS,
-    FRACTION,
-    LOCK_FILE,
-    NON_NEGATIVE,
-    NON_NEGATIVE_FLOAT,
-    POSITIVE,
-    POSITIVE_FLOAT,
-    RUN_FLAGS,
-    SCALE,
-    check_contract,
-    check_training_flags,
-    find_checkpoint,
-    fingerprint,
-    load_checkpoint,
-    lock_output_dir,
-    make_accelerator,
-    run_contract,
-    save_checkpoint,
+from image_gpt_hf.training import (
+    DIGITS,
+    TrainingRun,
+    class_balanced_subset,
+    class_labels,
+    decode_images,
+    load_image_dataset,
 )
+from training_run import RUN_FLAGS, check_finite, make_accelerator, training_parser
 
 logger = get_logger(__name__)
-DIGITS = "sklearn-digits"  # scikit-learn's 1,797 8x8 handwritten digits (image_gpt_hf.load_digits): no download
 TRACKER_DIR = "image_gpt_finetune"
+KEEP = ["checkpoints", TRACKER_DIR, ".lock"]  # this run's own entries in --output_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Fine-tune Image GPT for image classification.")
+    parser = training_parser("Fine-tune Image GPT for image classification.", learning_rate=3e-4, epochs=3)
     add = parser.add_argument
     add("--model_name_or_path", required=True, help="A pretrained Image GPT (folder or Hub id).")
-    add("--gen_loss_weight", type=NON_NEGATIVE_FLOAT, default=1.0, help="w in L_clf + w * L_gen.")
+    add("--gen_loss_weight", type=float, default=1.0, help="w in L_clf + w * L_gen.")
     add("--classifier_layer", type=int, default=None, help="The hidden state pooled (default: the final one).")
-    add("--mask_prob", type=FRACTION, default=None, help="BERT models with w > 0: pixels masked for L_gen (0.15).")
+    add("--mask_prob", type=float, default=None, help="BERT models with w > 0: pixels masked for L_gen (0.15).")
     add("--ignore_mismatched_sizes", action="store_true", help="Replace a classifier of another size.")
-    add("--num_labels_per_class", type=POSITIVE, default=None, help="Train on N labelled images per class.")
-    add("--num_eval_masks", type=POSITIVE, default=1, help="BERT models: average the classes over K masks.")
-    add("--eval_mask_prob", type=BELOW_ONE, default=0.0, help="BERT models: pixels masked in each evaluation view.")
-    add("--lora_r", type=POSITIVE, default=None, help="Train a LoRA adapter of this rank (needs peft).")
-    add("--lora_alpha", type=POSITIVE_FLOAT, default=None, help="Default: 2 * r.")
-    add("--lora_dropout", type=BELOW_ONE, default=None, help="Default: 0.")
+    add("--num_labels_per_class", type=int, default=None, help="Train on N labelled images per class.")
+    add("--num_eval_masks", type=int, default=1, help="BERT models: average the classes over K masks.")
+    add("--eval_mask_prob", type=float, default=0.0, help="BERT models: pixels masked in each evaluation view.")
+    add("--lora_r", type=int, default=None, help="Train a LoRA adapter of this rank (needs peft).")
+    add("--lora_alpha", type=float, default=None, help="Default: 2 * r.")
+    add("--lora_dropout", type=float, default=None, help="Default: 0.")
     add("--lora_target_modules", nargs="+", default=None, help="Default: image_gpt_hf.LORA_TARGET_MODULES.")
     add("--merge_lora", action="store_true", help="Also write the model with the adapter merged to output_dir/merged.")
-    add("--dataset_name", default=DIGITS, help=f"A `datasets` image dataset, or {DIGITS!r}.")
-    add("--dataset_config_name", default=None)
-    add("--train_dir", default=None, help="An imagefolder of training images, one subfolder per class.")
-    add("--validation_dir", default=None, help="An imagefolder of evaluation images.")
-    add("--image_column_name", default=None, help="Default: the first column of `Image` type.")
     add("--label_column_name", default=None, help="Default: the first `ClassLabel`, or label(s).")
-    add("--train_val_split", type=BELOW_ONE, default=0.15, help="Held out when there is no evaluation split.")
-    add("--max_train_samples", type=POSITIVE, default=None)
-    add("--max_eval_samples", type=POSITIVE, default=None)
-    add("--cache_dir", default=None, help="Where `datasets` caches downloads.")
-    add("--dataloader_num_workers", type=NON_NEGATIVE, default=0)
-    add("--n_px", type=POSITIVE, default=None, help="The model's n_px (the default); any other is refused.")
     add("--processor_name_or_path", default=None, help="A processor with the model's palette ('clusters').")
-    add("--random_crop_scale", type=SCALE, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"))
-    add("--no_random_crop", action="store_true", help="Train on whole images.")
-    add("--output_dir", required=True)
-    add("--overwrite", action="store_true", help="Replace what is in --output_dir.")
-    add("--seed", type=NON_NEGATIVE, default=42, help="Seeds the init, data order, crops and masks.")
-    add("--per_device_train_batch_size", type=POSITIVE, default=64)
-    add("--per_device_eval_batch_size", type=POSITIVE, default=128)
-    add("--learning_rate", type=POSITIVE_FLOAT, default=3e-4)
-    add("--weight_decay", type=NON_NEGATIVE_FLOAT, default=0.0)
-    add("--adam_beta2", type=BELOW_ONE, default=0.95)
-    add("--max_grad_norm", type=NON_NEGATIVE_FLOAT, default=1.0)
-    add("--num_train_epochs", type=POSITIVE, default=3)
-    add("--max_train_steps", type=POSITIVE, default=None, help="Optimizer steps; overrides epochs.")
-    add("--gradient_accumulation_steps", type=POSITIVE, default=1)
-    schedules = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
-    add("--lr_scheduler_type", type=SchedulerType, default="cosine", choices=schedules)
-    add("--num_warmup_steps", type=NON_NEGATIVE, default=0)
-    add("--logging_steps", type=POSITIVE, default=10)
-    add("--eval_steps", type=POSITIVE, default=None, help="Default: every epoch.")
-    add("--checkpointing_steps", default=None, help="Save a checkpoint every n steps, or 'epoch'.")
-    add("--checkpoints_total_limit", type=POSITIVE, default=None, help="Keep the newest n.")
-    add("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
-    add("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    add("--gradient_checkpointing", action="store_true")
-    add("--with_tracking", action="store_true")
-    add("--report_to", default="all")
     args = parser.parse_args(argv)
 
     # The errors argparse cannot see, before anything is loaded.
-    check_training_flags(args)
     if args.num_eval_masks > 1 and args.eval_mask_prob == 0:
         raise ValueError(
             f"--num_eval_masks {args.num_eval_masks} needs --eval_mask_prob > 0 (the paper's is 0.15): without masks "
             "every view is the same image."
         )
     lora_flags = [
-        f"--{k}"
-        for k in ("lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora")
-        if getattr(args, k) is not None and getattr(args, k) is not False
+        f"--{k}" for k in ("lora_alpha", "lora_dropout", "lora_target_modules") if getattr(args, k) is not None
     ]
-    if args.lora_r is None and lora_flags:
+    if args.lora_r is None and (lora_flags := lora_flags + ["--merge_lora"] * args.merge_lora):
         raise ValueError(f"{' '.join(lora_flags)} needs --lora_r (the rank of a LoRA adapter).")
     if args.lora_r is not None:
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            raise ImportError(
-                '--lora_r needs peft: pip install peft (or pip install "image_gpt_hf[examples]")'
-            ) from None
         args.lora_alpha = args.lora_alpha or 2.0 * args.lora_r
         args.lora_dropout = 0.0 if args.lora_dropout is None else args.lora_dropout
-        args.lora_target_modules = args.lora_target_modules or LORA_TARGET_MODULES
+        args.lora_target_modules = sorted(set(args.lora_target_modules or LORA_TARGET_MODULES))
     return args
 
 
@@ -170,22 +110,18 @@ def evaluate(accelerator, model, dataloader: DataLoader, masker: ImageGPTDataCol
         correct.append(predictions == references)
         losses.append(loss)
 
-    for batch in tqdm(dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
-        ids, labels, probabilities = batch["input_ids"], batch["labels"], 0.0
-        for view in range(views):
-            kwargs = {} if masker is None else {"bool_masked_pos": masker.masks(ids, epoch=view).to(ids.device)}
-            with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():  # evaluation draws nothing from training's random stream
+        for batch in tqdm(dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
+            ids, labels, probabilities = batch["input_ids"], batch["labels"], 0.0
+            for view in range(views):
+                kwargs = {} if masker is None else {"bool_masked_pos": masker.masks(ids, epoch=view).to(ids.device)}
                 logits = model(input_ids=ids, **kwargs).logits.float()
-            if view == 0:
-                record("eval", logits, labels, F.cross_entropy(logits, labels, reduction="none"))
-            probabilities = probabilities + logits.softmax(-1) / views
-        if views > 1:
-            record(
-                "eval_ensemble",
-                probabilities,
-                labels,
-                -probabilities.gather(1, labels[:, None])[:, 0].clamp_min(1e-12).log(),
-            )
+                if view == 0:
+                    record("eval", logits, labels, F.cross_entropy(logits, labels, reduction="none"))
+                probabilities = probabilities + logits.softmax(-1) / views
+            if views > 1:
+                loss = -probabilities.gather(1, labels[:, None])[:, 0].clamp_min(1e-12).log()
+                record("eval_ensemble", probabilities, labels, loss)
     model.train()
     return {
         key: value
@@ -204,29 +140,14 @@ def main(argv=None) -> dict[str, float]:
     accelerator = make_accelerator(args)
     set_seed(args.seed)
 
-    # The output folder: refused before any work when it holds anything but this run's own entries.
+    # The output folder (refused before any work when it holds anything but this run's own entries) and the checkpoint.
     inputs = [args.model_name_or_path, args.processor_name_or_path, args.train_dir, args.validation_dir]
     inputs += [args.dataset_name]
-    own = [CHECKPOINTS, TRACKER_DIR, LOCK_FILE] if args.resume_from_checkpoint else [LOCK_FILE]
-    check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite, keep=own)
-    checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
+    checkpoint = TrainingRun.find_checkpoint(args.resume_from_checkpoint, args.output_dir, inputs)
+    check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite, keep=KEEP if checkpoint else [".lock"])
 
     # The pretrained model's config and processor (its palette defines the model's token ids).
-    try:
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot load a model config from {args.model_name_or_path!r}: {err}") from err
-    if not isinstance(config, ImageGPTConfig):
-        raise ValueError(
-            f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint ({type(config).__name__}); these "
-            "examples need an Image GPT checkpoint (model_type 'imagegpt'), e.g. one written by examples/pretrain.py."
-        )
-    if (n_px := args.n_px or config.n_px) != config.n_px:
-        raise ValueError(
-            f"--n_px {n_px} differs from the model's n_px {config.n_px} ({args.model_name_or_path}, n_positions="
-            f"{config.n_positions}): the classifier pools whole images of n_positions ids. Use --n_px {config.n_px} "
-            "or leave it out."
-        )
+    config, processor = load_config_and_processor(args.model_name_or_path, args.processor_name_or_path)
     if args.eval_mask_prob > 0 and config.objective != "bert":
         raise ValueError(
             f"--eval_mask_prob {args.eval_mask_prob} masks pixels for BERT models, but {args.model_name_or_path} is "
@@ -234,9 +155,9 @@ def main(argv=None) -> dict[str, float]:
         )
     if args.mask_prob is not None and (config.objective != "bert" or args.gen_loss_weight == 0):
         why = (
-            f"an {config.objective.upper()} model"
-            if config.objective != "bert"
-            else "trained with --gen_loss_weight 0"
+            "trained with --gen_loss_weight 0"
+            if config.objective == "bert"
+            else f"an {config.objective.upper()} model"
         )
         raise ValueError(
             f"--mask_prob {args.mask_prob} masks pixels for a BERT model's generative loss, but this run is {why}: "
@@ -244,112 +165,28 @@ def main(argv=None) -> dict[str, float]:
         )
     if config.objective == "bert" and args.gen_loss_weight > 0 and args.mask_prob is None:
         args.mask_prob = 0.15
-    source = args.processor_name_or_path or args.model_name_or_path
-    processor = None
-    with contextlib.suppress(OSError):
-        processor = ImageGPTImageProcessor.from_pretrained(source)
-    if processor is None or processor.clusters is None:
-        raise ValueError(
-            f"{source!r} has no preprocessor_config.json with a palette ('clusters'). The model's token ids index the "
-            "palette it was trained with; pass the processor it was trained with as --processor_name_or_path."
-        )
-    check_palette_fits(processor, config, source=f"The processor from {source!r}")
+    n_px = config.n_px
     processor.size, processor.do_center_crop = {"height": n_px, "width": n_px}, False
+    if args.lora_r is not None:  # target modules checked before the data are read
+        with torch.device("meta"):
+            classifier = ImageGPTForImageClassification(config)
+        lora = lora_config(classifier, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
 
     # Data: "train" and "validation" splits, the image column and the labels.
-    digits = args.dataset_name == DIGITS and args.train_dir is None
-    source = args.train_dir or ("scikit-learn's bundled digits" if digits else args.dataset_name)
     with accelerator.main_process_first():
-        if args.train_dir is not None:
-            files = {"train": args.train_dir, "validation": args.validation_dir}
-            files = {split: os.path.join(folder, "**") for split, folder in files.items() if folder}
-            dataset = datasets.load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir)
-        else:
-            name, config_name = args.dataset_name, args.dataset_config_name
-            dataset = load_digits() if digits else datasets.load_dataset(name, config_name, cache_dir=args.cache_dir)
-    if "train" not in dataset:
-        raise ValueError(f"The dataset {source} has no 'train' split; its splits are {list(dataset)}.")
-    eval_split = "validation" if "validation" in dataset else "test"
-    if eval_split not in dataset:
-        if args.train_val_split == 0:
-            no_split = f"The dataset {source} has no validation or test split"
-            raise ValueError(f"{no_split}; pass --train_val_split > 0 or --validation_dir.")
-        dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
-        eval_split = f"{args.train_val_split:.0%} of train held out"
-    held_out = dataset["validation" if "validation" in dataset else "test"]
-    dataset = datasets.DatasetDict({"train": dataset["train"], "validation": held_out})
-    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
-        if limit is not None:
-            dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
-    sizes = f"{len(dataset['train'])} training, {len(dataset['validation'])} {eval_split} images"
-    logger.info(f"Dataset {source}: {sizes}")
-    features = dataset["train"].features
-    for flag in ("image_column_name", "label_column_name"):
-        if getattr(args, flag) not in (None, *features):
-            raise ValueError(
-                f"--{flag} {getattr(args, flag)!r} is not a column of the dataset; its columns are {list(features)}."
-            )
-    images = [n for n, f in features.items() if isinstance(f, datasets.Image)]
-    if not (image_column := args.image_column_name or next(iter(images), None)):
-        raise ValueError(f"The dataset has no `Image` column among {list(features)}; pass --image_column_name.")
-    labelled = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)] + ["label", "labels"]
-    label_column = args.label_column_name or next((n for n in labelled if n in features), None)
-    # imagefolder gives no label column for a single class subfolder: say what is missing, a second class.
-    classes = sorted(p.name for p in Path(args.train_dir).iterdir() if p.is_dir()) if args.train_dir else []
-    if label_column is None and len(classes) == 1:
-        raise ValueError(
-            f"--train_dir {args.train_dir} holds one class ({classes[0]}): a classifier needs at least two classes, "
-            "one subfolder of images each."
-        )
-    if label_column is None:
-        raise ValueError(
-            f"This script needs class labels, but the dataset has no label column (columns: {list(features)}). Pass "
-            "--label_column_name, or give --train_dir an imagefolder with one subfolder per class."
-        )
-    feature = features[label_column]
-    if not isinstance(feature, datasets.ClassLabel) and not (
-        isinstance(feature, datasets.Value) and re.fullmatch(r"u?int\d+|bool|(large_)?string", feature.dtype)
-    ):
-        raise ValueError(
-            f"--label_column_name {label_column!r} holds {type(feature).__name__} values, not class labels; pass a "
-            f"column of class labels (ClassLabel, integers or strings) among {list(features)}."
-        )
-    if isinstance(feature, datasets.ClassLabel):
-        labels, label_ids = list(feature.names), None
-    else:  # raw values -> class ids
-        values = sorted(set(dataset["train"][label_column]) | set(dataset["validation"][label_column]))
-        labels, label_ids = [str(v) for v in values], {v: i for i, v in enumerate(values)}
-    if len(set(dataset["train"][label_column])) < 2:
-        raise ValueError("The training data hold one class: a classifier needs at least two (--label_column_name).")
+        names = inspect.signature(load_image_dataset).parameters  # the data flags, by name
+        dataset, eval_split, image_column = load_image_dataset(**{k: v for k, v in vars(args).items() if k in names})
 
     def decode(batch: dict) -> list[PIL.Image.Image]:
-        """The batch's images, decoded here so that an unreadable file is named with the fix."""
-        images = []
-        for value in batch[image_column]:
-            try:
-                images.append(datasets.Image().decode_example(value))
-            except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
-                raise ValueError(
-                    f"Cannot read the image {value.get('path') or ''}: {err}. Remove or replace that file, or leave "
-                    "it out of the dataset."
-                ) from err
-        return images
+        return decode_images(batch[image_column])
 
-    # The paper's low-data subsets: N images of every class, the first N of one permutation drawn by --seed, so that
-    # the subsets of one seed are nested (the 4 per class are among the 25).
-    if args.num_labels_per_class is not None:
+    label_column, labels, label_ids = class_labels(dataset, args.label_column_name)
+    if args.num_labels_per_class is not None:  # the paper's low-data subsets: N seeded images of every class
         raw = dataset["train"][label_column]
         ids = np.asarray([label_ids[x] for x in raw] if label_ids else raw, dtype=np.int64)
-        order = np.random.default_rng(args.seed).permutation(len(ids))
-        chosen = []
-        for class_id, name in enumerate(labels):
-            if len(members := order[ids[order] == class_id]) < args.num_labels_per_class:
-                raise ValueError(
-                    f"--num_labels_per_class {args.num_labels_per_class}: the class {name!r} has only {len(members)} "
-                    "training images. Pass a smaller --num_labels_per_class."
-                )
-            chosen.append(members[: args.num_labels_per_class])
-        dataset["train"] = dataset["train"].select(np.sort(np.concatenate(chosen)))
+        dataset["train"] = dataset["train"].select(
+            class_balanced_subset(ids, labels, args.num_labels_per_class, args.seed)
+        )
         logger.info(f"Training on {args.num_labels_per_class} labelled images per class (seed {args.seed})")
 
     # The classifier's config: the pretrained decoder (+ its LM head for the generative loss) and a new linear layer.
@@ -359,25 +196,25 @@ def main(argv=None) -> dict[str, float]:
     config.prepend_sos = config.objective == "ar"
     config.validate_architecture()
 
-    # The run contract: what defines this run, recorded in every checkpoint; a resume must match it.
+    # The run contract (a resume must match it; a LoRA run's base weights too), carried by every checkpoint with the
+    # position; one writer per output folder.
     flags = RUN_FLAGS + ["num_labels_per_class", "mask_prob", "lora_r", "lora_alpha", "lora_dropout"]
-    flags += ["lora_target_modules"]
-    columns = {"--image_column_name": image_column, "--label_column_name": label_column}
-    contract = run_contract(accelerator, config, processor, args, flags, columns)
-    if checkpoint or args.checkpointing_steps:  # one read of the training images and labels
-        digest = fingerprint(accelerator, dataset["train"], [image_column, label_column])
-        contract["training images and labels (fingerprint)"] = digest
-    contract = check_contract(contract, checkpoint)
-
-    # One writer per output folder (a lock inside it, held to the end); with --overwrite and no resume, an earlier
-    # run's checkpoints go now.
-    _lock = lock_output_dir(accelerator, args, checkpoint, TRACKER_DIR)  # held while main() runs
+    flags = {f"--{name}": getattr(args, name) for name in flags + ["lora_target_modules"]}
+    flags |= {"image_column": image_column, "label_column": label_column}
+    fingerprint = bool(checkpoint or args.checkpointing_steps)
+    if args.lora_r is not None and fingerprint:  # the base: the adapter's other half
+        files = sorted(p for p in Path(args.model_name_or_path).glob("*") if p.suffix in (".safetensors", ".bin"))
+        digests = [hashlib.file_digest(open(p, "rb"), "sha256").hexdigest() for p in files]  # noqa: SIM115
+        flags["base weights (fingerprint)"] = hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
+    data = (dataset["train"], [image_column, label_column])
+    run = TrainingRun(accelerator, "finetune.py", config, processor, flags, data, fingerprint, palette=None)
+    _lock = run.start(args.output_dir, checkpoint, args.overwrite, clear=(TRACKER_DIR,))  # held while main() runs
 
     # The model: the pretrained weights and a new classification layer; with --lora_r, LoRA on the decoder's
     # projections (image_gpt_hf.lora), the new classifier trained in full.
-    mismatched = args.ignore_mismatched_sizes
+    pretrained = {"config": config, "ignore_mismatched_sizes": args.ignore_mismatched_sizes}
     model, info = ImageGPTForImageClassification.from_pretrained(
-        args.model_name_or_path, config=config, ignore_mismatched_sizes=mismatched, output_loading_info=True
+        args.model_name_or_path, **pretrained, output_loading_info=True
     )
     if missing := [key for key in info["missing_keys"] if key.startswith("transformer.")]:
         raise ValueError(
@@ -390,14 +227,10 @@ def main(argv=None) -> dict[str, float]:
     if args.lora_r is not None:
         from peft import get_peft_model
 
-        lora = lora_config(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
         model = get_peft_model(model, lora)
         trainable, total = model.get_nb_trainable_parameters()
         logger.info(f"LoRA r={args.lora_r}: {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
-    logger.info(
-        f"Model: {config.n_layer} layers x {config.n_embd} wide ({config.objective}), {len(labels)} labels, loss "
-        f"L_clf + {args.gen_loss_weight:g} L_gen, {n_px}px"
-    )
+    logger.info(f"Model: {config.n_layer} x {config.n_embd} ({config.objective}), {len(labels)} labels, {n_px}px")
 
     # Transforms: random crops for training (one generator per batch, seeded by the seed, the epoch and the examples'
     # indices: a resumed run draws the same crops), the center for evaluation. BERT masks come from the collator; the
@@ -406,26 +239,21 @@ def main(argv=None) -> dict[str, float]:
     center = {"size": {"shortest_edge": n_px}, "do_center_crop": True, "crop_size": {"height": n_px, "width": n_px}}
 
     def encode(batch: dict, images: list[PIL.Image.Image], **kwargs) -> dict:
-        ids = processor(images, return_tensors="pt", **kwargs)["input_ids"]
-        return {
-            "input_ids": ids,
-            "label": [label_ids[x] for x in batch[label_column]] if label_ids else batch[label_column],
-        }
+        labels = [label_ids[x] for x in batch[label_column]] if label_ids else batch[label_column]
+        return {"input_ids": processor(images, return_tensors="pt", **kwargs)["input_ids"], "label": labels}
 
     def train_transforms(batch: dict) -> dict:
         if args.no_random_crop:
             return encode(batch, decode(batch), **center)
         seed = np.random.SeedSequence([args.seed, 1, epoch_now[0], *batch["index"]]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(seed))
-        return encode(
-            batch, [random_resized_crop(image, args.random_crop_scale, generator) for image in decode(batch)]
-        )
+        crops = [random_resized_crop(image, args.random_crop_scale, generator) for image in decode(batch)]
+        return encode(batch, crops)
 
+    columns = [image_column, label_column]
     undecoded = {
-        split: data.select_columns([image_column, label_column]).cast_column(
-            image_column, datasets.Image(decode=False)
-        )
-        for split, data in dataset.items()
+        k: v.select_columns(columns).cast_column(image_column, datasets.Image(decode=False))
+        for k, v in dataset.items()
     }
     train_dataset = undecoded["train"].add_column("index", list(range(len(undecoded["train"]))))
     train_dataset = train_dataset.with_transform(train_transforms)
@@ -460,15 +288,17 @@ def main(argv=None) -> dict[str, float]:
     lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer, **steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if args.with_tracking:
-        hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers(TRACKER_DIR, hyperparameters)
+        accelerator.init_trackers(
+            TRACKER_DIR, {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        )
 
     # Training, from the checkpoint when resuming: the batches of its epoch that it has seen are skipped unloaded.
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Running training: {len(train_dataset)} examples, {num_train_epochs} epochs")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
-    completed_steps, starting_epoch, resume_batches = load_checkpoint(accelerator, checkpoint, len(train_dataloader))
+    run.resume(checkpoint, len(train_dataloader))
+    completed_steps, starting_epoch = run["completed_steps"], run["epoch"]
     progress_bar = tqdm(
         total=max_train_steps, initial=completed_steps, desc="train", disable=not accelerator.is_local_main_process
     )
@@ -479,11 +309,12 @@ def main(argv=None) -> dict[str, float]:
             break
         epoch_now[0] = collator.epoch = epoch  # new crops and masks every epoch, the same ones after a resume
         train_dataloader.set_epoch(epoch)
-        seen = resume_batches if epoch == starting_epoch else 0
+        seen = run["seen"] if epoch == starting_epoch else 0
         for batch in accelerator.skip_first_batches(train_dataloader, seen) if seen else train_dataloader:
             seen += 1
             with accelerator.accumulate(model):
                 outputs = model(**batch)  # L_clf + w * L_gen
+                check_finite(accelerator, args, outputs.loss, completed_steps + 1)
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -505,12 +336,8 @@ def main(argv=None) -> dict[str, float]:
                 running, right = [], []
                 progress_bar.set_postfix(train_loss=f"{logs['train_loss']:.4f}")
             every = args.checkpointing_steps
-            if (
-                (end_of_epoch or done)
-                if every == "epoch"
-                else (every is not None and completed_steps % int(every) == 0)
-            ):
-                save_checkpoint(accelerator, args, processor, contract, completed_steps, epoch, seen)
+            if (end_of_epoch or done) if every == "epoch" else every and completed_steps % int(every) == 0:
+                run.save(completed_steps=completed_steps, epoch=epoch, seen=seen)
             if (completed_steps % args.eval_steps == 0 or done) if args.eval_steps else (end_of_epoch or done):
                 logs |= (metrics := evaluate(accelerator, model, eval_dataloader, masker, args.num_eval_masks))
             if logs:
@@ -527,8 +354,8 @@ def main(argv=None) -> dict[str, float]:
 
     # The model folder (weights or adapter + config, processor, card, all_results.json), staged and renamed into
     # --output_dir beside its checkpoints.
-    data_name = args.train_dir and f"the imagefolder {args.train_dir}"
-    data_name = data_name or ("scikit-learn handwritten digits (8x8 scans)" if digits else args.dataset_name)
+    digits, data_name = args.dataset_name == DIGITS and args.train_dir is None, f"the imagefolder {args.train_dir}"
+    data_name = data_name if args.train_dir else "scikit-learn handwritten digits" if digits else args.dataset_name
     subset = f", {args.num_labels_per_class} labelled images per class" if args.num_labels_per_class else ""
     dataset_id = "imagefolder" if args.train_dir else args.dataset_name
     accuracy = {"dataset": dataset_id, "metric": "accuracy", "name": "top-1 accuracy (fine-tuned)"}
@@ -536,12 +363,8 @@ def main(argv=None) -> dict[str, float]:
     if args.eval_mask_prob > 0:  # the card reports the evaluation as it ran: masked, ensembled over K masks
         views = f"{args.num_eval_masks}-mask ensemble" if args.num_eval_masks > 1 else "one mask"
         accuracy["name"] = f"top-1 accuracy (fine-tuned; {views}, {args.eval_mask_prob:g} of the pixels masked)"
-    lora = (
-        f", as a LoRA adapter (r={args.lora_r}, alpha {args.lora_alpha:g}, on {', '.join(args.lora_target_modules)}; "
-        f"{trainable:,} parameters trained)"
-        if args.lora_r
-        else ""
-    )
+    lora = args.lora_r and f", as a LoRA adapter (r={args.lora_r}, alpha {args.lora_alpha:g}, on "
+    lora = lora and lora + f"{', '.join(args.lora_target_modules)}; {trainable:,} parameters trained)" or ""
     facts = {
         "training": f"Fine-tuned from {args.model_name_or_path} with examples/finetune.py on L_clf + "
         f"{args.gen_loss_weight:g} L_gen, {max_train_steps} steps{subset} on {data_name} in batches of "
@@ -556,23 +379,24 @@ def main(argv=None) -> dict[str, float]:
     state_dict = accelerator.get_state_dict(model)  # every process: gathers sharded (FSDP) weights
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        keep = [CHECKPOINTS, TRACKER_DIR, LOCK_FILE]
-        with staged_dir(args.output_dir, overwrite=args.overwrite, keep=keep, inputs=inputs) as tmp:
+        with staged_dir(args.output_dir, overwrite=args.overwrite, keep=KEEP, inputs=inputs) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)  # LoRA: adapter_config.json, adapter_model.*
             processor.save_pretrained(tmp)
             if args.lora_r is None:
                 write_model_card(tmp, unwrapped, processor=processor, facts=facts)
             else:  # the classifier's config (labels) beside the adapter, which loads on the base with peft
                 config.save_pretrained(tmp)
-                note = f"A LoRA adapter on {args.model_name_or_path}: load it with peft's PeftModel.from_pretrained."
+                note = (  # transformers' Auto classes cannot load it: they find a config.json and look for weights
+                    f"A LoRA adapter on {args.model_name_or_path}: `base = AutoModelForImageClassification.from_pretrained("
+                    f"{args.model_name_or_path!r}, config=AutoConfig.from_pretrained(this_folder))`, then peft's "
+                    "`PeftModel.from_pretrained(base, this_folder)` (--merge_lora writes the merged model to merged/)."
+                )
                 card = {"processor": processor, "facts": {**facts, "notes": [note]}, "overwrite": True}  # over peft's
                 write_model_card(tmp, unwrapped.get_base_model(), **card)
             if args.merge_lora:  # the saved adapter on a fresh base, merged: a plain checkpoint
                 from peft import PeftModel
 
-                base = ImageGPTForImageClassification.from_pretrained(
-                    args.model_name_or_path, config=config, ignore_mismatched_sizes=args.ignore_mismatched_sizes
-                )
+                base = ImageGPTForImageClassification.from_pretrained(args.model_name_or_path, **pretrained)
                 merged = PeftModel.from_pretrained(base, tmp).merge_and_unload()
                 merged.save_pretrained(tmp / "merged")
                 processor.save_pretrained(tmp / "merged")

@@ -13,16 +13,15 @@ them a chunk at a time (`--probe torch`), both in examples/feature_store.py.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import datasets
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -30,23 +29,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, set_seed
-from datasets import ClassLabel, DatasetDict, load_dataset
+from datasets import DatasetDict
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from transformers import AutoConfig
 
 import feature_store
-from image_gpt_hf import ImageGPTConfig, ImageGPTDataCollator, ImageGPTImageProcessor, ImageGPTModel, load_digits
-from image_gpt_hf.image_processing_imagegpt import check_palette_fits
+from image_gpt_hf import ImageGPTDataCollator, ImageGPTModel, load_config_and_processor
 from image_gpt_hf.safe_io import atomic_file, check_output_path, clean_stale_staging
+from image_gpt_hf.training import DIGITS, class_balanced_subset, class_labels, dataset_fingerprint, load_image_dataset
 
 matplotlib.use("Agg")  # files only, no display
 logger = get_logger(__name__)
 
-DIGITS = "sklearn-digits"  # scikit-learn's bundled 8x8 handwritten digits: no download
 SETS = ("pretrained", "random_init", "raw_pixels")  # the feature sets, as a --feature_dir names them
 
 
@@ -55,7 +52,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--model_name_or_path", required=True, help="An Image GPT checkpoint (folder or Hub id).")
     add("--processor_name_or_path", default=None, help="A processor with the model's palette (default: the model's).")
-    add("--n_px", type=int, default=None, help="The model's n_px (the default); any other is refused.")
     add("--output_dir", required=True, help="Where to write probe_results.json, .md and probe_accuracy.png.")
     add("--overwrite", action="store_true", help="Replace earlier results (and a --feature_dir of other settings).")
     add("--layers", type=int, nargs="+", default=None, help="Hidden states to probe (0 = embeddings; default: all).")
@@ -87,124 +83,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     args = parser.parse_args(argv)
-    positive = ["per_device_eval_batch_size", "probe_max_iter", "probe_chunk_size", "num_eval_masks"]
-    for name in [*positive, "num_labels_per_class", "max_train_samples", "max_eval_samples"]:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    if args.dataloader_num_workers < 0:
-        raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
-    for name in ("train_dir", "validation_dir"):
-        if getattr(args, name) is not None and not os.path.isdir(getattr(args, name)):
-            raise ValueError(f"--{name} {getattr(args, name)!r} is not a folder of images.")
-    if args.validation_dir is not None and args.train_dir is None:
-        raise ValueError("--validation_dir needs a --train_dir to go with it.")
-    for name in ("train_val_split", "eval_mask_prob"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise ValueError(f"--{name} is a fraction and must be in [0, 1), got {getattr(args, name)}.")
-    if not 0.0 < args.probe_holdout < 1.0:
-        raise ValueError(f"--probe_holdout must be in (0, 1), got {args.probe_holdout}.")
-    if args.num_eval_masks > 1 and args.eval_mask_prob == 0:
-        raise ValueError(
-            f"--num_eval_masks {args.num_eval_masks} needs --eval_mask_prob > 0 (the paper's is 0.15): without "
-            "masks every view is the same image."
-        )
-    if any(c <= 0 for c in args.probe_c):
-        raise ValueError(f"--probe_c values must be positive, got {args.probe_c}.")
-    if args.concat_layers is not None and len(set(args.concat_layers)) < 2:
-        raise ValueError(f"--concat_layers needs at least 2 different layers, got {args.concat_layers}.")
-    if args.concat_window is not None and args.concat_window < 2:
-        raise ValueError(f"--concat_window must be at least 2 layers, got {args.concat_window}.")
+    if args.num_labels_per_class is not None and args.num_labels_per_class < 1:  # an empty training set
+        raise ValueError(f"--num_labels_per_class must be at least 1, got {args.num_labels_per_class}.")
+    if args.num_eval_masks > 1 and args.eval_mask_prob == 0:  # K identical views
+        raise ValueError(f"--num_eval_masks {args.num_eval_masks} needs --eval_mask_prob > 0 (the paper's: 0.15).")
     return args
-
-
-def load_data(args: argparse.Namespace) -> tuple[DatasetDict, str]:
-    """ "train" and "validation" splits of --dataset_name / --train_dir, and the name of the split evaluated on."""
-    if args.train_dir is not None:
-        files = {"train": os.path.join(args.train_dir, "**")}
-        if args.validation_dir is not None:
-            files["validation"] = os.path.join(args.validation_dir, "**")
-        dataset = load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir)
-    elif args.dataset_name == DIGITS:
-        dataset = load_digits()
-    else:
-        dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
-    if "train" not in dataset:
-        raise ValueError(f"The dataset has no 'train' split; its splits are {list(dataset)}.")
-    eval_split = described = next((name for name in ("validation", "test") if name in dataset), None)
-    if eval_split is None:
-        if args.train_val_split == 0:
-            raise ValueError("The dataset has no validation or test split; pass --train_val_split > 0.")
-        dataset, eval_split = dataset["train"].train_test_split(args.train_val_split, seed=args.seed), "test"
-        described = f"{args.train_val_split:.0%} of train held out"
-    dataset = DatasetDict({"train": dataset["train"], "validation": dataset[eval_split]})
-    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
-        if limit is not None:
-            dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
-    return dataset, described
-
-
-def find_columns(dataset: DatasetDict, args: argparse.Namespace) -> tuple[str, str, list[str], dict | None]:
-    """The image and label columns, the class names, and the map from raw labels to class ids (None: ClassLabel)."""
-    features = dataset["train"].features
-    for name in (args.image_column_name, args.label_column_name):
-        if name is not None and name not in features:
-            flag = "--image_column_name" if name == args.image_column_name else "--label_column_name"
-            raise ValueError(f"{flag} {name!r} is not a column of the dataset; its columns are {list(features)}.")
-    image = args.image_column_name or next((n for n, f in features.items() if isinstance(f, datasets.Image)), None)
-    if image is None or not isinstance(features[image], datasets.Image):
-        raise ValueError(f"The dataset has no `Image` column among {list(features)}; pass --image_column_name.")
-
-    def holds_labels(name: str) -> bool:  # ClassLabels, integers or strings
-        kind = getattr(features[name], "dtype", "").lstrip("u")
-        return isinstance(features[name], ClassLabel) or kind.startswith(("int", "str"))
-
-    if args.label_column_name is not None and not holds_labels(args.label_column_name):
-        raise ValueError(
-            f"--label_column_name {args.label_column_name!r} holds {type(features[args.label_column_name]).__name__} "
-            f"values, not class labels; pass a column of class labels (ClassLabel, integers or strings)."
-        )
-    candidates = [n for n, f in features.items() if isinstance(f, ClassLabel)] + ["label", "labels"]
-    label = args.label_column_name or next((n for n in candidates if n in features and holds_labels(n)), None)
-    if label is None:
-        raise ValueError(
-            f"This script needs class labels, but the dataset has no label column (columns: {list(features)}). Pass "
-            "--label_column_name, or give --train_dir an imagefolder with one subfolder per class (at least two)."
-        )
-    if isinstance(features[label], ClassLabel):
-        return image, label, list(features[label].names), None
-    values = sorted(set(dataset["train"][label]) | set(dataset["validation"][label]))
-    if len(values) < 2:
-        raise ValueError(f"The label column {label!r} holds {len(values)} distinct value(s); need at least 2.")
-    return image, label, [str(v) for v in values], {value: index for index, value in enumerate(values)}
-
-
-def class_balanced_subset(labels: np.ndarray, names: list[str], n: int, seed: int) -> np.ndarray:
-    """n examples of every class, in the split's order: the first n of each class in one permutation drawn by `seed`,
-    so that the subsets of one seed are nested (the 4 per class are among the 25)."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    chosen = []
-    for class_id, name in enumerate(names):
-        members = order[labels[order] == class_id]
-        if len(members) < n:
-            raise ValueError(
-                f"--num_labels_per_class {n}: the class {name!r} has only {len(members)} training images. Pass a "
-                "smaller --num_labels_per_class."
-            )
-        chosen.append(members[:n])
-    return np.sort(np.concatenate(chosen))
-
-
-def image_digest(split: datasets.Dataset, image_column: str) -> str:
-    """A digest of the images' encoded bytes in the split's order (files read where they lie): a feature store is
-    reused only for the same pixels, not only the same file names."""
-    raw = split.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
-
-    def contents():
-        for start in range(0, len(raw), 1024):
-            for value in raw[start : start + 1024][image_column]:
-                yield value["bytes"] if value["bytes"] is not None else Path(value["path"]).read_bytes()
-
-    return feature_store.digest(contents())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -270,7 +153,7 @@ def check_holdout(train_labels: np.ndarray, args: argparse.Namespace) -> None:
 
 def write_outputs(results: dict[str, Any], paths: dict[str, str], overwrite: bool) -> str:
     """probe_results.json, probe_results.md (the table) and probe_accuracy.png (the plot); returns the table."""
-    layers, masks, pretrained, random_init = results["layers"], results["eval_masks"], results["pretrained"], None
+    layers, masks, pretrained = results["layers"], results["eval_masks"], results["pretrained"]
     random_init = results.get("random_init")
     ensemble, single = masks["num_eval_masks"] > 1, " (1 mask)" if masks["eval_mask_prob"] > 0 else ""
     columns = [f"Pretrained{single}"] + ([f"Pretrained, {masks['num_eval_masks']}-mask ensemble"] if ensemble else [])
@@ -359,33 +242,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_output_path(args.feature_dir, inputs=inputs, overwrite=args.overwrite, keep=keep, arg="--feature_dir")
 
     # The checkpoint's config and processor, the layers, the data and its labels: bad input fails before a model loads.
-    try:
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot load a model config from {args.model_name_or_path!r}: {err}") from err
-    if not isinstance(config, ImageGPTConfig):
-        raise ValueError(
-            f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint ({type(config).__name__}); these "
-            "examples need an Image GPT checkpoint (model_type 'imagegpt'), e.g. one written by examples/pretrain.py."
-        )
-    n_px = config.n_px if args.n_px is None else args.n_px
-    if n_px != config.n_px:
-        raise ValueError(
-            f"--n_px {n_px} differs from the model's n_px {config.n_px} ({args.model_name_or_path}, n_positions="
-            f"{config.n_positions}): features are pooled over whole images of n_positions ids. Use --n_px "
-            f"{config.n_px} or leave it out."
-        )
-    source = args.processor_name_or_path or args.model_name_or_path
-    try:
-        processor = ImageGPTImageProcessor.from_pretrained(source)
-    except OSError:
-        processor = None
-    if getattr(processor, "clusters", None) is None:
-        raise ValueError(
-            f"{source!r} has no preprocessor_config.json with a palette ('clusters'). The model's token ids index the "
-            "palette it was trained with; pass the processor it was trained with as --processor_name_or_path."
-        )
-    check_palette_fits(processor, config, f"The processor from {source!r}")
+    config, processor = load_config_and_processor(args.model_name_or_path, args.processor_name_or_path)
+    n_px = config.n_px  # features are pooled over whole images of the model's n_positions ids
     layers = args.layers if args.layers is not None else list(range(config.n_layer + 1))
     bad = [layer for layer in layers if not 0 <= layer <= config.n_layer]
     if bad:
@@ -401,8 +259,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"an {config.objective.upper()} model, trained on whole images; leave --eval_mask_prob at 0."
         )
     with accelerator.main_process_first():
-        dataset, eval_split = load_data(args)
-    image_column, label_column, label_names, label_map = find_columns(dataset, args)
+        names = inspect.signature(load_image_dataset).parameters  # the data flags, by name
+        dataset, eval_split, image_column = load_image_dataset(**{k: v for k, v in vars(args).items() if k in names})
+    label_column, label_names, label_map = class_labels(dataset, args.label_column_name)
     labels = {
         split: np.asarray([label_map[x] for x in values] if label_map else values, dtype=np.int64)
         for split, values in ((split, dataset[split][label_column]) for split in ("train", "validation"))
@@ -429,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         names += ["label_column_name", "train_val_split", "max_train_samples", "max_eval_samples"]
         data = {name: getattr(args, name) for name in [*names, "num_labels_per_class", "seed", "eval_mask_prob"]}
         images = [
-            image_digest(dataset[split], image_column) if accelerator.is_main_process else None for split in labels
+            dataset_fingerprint(dataset[split], [image_column]) if accelerator.is_main_process else None
+            for split in labels
         ]
         data["images"] = dict(zip(labels, broadcast_object_list(images)))  # read once, on the main process
         data |= {

@@ -7,14 +7,15 @@ Images become palette ids in the datasets' transforms (random crops for training
 the training images unless one is given. Batches come from the library's `ImageGPTDataCollator`. Evaluation reports
 the loss in bits per dimension (one dimension = one pixel = one palette id). The output folder loads with
 `AutoModelForCausalLM` (AR, which then samples from SOS with a plain `generate()`) / `AutoModelForMaskedImageModeling`
-(BERT) / `AutoModel`, and its processor with `AutoImageProcessor`. Checkpoints, resume and the run contract are in
-training_run.py, which finetune.py shares: to train on your own data, copy this file and that one.
+(BERT) / `AutoModel`, and its processor with `AutoImageProcessor`. Checkpoints are accelerate's (`save_state`), with
+the run's position and contract (`image_gpt_hf.training.TrainingRun`); the flags and the Accelerator are in
+training_run.py, which finetune.py shares: to train on your own data, copy both files.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import inspect
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, SchedulerType, get_scheduler
+from transformers import AutoConfig, get_scheduler
 
 from image_gpt_hf import (
     PRESETS,
@@ -37,100 +38,37 @@ from image_gpt_hf import (
     ImageGPTForCausalImageModeling,
     ImageGPTForMaskedImageModeling,
     ImageGPTImageProcessor,
-    load_digits,
+    load_config_and_processor,
 )
 from image_gpt_hf.data import random_resized_crop
 from image_gpt_hf.generation import openai_generation_config
 from image_gpt_hf.model_card import write_model_card
 from image_gpt_hf.palette import fit_palette
 from image_gpt_hf.safe_io import check_output_path, staged_dir
-from training_run import (
-    BELOW_ONE,
-    CHECKPOINTS,
-    FRACTION,
-    LOCK_FILE,
-    NON_NEGATIVE,
-    NON_NEGATIVE_FLOAT,
-    POSITIVE,
-    POSITIVE_FLOAT,
-    RUN_FLAGS,
-    SCALE,
-    check_contract,
-    check_training_flags,
-    checked,
-    find_checkpoint,
-    fingerprint,
-    load_checkpoint,
-    lock_output_dir,
-    make_accelerator,
-    run_contract,
-    save_checkpoint,
-)
+from image_gpt_hf.training import DIGITS, TrainingRun, decode_images, load_image_dataset
+from training_run import RUN_FLAGS, check_finite, make_accelerator, training_parser
 
 logger = get_logger(__name__)
-DIGITS = "sklearn-digits"  # scikit-learn's 1,797 8x8 handwritten digits (image_gpt_hf.load_digits): no download
 TRACKER_DIR = "image_gpt_pretrain"
+KEEP = ["checkpoints", TRACKER_DIR, ".lock"]  # this run's own entries in --output_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Pretrain Image GPT on pixels (AR or BERT objective).")
+    parser = training_parser("Pretrain Image GPT on pixels (AR or BERT objective).", learning_rate=1e-3, epochs=10)
     add = parser.add_argument
     add("--objective", choices=["ar", "bert"], default=None, help="Default: the config's, else ar.")
     add("--model_size", choices=list(PRESETS), default=None, help="A preset for a new model (default: tiny).")
     add("--config_name", default=None, help="A config (folder, JSON or Hub id) instead of a preset.")
     add("--config_overrides", default=None, help="The new model's config fields, e.g. 'n_layer=4,n_embd=64'.")
     add("--model_name_or_path", default=None, help="Continue pretraining this checkpoint.")
-    add("--mask_prob", type=FRACTION, default=None, help="BERT: the probability that a pixel is masked (0.15).")
-    add("--dataset_name", default=DIGITS, help=f"A `datasets` image dataset, or {DIGITS!r}.")
-    add("--dataset_config_name", default=None)
-    add("--train_dir", default=None, help="An imagefolder of training images.")
-    add("--validation_dir", default=None, help="An imagefolder of evaluation images.")
-    add("--image_column_name", default=None, help="Default: the first column of `Image` type.")
-    add("--train_val_split", type=BELOW_ONE, default=0.15, help="Held out when there is no evaluation split.")
-    add("--max_train_samples", type=POSITIVE, default=None)
-    add("--max_eval_samples", type=POSITIVE, default=None)
-    add("--cache_dir", default=None, help="Where `datasets` caches downloads.")
-    add("--dataloader_num_workers", type=NON_NEGATIVE, default=0)
-    add(
-        "--n_px",
-        type=POSITIVE,
-        default=None,
-        help="A new model's: 32, or 8 on the digits (default); with "
-        "--config_name / --model_name_or_path, that config's (the default; any other is refused).",
-    )
+    add("--mask_prob", type=float, default=None, help="BERT: the probability that a pixel is masked (0.15).")
+    add("--n_px", type=int, help="A new model's side: 32, or 8 on the digits (default); else the config's.")
     add("--processor_name_or_path", default=None, help="A processor with a palette ('clusters').")
-    add("--palette_size", type=checked(int, lambda v: v >= 2, "at least 2"), default=None)
-    add("--palette_max_pixels", type=POSITIVE, default=1_000_000, help="Pixels sampled for the palette's k-means.")
-    add("--random_crop_scale", type=SCALE, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"))
-    add("--no_random_crop", action="store_true", help="Train on whole images.")
-    add("--output_dir", required=True)
-    add("--overwrite", action="store_true", help="Replace what is in --output_dir.")
-    add("--seed", type=NON_NEGATIVE, default=42, help="Seeds the init, data order, crops and masks.")
-    add("--per_device_train_batch_size", type=POSITIVE, default=64)
-    add("--per_device_eval_batch_size", type=POSITIVE, default=128)
-    add("--learning_rate", type=POSITIVE_FLOAT, default=1e-3)
-    add("--weight_decay", type=NON_NEGATIVE_FLOAT, default=0.0)
-    add("--adam_beta2", type=BELOW_ONE, default=0.95)
-    add("--max_grad_norm", type=NON_NEGATIVE_FLOAT, default=1.0)
-    add("--num_train_epochs", type=POSITIVE, default=10)
-    add("--max_train_steps", type=POSITIVE, default=None, help="Optimizer steps; overrides epochs.")
-    add("--gradient_accumulation_steps", type=POSITIVE, default=1)
-    schedules = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
-    add("--lr_scheduler_type", type=SchedulerType, default="cosine", choices=schedules)
-    add("--num_warmup_steps", type=NON_NEGATIVE, default=0)
-    add("--logging_steps", type=POSITIVE, default=10)
-    add("--eval_steps", type=POSITIVE, default=None, help="Default: every epoch.")
-    add("--checkpointing_steps", default=None, help="Save a checkpoint every n steps, or 'epoch'.")
-    add("--checkpoints_total_limit", type=POSITIVE, default=None, help="Keep the newest n.")
-    add("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
-    add("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    add("--gradient_checkpointing", action="store_true")
-    add("--with_tracking", action="store_true")
-    add("--report_to", default="all")
+    add("--palette_size", type=int, default=None)
+    add("--palette_max_pixels", type=int, default=1_000_000, help="Pixels sampled for the palette's k-means.")
     args = parser.parse_args(argv)
 
     # The errors argparse cannot see, before anything is loaded.
-    check_training_flags(args)
     if args.model_name_or_path is not None and (args.config_name is not None or args.config_overrides is not None):
         raise ValueError("--model_name_or_path brings its own config: drop --config_name / --config_overrides.")
     if args.model_size is not None and (args.model_name_or_path is not None or args.config_name is not None):
@@ -168,10 +106,10 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, eval_dataloader: 
     """The objective's loss on the evaluation split, in nats and in bits per dimension (per pixel)."""
     model.eval()
     losses = []
-    for batch in tqdm(eval_dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
-        with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():  # evaluation draws nothing from training's random stream
+        for batch in tqdm(eval_dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
             loss = model(**batch).loss
-        losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(len(batch["input_ids"]))))
+            losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(len(batch["input_ids"]))))
     model.train()
     eval_loss = torch.cat(losses).mean().item()
     return {"eval_loss": eval_loss, "eval_bpd": eval_loss / math.log(2)}
@@ -184,39 +122,34 @@ def main(argv=None) -> dict[str, float]:
     accelerator = make_accelerator(args)
     set_seed(args.seed)
 
-    # The output folder: refused before any work when it holds anything but this run's own entries.
+    # The output folder (refused before any work when it holds anything but this run's own entries) and the checkpoint.
     inputs = [args.model_name_or_path, args.config_name, args.processor_name_or_path]
     inputs += [args.train_dir, args.validation_dir, args.dataset_name]
-    own = [CHECKPOINTS, TRACKER_DIR, LOCK_FILE] if args.resume_from_checkpoint else [LOCK_FILE]
-    check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite, keep=own)
-    checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
+    checkpoint = TrainingRun.find_checkpoint(args.resume_from_checkpoint, args.output_dir, inputs)
+    check_output_path(args.output_dir, inputs=inputs, overwrite=args.overwrite, keep=KEEP if checkpoint else [".lock"])
 
-    # The config: a preset, --config_name or --model_name_or_path, with --config_overrides.
-    base_source = args.model_name_or_path or args.config_name
-    base = None
-    if base_source is not None:
-        try:
-            base = AutoConfig.from_pretrained(base_source)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"Cannot load a model config from {base_source!r}: {err}") from err
-        if not isinstance(base, ImageGPTConfig):
-            raise ValueError(
-                f"{base_source!r} is a {base.model_type!r} checkpoint ({type(base).__name__}); these examples need an "
-                "Image GPT checkpoint (model_type 'imagegpt'), e.g. one written by examples/pretrain.py."
-            )
+    # The config (a preset, --config_name or --model_name_or_path, with --config_overrides) and a given palette.
+    base = processor = None
+    if source := args.model_name_or_path or args.config_name:
+        if args.model_name_or_path or args.processor_name_or_path:
+            base, processor = load_config_and_processor(source, args.processor_name_or_path)
+        elif not isinstance(base := AutoConfig.from_pretrained(source), ImageGPTConfig):
+            raise ValueError(f"{source!r} is a {base.model_type!r} checkpoint ({type(base).__name__}), not Image GPT.")
+    elif args.processor_name_or_path:
+        if (processor := ImageGPTImageProcessor.from_pretrained(args.processor_name_or_path)).clusters is None:
+            raise ValueError(f"{args.processor_name_or_path!r} has no palette ('clusters') in its processor config.")
+    if processor is None and checkpoint and (palette := TrainingRun.saved(checkpoint)["palette"]):
+        processor = ImageGPTImageProcessor(clusters=palette)  # the palette this run fitted
     digits = args.dataset_name == DIGITS and args.train_dir is None
     n_px = args.n_px or (base.n_px if base else 8 if digits else 32)
     if base is not None and n_px != base.n_px:
         raise ValueError(
-            f"--n_px {n_px} differs from the config's n_px {base.n_px} ({base_source}, n_positions="
-            f"{base.n_positions}): the model would train at {n_px}x{n_px} but keep {base.n_positions} positions. "
-            f"Use --n_px {base.n_px} or leave it out."
+            f"--n_px {n_px} differs from the config's n_px {base.n_px} ({source}, n_positions={base.n_positions}): the "
+            f"model would train at {n_px}x{n_px} but keep {base.n_positions} positions. Leave --n_px out."
         )
     objective = args.objective or args.overrides.get("objective") or (base.objective if base else "ar")
     if args.model_name_or_path is not None and objective != base.objective:
-        raise ValueError(
-            f"{args.model_name_or_path} was pretrained with objective {base.objective!r}, not {objective!r}."
-        )
+        raise ValueError(f"{source} was pretrained with objective {base.objective!r}, not {objective!r}.")
     if args.mask_prob is not None and objective != "bert":
         raise ValueError(
             f"--mask_prob {args.mask_prob} masks pixels for the BERT objective, but this run's objective is "
@@ -232,54 +165,13 @@ def main(argv=None) -> dict[str, float]:
             "--config_overrides."
         )
 
-    # Data: "train" and "validation" splits and the image column.
-    source = args.train_dir or ("scikit-learn's bundled digits" if digits else args.dataset_name)
+    # Data: "train" and "validation" splits, the image column.
     with accelerator.main_process_first():
-        if args.train_dir is not None:
-            files = {"train": args.train_dir, "validation": args.validation_dir}
-            files = {split: os.path.join(folder, "**") for split, folder in files.items() if folder}
-            dataset = datasets.load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir)
-        else:
-            name, config_name = args.dataset_name, args.dataset_config_name
-            dataset = load_digits() if digits else datasets.load_dataset(name, config_name, cache_dir=args.cache_dir)
-    if "train" not in dataset:
-        raise ValueError(f"The dataset {source} has no 'train' split; its splits are {list(dataset)}.")
-    eval_split = "validation" if "validation" in dataset else "test"
-    if eval_split not in dataset:
-        if args.train_val_split == 0:
-            no_split = f"The dataset {source} has no validation or test split"
-            raise ValueError(f"{no_split}; pass --train_val_split > 0 or --validation_dir.")
-        dataset = dataset["train"].train_test_split(args.train_val_split, seed=args.seed)
-        eval_split = f"{args.train_val_split:.0%} of train held out"
-    held_out = dataset["validation" if "validation" in dataset else "test"]
-    dataset = datasets.DatasetDict({"train": dataset["train"], "validation": held_out})
-    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
-        if limit is not None:
-            dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
-    sizes = f"{len(dataset['train'])} training, {len(dataset['validation'])} {eval_split} images"
-    logger.info(f"Dataset {source}: {sizes}")
-    features = dataset["train"].features
-    if args.image_column_name not in (None, *features):
-        raise ValueError(
-            f"--image_column_name {args.image_column_name!r} is not a column of the dataset; its columns are "
-            f"{list(features)}."
-        )
-    images = [n for n, f in features.items() if isinstance(f, datasets.Image)]
-    if not (image_column := args.image_column_name or next(iter(images), None)):
-        raise ValueError(f"The dataset has no `Image` column among {list(features)}; pass --image_column_name.")
+        names = inspect.signature(load_image_dataset).parameters  # the data flags, by name
+        dataset, eval_split, image_column = load_image_dataset(**{k: v for k, v in vars(args).items() if k in names})
 
     def decode(batch: dict) -> list[PIL.Image.Image]:
-        """The batch's images, decoded here so that an unreadable file is named with the fix."""
-        images = []
-        for value in batch[image_column]:
-            try:
-                images.append(datasets.Image().decode_example(value))
-            except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
-                raise ValueError(
-                    f"Cannot read the image {value.get('path') or ''}: {err}. Remove or replace that file, or leave "
-                    "it out of the dataset."
-                ) from err
-        return images
+        return decode_images(batch[image_column])
 
     undecoded = {
         split: dataset[split].select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
@@ -287,25 +179,12 @@ def main(argv=None) -> dict[str, float]:
     }
 
     # The palette: a given processor's (or the resumed checkpoint's), the model's, or fitted by k-means.
-    processor_source = args.processor_name_or_path or args.model_name_or_path or checkpoint
-    processor = None
-    if processor_source is not None:
-        with contextlib.suppress(OSError):
-            processor = ImageGPTImageProcessor.from_pretrained(processor_source)
-        if processor is None or processor.clusters is None:
-            raise ValueError(f"{processor_source!r} has no preprocessor_config.json with a palette ('clusters').")
+    if processor is not None:
         processor.size, processor.do_center_crop = {"height": n_px, "width": n_px}, False
-    default_size = base.palette_size if base else 16 if digits else 512
-    palette_size = len(processor.clusters) if processor is not None else args.palette_size or default_size
-    if args.palette_size is not None and args.palette_size != palette_size:
-        raise ValueError(
-            f"--palette_size {args.palette_size} contradicts the {palette_size}-color palette of {processor_source}."
-        )
-    if base is not None and base.palette_size != palette_size:
-        raise ValueError(
-            f"The config predicts {base.palette_size} colors but the palette has {palette_size}; pass a matching "
-            "--palette_size / --processor_name_or_path."
-        )
+    palette_size = len(processor.clusters) if processor is not None else base.palette_size if base else None
+    if args.palette_size not in (None, palette_size or args.palette_size):
+        raise ValueError(f"--palette_size {args.palette_size} contradicts the {palette_size}-color palette given.")
+    palette_size = palette_size or args.palette_size or (16 if digits else 512)
     config = (
         base
         if base is not None
@@ -328,17 +207,12 @@ def main(argv=None) -> dict[str, float]:
             broadcast_object_list(palette)
         processor = ImageGPTImageProcessor(clusters=palette[0], size={"height": n_px, "width": n_px})
 
-    # The run contract: what defines this run, recorded in every checkpoint; a resume must match it.
-    flags = RUN_FLAGS + (["mask_prob"] if objective == "bert" else [])
-    contract = run_contract(accelerator, config, processor, args, flags, {"--image_column_name": image_column})
-    if checkpoint or args.checkpointing_steps:  # one read of the training images
-        digest = fingerprint(accelerator, dataset["train"], [image_column])
-        contract["training images (fingerprint of their bytes)"] = digest
-    contract = check_contract(contract, checkpoint)
-
-    # One writer per output folder (a lock inside it, held to the end); with --overwrite and no resume, an earlier
-    # run's checkpoints go now.
-    _lock = lock_output_dir(accelerator, args, checkpoint, TRACKER_DIR)  # held while main() runs
+    # The run contract (a resume must match it), carried by every checkpoint with the position; one writer per folder.
+    flags = {f"--{name}": getattr(args, name) for name in RUN_FLAGS + (["mask_prob"] if objective == "bert" else [])}
+    data, fingerprint = (dataset["train"], [image_column]), bool(checkpoint or args.checkpointing_steps)
+    flags["image_column"], palette = image_column, np.asarray(processor.clusters).tolist()
+    run = TrainingRun(accelerator, "pretrain.py", config, processor, flags, data, fingerprint, palette=palette)
+    _lock = run.start(args.output_dir, checkpoint, args.overwrite, clear=(TRACKER_DIR,))  # held while main() runs
 
     # The model: new from the config, or the given checkpoint's weights.
     model_class = ImageGPTForCausalImageModeling if objective == "ar" else ImageGPTForMaskedImageModeling
@@ -396,15 +270,17 @@ def main(argv=None) -> dict[str, float]:
     lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer, **steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if args.with_tracking:
-        hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers(TRACKER_DIR, hyperparameters)
+        accelerator.init_trackers(
+            TRACKER_DIR, {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        )
 
     # Training, from the checkpoint when resuming: the batches of its epoch that it has seen are skipped unloaded.
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Running training: {len(train_dataset)} examples, {num_train_epochs} epochs")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
-    completed_steps, starting_epoch, resume_batches = load_checkpoint(accelerator, checkpoint, len(train_dataloader))
+    run.resume(checkpoint, len(train_dataloader))
+    completed_steps, starting_epoch = run["completed_steps"], run["epoch"]
     progress_bar = tqdm(
         total=max_train_steps, initial=completed_steps, desc="train", disable=not accelerator.is_local_main_process
     )
@@ -415,12 +291,13 @@ def main(argv=None) -> dict[str, float]:
             break
         epoch_now[0] = collator.epoch = epoch  # new crops and masks every epoch, the same ones after a resume
         train_dataloader.set_epoch(epoch)
-        seen = resume_batches if epoch == starting_epoch else 0
+        seen = run["seen"] if epoch == starting_epoch else 0
         for batch in accelerator.skip_first_batches(train_dataloader, seen) if seen else train_dataloader:
             seen += 1
             with accelerator.accumulate(model):
                 # AR: OpenAI's loss over all n pixels (config.prepend_sos); BERT: the masked pixels of each image.
                 loss = model(**batch).loss
+                check_finite(accelerator, args, loss, completed_steps + 1)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -440,12 +317,8 @@ def main(argv=None) -> dict[str, float]:
                 running = []
                 progress_bar.set_postfix(train_loss=f"{logs['train_loss']:.4f}")
             every = args.checkpointing_steps
-            if (
-                (end_of_epoch or done)
-                if every == "epoch"
-                else (every is not None and completed_steps % int(every) == 0)
-            ):
-                save_checkpoint(accelerator, args, processor, contract, completed_steps, epoch, seen)
+            if (end_of_epoch or done) if every == "epoch" else every and completed_steps % int(every) == 0:
+                run.save(completed_steps=completed_steps, epoch=epoch, seen=seen)
             if (completed_steps % args.eval_steps == 0 or done) if args.eval_steps else (end_of_epoch or done):
                 logs |= (metrics := evaluate(accelerator, model, eval_dataloader))
             if logs:
@@ -484,8 +357,7 @@ def main(argv=None) -> dict[str, float]:
     state_dict = accelerator.get_state_dict(model)  # every process: gathers sharded (FSDP) weights
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        keep = [CHECKPOINTS, TRACKER_DIR, LOCK_FILE]
-        with staged_dir(args.output_dir, overwrite=args.overwrite, keep=keep, inputs=inputs) as tmp:
+        with staged_dir(args.output_dir, overwrite=args.overwrite, keep=KEEP, inputs=inputs) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
             processor.save_pretrained(tmp)
             if objective == "ar":

@@ -32,11 +32,10 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from datasets import Image, load_dataset
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageToImage, PreTrainedModel
+from transformers import AutoImageProcessor, AutoModelForImageToImage, PreTrainedModel
 
-from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor, load_digits
+from image_gpt_hf import ImageGPTForCausalImageModeling, load_config_and_processor, load_digits
 from image_gpt_hf.generation import complete, sample, upscale_images
-from image_gpt_hf.image_processing_imagegpt import check_palette_fits
 from image_gpt_hf.safe_io import atomic_file, check_output_path
 
 logger = get_logger(__name__)
@@ -110,9 +109,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0.0 <= args.train_val_split < 1.0:
         raise ValueError(f"--train_val_split is a fraction and must be in [0, 1), got {args.train_val_split}.")
-    for name in ("train_dir", "validation_dir"):
-        if getattr(args, name) is not None and not os.path.isdir(getattr(args, name)):
-            raise ValueError(f"--{name} {getattr(args, name)!r} is not a folder of images.")
     if args.validation_dir is not None and args.train_dir is None:
         raise ValueError("--validation_dir needs a --train_dir to go with it.")
     for name in ("num_samples", "num_images"):
@@ -120,12 +116,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
     if args.num_completions < 1:
         raise ValueError(f"--num_completions must be at least 1, got {args.num_completions}.")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}.")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top_k must be at least 1, got {args.top_k}.")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}.")
     for name in ("batch_size", "magnification", "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
@@ -148,20 +138,8 @@ def load_upscaler(upscale_model: str | None) -> int | PreTrainedModel | None:
     factor = upscale_factor(upscale_model)
     if upscale_model is None or factor is not None:
         return factor
-    try:
-        model = AutoModelForImageToImage.from_pretrained(upscale_model)
-        AutoImageProcessor.from_pretrained(upscale_model)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"--upscale_model {upscale_model!r} is neither an integer factor nor an image super-resolution checkpoint "
-            f"that loads (a folder or Hub id for AutoModelForImageToImage and AutoImageProcessor, e.g. a Swin2SR "
-            f"model): {error}"
-        ) from error
-    if not isinstance(getattr(model.config, "upscale", None), int):
-        raise ValueError(
-            f"--upscale_model {upscale_model!r} is a {type(model).__name__}, not an image super-resolution model (its "
-            "config has no integer `upscale` factor). Pass a super-resolution checkpoint or an integer factor."
-        )
+    AutoImageProcessor.from_pretrained(upscale_model)
+    model = AutoModelForImageToImage.from_pretrained(upscale_model)
     return model.eval()
 
 
@@ -254,32 +232,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         upscaler.to(accelerator.device)
 
     # The model, its palette and its LM head: a model that cannot sample is refused before any image is read.
-    try:
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot load a model config from {args.model_name_or_path!r}: {err}") from err
-    if not isinstance(config, ImageGPTConfig):
-        raise ValueError(
-            f"{args.model_name_or_path!r} is a {config.model_type!r} checkpoint ({type(config).__name__}); sample.py "
-            "needs an autoregressive Image GPT checkpoint, e.g. one written by examples/pretrain.py."
-        )
-    if config.objective != "ar":
-        raise ValueError(
-            f"{args.model_name_or_path} is a BERT-objective model: it predicts masked pixels, not the next one, so it "
-            "cannot generate images pixel by pixel. Sample from an AR checkpoint (pretrain.py --objective ar)."
-        )
-    source = args.processor_name_or_path or args.model_name_or_path
-    try:
-        processor = ImageGPTImageProcessor.from_pretrained(source)
-    except OSError:
-        processor = None
-    if getattr(processor, "clusters", None) is None:
-        raise ValueError(
-            f"{source!r} has no preprocessor_config.json with a palette ('clusters'). The model's token ids index the "
-            "palette it was trained with; pass the processor it was trained with as --processor_name_or_path."
-        )
-    check_palette_fits(processor, config, f"The processor from {source!r}")
-    model, loading = ImageGPTForCausalImageModeling.from_pretrained(args.model_name_or_path, output_loading_info=True)
+    config, processor = load_config_and_processor(args.model_name_or_path, args.processor_name_or_path, objective="ar")
+    model, loading = ImageGPTForCausalImageModeling.from_pretrained(
+        args.model_name_or_path, config=config, output_loading_info=True
+    )
     if "lm_head.weight" in loading["missing_keys"]:
         raise ValueError(
             f"{args.model_name_or_path} has no LM-head weights (lm_head.weight), the layer that predicts the next "

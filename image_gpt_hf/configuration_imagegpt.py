@@ -1,13 +1,11 @@
 """ImageGPT configuration: the fields of transformers' ImageGPTConfig, a few additive ones, and named presets."""
 
-from __future__ import annotations
-
 import math
+import operator
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
-from transformers.activations import ACT2FN
 
 # The paper's model sizes (Chen et al., 2020, table 1) plus a tiny one for tests and CPU demos. A preset is data:
 # `ImageGPTConfig.from_preset(name, n_px=...)` turns one into a config. OpenAI never said how many heads iGPT-XL had;
@@ -64,6 +62,11 @@ class ImageGPTConfig(PreTrainedConfig):
     gen_loss_weight (`float`, defaults to 0.0):
         Weight `w` of the generative loss in the classification fine-tuning objective `L = L_clf + w * L_gen`
         (the paper uses 1.0 for AR models). With `w > 0` the classification model carries an LM head.
+    class_conditional (`bool`, defaults to `False`):
+        A class-conditional model: its input vocabulary holds one token per class after the palette (ids
+        `palette_size + c` for the `num_labels` classes of `id2label`), and a sequence starts with its class token in
+        place of SOS, which stands for "no class" (label dropout during training teaches the model both, for
+        classifier-free guidance). The LM head still predicts the palette only.
     feature_layer (`int`, *optional*):
         The layer whose normed hidden state `ImageGPTModel` averages into `pooler_output` (what the
         `image-feature-extraction` pipeline returns with `pool=True`). `None` is the middle of the network
@@ -71,10 +74,12 @@ class ImageGPTConfig(PreTrainedConfig):
 
     Which layer is pooled: every pooled feature is a hidden state `l` (0 is the embedding output, `n_layer` the final
     normed output) read through the norm of the block that follows it (the paper's `n^l`) and averaged over the
-    `n_positions` pixels of a whole image (other lengths are refused). `feature_layer` picks `l` for `ImageGPTModel`'s
-    `pooler_output`; `classifier_layer` picks it for `ImageGPTForImageClassification`'s logits; a forward's
-    `pooler_layer` argument overrides `feature_layer` for one call (the classifier passes its `classifier_layer` there),
-    and its `return_pooler_output` says whether to pool at all (`None`: for whole images only).
+    positions given (the paper's feature is the mean over a whole image, `n_positions` ids; a part of one is pooled as
+    given, with a warning). `feature_layer` picks `l` for `ImageGPTModel`'s `pooler_output`, `classifier_layer` for
+    `ImageGPTForImageClassification`; `hidden_state_index` resolves either.
+
+    `n_px` and `palette_size` are derived (`n_positions = n_px ** 2`, `vocab_size = palette_size + 1`, plus the classes
+    of a class-conditional model); given beside the fields they are checked to agree, never stored.
 
     A config whose added fields keep their defaults describes a model transformers' built-in ImageGPT computes
     exactly; it is saved with `model_type: "imagegpt"` and moves both ways. Any other (a BERT objective, `prepend_sos`,
@@ -90,6 +95,8 @@ class ImageGPTConfig(PreTrainedConfig):
         "max_position_embeddings": "n_positions",
         "num_attention_heads": "n_head",
         "num_hidden_layers": "n_layer",
+        "embed_dim": "n_embd",  # with `num_heads` and `head_dim`, the names transformers' architecture check reads
+        "num_heads": "n_head",
     }
 
     # transformers' ImageGPTConfig fields, same names and defaults.
@@ -121,60 +128,33 @@ class ImageGPTConfig(PreTrainedConfig):
     classifier_layer: int | None = None
     gen_loss_weight: float | int = 0.0
     feature_layer: int | None = None
+    class_conditional: bool = False
 
-    def __post_init__(self, n_px: int | None = None, **kwargs):
-        # `n_px` is derived from `n_positions`, not a field: taken only where it agrees (a config.json holding both).
-        if n_px is not None and (
-            isinstance(n_px, bool) or not isinstance(n_px, int) or n_px * n_px != self.n_positions
-        ):
-            hint = (
-                f"`n_positions={n_px * n_px}`" if isinstance(n_px, int) and n_px > 0 else "`n_positions=n_px * n_px`"
-            )
-            raise ValueError(
-                f"`n_px`={n_px!r} does not match `n_positions`={self.n_positions}: ImageGPTConfig sets the image size "
-                f"by `n_positions = n_px * n_px`, so pass {hint} (or use `ImageGPTConfig.from_preset(name, n_px=...)`)."
-            )
+    def __post_init__(self, n_px: int | None = None, palette_size: int | None = None, **kwargs):
+        for name, value in (("n_px", n_px), ("palette_size", palette_size)):
+            if value is not None and value != getattr(self, name):
+                raise ValueError(f"`{name}`={value!r} disagrees with the fields' {name}={getattr(self, name)}.")
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
-        """Part of `@strict`-powered validation: reject configs no model can be built from."""
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
-            value = getattr(self, name)
-            if name == "n_inner" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.activation_function not in ACT2FN:
-            raise ValueError(
-                f"`activation_function` {self.activation_function!r} is not one of transformers' activations "
-                f"(e.g. 'quick_gelu', OpenAI's, or 'gelu_new'); see transformers.activations.ACT2FN."
-            )
-        if self.add_cross_attention:
-            raise ValueError("`add_cross_attention=True` is not supported: Image GPT has no encoder to attend to.")
-        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"`{name}` is a dropout probability in [0, 1], got {getattr(self, name)!r}.")
-        if self.vocab_size < 2:
-            raise ValueError(
-                f"`vocab_size` is palette size + 1 (the SOS id) and must be at least 2, got {self.vocab_size}."
-            )
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"`n_embd` ({self.n_embd}) must be divisible by `n_head` ({self.n_head}).")
-        if self.objective not in ("ar", "bert"):
-            raise ValueError(f"`objective` must be 'ar' or 'bert', got {self.objective!r}.")
-        if not (math.isfinite(self.gen_loss_weight) and self.gen_loss_weight >= 0):
+        """Part of `@strict`-powered validation (which checks each field's type): what no model could honour."""
+        super().validate_architecture()  # n_embd divisible by n_head
+        if not 0 <= self.gen_loss_weight < math.inf:
             raise ValueError(f"`gen_loss_weight` must be a finite number >= 0, got {self.gen_loss_weight}.")
-        if self.prepend_sos and self.objective == "bert":
-            raise ValueError("`prepend_sos` applies to autoregressive models only, not to objective='bert'.")
+        if (self.prepend_sos or self.class_conditional) and self.objective == "bert":
+            raise ValueError("`prepend_sos` and `class_conditional` apply to autoregressive models only, not to 'bert'.")
         for name in ("classifier_layer", "feature_layer"):
-            layer = getattr(self, name)
-            if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
-                raise ValueError(f"`{name}` must be an integer hidden-state index or None, got {layer!r}.")
-            if layer is not None and not -(self.n_layer + 1) <= layer <= self.n_layer:
-                raise ValueError(
-                    f"`{name}`={layer} is not a hidden-state index of a {self.n_layer}-layer model "
-                    f"(valid: {-(self.n_layer + 1)} to {self.n_layer})."
-                )
+            if getattr(self, name) is not None:
+                self.hidden_state_index(getattr(self, name), name)
+
+    def hidden_state_index(self, layer: int | None = None, name: str = "layer") -> int:
+        """`layer` as an index into `hidden_states`, in `[0, n_layer]` (negative ones count from the end). `None` is
+        `feature_layer`, itself defaulting to the middle of the network, where the paper finds the best features."""
+        if layer is None:
+            layer = self.n_layer // 2 if self.feature_layer is None else self.feature_layer
+        if not -(self.n_layer + 1) <= operator.index(layer) <= self.n_layer:
+            raise ValueError(f"Layer {layer} is not a hidden-state index of a {self.n_layer}-layer model (`{name}`).")
+        return layer % (self.n_layer + 1)
 
     @property
     def builtin_compatible(self) -> bool:
@@ -186,6 +166,7 @@ class ImageGPTConfig(PreTrainedConfig):
             and self.classifier_layer is None
             and self.feature_layer is None
             and self.gen_loss_weight == 0
+            and not self.class_conditional
         )
 
     def to_dict(self) -> dict:
@@ -220,41 +201,45 @@ class ImageGPTConfig(PreTrainedConfig):
     @property
     def palette_size(self) -> int:
         """Number of palette colors, i.e. the LM head's output size."""
-        return self.vocab_size - 1
+        return self.vocab_size - 1 - (self.num_labels if self.class_conditional else 0)
+
+    def class_token_id(self, label: int | str) -> int:
+        """The input id of a class-conditional model's class `label` (an index or a name of `id2label`)."""
+        names = {name: index for index, name in self.id2label.items()}
+        if not self.class_conditional:
+            raise ValueError("This model is not class-conditional (`class_conditional=False`): it takes no class.")
+        if isinstance(label, str) and label in names:
+            return self.palette_size + names[label]
+        if isinstance(label, str) or not 0 <= label < self.num_labels:
+            raise ValueError(f"Unknown class {label!r}: this model's classes are {self.id2label}.")
+        return self.palette_size + int(label)
 
     @property
     def n_px(self) -> int:
         """Side of the square image the model sees (`n_positions = n_px ** 2`)."""
         return image_side(self.n_positions)
 
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
     @classmethod
     def from_preset(
         cls, name: str, n_px: int | None = None, palette_size: int | None = None, **kwargs
-    ) -> ImageGPTConfig:
+    ) -> "ImageGPTConfig":
         """A config for one of the named sizes in `PRESETS` at `n_px x n_px` input (default 32; the paper used 32, 48,
         64) with a palette of `palette_size` colors (default 512).
 
         Any other field can be given as a keyword, e.g. `ImageGPTConfig.from_preset("small", 48, objective="bert")`.
-        `n_positions` and `vocab_size` may replace `n_px` and `palette_size`; keywords that disagree are refused.
+        `n_positions` and `vocab_size` may replace `n_px` and `palette_size` (keywords that disagree are refused).
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-        for keyword, value, field, derived in (
-            ("n_px", n_px, "n_positions", lambda side: side * side),
-            ("palette_size", palette_size, "vocab_size", lambda size: size + 1),
-        ):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{keyword}` must be a positive integer, got {value!r}.")
-            if field in kwargs and kwargs[field] != derived(value):
-                raise ValueError(
-                    f"`{keyword}`={value} and `{field}`={kwargs[field]} disagree ({field} = {derived(value)} for "
-                    f"{keyword}={value}): give one of them."
-                )
-            kwargs[field] = derived(value)
-        fields = {**PRESETS[name], "n_positions": 32 * 32, "vocab_size": 512 + 1, **kwargs}
-        return cls(**fields)
+        classes = len(kwargs.get("id2label") or {}) or kwargs.get("num_labels", 2) if kwargs.get("class_conditional") else 0
+        derived = {"n_positions": n_px and n_px * n_px, "vocab_size": palette_size and palette_size + 1 + classes}
+        fields = {**PRESETS[name], "n_positions": 32 * 32, "vocab_size": 512 + 1}
+        fields |= {key: value for key, value in derived.items() if value} | kwargs
+        return cls(**fields, n_px=n_px, palette_size=palette_size)
 
 
 # `save_pretrained` copies this file next to config.json and names it in `auto_map` (remote code).

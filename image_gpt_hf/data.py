@@ -5,7 +5,7 @@ crop for training transforms, and scikit-learn's bundled handwritten digits as a
     from image_gpt_hf import ImageGPTDataCollator
 
     collator = ImageGPTDataCollator(processor, objective="bert")  # input_ids, bool_masked_pos, labels
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()
+    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[collator]).train()
 
 transformers' own collators do not fit Image GPT: it has no tokenizer, and its BERT objective zeroes the embeddings of
 masked pixels (`bool_masked_pos`) instead of substituting a mask token.
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+from transformers import TrainerCallback
 
 from .image_processing_imagegpt import ImageGPTImageProcessor
 from .modeling_imagegpt import random_bert_mask
@@ -33,7 +34,7 @@ DIGITS_TEST_SIZE = 360  # load_digits: a fixed, stratified 1,437 / 360 train / t
 
 
 @dataclass
-class ImageGPTDataCollator:
+class ImageGPTDataCollator(TrainerCallback):
     """Examples -> a batch of `input_ids` (+ `labels`, + `bool_masked_pos`), for the `data_collator=` of transformers'
     `Trainer` or the `collate_fn=` of a `torch.utils.data.DataLoader`.
 
@@ -47,16 +48,18 @@ class ImageGPTDataCollator:
             "bert": also `bool_masked_pos`, OpenAI's masking (each pixel masked independently with probability
             `mask_probability`); the loss covers the masked pixels. None: `input_ids` only (evaluation, features).
         mask_probability: the BERT masking probability (the paper's 0.15); only with `objective="bert"`.
-        label_column: a key of the examples holding class ids; they become `labels` (for a classifier, whose
+        label_column: a key of the examples holding integer class ids; they become `labels` (for a classifier, whose
             generative loss reads the `input_ids` and, for BERT models, `bool_masked_pos`).
         seed: seeds the masks. Each example's mask is drawn from (seed, epoch, the example's ids), so it is the same
             whatever the batch, the process, the DataLoader worker or the resumed run that draws it.
-        epoch: set it to the epoch in a training loop to draw new masks every epoch.
+        epoch: the epoch the masks are drawn for. A training loop sets it each epoch; under transformers' `Trainer`,
+            pass the collator as a callback too (`callbacks=[collator]`): it then follows Trainer's epoch (with
+            `dataloader_persistent_workers=False`, the default, so that workers see it).
         image_column: the key of the examples' images.
         return_tensors: "pt" (torch tensors) or "np" (numpy arrays).
 
-    Every example of a batch must have the same length (one `n_px`): Image GPT has no padding token, and a raster of
-    another size would put pixels on positions learned for other rows, so a batch of mixed lengths is refused rather
+    Every example of a batch must have the same raster (one `n_px`): Image GPT has no padding token, and a raster of
+    another size would put pixels on positions learned for other rows, so a batch of mixed sizes is refused rather
     than padded.
     """
 
@@ -72,85 +75,67 @@ class ImageGPTDataCollator:
     def __post_init__(self):
         if self.objective not in ("ar", "bert", None):
             raise ValueError(f"`objective` must be 'ar', 'bert' or None, got {self.objective!r}.")
-        if self.objective != "bert" and self.mask_probability is not None:
-            raise ValueError(
-                f"`mask_probability` masks pixels for the BERT objective; with objective={self.objective!r} nothing "
-                "is masked. Pass objective='bert', or leave `mask_probability` unset."
-            )
-        if self.mask_probability is None and self.objective == "bert":
+        if self.objective != "bert" and self.mask_probability is not None:  # it would mask nothing
+            raise ValueError(f"`mask_probability` masks pixels for objective='bert', not {self.objective!r}.")
+        if self.objective == "bert" and self.mask_probability is None:
             self.mask_probability = 0.15
-        if self.mask_probability is not None and not 0.0 < self.mask_probability < 1.0:
-            raise ValueError(f"`mask_probability` must be in (0, 1), got {self.mask_probability}.")
-        if self.return_tensors not in ("pt", "np"):
-            raise ValueError(f"`return_tensors` must be 'pt' or 'np', got {self.return_tensors!r}.")
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        """transformers' `Trainer` callback: the masks follow its epoch (also after a resume in mid-epoch)."""
+        self.epoch = math.floor(state.epoch + 1e-6)
 
     def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
-        if not examples:
-            raise ValueError("Cannot collate an empty list of examples.")
         input_ids = self._input_ids(examples)
         batch: dict[str, torch.Tensor] = {"input_ids": input_ids}
         if self.objective == "bert":
             batch["bool_masked_pos"] = self.masks(input_ids)
         if self.label_column is not None:
-            missing = [i for i, example in enumerate(examples) if self.label_column not in example]
-            if missing:
-                raise ValueError(
-                    f"`label_column` {self.label_column!r} is missing from example {missing[0]} of the batch (keys: "
-                    f"{sorted(examples[missing[0]])})."
-                )
-            batch["labels"] = torch.as_tensor([int(example[self.label_column]) for example in examples])
+            batch["labels"] = torch.as_tensor([self._class_id(example) for example in examples])
         elif self.objective is not None:
+            if isinstance(examples[0], Mapping) and np.ndim(examples[0].get("labels", ())) == 0:  # class labels
+                raise ValueError("The examples' `labels` would become the pixel ids: pass `label_column='labels'`.")
             batch["labels"] = input_ids.clone()
-        if self.return_tensors == "np":
-            return {key: value.numpy() for key, value in batch.items()}
-        return batch
+        return {key: value.numpy() for key, value in batch.items()} if self.return_tensors == "np" else batch
 
     def masks(self, input_ids: torch.Tensor, epoch: int | None = None) -> torch.BoolTensor:
         """The BERT masks of a batch of ids `(B, L)`: row b drawn from (seed, epoch, input_ids[b]) alone.
 
         `epoch` (default: `self.epoch`) also numbers the views of an evaluation that averages several masks.
         """
-        if self.mask_probability is None:
-            raise ValueError("Masks need objective='bert' (and a `mask_probability`).")
         epoch = self.epoch if epoch is None else epoch
-        rows = torch.as_tensor(input_ids).detach().cpu().to(torch.int64)
         masks = []
-        for row in rows:
+        for row in torch.as_tensor(input_ids).detach().cpu().to(torch.int64):
             key = hashlib.blake2b(np.int64([self.seed, epoch]).tobytes() + row.numpy().tobytes(), digest_size=8)
             generator = torch.Generator().manual_seed(int.from_bytes(key.digest(), "little") >> 1)
             masks.append(random_bert_mask(row.shape, self.mask_probability, generator=generator))
         return torch.stack(masks)
 
+    def _class_id(self, example: Mapping) -> int:
+        value = np.asarray(example[self.label_column])
+        if value.ndim != 0 or value.dtype.kind not in "iuf" or value != np.round(value):
+            hint = "map names to ids (datasets' `class_encode_column`); int() would truncate fractions"
+            raise ValueError(f"Class labels must be integer class ids, got {example[self.label_column]!r}: {hint}.")
+        return int(value)
+
     def _input_ids(self, examples: Sequence[Any]) -> torch.Tensor:
         if all(isinstance(example, Mapping) and "input_ids" in example for example in examples):
-            rows = [torch.as_tensor(np.asarray(example["input_ids"])).reshape(-1) for example in examples]
+            rows = [np.asarray(example["input_ids"]) for example in examples]
         else:
             if self.image_processor is None:
-                raise ValueError(
-                    "These examples hold images, not `input_ids`: pass an `image_processor` (the model's, whose "
-                    "palette defines the ids) to encode them."
-                )
-            images = []
-            for example in examples:
-                if isinstance(example, Mapping):
-                    if self.image_column not in example:
-                        raise ValueError(
-                            "An example holds neither `input_ids` nor an image under `image_column` "
-                            f"{self.image_column!r} (keys: {sorted(example)})."
-                        )
-                    example = example[self.image_column]
-                images.append(example)
-            ids = self.image_processor(images, return_tensors=None)["input_ids"]
-            rows = [torch.as_tensor(np.asarray(row)).reshape(-1) for row in ids]
-        lengths = sorted({len(row) for row in rows})
-        if len(lengths) > 1:
-            raise ValueError(
-                f"The examples have {lengths} pixels: a batch needs images of one n_px x n_px (Image GPT has no "
-                "padding token). Resize them to one size with the image processor."
-            )
-        if any(row.is_floating_point() or row.dtype == torch.bool for row in rows):
-            raise ValueError("`input_ids` must be integer palette ids, not floats or booleans.")
-        return torch.stack(rows).to(torch.long)
+                raise ValueError("These examples hold images, not `input_ids`: pass the model's `image_processor`.")
+            missing = next((e for e in examples if isinstance(e, Mapping) and self.image_column not in e), None)
+            if missing is not None:
+                trainer = "under Trainer, set `remove_unused_columns=False`, or it drops the image column"
+                raise ValueError(f"No `input_ids` nor {self.image_column!r} in {sorted(missing)}: {trainer}.")
+            images = [e[self.image_column] if isinstance(e, Mapping) else e for e in examples]
+            rows = [np.asarray(row) for row in self.image_processor(images, return_tensors=None)["input_ids"]]
+        shapes = sorted({row.shape for row in rows})
+        if len(shapes) > 1:
+            raise ValueError(f"The examples' ids have shapes {shapes}: resize the images to one n_px x n_px.")
+        ids = np.stack(rows).reshape(len(rows), -1)
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"`input_ids` must be integer palette ids, got {ids.dtype}.")
+        return torch.from_numpy(ids.astype(np.int64))
 
 
 def random_resized_crop(
@@ -192,15 +177,9 @@ def load_digits():
     fixed, stratified split: 1,437 "train" and 360 "test" images. The data ship inside scikit-learn, so nothing is
     downloaded. Needs the `datasets` and `scikit-learn` packages (`pip install "image_gpt_hf[examples]"`).
     """
-    try:
-        import datasets
-        from sklearn.datasets import load_digits as sklearn_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as err:
-        raise ImportError(
-            f"load_digits needs `datasets` and `scikit-learn` ({err}); install them with "
-            '`pip install "image_gpt_hf[examples]"`.'
-        ) from err
+    import datasets
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
 
     images, labels = load_sklearn_digits(), sklearn_digits().target
     train, test = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=0)

@@ -97,13 +97,18 @@ def fast_generate(
 def lower_precision_copy(model: PreTrainedModel, precision: str) -> PreTrainedModel:
     """A copy of `model` with `"bfloat16"` weights, or with `"int8"` weight-only quantized projections and LM head
     (every `Conv1D` and `nn.Linear`; embeddings and norms in bfloat16). Made once per model and precision, then
-    reused while the model's weights and device stay as they were (a sum per parameter, checked at each call, about a
-    read of the weights); a changed model gets a new copy. The copy follows the model's train/eval mode."""
+    reused while the model's weights and device stay as they were (checked at each call by a fingerprint of every
+    weight, about one read of them); a changed model gets a new copy. The copy follows the model's train/eval mode."""
     if precision not in PRECISIONS[1:]:
         raise ValueError(f"`precision` must be 'bfloat16' or 'int8', got {precision!r}.")
+    if any(p.device.type == "meta" for p in model.parameters()):  # else accelerate's "can't move a model ..."
+        raise ValueError(
+            f"precision={precision!r} makes a copy of the model's weights, and this model keeps some of them offloaded "
+            "(device_map with offload): decode it with precision=None, or load it in bfloat16 "
+            "(`from_pretrained(..., dtype=torch.bfloat16)`) where it fits in memory."
+        )
     copies = _DECODERS.setdefault(model, {})
-    with torch.no_grad():
-        weights = (model.device, torch.stack([p.detach().float().sum() for p in model.parameters()]))
+    weights = (model.device, _fingerprint(model))
     kept = copies.get(precision)
     if kept is None or kept[0][0] != weights[0] or not torch.equal(kept[0][1], weights[1]):
         for key in [k for k in copies if isinstance(k, tuple) and k[1] == precision]:
@@ -113,6 +118,18 @@ def lower_precision_copy(model: PreTrainedModel, precision: str) -> PreTrainedMo
             quantize_int8_weight_only(low)
         copies[precision] = kept = (weights, low)
     return kept[1].train(model.training)
+
+
+@torch.no_grad()
+def _fingerprint(model: nn.Module) -> torch.Tensor:
+    """One number per parameter: its values dotted with fixed random weights (in float64, on its own device). Any
+    edit changes it (a permutation of rows too, which a sum would not see), unless made to cancel these weights."""
+    prints = []
+    for index, p in enumerate(model.parameters()):
+        generator = torch.Generator(p.device).manual_seed(index)
+        weights = torch.randn(p.numel(), generator=generator, device=p.device, dtype=torch.float64)
+        prints.append((p.detach().flatten().double() @ weights).cpu())
+    return torch.stack(prints)
 
 
 def quantize_int8_weight_only(model: nn.Module) -> nn.Module:

@@ -85,32 +85,12 @@ def sample(
             `num_return_sequences`: ask for more images with `num_images` (in `complete`, `num_completions`). Values
             saved in the model's generation config for these are overridden.
     """
-    config = _check_model(model)
-    n_px = config.n_px
-    _check_upscale(upscale, output_type)
-    _check_count("num_images", num_images)
-    batch_size = _check_batch_size(batch_size, num_images)
-    _check_output_type(output_type)
-    processor = _resolve_processor(model, processor, output_type)
-    check_palette_fits(processor, model.config)
-
-    prompts = torch.full((num_images, 1), config.sos_token_id, dtype=torch.long, device=model.device)
-    ids = _generate(
-        model,
-        prompts,
-        n_px * n_px,
-        batch_size,
-        seed,
-        progress,
-        temperature,
-        top_k,
-        top_p,
-        do_sample,
-        compile,
-        precision,
-        generate_kwargs,
-    )
-    return _with_upscaled(_to_output(ids, processor, output_type, n_px), upscale)
+    config, processor = _prepare(model, processor, output_type, upscale)
+    prompts = torch.full((num_images, 1), config.sos_token_id, dtype=torch.long, device=_input_device(model))
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample, **generate_kwargs)
+    ids = _generate(model, prompts, batch_size=batch_size, seed=seed, progress=progress, compile=compile,
+                    precision=precision, **options)  # fmt: skip
+    return _with_upscaled(_to_output(ids, processor, output_type, config.n_px), upscale)
 
 
 def complete(
@@ -138,8 +118,8 @@ def complete(
     Args:
         model: an `ImageGPTForCausalImageModeling` (or transformers' own ImageGPT causal model).
         images: images the processor reads (a PIL image, an array, or a list of them), or palette ids already: an
-            integer tensor (any integer dtype but uint8, which is pixels) of shape `(n_px * n_px,)` or
-            `(batch, n_px * n_px)`, or an integer numpy array (not uint8) of that shape.
+            integer tensor or numpy array (any integer dtype but uint8, which is pixels) of shape `(n_px * n_px,)`,
+            `(batch, n_px * n_px)`, `(n_px, n_px)` or `(batch, n_px, n_px)`.
         processor: encodes the images and decodes the results; by default loaded from the model's `name_or_path`.
             Not needed when `images` are ids and `output_type="ids"`.
         primer_rows: rows kept from each image (default: the top half, `n_px // 2`); 0 samples whole new images.
@@ -153,43 +133,21 @@ def complete(
         a list of PIL images, a `(N, n_px, n_px, 3)` uint8 array or a `(N, n_px * n_px)` tensor of palette ids. The
         first `primer_rows` rows of each result are the kept rows, unchanged. With `upscale`: `(images, upscaled)`.
     """
-    config = _check_model(model)
+    given_ids = _are_ids(images)
+    config, processor = _prepare(model, processor, output_type, upscale, not given_ids)
     n_px = config.n_px
-    _check_upscale(upscale, output_type)
-    _check_count("num_completions", num_completions)
-    _check_output_type(output_type)
     primer_rows = n_px // 2 if primer_rows is None else primer_rows
-    if not isinstance(primer_rows, int) or not 0 <= primer_rows < n_px:
-        raise ValueError(
-            f"`primer_rows` must be an integer in [0, {n_px}) for {n_px}x{n_px} images (the model generates the "
-            f"rows below it), got {primer_rows!r}."
-        )
-
-    is_ids = _are_ids(images, n_px)
-    processor = _resolve_processor(model, processor, output_type, needed=not is_ids)
-    check_palette_fits(processor, model.config)
-    ids = _check_ids(images, n_px, config.palette_size) if is_ids else _encode(images, processor, n_px)
-    batch_size = _check_batch_size(batch_size, len(ids) * num_completions)
-
-    primer = ids[:, : primer_rows * n_px].to(model.device)
-    sos = torch.full((len(primer), 1), config.sos_token_id, dtype=torch.long, device=model.device)
-    prompts = torch.cat([sos, primer], dim=1)
-    prompts = prompts.repeat_interleave(num_completions, dim=0)  # (N * num_completions, 1 + primer)
-    completed = _generate(
-        model,
-        prompts,
-        n_px * (n_px - primer_rows),
-        batch_size,
-        seed,
-        progress,
-        temperature,
-        top_k,
-        top_p,
-        do_sample,
-        compile,
-        precision,
-        generate_kwargs,
-    )
+    if not isinstance(primer_rows, int) or not 0 <= primer_rows < n_px:  # -1 would keep all but one pixel
+        raise ValueError(f"`primer_rows` must be an integer in [0, {n_px}) for this model, got {primer_rows!r}.")
+    ids = _as_ids(images, config) if given_ids else _encode(images, processor, n_px)
+    primer = ids[:, : primer_rows * n_px].to(_input_device(model))
+    sos = torch.full((len(primer), 1), config.sos_token_id, dtype=torch.long, device=primer.device)
+    prompts = torch.cat([sos, primer], dim=1).repeat_interleave(
+        num_completions, dim=0
+    )  # (N * completions, 1 + primer)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample, **generate_kwargs)
+    completed = _generate(model, prompts, batch_size=batch_size, seed=seed, progress=progress, compile=compile,
+                          precision=precision, **options)  # fmt: skip
     return _with_upscaled(_to_output(completed, processor, output_type, n_px), upscale)
 
 
@@ -227,16 +185,9 @@ def upscale_images(
         The enlarged images, in order, as RGB PIL images `factor` times the size of the originals.
     """
     images = list(images)
-    if not all(isinstance(image, PIL.Image.Image) for image in images):
-        raise ValueError("`upscale_images` takes PIL images (generate them with output_type='pil').")
-    if isinstance(upscaler, bool):
-        raise ValueError("`upscaler` must be an integer factor or a super-resolution model, not a bool.")
     if isinstance(upscaler, (int, np.integer)):
-        if upscaler < 1:
-            raise ValueError(f"An upscale factor must be a positive integer, got {upscaler}.")
         factor = int(upscaler)
         return [image.resize((image.width * factor, image.height * factor), PIL.Image.NEAREST) for image in images]
-    _check_count("batch_size", batch_size)
     model, processor = _super_resolution_model(upscaler)
     factor = model.config.upscale
     upscaled = []
@@ -263,87 +214,94 @@ def _super_resolution_model(upscaler: Any) -> tuple[PreTrainedModel, Any]:
 
     if isinstance(upscaler, PreTrainedModel):
         model, source = upscaler, upscaler.name_or_path
-    elif isinstance(upscaler, (str, os.PathLike)):
-        source = os.fspath(upscaler)
-        try:
-            model = AutoModelForImageToImage.from_pretrained(source)
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"`upscale` {source!r} is neither an integer factor nor a loadable image super-resolution checkpoint "
-                f"(AutoModelForImageToImage, e.g. Swin2SR): {error}"
-            ) from error
     else:
-        raise ValueError(
-            "`upscale` must be an integer factor or a super-resolution model (a checkpoint path, a Hub id or a "
-            f"loaded model), got {type(upscaler).__name__}."
-        )
-    if not isinstance(getattr(model.config, "upscale", None), int):
-        raise ValueError(
-            f"{type(model).__name__} is not an image super-resolution model (its config has no integer `upscale`)."
-        )
-    try:
-        processor = AutoImageProcessor.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"The super-resolution model's image processor could not be loaded from {source!r}: {error}"
-        ) from error
-    return model.eval(), processor
-
-
-def _check_upscale(upscale: Any, output_type: str) -> None:
-    if upscale is not None and output_type != "pil":
-        raise ValueError(f"`upscale` gives enlarged PIL images: use output_type='pil' (got {output_type!r}).")
-    if isinstance(upscale, bool):
-        raise ValueError("`upscale` must be an integer factor or a super-resolution model, not a bool.")
+        source = os.fspath(upscaler)
+        model = AutoModelForImageToImage.from_pretrained(source)
+    return model.eval(), AutoImageProcessor.from_pretrained(source)
 
 
 def _with_upscaled(images: Any, upscale: Upscaler | None) -> Any:
     return images if upscale is None else (images, upscale_images(images, upscale))
 
 
+def _prepare(
+    model: PreTrainedModel,
+    processor: Any,
+    output_type: str,
+    upscale: Any,
+    needs_processor: bool = False,
+) -> tuple[ImageGPTConfig, ImageGPTImageProcessor | None]:
+    """The preamble of `sample` and `complete`: the model's config (read as this package's, which derives n_px, the
+    palette size and the SOS id) and the processor that fits it; a ValueError for what would give wrong images."""
+    config = model.config
+    if getattr(config, "objective", "ar") != "ar":  # a BERT model's logits are not next-pixel predictions
+        raise ValueError(
+            f"Sampling needs an autoregressive model (objective='ar'), not objective={config.objective!r}."
+        )
+    config = config if isinstance(config, ImageGPTConfig) else ImageGPTConfig.from_dict(config.to_dict())
+    if output_type not in OUTPUT_TYPES or (upscale is not None and output_type != "pil"):
+        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES} ('pil' with `upscale`), got {output_type!r}.")
+    if processor is None and (output_type != "ids" or needs_processor):
+        source = getattr(model, "name_or_path", "")
+        try:
+            processor = ImageGPTImageProcessor.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            error = (
+                f"Images need the image processor (its palette): pass `processor=`, or use output_type='ids' ({error})"
+            )
+            raise ValueError(error) from None
+    if processor is not None:
+        check_palette_fits(processor, config)
+    return config, processor
+
+
+def _input_device(model: PreTrainedModel) -> torch.device:
+    """Where the prompts go: the model's device, or the CPU for a model offloaded entirely (its weights on `meta`;
+    accelerate's hooks move the inputs to where each block runs)."""
+    return torch.device("cpu") if model.device.type == "meta" else model.device
+
+
 def _generate(
     model: PreTrainedModel,
     prompts: torch.LongTensor,
-    max_new_tokens: int,
-    batch_size: int,
+    *,
+    batch_size: int | None,
     seed: int | None,
     progress: bool,
+    compile: bool | None,
+    precision: str | None,
+    do_sample: bool,
     temperature: float,
     top_k: int | None,
     top_p: float | None,
-    do_sample: bool,
-    compile: bool | None,
-    precision: str | None,
-    generate_kwargs: dict[str, Any],
+    **generate_kwargs: Any,
 ) -> torch.LongTensor:
-    """`fast_generate()` over `prompts` (N, 1 + primer) in batches; the (N, n_px * n_px) palette ids, SOS dropped."""
-    for name, instead in (
-        ("max_new_tokens", "the image size"),
-        ("max_length", "the image size"),
-        ("min_new_tokens", "the image size"),
-        ("min_length", "the image size"),
-        ("num_return_sequences", "`num_images` / `num_completions`, the number of results"),
-    ):
-        if name in generate_kwargs:
-            raise ValueError(f"`{name}` is set by {instead}; do not pass it.")
-    options = {"do_sample": do_sample}
-    if do_sample:  # greedy decoding takes no sampling options (generate() warns about them)
-        options.update(temperature=temperature, top_k=top_k, top_p=top_p)
-    # Images have a fixed length, given once as a total (a saved generation config holds `max_length`, and generate()
-    # warns when it meets both kinds of limit); forcing the minimum keeps an `eos_token_id` from stopping early. One
+    """`fast_generate()` over `prompts` (N, 1 + primer) in batches, each to a whole image; the (N, n_px * n_px)
+    palette ids, SOS dropped."""
+    fixed = {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_return_sequences"}
+    if fixed & set(generate_kwargs):  # the image size and `num_images` / `num_completions` set these
+        raise ValueError(
+            f"{sorted(fixed & set(generate_kwargs))} are set by the image size and `num_images` / `num_completions`."
+        )
+    batch_size = len(prompts) if batch_size is None else batch_size
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    # Greedy decoding takes no sampling options (generate() warns about them). The length is given once as a total (a
+    # saved generation config holds `max_length`); the minimum keeps an `eos_token_id` from stopping early; one
     # sequence per prompt, whatever the saved generation config says.
-    total = prompts.shape[1] + max_new_tokens
-    options.update(max_length=total, min_length=total, max_new_tokens=None, min_new_tokens=None)
-    options.update(num_return_sequences=1, **generate_kwargs)
+    total = model.config.n_positions + 1
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
+    options |= dict(do_sample=do_sample, max_length=total, min_length=total, max_new_tokens=None, min_new_tokens=None)
+    options |= dict(num_return_sequences=1, **generate_kwargs)
 
     # The bar rides on generate()'s streamer, which beam search refuses and a user's own streamer takes over.
     num_beams = options.get("num_beams", getattr(model.generation_config, "num_beams", 1)) or 1
     progress = progress and "streamer" not in options and num_beams == 1
-    bar = _progress_bar(progress, len(prompts) * max_new_tokens)
+    bar = _progress_bar(progress, len(prompts) * (total - prompts.shape[1]))
     outputs = []
     # fork_rng: a seeded draw is repeatable and leaves the caller's random state as it was.
-    devices = [model.device] if model.device.type != "cpu" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None, device_type=model.device.type):
+    device = prompts.device
+    with torch.random.fork_rng([device] if device.type != "cpu" else [], seed is not None, device_type=device.type):
         if seed is not None:
             torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
@@ -354,102 +312,38 @@ def _generate(
             outputs.append(out[:, 1:])  # drop SOS: (b, primer + new) = (b, n_px * n_px)
     if bar is not None:
         bar.close()
-    return torch.cat(outputs)
+    return torch.cat(outputs) if outputs else prompts[:, 1:1]  # no images asked for: none
 
 
-def _check_model(model: PreTrainedModel) -> ImageGPTConfig:
-    """The config of an autoregressive Image GPT (this package's, or transformers' own read as this package's, which
-    derives n_px, the palette size and the SOS id); a ValueError otherwise."""
-    config = getattr(model, "config", None)
-    is_imagegpt = isinstance(config, ImageGPTConfig) or getattr(config, "model_type", None) == "imagegpt"
-    if not is_imagegpt or not hasattr(model, "generate"):
-        raise ValueError(
-            f"Expected an autoregressive Image GPT (ImageGPTForCausalImageModeling), got {type(model).__name__}."
-        )
-    if getattr(config, "objective", "ar") != "ar":
-        raise ValueError(
-            "Sampling needs an autoregressive model (objective='ar'); this is a BERT-objective model "
-            f"(objective={config.objective!r}), which predicts masked pixels instead of the next one."
-        )
-    return config if isinstance(config, ImageGPTConfig) else ImageGPTConfig.from_dict(config.to_dict())
-
-
-def _check_count(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-
-
-def _check_batch_size(batch_size: int | None, total: int) -> int:
-    if batch_size is None:
-        return total
-    _check_count("batch_size", batch_size)
-    return batch_size
-
-
-def _check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-
-
-def _are_ids(images: Any, n_px: int) -> bool:
-    """Whether `complete`'s `images` are palette ids: an integer tensor other than uint8 (any shape: a wrong one is
-    refused as ids), or an integer numpy array other than uint8 whose last axis holds `n_px * n_px` values. uint8 arrays
-    and tensors are pixels."""
+def _are_ids(images: Any) -> bool:
+    """Whether `complete`'s `images` are palette ids: an integer tensor or numpy array other than uint8 (pixels)."""
     if isinstance(images, torch.Tensor):
         return not (images.is_floating_point() or images.is_complex() or images.dtype in (torch.bool, torch.uint8))
-    if isinstance(images, np.ndarray):
-        is_integer = np.issubdtype(images.dtype, np.integer) and images.dtype != np.uint8
-        return is_integer and images.ndim in (1, 2) and images.shape[-1] == n_px * n_px
-    return False
+    return isinstance(images, np.ndarray) and np.issubdtype(images.dtype, np.integer) and images.dtype != np.uint8
 
 
-def _check_ids(ids: torch.Tensor | np.ndarray, n_px: int, palette_size: int) -> torch.LongTensor:
-    ids = torch.as_tensor(ids).long()
-    ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
-    if ids.dim() != 2 or ids.shape[1] != n_px * n_px or len(ids) == 0:
+def _as_ids(images: torch.Tensor | np.ndarray, config: ImageGPTConfig) -> torch.LongTensor:
+    """Palette ids as (batch, n_px * n_px): one sequence or a batch, flat or as (n_px, n_px) grids."""
+    ids, n_px = torch.as_tensor(images).long(), config.n_px
+    grid = ids.dim() in (2, 3) and tuple(ids.shape[-2:]) == (n_px, n_px)
+    flat = ids.dim() in (1, 2) and ids.shape[-1] == n_px * n_px
+    if not (grid or flat):
         raise ValueError(
-            f"Palette ids must have shape ({n_px * n_px},) or (batch, {n_px * n_px}) for this {n_px}x{n_px} model, "
-            f"got {tuple(ids.shape)}."
+            f"Palette ids must be of shape (batch,) ({n_px * n_px},) or ({n_px}, {n_px}), got {tuple(ids.shape)}."
         )
-    if bool((ids < 0).any()) or bool((ids >= palette_size).any()):
-        raise ValueError(
-            f"Palette ids must be in [0, {palette_size}); got values from {int(ids.min())} to {int(ids.max())} "
-            "(drop the SOS token of generate() outputs first)."
-        )
-    return ids
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < config.palette_size:  # SOS would read as a color
+        raise ValueError(f"Palette ids must be in [0, {config.palette_size}) (drop the SOS of generate()'s output).")
+    return ids.reshape(-1, n_px * n_px)
 
 
 def _encode(images: Any, processor: ImageGPTImageProcessor, n_px: int) -> torch.LongTensor:
-    if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)):
-        images = [images]
-    if isinstance(images, Sequence) and len(images) == 0:
-        raise ValueError("`images` is empty.")
     ids = processor(images, return_tensors="pt")["input_ids"]
-    if ids.shape[-1] != n_px * n_px:
+    if ids.shape[-1] != n_px * n_px:  # the top rows of another size would be kept, silently wrong
         raise ValueError(
             f"The processor turns each image into {ids.shape[-1]} ids but the model's images are {n_px}x{n_px} "
             f"({n_px * n_px} ids): give it `size={{'height': {n_px}, 'width': {n_px}}}`."
         )
     return ids.long()
-
-
-def _resolve_processor(
-    model: PreTrainedModel, processor: ImageGPTImageProcessor | None, output_type: str, needed: bool = False
-) -> ImageGPTImageProcessor | None:
-    if processor is not None or (output_type == "ids" and not needed):
-        return processor
-    source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-    if source:
-        try:
-            return ImageGPTImageProcessor.from_pretrained(source)
-        except (OSError, ValueError) as error:
-            reason = f" (loading it from {source!r} failed: {error})"
-    else:
-        reason = ""
-    raise ValueError(
-        "Encoding or decoding images needs the image processor (it holds the color palette): pass "
-        f"`processor=ImageGPTImageProcessor.from_pretrained(...)`, or use palette ids with output_type='ids'{reason}."
-    )
 
 
 def _to_output(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 import os
-import urllib.error
+import time
 import urllib.request
 from typing import Any, Literal
 
@@ -33,8 +33,7 @@ from transformers.utils import TensorType
 from .palette_search import color_quantize, validate_palette
 from .transformers_compat import NO_VIDEO_PROCESSOR
 
-URL_TIMEOUT = 10.0  # seconds the processor waits for a URL's server (each connect or read) unless told `timeout`
-SIZE_FORMS = ({"height": "h", "width": "w"}, {"shortest_edge": "s"}, {"max_height": "h", "max_width": "w"})
+URL_TIMEOUT = 10.0  # seconds the processor gives a URL's image (connect and download) unless told `timeout`
 
 # Reading images is own code: transformers' reader makes every image 8-bit RGB first (16-bit and float images clip at
 # 255), guesses ambiguous channel axes, and waits for a URL without a time limit.
@@ -42,28 +41,25 @@ SIZE_FORMS = ({"height": "h", "width": "w"}, {"shortest_edge": "s"}, {"max_heigh
 
 def load_image_file(source: str | os.PathLike, timeout: float | None = None) -> PIL.Image.Image:
     """The image in a file, at an http(s) URL or in a `data:` URL, decoded as stored (mode and EXIF kept), so a file
-    gives the same ids as a path and as `PIL.Image.open(path)`. `timeout`: seconds to wait for a URL's server (None:
-    no limit), then a TimeoutError."""
+    gives the same ids as a path and as `PIL.Image.open(path)`. `timeout`: seconds for the whole download of a URL
+    (None: no limit; a read under way when it passes may add up to `timeout` more), then a TimeoutError."""
     source = os.fspath(source)
     if source.startswith(("http://", "https://", "data:")):
-        try:
+        deadline, chunks = time.monotonic() + (timeout or math.inf), []
+        try:  # read by chunks against one deadline: a server that trickles bytes never resets it
             with urllib.request.urlopen(source, timeout=timeout) as response:
-                stream = io.BytesIO(response.read())
-        except (TimeoutError, urllib.error.URLError) as err:
-            if not isinstance(err, TimeoutError) and not isinstance(getattr(err, "reason", None), TimeoutError):
-                raise
-            raise TimeoutError(
-                f"{source[:99]!r} did not answer within {timeout} s; pass a larger `timeout`."
-            ) from None
-    elif os.path.isfile(source):
-        stream = source
-    else:
-        raise FileNotFoundError(f"No image file at {source!r}.")
-    try:
-        with PIL.Image.open(stream) as image:
-            image.load()
-    except (OSError, SyntaxError, ValueError) as err:  # what Pillow raises for unknown, broken or truncated files
-        raise ValueError(f"Could not read an image from {source[:200]!r}: {err}") from None
+                while chunk := response.read1(1 << 16):
+                    chunks.append(chunk)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError
+        except OSError as err:  # urllib's errors name neither the URL nor, for a timeout, what to do
+            if isinstance(err, TimeoutError) or isinstance(getattr(err, "reason", None), TimeoutError):
+                late = f"{source[:99]!r} did not send its image within {timeout} s; pass a larger `timeout`."
+                raise TimeoutError(late) from None
+            raise OSError(f"Could not read the image at {source[:200]!r}: {err}") from None
+        source = io.BytesIO(b"".join(chunks))
+    with PIL.Image.open(source) as image:
+        image.load()
     return image
 
 
@@ -76,16 +72,12 @@ def _flatten_images(images: Any) -> list:
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu()
         images = (images.float() if images.dtype in (torch.float16, torch.bfloat16) else images).numpy()
-    if isinstance(images, np.ndarray) and images.ndim in (2, 3, 4):
-        return list(images) if images.ndim == 4 else [images]
-    if isinstance(images, np.ndarray):
-        raise ValueError(f"An image array has 2 (H, W), 3 or 4 (a batch) dimensions, got shape {images.shape}.")
-    if isinstance(images, (PIL.Image.Image, str, os.PathLike)):
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (PIL.Image.Image, str, os.PathLike)) or getattr(images, "ndim", 0) in (2, 3):
         return [images]
-    raise ValueError(
-        f"Unsupported image type {type(images).__name__}: expected a PIL.Image.Image, numpy.ndarray, torch.Tensor, "
-        "a path or URL, or a list of those."
-    )
+    shape = getattr(images, "shape", "")
+    raise ValueError(f"Unsupported image {type(images).__name__}{shape}: pass PIL images, paths, arrays (H, W[, C]).")
 
 
 def _white(do_rescale: bool, rescale_factor: float) -> float:
@@ -101,26 +93,18 @@ def _pixel_levels(image: np.ndarray, white: float, check_range: bool) -> np.ndar
     if kind == "b" or image.dtype == np.uint8:
         return image.astype(np.uint8) * np.uint8(255 if kind == "b" else 1)
     if kind in "iu" and image.dtype != np.uint16:
-        low, high = int(image.min()), int(image.max())
-        if low < 0 or high > 255:
-            raise ValueError(
-                f"Integer pixel values must lie in [0, 255] (uint16: [0, 65535]), got values in [{low}, {high}] for "
-                f"an image of dtype {image.dtype}."
-            )
+        if image.min() < 0 or image.max() > 255:  # uint8 would wrap them around
+            raise ValueError(f"Integer pixel values must lie in [0, 255], got [{image.min()}, {image.max()}].")
         return image.astype(np.uint8)
     if kind == "u":
         image, check_range = image.astype(np.float32) / np.float32(65535 / white), False
-    elif kind != "f":
+    elif kind != "f":  # complex pixels would lose their imaginary part
         raise ValueError(f"Unsupported pixel dtype {image.dtype}: expected bool, integers or floats.")
     image = image if image.dtype in (np.float32, np.float64) else image.astype(np.float32)
-    if not np.isfinite(image).all():
-        raise ValueError("The image has non-finite pixel values (NaN or inf).")
-    low, high = float(image.min()), float(image.max())
-    if check_range and (low < -1e-3 * white or high > white * (1 + 1e-3)):
-        raise ValueError(
-            f"Float pixel values must lie in [0, {white:g}] (the units of `do_rescale` and `rescale_factor`: "
-            f"[0, 1 / rescale_factor] with do_rescale=True, [0, 1] without), got values in [{low:g}, {high:g}]."
-        )
+    low, high = float(image.min()), float(image.max())  # NaN, if any
+    if not np.isfinite([low, high]).all() or check_range and not -1e-3 * white <= low <= high <= white * (1 + 1e-3):
+        why = f"finite, floats in [0, {white:g}] (1 / `rescale_factor` with `do_rescale`, else 1)"
+        raise ValueError(f"Pixel values must be {why}, got values in [{low:g}, {high:g}].")
     return image.astype(np.uint8) if white == 255.0 and np.array_equal(image, np.rint(image)) else image
 
 
@@ -130,38 +114,31 @@ def _read_image(image: Any, input_data_format: Any, do_convert_rgb: bool, white:
     transformers' `convert_to_rgb`, except 16-bit, 32-bit and float modes, read as arrays. An array holds 1, 3 or 4
     channels (2 when `input_data_format` says where); a shape such as (3, 4, 3) is refused where transformers guesses.
     """
-    if (image.width * image.height if isinstance(image, PIL.Image.Image) else image.size) == 0:
+    shape = image.size if isinstance(image, PIL.Image.Image) else np.shape(image)[:2]
+    if 0 in shape:  # resized, it would pass for an image
         raise ValueError(f"Got an empty image (no pixels): {type(image).__name__} of size {image.size}.")
     if isinstance(image, PIL.Image.Image):
-        try:
-            if image.getexif().get(PIL.ExifTags.Base.Orientation, 1) != 1:
-                image = PIL.ImageOps.exif_transpose(image)
-            if image.mode == "RGB" or (image.mode == "L" and do_convert_rgb):
-                return image  # resized in its own mode, as transformers resizes it
-            if do_convert_rgb and not (image.mode.startswith("I") or image.mode == "F"):
-                return PIL.Image.fromarray(convert_to_rgb(image, return_numpy=True))
-            image, input_data_format = np.asarray(image), "channels_last"
-        except OSError as err:  # a truncated or unreadable file behind a lazily loaded PIL image
-            raise ValueError(f"Could not read the PIL image: {err}") from None
+        if image.getexif().get(PIL.ExifTags.Base.Orientation, 1) != 1:
+            image = PIL.ImageOps.exif_transpose(image)
+        if image.mode == "RGB" or (image.mode == "L" and do_convert_rgb):
+            return image  # resized in its own mode, as transformers resizes it
+        if do_convert_rgb and not (image.mode.startswith("I") or image.mode == "F"):
+            return PIL.Image.fromarray(convert_to_rgb(image, return_numpy=True))
+        image, input_data_format = np.asarray(image), "channels_last"
     array = _pixel_levels(image, white, check_range)
     first = array.shape[0] in (1, 3, 4)
     if array.ndim == 3 and input_data_format is None and first == (array.shape[-1] in (1, 3, 4)):
-        raise ValueError(
-            f"Cannot infer the channel axis of an image of shape {array.shape} (1, 3 or 4 channels, first or last; "
-            "2 for gray + alpha). Pass `input_data_format='channels_first'` or `'channels_last'`."
-        )
+        where = "pass `input_data_format='channels_first'` or `'channels_last'`"
+        raise ValueError(f"Cannot infer the channel axis of an image of shape {array.shape}: {where}.")
     if array.ndim == 2:
         array = array[..., None]
     elif input_data_format == "channels_first" or input_data_format is None and first:
         array = np.moveaxis(array, 0, -1)
     channels = array.shape[-1]
-    if channels not in (1, 2, 3, 4):
-        raise ValueError(f"An image has 1, 2, 3 or 4 channels, got {channels} (shape {array.shape}).")
-    if channels != 3 and not do_convert_rgb:
-        raise ValueError(
-            f"Got an image with {channels} channel(s) and `do_convert_rgb=False`; the palette is RGB. Convert the "
-            "image or pass `do_convert_rgb=True` to convert gray, alpha and other modes."
-        )
+    if channels not in (1, 2, 3, 4) or channels != 3 and not do_convert_rgb:
+        what = "3 channels, or 1 (gray), 2 (+ alpha) or 4 (RGBA) with `do_convert_rgb=True`"
+        problem = f"Got an image of {channels} channel(s) (shape {array.shape}); the palette is RGB: pass {what}"
+        raise ValueError(problem + ".")
     if channels in (2, 4):  # onto white, rounded for 8-bit images as transformers' `convert_to_rgb` does
         color, alpha = array[..., :-1], array[..., -1:].astype(np.float64) / white
         blended = alpha * color + (1.0 - alpha) * white
@@ -181,9 +158,10 @@ def _resize_and_crop(image: Any, size: SizeDict | None, resample: int, crop_size
             target = get_size_with_aspect_ratio((height, width), size.shortest_edge, size.longest_edge)
         elif size.max_height and size.max_width:
             target = get_image_size_for_max_height_width((height, width), size.max_height, size.max_width)
-        else:
-            target = (size.height, size.width)
-        new_size = (max(int(target[1]), 1), max(int(target[0]), 1))  # (width, height), as PIL takes it
+        else:  # as given: a 0 is refused by PIL
+            target = None
+        # (width, height), as PIL takes it; a side of an extreme aspect ratio rounded down to 0 becomes 1.
+        new_size = (size.width, size.height) if target is None else (max(int(target[1]), 1), max(int(target[0]), 1))
         if isinstance(image, PIL.Image.Image):
             image = image.resize(new_size, resample=resample)
         elif new_size != (width, height):
@@ -204,13 +182,10 @@ def check_palette_fits(processor: Any, config: Any, source: str = "The processor
     """The one rule that a processor and a model belong together: the processor's palette has the colors the model
     predicts (vocab_size minus SOS, for this package's config and transformers' own), or its ids and decoded images
     mean something else. A processor without a palette (None, or no `clusters`) has nothing to check."""
-    clusters, palette_size = getattr(processor, "clusters", None), config.vocab_size - 1
-    if clusters is not None and len(clusters) != palette_size:
-        raise ValueError(
-            f"{source}'s palette has {len(clusters)} colors but the model predicts {palette_size} "
-            f"(vocab_size {config.vocab_size} = palette + SOS): they do not belong to the same checkpoint; use the "
-            "processor saved with the model (`ImageGPTImageProcessor.from_pretrained(model_path)`)."
-        )
+    clusters, size = getattr(processor, "clusters", None), config.vocab_size - 1
+    if clusters is not None and len(clusters) != size:
+        raise ValueError(f"{source}'s palette has {len(clusters)} colors but the model predicts {size} (vocab_size "
+                         f"{size + 1} = palette + SOS): use the processor saved with the model.")  # fmt: skip
 
 
 def _positive_pair(size: Any) -> tuple[int, int] | None:
@@ -275,12 +250,9 @@ class ImageGPTImageProcessor(PilBackend):
     timeout = None
 
     def __init__(self, clusters: Any = None, **kwargs: Unpack[ImageGPTImageProcessorKwargs]) -> None:
-        if kwargs.pop("do_random_crop", None):  # saved when the processor made random crops
-            raise ValueError(
-                "This processor was saved with `do_random_crop=True`. Random crops (training augmentation) now belong "
-                "in the training script's transform (examples/pretrain.py and examples/finetune.py crop before the "
-                'processor). To load it without them, set "do_random_crop": false in its preprocessor_config.json.'
-            )
+        if kwargs.pop("do_random_crop", None):  # saved when the processor made random crops, which it no longer does
+            raise ValueError('Saved with random crops, which belong in the training script now: set "do_random_crop": '
+                             "false in preprocessor_config.json (and crop as examples/pretrain.py does).")  # fmt: skip
         kwargs = {key: value for key, value in kwargs.items() if not key.startswith("random_crop_")}
         super().__init__(clusters=None if clusters is None else validate_palette(clusters), **kwargs)
         self._check_parameters({name: getattr(self, name) for name in self.valid_kwargs.__annotations__})
@@ -288,37 +260,20 @@ class ImageGPTImageProcessor(PilBackend):
     @staticmethod
     def _check_parameters(options: dict[str, Any]) -> None:
         """The processor's parameters, checked at construction and at each call before any image is read."""
-        rescale_factor, image_std, size = options["rescale_factor"], options["image_std"], dict(options["size"] or {})
-        if options["do_rescale"] and not (isinstance(rescale_factor, (int, float)) and 0 < rescale_factor < math.inf):
-            raise ValueError(
-                f"`rescale_factor` must be positive (pixels are multiplied by it), got {rescale_factor!r}; 1/255 maps "
-                "8-bit levels to [0, 1]; `do_rescale=False` takes pixel values as they are."
-            )
-        if options["do_normalize"] and not (np.isfinite(image_std).all() and np.all(np.asarray(image_std) != 0)):
-            raise ValueError(f"`image_std` must be finite and nonzero (pixels are divided by it), got {image_std}.")
-        if options["do_resize"] and any(value < 1 for value in size.values()):
-            raise ValueError(f"`size` must be positive, got {size}.")
-        if options["do_resize"] and not any(set(form) <= set(size) for form in SIZE_FORMS):
-            raise ValueError(f"`size` must be {' or '.join(map(str, SIZE_FORMS))}, got {size}.")
-        if options["do_center_crop"] and _positive_pair(options["crop_size"]) is None:
-            raise ValueError(f"`crop_size` must be {{'height': h, 'width': w}}, positive, got {options['crop_size']}.")
-        if options.get("do_pad"):
+        rescale_factor, image_std = options["rescale_factor"], options["image_std"]
+        bad_std = options["do_normalize"] and not (np.isfinite(image_std).all() and np.all(np.asarray(image_std) != 0))
+        if bad_std or options["do_rescale"] and not 0 < rescale_factor < math.inf:
+            raise ValueError(f"`rescale_factor` must be positive and `image_std` finite and nonzero, got {rescale_factor!r}"
+                             f" and {image_std}.")  # fmt: skip
+        if options.get("do_pad"):  # the processor would ignore it
             raise ValueError("`do_pad=True` is not supported: Image GPT needs every image at the same n_px x n_px.")
-        if (layout := options.get("input_data_format")) not in (None, "channels_first", "channels_last"):
-            raise ValueError(f"`input_data_format` must be 'channels_first' or 'channels_last', got {layout!r}.")
-        for name in ("quantize_chunk_size", "timeout"):
-            if options.get(name) is not None and not options[name] > 0:
-                raise ValueError(f"`{name}` must be a positive number, got {options[name]}.")
 
     def _preprocess_image_like_inputs(self, images: Any, *args, **kwargs) -> BatchFeature:
         """Checks the parameters, then reads the images with this file's reader and processes them."""
         self._check_parameters(kwargs)
+        if kwargs["do_color_quantize"] and kwargs["clusters"] is None:
+            raise ValueError("Color quantization needs a palette: pass `clusters`, or `do_color_quantize=False`.")
         if kwargs["do_color_quantize"]:
-            if kwargs["clusters"] is None:
-                raise ValueError(
-                    "Color quantization needs a palette: pass `clusters` (a (num_colors, 3) array in [-1, 1]) to the "
-                    "processor or to this call, or set `do_color_quantize=False` to get `pixel_values`."
-                )
             kwargs["clusters"] = validate_palette(kwargs["clusters"])
         tensors = images if isinstance(images, (list, tuple)) else [images]
         if kwargs.get("device") is None and tensors and all(isinstance(t, torch.Tensor) for t in tensors):
@@ -326,8 +281,6 @@ class ImageGPTImageProcessor(PilBackend):
                 kwargs["device"] = tensors[0].device
         timeout, images = kwargs.get("timeout") or URL_TIMEOUT, _flatten_images(images)
         images = [load_image_file(i, timeout) if isinstance(i, (str, os.PathLike)) else i for i in images]
-        if not images:
-            raise ValueError("Got an empty batch: no images to process.")
         white = _white(kwargs["do_rescale"], kwargs["rescale_factor"])
         options = (kwargs.get("input_data_format"), kwargs.get("do_convert_rgb") is not False, white)
         images = [_read_image(image, *options, kwargs["do_rescale"] or kwargs["do_normalize"]) for image in images]
@@ -340,10 +293,10 @@ class ImageGPTImageProcessor(PilBackend):
         crop_size = kwargs["crop_size"] if kwargs["do_center_crop"] else None
         arrays = [_resize_and_crop(image, size, PIL.Image.Resampling(int(resample)), crop_size) for image in images]
         if return_tensors is not None and len({array.shape for array in arrays}) > 1:
-            raise ValueError(
-                f"The processed images have different sizes {sorted({array.shape[:2] for array in arrays})}: resize to "
-                "a fixed `size`, center-crop with `crop_size`, or pass `return_tensors=None` to get a list."
-            )
+            sizes = sorted({array.shape[:2] for array in arrays})
+            problem = f"The processed images have different sizes {sizes}: resize them to one, or pass"
+            problem += " `return_tensors=None`."
+            raise ValueError(problem)
         device, quantize = torch.device(kwargs.get("device") or "cpu"), kwargs["do_color_quantize"]
         results: list[Any] = [None] * len(arrays)
         for is_uint8 in (True, False):  # 8-bit images and float ones, each kind in one go
@@ -393,29 +346,17 @@ class ImageGPTImageProcessor(PilBackend):
         processor's palette; `size` (`(height, width)`, an int or `{"height": h, "width": w}`) to the processor's size
         or crop size when it holds the sequences, else to a square. Each id becomes its palette color with the
         normalization undone, rounded to 8 bits, or a neighbouring 8-bit color where only that re-encodes to the id."""
-        if output_type not in ("pil", "np"):
-            raise ValueError(f"`output_type` must be 'pil' or 'np', got {output_type!r}.")
-        if size is not None and _positive_pair(size) is None:
-            raise ValueError(
-                "`size` must be the images' (height, width), an int for squares or {'height': h, 'width': w}, with "
-                f"positive integers, got {size!r}."
-            )
-        palette = self.clusters if clusters is None else validate_palette(clusters)
-        if palette is None:
-            raise ValueError("Decoding needs a palette: pass `clusters` or set it on the processor.")
+        palette = validate_palette(self.clusters if clusters is None else clusters)
         ids = np.asarray(input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else input_ids)
-        if ids.dtype.kind not in "iu":
-            raise ValueError(f"`input_ids` must be integer palette ids, got dtype {ids.dtype}.")
         single = ids.ndim == 1
+        if ids.dtype.kind not in "iu" or ids.ndim not in (1, 2):  # float ids would be truncated, a grid misread
+            problem = f"`input_ids` must be integer palette ids ([batch,] length), got {ids.dtype} {ids.shape}."
+            raise ValueError(problem)
         ids = ids[None].astype(np.int64) if single else ids.astype(np.int64)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"`input_ids` must be (sequence_length,) or (batch, sequence_length), got {ids.shape}.")
-        if ids.min() < 0 or ids.max() >= len(palette):
+        if ids.min() < 0 or ids.max() >= len(palette):  # numpy would wrap negative ids around
             bad = sorted(set(ids[(ids < 0) | (ids >= len(palette))].tolist()))[:5]
-            raise ValueError(
-                f"Token ids must be palette ids in [0, {len(palette)}), got {bad}. Sequences from `generate()` start "
-                f"with the SOS token (id {len(palette)}): drop it first, e.g. `output[:, 1:]`."
-            )
+            sos = f"`generate()`'s sequences start with the SOS token (id {len(palette)}): drop it, `output[:, 1:]`"
+            raise ValueError(f"Token ids must be palette ids in [0, {len(palette)}), got {bad}; {sos}.")
         height, width = self._decode_size(ids.shape[1], size)
         images = self._palette_colors(np.asarray(palette, dtype=np.float64))[ids].reshape(len(ids), height, width, 3)
         if output_type == "np":
@@ -425,8 +366,6 @@ class ImageGPTImageProcessor(PilBackend):
 
     def batch_decode(self, input_ids: Any, output_type: Literal["pil", "np"] = "pil", **kwargs) -> Any:
         """`decode` for a batch `(batch, n_px * n_px)`: a list of PIL images or a `(batch, H, W, 3)` uint8 array."""
-        if np.ndim(input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else input_ids) != 2:
-            raise ValueError(f"`batch_decode` takes ids of shape (batch, sequence_length), got {np.shape(input_ids)}.")
         return self.decode(input_ids, output_type=output_type, **kwargs)
 
     def _decode_size(self, length: int, size: Any) -> tuple[int, int]:
@@ -434,14 +373,10 @@ class ImageGPTImageProcessor(PilBackend):
             pair = _positive_pair(candidate)
             if pair and pair[0] * pair[1] == length:
                 return pair
-            if size is not None:
-                raise ValueError(f"`size` {pair[0]}x{pair[1]} does not hold sequences of {length} ids.")
         side = math.isqrt(length)
-        if side * side != length:
-            raise ValueError(
-                f"Cannot tell the image size of sequences of {length} ids (not a square and not the processor's "
-                "size); pass `size=(height, width)`."
-            )
+        if size is not None or side * side != length:
+            holding = f"pass a `size` (height, width) that holds them, got {size}"
+            raise ValueError(f"Cannot tell the image size of sequences of {length} ids: {holding}.")
         return side, side
 
     def _palette_colors(self, palette: np.ndarray) -> np.ndarray:

@@ -46,9 +46,17 @@ def lora_config(
     target_modules: list[str] | None = None,
 ) -> LoraConfig:
     """peft's `LoraConfig` for `model`: `target_modules` (default `LORA_TARGET_MODULES`) with `fan_in_fan_out=True`,
-    and the head of `model`'s class in `modules_to_save` (`score` for `ImageGPTForImageClassification`)."""
+    and the head of `model`'s class in `modules_to_save` (`score` for `ImageGPTForImageClassification`). A target that
+    names no projection of `model` (as peft matches names: the whole name or its end) is refused, the valid ones named."""
     from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
 
+    projections = [name for name, module in model.named_modules() if isinstance(module, Conv1D)]
+    if unmatched := [t for t in target_modules or () if not any(n == t or n.endswith(f".{t}") for n in projections)]:
+        raise ValueError(
+            f"LoRA target modules {unmatched} name no projection of this model; the projections of every block are "
+            f"{LORA_TARGET_MODULES} (or their last part: c_attn, c_fc, c_proj for both attn.c_proj and mlp.c_proj)."
+        )
     modules_to_save = next((m for cls, m in LORA_MODULES_TO_SAVE.items() if isinstance(model, cls)), None)
     return LoraConfig(
         r=r,

@@ -12,10 +12,7 @@ MODEL_CARD.md ships inside the package (`image_gpt_hf/MODEL_CARD.md`), so this w
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,13 +29,14 @@ TEMPLATE_NAME = "MODEL_CARD.md"
 _CHECKPOINT_BLOCK = ("<!-- checkpoint-card:start -->", "<!-- checkpoint-card:end -->")
 _RESULTS_BLOCK = ("<!-- checkpoint-results:start -->", "<!-- checkpoint-results:end -->")
 
-# What `facts` may hold; anything else is a typo or a misunderstanding, and raises.
+# What `facts` may hold. A result is a `huggingface_hub.EvalResult`, or a dict with the keys below (its fields under
+# the short names the scripts use).
 FACT_KEYS = {
     "model_name": "title of the card and name of its model-index entry (default: the folder's name)",
     "repo_id": "Hub id the checkpoint is published under; the card's usage snippet names it",
     "training": "how the weights were obtained (str)",
     "datasets": "Hub ids of the data sets it was trained on (list of str)",
-    "results": 'measured results: list of {"task", "dataset", "metric", "value"} (+ optional "split", "name", '
+    "results": 'measured results: EvalResult, or {"task", "dataset", "metric", "value"} (+ optional "split", "name", '
     '"dataset_name", "source", "source_url")',
     "base_model": "Hub id(s) of the model it was fine-tuned or converted from (str or list of str)",
     "source": "conversion provenance: where the weights come from and how they were converted (str)",
@@ -48,7 +46,10 @@ FACT_KEYS = {
     "license_link": "with license='other'",
     "tags": "extra Hub tags (list of str)",
 }
-_RESULT_KEYS = {"task", "dataset", "metric", "value", "split", "name", "dataset_name", "source", "source_url"}
+# A result dict's keys as EvalResult's fields.
+RESULT_FIELDS = {"task": "task_type", "dataset": "dataset_type", "dataset_name": "dataset_name", "split": "dataset_split",
+                 "metric": "metric_type", "name": "metric_name", "value": "metric_value", "source": "source_name",
+                 "source_url": "source_url"}  # fmt: skip
 
 _OBJECTIVES = {
     "ar": "autoregressive (next-pixel prediction, causal attention; the paper's AR objective)",
@@ -65,17 +66,16 @@ _PAPER_NAMES = {"small": "iGPT-S", "medium": "iGPT-M", "large": "iGPT-L", "xl": 
 
 def model_card_template() -> str:
     """The text of MODEL_CARD.md: the copy inside the installed package, else the repository's top-level file."""
-    candidates = [resources.files("image_gpt_hf").joinpath(TEMPLATE_NAME)]
-    candidates.append(Path(__file__).resolve().parent.parent / TEMPLATE_NAME)  # a source checkout
-    for candidate in candidates:
-        if candidate.is_file():
-            text = candidate.read_text(encoding="utf-8")
-            if text.startswith("---") and _CHECKPOINT_BLOCK[0] in text:
-                return text
-    raise FileNotFoundError(
-        f"{TEMPLATE_NAME} was not found in the installed image_gpt_hf package; it must be shipped as package data "
-        "(see [tool.setuptools.package-data] in pyproject.toml)."
-    )
+    packaged = resources.files("image_gpt_hf").joinpath(TEMPLATE_NAME)
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    checkout = Path(__file__).resolve().parent.parent / TEMPLATE_NAME
+    if not checkout.is_file():
+        raise FileNotFoundError(
+            f"{TEMPLATE_NAME} was not found in the installed image_gpt_hf package; it must be shipped as package data "
+            "(see [tool.setuptools.package-data] in pyproject.toml)."
+        )
+    return checkout.read_text(encoding="utf-8")
 
 
 def write_model_card(
@@ -88,9 +88,10 @@ def write_model_card(
 ) -> Path:
     """Write `README.md` (the Hub's model card) for one checkpoint into `save_directory` and return its path.
 
-    The card is written to a hidden file next to it and renamed into place (`image_gpt_hf.safe_io.atomic_file`):
-    a reader never sees half a card, the file gets the mode the umask gives, and nothing else in the folder is
-    touched.
+    The card is huggingface_hub's `ModelCard`: MODEL_CARD.md with its checkpoint blocks filled in, under metadata
+    built as `ModelCardData` (license, tags, datasets, base_model, and the model-index from `EvalResult`s). It is
+    written to a hidden file next to it and renamed into place (`image_gpt_hf.safe_io.atomic_file`): a reader never
+    sees half a card, the file gets the mode the umask gives, and nothing else in the folder is touched.
 
     Args:
         save_directory: the checkpoint folder; created if missing.
@@ -103,27 +104,27 @@ def write_model_card(
         overwrite: replace an existing README.md (a card or any other file; a symbolic link is refused). Without
             it, an existing README.md is refused with an `image_gpt_hf.safe_io.OutputPathError` (a ValueError).
     """
-    if isinstance(model_or_config, PreTrainedModel):
-        model, config = model_or_config, model_or_config.config
-    else:
-        model, config = None, model_or_config
-    if getattr(config, "model_type", None) not in ("imagegpt", "image_gpt_hf"):
-        raise TypeError(f"Expected an Image GPT model or config, got {type(model_or_config).__name__}.")
+    model = model_or_config if isinstance(model_or_config, PreTrainedModel) else None
+    config = model.config if model is not None else model_or_config
     if not isinstance(config, ImageGPTConfig):
         # transformers' own ImageGPTConfig, or this package's loaded as remote code: same fields, read as ours.
         config = ImageGPTConfig.from_dict({**config.to_dict(), "model_type": "imagegpt"})
-    facts = _check_facts(facts or {})
+    facts = dict(facts or {})
+    if set(facts) - set(FACT_KEYS):  # a misspelt fact would silently leave the card without it
+        raise ValueError(f"Unknown facts {sorted(set(facts) - set(FACT_KEYS))}; known: {sorted(FACT_KEYS)}.")
+    for key in ("datasets", "base_model", "notes", "tags"):  # one string is one item, not its letters
+        facts[key] = [facts[key]] if isinstance(facts.get(key), str) else list(facts.get(key) or [])
+    facts["results"] = [_eval_result(result) for result in facts.get("results") or []]
     save_directory = Path(save_directory)
     card_checks = {"arg": "The model card", "overwrite_arg": "overwrite=True"}
     check_output_path(save_directory / "README.md", overwrite=overwrite, kind="file", **card_checks)
     name = facts.get("model_name") or save_directory.resolve().name
 
     template = ModelCard(model_card_template())
-    body = _replace_block(template.text, _CHECKPOINT_BLOCK, _checkpoint_section(name, model, config, processor, facts))
-    body = _replace_block(body, _RESULTS_BLOCK, _results_section(facts.get("results", [])))
+    body = _replace_block(template.text, _CHECKPOINT_BLOCK, _facts_section(name, model, config, processor, facts))
+    body = _replace_block(body, _RESULTS_BLOCK, _results_section(facts["results"]))
     body = body.replace("# Image GPT (iGPT)\n", f"# {name}\n", 1)
-    metadata = _metadata(template.data, name, model, config, facts)
-    card = ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}")
+    card = ModelCard(f"---\n{_metadata(template.data, name, model, config, facts).to_yaml()}\n---\n{body}")
 
     path = save_directory / "README.md"
     with atomic_file(path, overwrite=overwrite, **card_checks) as tmp:
@@ -131,41 +132,12 @@ def write_model_card(
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Facts
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _check_facts(facts: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(facts) - set(FACT_KEYS)
-    if unknown:
-        raise ValueError(f"Unknown facts {sorted(unknown)}; known: {sorted(FACT_KEYS)}.")
-    for key in ("model_name", "repo_id", "training", "source", "license", "license_name", "license_link"):
-        if facts.get(key) is not None and not isinstance(facts[key], str):
-            raise ValueError(f"facts[{key!r}] must be a string, got {type(facts[key]).__name__}.")
-    for key in ("datasets", "notes", "tags"):
-        value = facts.get(key)
-        if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
-            raise ValueError(f"facts[{key!r}] must be a list of strings, got {value!r}.")
-    base_model = facts.get("base_model")
-    if base_model is not None and not isinstance(base_model, str):
-        if not all(isinstance(v, str) for v in base_model):
-            raise ValueError(f"facts['base_model'] must be a string or a list of strings, got {base_model!r}.")
-    for index, result in enumerate(facts.get("results") or []):
-        if not isinstance(result, dict):
-            raise ValueError(f"facts['results'][{index}] must be a dict, got {type(result).__name__}.")
-        missing = {"task", "dataset", "metric", "value"} - set(result)
-        if missing:
-            raise ValueError(f"facts['results'][{index}] lacks {sorted(missing)}.")
-        extra = set(result) - _RESULT_KEYS
-        if extra:
-            raise ValueError(
-                f"facts['results'][{index}] has unknown keys {sorted(extra)}; known: {sorted(_RESULT_KEYS)}."
-            )
-        value = result["value"]
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"facts['results'][{index}]['value'] must be a finite number, got {value!r}.")
-    return facts
+def _eval_result(result: EvalResult | dict[str, Any]) -> EvalResult:
+    """A result as huggingface_hub's `EvalResult` (which names a missing field); a dict's keys read by RESULT_FIELDS."""
+    if isinstance(result, EvalResult):
+        return result
+    fields = {RESULT_FIELDS.get(key, key): value for key, value in result.items()}  # EvalResult names a wrong one
+    return EvalResult(**{"dataset_name": result.get("dataset"), **fields})
 
 
 def _preset(config: ImageGPTConfig) -> str | None:
@@ -219,7 +191,7 @@ def _processor_facts(processor: Any, config: ImageGPTConfig) -> list[tuple[str, 
     return rows
 
 
-def _checkpoint_section(
+def _facts_section(
     name: str, model: PreTrainedModel | None, config: ImageGPTConfig, processor: Any, facts: dict[str, Any]
 ) -> str:
     preset = _preset(config)
@@ -265,11 +237,8 @@ def _checkpoint_section(
     rows.append(("Training", facts.get("training") or "not stated"))
     datasets = facts.get("datasets")
     rows.append(("Data sets", ", ".join(f"`{d}`" for d in datasets) if datasets else "not stated"))
-    base_model = facts.get("base_model")
-    if base_model:
-        rows.append(
-            ("Base model", ", ".join(f"`{b}`" for b in ([base_model] if isinstance(base_model, str) else base_model)))
-        )
+    if facts["base_model"]:
+        rows.append(("Base model", ", ".join(f"`{b}`" for b in facts["base_model"])))
     rows.append(("Source", facts.get("source") or "not stated"))
 
     lines = [
@@ -302,7 +271,7 @@ def _checkpoint_section(
     return "\n".join(lines)
 
 
-def _results_section(results: list[dict[str, Any]]) -> str:
+def _results_section(results: list[EvalResult]) -> str:
     if not results:
         return (
             "No results were measured on this checkpoint for this card. The numbers above are OpenAI's, for OpenAI's "
@@ -315,18 +284,11 @@ def _results_section(results: list[dict[str, Any]]) -> str:
         "| Task | Data set | Split | Metric | Value | Source |",
         "|---|---|---|---|---|---|",
     ]
-    for result in results:
-        source = result.get("source") or "measured for this card"
-        if result.get("source_url"):
-            source = f"[{source}]({result['source_url']})"
-        cells = [
-            result["task"],
-            result.get("dataset_name") or result["dataset"],
-            result.get("split") or "",
-            result.get("name") or result["metric"],
-            f"{result['value']:g}",
-            source,
-        ]
+    for r in results:
+        source = r.source_name or "measured for this card"
+        source = f"[{source}]({r.source_url})" if r.source_url else source
+        value = f"{r.metric_value:g}" if isinstance(r.metric_value, (int, float)) else r.metric_value
+        cells = [r.task_type, r.dataset_name, r.dataset_split or "", r.metric_name or r.metric_type, value, source]
         lines.append("| " + " | ".join(_escape(str(cell)) for cell in cells) + " |")
     return "\n".join(lines)
 
@@ -341,21 +303,7 @@ def _metadata(
     tags += [t for t in facts.get("tags") or [] if t not in tags]
     license_ = facts.get("license", template.license)
     own_license = "license" in facts and facts["license"] != "other"
-    results = facts.get("results") or []
-    eval_results = [
-        EvalResult(
-            task_type=r["task"],
-            dataset_type=r["dataset"],
-            dataset_name=r.get("dataset_name") or r["dataset"],
-            dataset_split=r.get("split"),
-            metric_type=r["metric"],
-            metric_name=r.get("name"),
-            metric_value=r["value"],
-            source_name=r.get("source"),
-            source_url=r.get("source_url"),
-        )
-        for r in results
-    ]
+    eval_results = facts["results"]
     return ModelCardData(
         license=license_,
         license_name=None if own_license else facts.get("license_name", template.license_name),
@@ -363,8 +311,8 @@ def _metadata(
         library_name="transformers",
         pipeline_tag="image-classification" if classifier else "image-feature-extraction",
         tags=tags,
-        datasets=facts.get("datasets") or None,
-        base_model=facts.get("base_model"),
+        datasets=facts["datasets"] or None,
+        base_model=facts["base_model"][0] if len(facts["base_model"]) == 1 else facts["base_model"] or None,
         model_name=name if eval_results else None,
         eval_results=eval_results or None,
     )
@@ -372,10 +320,8 @@ def _metadata(
 
 def _replace_block(text: str, markers: tuple[str, str], content: str) -> str:
     start, end = markers
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), flags=re.DOTALL)
-    if len(pattern.findall(text)) != 1:
-        raise ValueError(f"{TEMPLATE_NAME} must hold exactly one {start} ... {end} block.")
-    return pattern.sub(lambda _: f"{start}\n{content}\n{end}", text)
+    before, rest = text.split(start, 1)
+    return f"{before}{start}\n{content}\n{end}{rest.split(end, 1)[1]}"
 
 
 def _escape(text: str) -> str:

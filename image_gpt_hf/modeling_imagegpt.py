@@ -14,7 +14,6 @@ modules.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,15 +67,26 @@ AUTO_MAP = {
 # reads. Anything else is refused, so that nothing that would change the result is silently dropped.
 OUTPUT_FLAGS = frozenset({"output_attentions", "output_hidden_states", "return_dict"})
 
-# Opt-in attention for CPU training with attention dropout: `attn_implementation="imagegpt_blockwise_sdpa"`.
+# The attention of CPU training with attention dropout: what "sdpa" (the default) runs there.
 BLOCKWISE_SDPA = "imagegpt_blockwise_sdpa"
 
 
-def _mean_pool(states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Average over positions (B, T, d) -> (B, d), skipping padded positions of a (B, T) mask."""
+def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor | None, n_positions: int) -> torch.Tensor:
+    """Average over positions (B, T, d) -> (B, d), skipping the padding of a 2-D mask (its last T entries).
+
+    The paper's feature is the mean over a whole image (`n_positions` ids); a part of one is pooled as given, as
+    transformers' ImageGPT does, with a warning.
+    """
+    if states.shape[1] != n_positions:
+        logger.warning_once(
+            f"Pooling {states.shape[1]} positions, not a whole image of n_positions={n_positions}: the mean is over "
+            "the part given."
+        )
     if attention_mask is None:
         return states.mean(dim=1)
-    weights = attention_mask.to(states.dtype).unsqueeze(-1)
+    if attention_mask.dim() != 2:
+        raise ValueError(f"Pooling skips padding by a 2-D `attention_mask`; got shape {tuple(attention_mask.shape)}.")
+    weights = attention_mask[:, -states.shape[1] :].bool().to(states.dtype).unsqueeze(-1)
     return (states * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
@@ -156,8 +166,8 @@ def blockwise_causal_sdpa_forward(
 ) -> tuple[torch.Tensor, None]:
     """sdpa for causal self-attention with dropout on CPU, one block of queries at a time.
 
-    Registered with transformers' attention interface as "imagegpt_blockwise_sdpa" (opt in with
-    `attn_implementation="imagegpt_blockwise_sdpa"`). On CPU, sdpa with dropout falls back to its math path over the
+    What the default attention ("sdpa") runs in CPU training with attention dropout, and registered with transformers'
+    attention interface as "imagegpt_blockwise_sdpa". On CPU, sdpa with dropout falls back to its math path over the
     full (T, T) scores, the masked half included. Queries `[s, e)` only see keys `[0, e)`: going block by block skips
     most of that half (and its dropout draws), which makes a CPU training step's attention about 2x cheaper. Same
     distribution, same gradients (not the same dropout draws as sdpa); anything it does not cover (no dropout, a
@@ -220,9 +230,10 @@ class ImageGPTAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        implementation = self.config._attn_implementation
+        if implementation == "sdpa" and self.training and self.attention_dropout > 0 and query.device.type == "cpu":
+            implementation = BLOCKWISE_SDPA  # sdpa's CPU dropout path computes the whole (T, T) score matrix
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -270,71 +281,6 @@ class ImageGPTBlock(GradientCheckpointingLayer):
         attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask, cache, **kwargs)
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.ln_2(hidden_states))
-
-
-# ---- input checks: a clear ValueError instead of an IndexError, a device-side assert or a silently wrong result ----
-
-
-def _values_checkable(tensor: torch.Tensor, cache: Cache | None) -> bool:
-    """Whether checks that read tensor values run: always for CPU tensors; elsewhere (where reading a value stalls the
-    device) only when nothing is cached yet, so never in the token-by-token steps of generation. Never while compiling.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    if tensor.device.type == "cpu" or cache is None:
-        return True
-    seen = cache.get_seq_length()
-    return isinstance(seen, int) and seen == 0
-
-
-def _as_ids(name: str, ids: torch.Tensor) -> torch.LongTensor:
-    """`ids` as int64 (any integer dtype is taken); a ValueError for floats, complex numbers and bools."""
-    if not isinstance(ids, torch.Tensor):
-        raise ValueError(f"`{name}` must be a torch tensor of integer ids, got {type(ids).__name__}.")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise ValueError(f"`{name}` must hold integer ids, got dtype {ids.dtype}.")
-    return ids if ids.dtype == torch.long else ids.long()
-
-
-def _check_range(name: str, ids: torch.Tensor, high: int, allow_ignore: bool = False) -> None:
-    """Every id in `[0, high)` (or -100, ignored, with `allow_ignore`)."""
-    if ids.numel() == 0:
-        return
-    low, top = torch.stack(torch.aminmax(ids)).tolist()  # one pass, one sync
-    if low >= 0 and top < high:
-        return
-    valid = (ids >= 0) & (ids < high)
-    if allow_ignore:
-        valid |= ids == -100
-    if not bool(valid.all()):
-        bad = ids[~valid]
-        raise ValueError(
-            f"`{name}` holds ids outside [0, {high}){' (or -100, ignored)' if allow_ignore else ''}: "
-            f"min {int(bad.min())}, max {int(bad.max())}, {bad.numel()} invalid."
-        )
-
-
-def _check_shape(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-    if tensor is not None and tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"`{name}` has shape {tuple(tensor.shape)}, expected {tuple(shape)}.")
-
-
-def _check_binary(name: str, tensor: torch.Tensor) -> None:
-    """A mask given as numbers must hold only 0 and 1."""
-    if tensor.dtype != torch.bool and tensor.numel() and not bool(((tensor == 0) | (tensor == 1)).all()):
-        raise ValueError(f"`{name}` must hold only 0 and 1 (or be a bool tensor).")
-
-
-def check_image_length(config: ImageGPTConfig, length: int, what: str, cached: int = 0) -> None:
-    """A mean over "the image" is one only over a whole image: `n_positions` ids, none of them cached."""
-    if cached == 0 and length == config.n_positions:
-        return
-    got = f"{length} ids" + (f" after {cached} cached" if cached else "")
-    raise ValueError(
-        f"{what} averages over a whole image: {config.n_positions} ids (`n_positions`) for this model, got {got}. "
-        "Give images of the model's size (the image processor's `size` with `do_resize=True`), or read per-pixel "
-        "features (`last_hidden_state`, `pool=False`), which take any length."
-    )
 
 
 class ImageGPTPreTrainedModel(PreTrainedModel):
@@ -416,19 +362,8 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         self.wte = new_embeddings
 
     def resolve_layer(self, layer: int | None) -> int:
-        """A hidden-state index in `[0, n_layer]` (negative counts from the end; `None` is `config.feature_layer`,
-        itself defaulting to the middle of the network, where the paper finds the best linear-probe features)."""
-        n_layer = self.config.n_layer
-        if layer is None:
-            layer = self.config.feature_layer if self.config.feature_layer is not None else n_layer // 2
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-            raise ValueError(f"A layer is an integer hidden-state index (0 to {n_layer}), got {layer!r}.")
-        if not -(n_layer + 1) <= layer <= n_layer:
-            raise ValueError(
-                f"Layer {layer} is not a hidden-state index of a {n_layer}-layer model "
-                f"(valid: {-(n_layer + 1)} to {n_layer})."
-            )
-        return int(layer) % (n_layer + 1)
+        """A hidden-state index in `[0, n_layer]`: `ImageGPTConfig.hidden_state_index`."""
+        return self.config.hidden_state_index(layer)
 
     def normed_features(self, hidden_state: torch.Tensor, layer: int) -> torch.Tensor:
         """The paper's `n^l`: hidden state `l` through the norm the next block reads it with (`ln_1` of block `l`;
@@ -451,33 +386,31 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         by which pooling skips padded positions).
         """
         if layers is None:
-            layers = list(range(self.config.n_layer + 1))
-        elif isinstance(layers, (bool, str)) or not isinstance(layers, (numbers.Integral, list, tuple)):
-            raise ValueError(f"`layers` must be a hidden-state index or a list of them, got {layers!r}.")
-        elif isinstance(layers, numbers.Integral):
-            layers = [layers]
-        if len(layers) == 0:
-            raise ValueError("`layers` is empty: give at least one hidden-state index (or None for all of them).")
-        layers = [self.resolve_layer(layer) for layer in layers]
-        for name in ("output_hidden_states", "use_cache", "return_dict"):
-            if name in kwargs:
-                raise ValueError(f"`extract_features` sets `{name}` itself; do not pass it.")
-        mask = kwargs.get("attention_mask")
-        if pool:
-            check_image_length(self.config, input_ids.shape[-1], "`extract_features(pool=True)`")
-        if pool and mask is not None and mask.dim() != 2:
-            raise ValueError(
-                "Pooled features skip padded positions by a 2-D `attention_mask` (batch, length); got one of shape "
-                f"{tuple(mask.shape)}. Pass the 2-D padding mask, or `pool=False`."
-            )
+            layers = range(self.config.n_layer + 1)
+        layers = [self.resolve_layer(layer) for layer in ([layers] if isinstance(layers, int) else layers)]
         outputs = self(input_ids, output_hidden_states=True, use_cache=False, **kwargs)
         features = [self.normed_features(outputs.hidden_states[layer], layer) for layer in layers]
-        return torch.stack([_mean_pool(f, mask) if pool else f for f in features])
+        mask, n_positions = kwargs.get("attention_mask"), self.config.n_positions
+        return torch.stack([mean_pool(f, mask, n_positions) if pool else f for f in features])
 
-    def add_sos(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """`[SOS, x_1, ..., x_{n-1}]` from the pixel ids `x` (B, n): the input OpenAI's AR code builds."""
-        sos = torch.full_like(input_ids[:, :1], self.config.sos_token_id)
-        return torch.cat([sos, input_ids[:, :-1]], dim=1)
+    def add_sos(self, input_ids: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """`[SOS, x_1, ..., x_{n-1}]` from the pixel ids `x` (B, n): the input OpenAI's AR code builds; with
+        `class_labels` (B,), each image's class token in place of SOS (-100: no class, SOS)."""
+        start = torch.full_like(input_ids[:, :1], self.config.sos_token_id)
+        if class_labels is not None:
+            labels = class_labels.to(input_ids.device).view(-1, 1)
+            start = torch.where(labels == -100, start, labels + self.config.palette_size)
+        return torch.cat([start, input_ids[:, :-1]], dim=1)
+
+    def resolve_prepend_sos(self, input_ids, cache, prepend_sos: bool | None, class_labels=None) -> bool:
+        """Whether a forward builds the start of the sequence (`prepend_sos`, default the config's): not for sequences
+        already started, a step on a cache that holds positions or ids that begin with SOS or a class token (as
+        generate() and its classifier-free guidance pass them), which are used as given."""
+        prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
+        if prepend_sos and class_labels is None and input_ids is not None and not torch.compiler.is_compiling():
+            cached = cache is not None and cache.get_seq_length() > 0
+            prepend_sos = not (cached or bool((input_ids[:, 0] >= self.config.palette_size).all()))
+        return prepend_sos
 
     @select_hidden_states_by_index
     @capture_outputs
@@ -491,6 +424,7 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         bool_masked_pos: torch.BoolTensor | None = None,
         prepend_sos: bool | None = None,
+        class_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         pooler_layer: int | None = None,
         return_pooler_output: bool | None = None,
@@ -509,97 +443,29 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
         token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             As in transformers' ImageGPT: their token embeddings are added to the input.
         bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Positions whose input embedding is zeroed, as OpenAI's BERT objective does (see `random_bert_mask`).
+            BERT models only: positions (true where nonzero) whose input embedding is zeroed, as OpenAI's BERT
+            objective does (see `random_bert_mask`). Causal models refuse it.
         prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
-            Build the input as `[SOS, x_1, ..., x_{n-1}]` from the `n` pixel ids, as OpenAI's AR code does. The ids
-            must then be pixels only: ids that contain SOS are refused (they would get a second one).
+            Build the input as `[SOS, x_1, ..., x_{n-1}]` from the `n` pixel ids, as OpenAI's AR code does. Ids that
+            already start with SOS or a class token, and steps on a cache that holds positions, are used as given
+            (generation, classifier-free guidance); ids that hold SOS elsewhere are refused.
+        class_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class-conditional models (`config.class_conditional`) with `prepend_sos`: each image's class, whose token
+            takes SOS's place (-100: no class, SOS itself).
         pooler_layer (`int`, *optional*, defaults to `config.feature_layer`):
             The hidden-state index whose normed states are averaged into `pooler_output` (see `resolve_layer`).
         return_pooler_output (`bool`, *optional*):
-            Compute `pooler_output`, the mean over a whole image: `True` requires `n_positions` new ids and no cached
-            ones (other lengths are refused), `False` skips it (the heads that do not read it save a norm and a mean),
-            `None` computes it for whole images and leaves it `None` for other lengths (a prompt, a decoding step).
+            Compute `pooler_output`, the mean over the positions given (`True`; other lengths than `n_positions` are
+            pooled with a warning), skip it (`False`: the heads that do not read it save a norm and a mean), or
+            (`None`) compute it for whole images only and leave it `None` for a prompt or a decoding step.
         """
-        cache = resolve_cache(cache, past_key_values)
-        prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
-        input_ids, attention_mask, token_type_ids, position_ids, bool_masked_pos, use_cache, cache, pool_layer = (
-            self._check_inputs(
-                input_ids,
-                cache,
-                attention_mask,
-                token_type_ids,
-                position_ids,
-                inputs_embeds,
-                bool_masked_pos,
-                prepend_sos,
-                use_cache,
-                pooler_layer,
-                return_pooler_output,
-                kwargs,
-            )
-        )
-        if prepend_sos:
-            input_ids = self.add_sos(input_ids)
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
-        if bool_masked_pos is not None:
-            # OpenAI's BERT: a masked token contributes nothing but its position embedding.
-            inputs_embeds = inputs_embeds * (~bool_masked_pos).unsqueeze(-1).to(inputs_embeds.dtype)
-        seq_len = inputs_embeds.shape[1]
-        if position_ids is None:
-            past_seen = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_seen).unsqueeze(0)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-
-        hidden_states = inputs_embeds + self.wpe(position_ids)
-        if token_type_ids is not None:
-            hidden_states = hidden_states + self.wte(token_type_ids)
-        hidden_states = self.drop(hidden_states)
-
-        mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
-        if self.config.objective == "ar":
-            mask = create_causal_mask(**mask_kwargs, **mask_cache_argument(cache), position_ids=position_ids)
-        else:
-            mask = create_bidirectional_mask(**mask_kwargs, **mask_cache_argument(cache))
-
-        pool_mask = attention_mask[:, -seq_len:] if attention_mask is not None and attention_mask.dim() == 2 else None
-        pooled = None
-        for i, block in enumerate(self.h):
-            if i == pool_layer:
-                pooled = _mean_pool(block.ln_1(hidden_states), pool_mask)
-            hidden_states = block(hidden_states, mask, cache)
-        hidden_states = self.ln_f(hidden_states)
-        if pool_layer == self.config.n_layer:
-            pooled = _mean_pool(hidden_states, pool_mask)
-
-        return ImageGPTModelOutput(
-            last_hidden_state=hidden_states, pooler_output=pooled, **cache_output(cache if use_cache else None)
-        )
-
-    def _check_inputs(
-        self,
-        input_ids,
-        cache,
-        attention_mask,
-        token_type_ids,
-        position_ids,
-        inputs_embeds,
-        bool_masked_pos,
-        prepend_sos,
-        use_cache,
-        pooler_layer,
-        return_pooler_output,
-        kwargs,
-    ) -> tuple:
-        """`forward`'s arguments checked (a clear error naming the argument, before any work) and normalised: ids as
-        int64, masks in their working form, the cache setting resolved, the pooled layer (None: no pooling)."""
         config = self.config
+        cache = resolve_cache(cache, past_key_values)
         unexpected = set(kwargs) - OUTPUT_FLAGS
-        if unexpected:
-            raise TypeError(
-                f"{type(self).__name__}.forward() got unexpected argument(s): {', '.join(sorted(unexpected))}."
-            )
+        if unexpected:  # transformers' forwards take **kwargs; one that is not honoured must not be dropped silently
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected argument(s): {sorted(unexpected)}")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if kwargs.get("output_attentions", config.output_attentions) and config._attn_implementation != "eager":
             # As transformers' models do with sdpa: the call runs, says so, and `attentions` holds no weights.
             logger.warning_once(
@@ -607,38 +473,7 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
                 "computes no attention weights, so `attentions` holds none. Load the model with "
                 "`attn_implementation='eager'` (or call `model.set_attn_implementation('eager')`) to get them."
             )
-
-        # Inputs: exactly one of ids and embeddings, non-empty.
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if input_ids is not None:
-            input_ids = _as_ids("input_ids", input_ids)
-            if input_ids.dim() != 2:
-                raise ValueError(
-                    f"`input_ids` must be (batch_size, sequence_length), got shape {tuple(input_ids.shape)}."
-                )
-            batch_size, seq_len = input_ids.shape
-        else:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.embed_dim:
-                raise ValueError(
-                    f"`inputs_embeds` must be (batch_size, sequence_length, {self.embed_dim}), "
-                    f"got shape {tuple(inputs_embeds.shape)}."
-                )
-            if not inputs_embeds.is_floating_point():
-                raise ValueError(f"`inputs_embeds` must be floating point, got dtype {inputs_embeds.dtype}.")
-            batch_size, seq_len = inputs_embeds.shape[:2]
-        if batch_size == 0 or seq_len == 0:
-            name = "input_ids" if input_ids is not None else "inputs_embeds"
-            raise ValueError(f"`{name}` is empty (batch {batch_size}, sequence length {seq_len}).")
-        check_values = _values_checkable(input_ids if input_ids is not None else inputs_embeds, cache)
-
-        # The cache: causal models only; none while gradient checkpointing (the layers run twice).
-        if config.objective != "ar":
-            if use_cache or cache is not None:
-                raise ValueError("BERT-objective models attend in both directions and keep no cache (`use_cache`).")
-            use_cache = False
-        elif use_cache is None:
-            use_cache = config.use_cache
+        use_cache = config.use_cache and config.objective == "ar" if use_cache is None else use_cache
         if (
             self.gradient_checkpointing
             and self.training
@@ -648,105 +483,79 @@ class ImageGPTModel(ImageGPTPreTrainedModel):
             logger.warning_once("Caching is incompatible with gradient checkpointing: running without a cache.")
             use_cache, cache = False, None
 
-        if input_ids is not None and check_values:
-            _check_range("input_ids", input_ids, config.vocab_size)
+        prepend_sos = self.resolve_prepend_sos(input_ids, cache, prepend_sos, class_labels)
+        if class_labels is not None:
+            known = (class_labels >= 0) & (class_labels < config.num_labels) | (class_labels == -100)
+            if not (config.class_conditional and prepend_sos) or not bool(known.all()):
+                raise ValueError(
+                    "`class_labels` (class indices, or -100 for none) choose the first token of a class-conditional "
+                    f"model's pixel ids (with `prepend_sos`); this model has {config.num_labels if config.class_conditional else 'no'} "
+                    "classes. Without `prepend_sos`, start `input_ids` with `config.class_token_id(label)` instead."
+                )
         if prepend_sos:
-            if config.objective != "ar":
-                raise ValueError("`prepend_sos` applies to autoregressive models only, not to objective='bert'.")
-            if input_ids is None or cache is not None:
-                raise ValueError("`prepend_sos` needs `input_ids` of whole images and no cache.")
-            if attention_mask is not None or token_type_ids is not None:
+            if input_ids is None or cache is not None or attention_mask is not None or token_type_ids is not None:
                 raise ValueError(
-                    "`prepend_sos` builds the input from whole images; it takes no `attention_mask` or "
-                    "`token_type_ids` (pass ids that start with SOS and `prepend_sos=False` for those)."
+                    "`prepend_sos` builds `[SOS, x_1, ..., x_{n-1}]` from whole images' `input_ids`: it takes no "
+                    "cache, `inputs_embeds`, `attention_mask` or `token_type_ids` (pass ids that start with SOS and "
+                    "`prepend_sos=False` for those)."
                 )
-            if check_values and bool((input_ids == config.sos_token_id).any()):
+            if not torch.compiler.is_compiling() and bool((input_ids >= config.palette_size).any()):
                 raise ValueError(
-                    f"`input_ids` contain the SOS id {config.sos_token_id}, but `prepend_sos` is on and adds SOS "
-                    "itself. Pass pixel ids only (e.g. `ids[:, 1:]` of a generate() output), or `prepend_sos=False` "
-                    "to use the ids as given."
+                    f"`input_ids` hold SOS or class ids (>= {config.palette_size}) after a pixel, but `prepend_sos` is on "
+                    "and adds the start itself. Pass pixel ids only (e.g. `ids[:, 1:]` of a generate() output), whole "
+                    "sequences that each start with SOS, or `prepend_sos=False`."
                 )
-
-        # Lengths (from shapes and the cache's own count: no device sync).
-        past_seen = cache.get_seq_length() if cache is not None else 0
-        if isinstance(past_seen, int) and past_seen + seq_len > config.n_positions:
-            raise ValueError(
-                f"Sequence of {past_seen + seq_len} tokens ({past_seen} cached + {seq_len} new) is longer than the "
-                f"model's n_positions={config.n_positions} (generate at most `max_length=n_positions + 1`: the last "
-                "generated token is never fed back)."
-            )
-        # Positions, masks, token types.
-        if position_ids is not None:
-            position_ids = _as_ids("position_ids", position_ids)
-            if position_ids.dim() == 1:
-                position_ids = position_ids.unsqueeze(0)
-            if (
-                position_ids.dim() != 2
-                or position_ids.shape[0] not in (1, batch_size)
-                or position_ids.shape[1] != seq_len
-            ):
-                raise ValueError(
-                    f"`position_ids` has shape {tuple(position_ids.shape)}, expected ({batch_size}, {seq_len}) "
-                    f"or ({seq_len},)."
-                )
-            if check_values:
-                _check_range("position_ids", position_ids, config.n_positions)
-        if attention_mask is not None:
-            attention_mask = self._check_attention_mask(attention_mask, batch_size, seq_len, past_seen, check_values)
-        if token_type_ids is not None:
-            token_type_ids = _as_ids("token_type_ids", token_type_ids)
-            _check_shape("token_type_ids", token_type_ids, (batch_size, seq_len))
-            if check_values:
-                _check_range("token_type_ids", token_type_ids, config.vocab_size)
+            input_ids = self.add_sos(input_ids, class_labels)
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
         if bool_masked_pos is not None:
-            if not isinstance(bool_masked_pos, torch.Tensor) or bool_masked_pos.is_floating_point():
+            if config.objective != "bert":  # a causal model was never trained on zeroed inputs: its output is noise
                 raise ValueError(
-                    "`bool_masked_pos` must be a bool tensor (True = masked), e.g. from `random_bert_mask`; got "
-                    f"{getattr(bool_masked_pos, 'dtype', type(bool_masked_pos).__name__)}."
+                    "`bool_masked_pos` masks pixels for BERT models (objective='bert'); this model is autoregressive "
+                    "and reads whole images. Leave the mask out (a data collator's objective=None or 'ar' adds none)."
                 )
-            _check_shape("bool_masked_pos", bool_masked_pos, (batch_size, seq_len))
-            if check_values:
-                _check_binary("bool_masked_pos", bool_masked_pos)
-            bool_masked_pos = bool_masked_pos.bool()
-
-        # Pooling: a mean over the image, so over a whole one only.
-        if return_pooler_output is None:
-            return_pooler_output = isinstance(past_seen, int) and past_seen == 0 and seq_len == config.n_positions
-        elif return_pooler_output:
-            check_image_length(config, seq_len, "Pooling (`pooler_output`, the classifier's input)", cached=past_seen)
-        pool_layer = self.resolve_layer(pooler_layer) if return_pooler_output else None
-
-        return input_ids, attention_mask, token_type_ids, position_ids, bool_masked_pos, use_cache, cache, pool_layer
-
-    def _check_attention_mask(
-        self, attention_mask: torch.Tensor, batch_size: int, seq_len: int, past_seen: int | torch.Tensor, check_values
-    ) -> torch.Tensor:
-        """A 2-D padding mask `(batch, cached + new)` or a 4-D mask `(batch or 1, 1, new, keys)`; nothing else."""
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.is_complex():
-            raise ValueError("`attention_mask` must be a real-valued torch tensor.")
-        total = past_seen + seq_len if isinstance(past_seen, int) else None
-        if attention_mask.dim() == 2:
-            if attention_mask.shape[0] != batch_size or (
-                attention_mask.shape[1] != total if total is not None else attention_mask.shape[1] < seq_len
-            ):
-                expected = f"({batch_size}, {total if total is not None else 'cached + ' + str(seq_len)})"
+            # OpenAI's BERT: a masked token contributes nothing but its position embedding.
+            inputs_embeds = inputs_embeds * (~bool_masked_pos.bool()).unsqueeze(-1).to(inputs_embeds.dtype)
+        seq_len = inputs_embeds.shape[1]
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.dim() != 4 and isinstance(past_seen, int):
+            expected = (inputs_embeds.shape[0], past_seen + seq_len)  # transformers' masks would read it misaligned
+            if tuple(attention_mask.shape) != expected:
                 raise ValueError(
                     f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected {expected}: one entry per "
-                    "cached and new position of each sequence."
+                    "cached and new position of each sequence (or a 4-D mask)."
                 )
-            if check_values:
-                _check_binary("attention_mask", attention_mask)
-            return attention_mask
-        if attention_mask.dim() == 4:
-            b, heads, queries, keys = attention_mask.shape
-            if b not in (1, batch_size) or heads != 1 or queries != seq_len or (total is not None and keys < total):
-                raise ValueError(
-                    f"A 4-D `attention_mask` must be (batch, 1, {seq_len}, keys >= {total or 'cached + new'}), got "
-                    f"{tuple(attention_mask.shape)}."
-                )
-            return attention_mask
-        raise ValueError(
-            f"`attention_mask` must be 2-D (batch, cached + new positions) or 4-D, got shape {tuple(attention_mask.shape)}."
+        if position_ids is None:
+            position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_seen).unsqueeze(0)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        if return_pooler_output is None:  # whole images only, padded by a 2-D mask if any
+            whole = isinstance(past_seen, int) and past_seen == 0 and seq_len == config.n_positions
+            return_pooler_output = whole and (attention_mask is None or attention_mask.dim() == 2)
+        pool_layer = self.resolve_layer(pooler_layer) if return_pooler_output else None
+
+        hidden_states = inputs_embeds + self.wpe(position_ids)
+        if token_type_ids is not None:
+            hidden_states = hidden_states + self.wte(token_type_ids)
+        hidden_states = self.drop(hidden_states)
+
+        mask_kwargs = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
+        if config.objective == "ar":
+            mask = create_causal_mask(**mask_kwargs, **mask_cache_argument(cache), position_ids=position_ids)
+        else:
+            mask = create_bidirectional_mask(**mask_kwargs, **mask_cache_argument(cache))
+
+        pooled = None
+        for i, block in enumerate(self.h):
+            if i == pool_layer:
+                pooled = mean_pool(block.ln_1(hidden_states), attention_mask, config.n_positions)
+            hidden_states = block(hidden_states, mask, cache)
+        hidden_states = self.ln_f(hidden_states)
+        if pool_layer == config.n_layer:
+            pooled = mean_pool(hidden_states, attention_mask, config.n_positions)
+
+        return ImageGPTModelOutput(
+            last_hidden_state=hidden_states, pooler_output=pooled, **cache_output(cache if use_cache else None)
         )
 
 
@@ -774,22 +583,6 @@ def _gen_loss_bert(logits: torch.Tensor, labels: torch.Tensor, bool_masked_pos: 
     return (per_image * has_mask).sum() / has_mask.sum()
 
 
-def _ar_targets(labels: torch.Tensor, shape: torch.Size, palette_size: int, shifted: bool) -> torch.Tensor:
-    """Check AR `labels` against the logits' `(batch, seq)`; with `shifted`, position 0 is never a target (it may hold
-    SOS, as `labels=input_ids` does), so it is not checked."""
-    labels = _as_ids("labels", labels)
-    _check_shape("labels", labels, shape)
-    targets = labels[:, 1:] if shifted else labels
-    if targets.shape[1] == 0:
-        raise ValueError(
-            "`labels` of a 1-token sequence have no target: the labels are shifted inside the model, so position 0 is "
-            "never predicted. Give at least 2 positions (or `prepend_sos=True` to predict every pixel from SOS)."
-        )
-    if not torch.compiler.is_compiling():
-        _check_range("labels", targets, palette_size, allow_ignore=True)
-    return labels
-
-
 class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
     """iGPT with its autoregressive head: next-pixel logits over the palette (`vocab_size - 1` outputs).
 
@@ -813,17 +606,15 @@ class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def generate(self, inputs=None, generation_config=None, *args, **kwargs):
-        """`GenerationMixin.generate`, which refuses up front a length the model cannot see (rather than failing at
-        the first position past `n_positions`: on an accelerator, a device-side assert)."""
+        """`GenerationMixin.generate`, refusing up front a length the model cannot see (rather than at the first
+        position past `n_positions`, on an accelerator as a device-side assert)."""
         settings = generation_config if generation_config is not None else self.generation_config
-        max_new_tokens = kwargs.get("max_new_tokens", settings.max_new_tokens)
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        prompt_length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else 1
-        total = (
-            prompt_length + max_new_tokens
-            if max_new_tokens is not None
-            else kwargs.get("max_length", settings.max_length)
-        )
+        new_tokens = kwargs.get("max_new_tokens", settings.max_new_tokens)
+        if new_tokens is None:
+            total = kwargs.get("max_length", settings.max_length)
+        else:
+            total = new_tokens + (prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else 1)
         if total > self.config.n_positions + 1:
             raise ValueError(
                 f"Generating {total} tokens in all is more than this model sees: n_positions={self.config.n_positions} "
@@ -860,14 +651,16 @@ class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
             `labels[:, t]` is the target of `logits[:, t]`. The loss is the mean over the targets: nan when there is
             none (every label -100), as in transformers' causal LMs.
         prepend_sos (`bool`, *optional*, defaults to `config.prepend_sos`):
-            Build the input as `[SOS, x_1, ..., x_{n-1}]` from the pixel ids, as OpenAI's code does.
+            Build the input as `[SOS, x_1, ..., x_{n-1}]` from the pixel ids, as OpenAI's code does (a class-conditional
+            model takes `class_labels`, see `ImageGPTModel.forward`).
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits for the last `logits_to_keep` positions only (0: all), or for the given indices.
         """
-        prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
+        cache = resolve_cache(cache, past_key_values)
+        prepend_sos = self.transformer.resolve_prepend_sos(input_ids, cache, prepend_sos, kwargs.get("class_labels"))
         outputs: ImageGPTModelOutput = self.transformer(
             input_ids,
-            cache=resolve_cache(cache, past_key_values),
+            cache=cache,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
@@ -881,13 +674,7 @@ class ImageGPTForCausalImageModeling(ImageGPTPreTrainedModel, GenerationMixin):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
-        loss = None
-        if labels is not None:
-            labels = _ar_targets(labels, hidden_states.shape[:2], self.config.palette_size, shifted=not prepend_sos)
-            if logits.shape[1] != labels.shape[1]:
-                raise ValueError("`labels` need logits for every position; do not combine them with `logits_to_keep`.")
-            loss = _gen_loss_ar(logits, labels, shifted=not prepend_sos)
-
+        loss = None if labels is None else _gen_loss_ar(logits, labels, shifted=not prepend_sos)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -948,52 +735,10 @@ class ImageGPTForMaskedImageModeling(ImageGPTPreTrainedModel):
             **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            labels = _as_ids("labels", labels)
-            _check_shape("labels", labels, logits.shape[:2])
-            if not torch.compiler.is_compiling():
-                _check_range("labels", labels, self.config.palette_size, allow_ignore=True)
-            loss = _gen_loss_bert(logits, labels, bool_masked_pos)
+        loss = None if labels is None else _gen_loss_bert(logits, labels, bool_masked_pos)
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-
-
-def _classification_labels(labels: torch.Tensor, logits: torch.Tensor, problem_type: str | None) -> torch.Tensor:
-    """`labels` checked against the problem type transformers' `ForSequenceClassificationLoss` will use (the set one,
-    or the one it infers: regression for one label, single-label for integer labels, multi-label for float ones)."""
-    batch_size, num_labels = logits.shape
-    if not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] != batch_size:
-        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"`labels` must have one entry per image ({batch_size}), got {shape}.")
-    if problem_type is None:
-        is_integer = not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
-        problem_type = (
-            "regression"
-            if num_labels == 1
-            else "single_label_classification"
-            if is_integer
-            else "multi_label_classification"
-        )
-    if problem_type == "single_label_classification":
-        if labels.is_floating_point() or labels.dim() != 1:
-            raise ValueError(
-                f"Single-label classification takes integer class ids of shape ({batch_size},), got {labels.dtype} "
-                f"labels of shape {tuple(labels.shape)}. For multi-hot targets pass float labels of shape "
-                f"({batch_size}, {num_labels}) (problem_type='multi_label_classification'); for one score per image, "
-                "num_labels=1 (regression)."
-            )
-        labels = _as_ids("labels", labels)  # int64, which transformers' loss reads as class ids
-        _check_range("labels", labels, num_labels)
-        return labels
-    expected = [(batch_size, num_labels)] + ([(batch_size,)] if problem_type == "regression" else [])
-    if tuple(labels.shape) not in expected or labels.is_complex():
-        raise ValueError(
-            f"problem_type={problem_type!r} takes real-valued labels of shape "
-            f"{' or '.join(map(str, expected))}, got {labels.dtype} labels of shape {tuple(labels.shape)}."
-        )
-    return labels.to(logits.dtype)
 
 
 @dataclass
@@ -1060,11 +805,12 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
         use_cache (`bool`, *optional*, defaults to `False`):
             Return the keys and values (classification does not need them, so they are not kept by default).
         """
-        prepend_sos = self.config.prepend_sos if prepend_sos is None else prepend_sos
+        cache = resolve_cache(cache, past_key_values)
+        prepend_sos = self.transformer.resolve_prepend_sos(input_ids, cache, prepend_sos)
         layer = self.config.classifier_layer
         outputs: ImageGPTModelOutput = self.transformer(
             input_ids,
-            cache=resolve_cache(cache, past_key_values),
+            cache=cache,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
@@ -1080,7 +826,6 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
 
         loss = clf_loss = gen_loss = None
         if labels is not None:
-            labels = _classification_labels(labels, logits, self.config.problem_type)
             clf_loss = self.loss_function(labels, logits, self.config)
             loss = clf_loss
             if self.config.gen_loss_weight > 0:
@@ -1100,22 +845,19 @@ class ImageGPTForImageClassification(ImageGPTPreTrainedModel):
         )
 
     def _gen_loss(self, last_hidden_state, input_ids, bool_masked_pos, prepend_sos, attention_mask) -> torch.Tensor:
-        if input_ids is None:
-            raise ValueError("The generative part of the loss needs `input_ids` (the targets), not `inputs_embeds`.")
+        bert = self.config.objective == "bert"
+        if input_ids is None or (bert and bool_masked_pos is None):
+            raise ValueError(
+                "The generative part of the loss (gen_loss_weight > 0) needs `input_ids` (its targets) and, for BERT "
+                "models, `bool_masked_pos` (see `random_bert_mask`)."
+            )
         gen_logits = self.lm_head(last_hidden_state)
         # Padded positions (a 2-D mask's zeros) are no targets, as they count in no pooled feature either.
-        padded = attention_mask == 0 if attention_mask is not None and attention_mask.dim() == 2 else None
-        if self.config.objective == "bert":
-            if bool_masked_pos is None:
-                raise ValueError(
-                    "BERT fine-tuning with gen_loss_weight > 0 needs `bool_masked_pos` (see `random_bert_mask`)."
-                )
-            targets = input_ids if padded is None else input_ids.masked_fill(padded, -100)
-            _check_range("input_ids (generative targets)", targets, self.config.palette_size, allow_ignore=True)
-            return _gen_loss_bert(gen_logits, targets, bool_masked_pos)
-        targets = input_ids if padded is None else input_ids.masked_fill(padded, -100)
-        targets = _ar_targets(targets, gen_logits.shape[:2], self.config.palette_size, shifted=not prepend_sos)
-        return _gen_loss_ar(gen_logits, targets, shifted=not prepend_sos)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            input_ids = input_ids.masked_fill(attention_mask == 0, -100)
+        if bert:
+            return _gen_loss_bert(gen_logits, input_ids, bool_masked_pos)
+        return _gen_loss_ar(gen_logits, input_ids, shifted=not prepend_sos)
 
 
 ImageGPTModel.register_for_auto_class("AutoModel")

@@ -46,8 +46,7 @@ class ImageGPTFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
             finds the best linear-probe features).
         pool (`bool`, *optional*, defaults to `False`):
             Average the features over positions: one vector of size `n_embd` per image instead of one per pixel.
-            The mean is over a whole image, so an image whose ids are not the model's `n_positions` is refused
-            (per-pixel features take any length).
+            An image whose ids are not the model's `n_positions` is pooled as given, with a warning.
 
     Example:
 
@@ -74,12 +73,10 @@ class ImageGPTFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
             image_processor_kwargs=image_processor_kwargs, return_tensors=return_tensors, pool=pool, **kwargs
         )
         if layer is not None:
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise ValueError(f"`layer` must be an integer hidden-state index, got {layer!r}.")
             # Fails now, with the valid range in the message, rather than after the first forward pass.
             self._decoder().resolve_layer(layer)
             forward_params["layer"] = layer
-        if "pool" in postprocess_params:  # the forward pools, over whole images only
+        if "pool" in postprocess_params:  # the forward pools
             forward_params["pool"] = postprocess_params["pool"]
         return preprocess_params, forward_params, postprocess_params
 

@@ -147,55 +147,30 @@ def check_output_path(
     Raises:
         OutputPathError: naming the path, the argument and the fix.
     """
-    if kind not in ("dir", "file"):
-        raise ValueError(f"`kind` must be 'dir' or 'file', got {kind!r}.")
     output = _absolute(path)
     # What a killed run left first: a folder it had moved aside comes back, so the checks below see it.
     clean_stale_staging(output.parent, output.name)
-    what = "folder" if kind == "dir" else "file"
+
+    def refuse(problem: str) -> None:
+        raise OutputPathError(f"{arg} {output} {problem}.")
+
     if os.path.islink(output):
-        raise OutputPathError(
-            f"{arg} {output} is a symbolic link (to {os.readlink(output)}); this command does not write through "
-            f"links. Pass the link's target itself as {arg}, or remove the link."
-        )
-    for input_ in inputs:
-        if input_ is None:
-            continue
-        relation = _relation(output, Path(os.path.abspath(os.fspath(input_))))
-        if relation is not None:
-            raise OutputPathError(
-                f"{arg} {output} {relation} the input {os.fspath(input_)}: a command never writes into its own "
-                f"inputs, whatever {overwrite_arg} says. Choose an output {what} outside the inputs."
-            )
-    if os.path.lexists(output):
-        if kind == "dir":
-            if not output.is_dir():
-                raise OutputPathError(f"{arg} {output} exists and is not a folder; choose a folder path.")
-            keep = set(keep)
-            entries = [e for e in os.listdir(output) if e not in keep]
-            if entries and not overwrite:
-                kept = f" but {_listing(list(keep))}" if keep else ""
-                raise OutputPathError(
-                    f"{arg} {output} exists and is not empty (it holds {_listing(entries)}). Choose another folder, "
-                    f"or pass {overwrite_arg} to replace it: everything in it{kept} will be deleted."
-                )
-            if _identity(output) in {_identity(p) for p in [Path.cwd(), *Path.cwd().parents]}:
-                raise OutputPathError(
-                    f"{arg} {output} is or holds the current working folder {Path.cwd()}; it will not be replaced, "
-                    f"whatever {overwrite_arg} says. Choose another folder, e.g. a new one inside it."
-                )
-        else:
-            if output.is_dir():
-                raise OutputPathError(f"{arg} {output} is a folder; give a file path.")
-            if not overwrite:
-                raise OutputPathError(
-                    f"{arg} {output} exists. Choose another path, or pass {overwrite_arg} to replace it."
-                )
+        refuse(f"is a symbolic link (to {os.readlink(output)}); pass its target itself as {arg}, or remove the link")
+    for input_ in (i for i in inputs if i is not None):
+        if relation := _relation(output, Path(os.path.abspath(os.fspath(input_)))):
+            refuse(f"{relation} the input {input_}: an input is never written, whatever {overwrite_arg} says")
+    if os.path.lexists(output) and (kind == "dir") != output.is_dir():
+        refuse("exists and is not a folder" if kind == "dir" else "is a folder; give a file path")
+    entries = [e for e in os.listdir(output) if e not in set(keep)] if kind == "dir" and output.is_dir() else []
+    if (entries or kind == "file" and output.exists()) and not overwrite:
+        held = f"exists and is not empty (it holds {_listing(entries)})" if entries else "exists"
+        kept = f" but {_listing(list(keep))}" if keep else ""
+        refuse(f"{held}. Choose another path, or pass {overwrite_arg} to replace it (all of it{kept})")
+    if kind == "dir" and _identity(output) in {_identity(p) for p in [Path.cwd(), *Path.cwd().parents]}:
+        refuse(f"is or holds the current working folder {Path.cwd()}; it is never replaced. Choose another folder")
     existing = next((p for p in output.parents if os.path.lexists(p)), output)
-    if not existing.is_dir():
-        raise OutputPathError(f"{arg} {output} cannot be created: {existing} is not a folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{arg} {output} cannot be created: no permission to write in {existing}.")
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        refuse(f"cannot be created: {existing} is not a folder you may write in")
     return output
 
 
@@ -334,9 +309,7 @@ def staged_dir(
     inputs = tuple(inputs)
     checks = {"inputs": inputs, "kind": "dir", "keep": keep, "arg": arg, "overwrite_arg": overwrite_arg}
     target = check_output_path(target, overwrite=overwrite, **checks)
-    tmp = _sibling(target, "tmp") if staging is None else _absolute(staging)
-    if tmp.parent != target.parent or not _STAGING_NAME.fullmatch(tmp.name):
-        raise ValueError(f"`staging` must come from `staging_path({target})`, got {tmp}.")
+    tmp = _sibling(target, "tmp") if staging is None else _absolute(staging)  # staging: from staging_path(target)
     clean_stale_staging(target.parent, target.name)
     created = _make_parents(target.parent)
     try:
@@ -374,11 +347,8 @@ def _commit_dir(tmp: Path, target: Path, keep: tuple[str, ...]) -> None:
 
 def _replace_entries(tmp: Path, target: Path, kept: set[str]) -> None:
     """Replace every entry of `target` but the `kept` ones by those of `tmp`: old ones out first, then new ones in."""
-    clash = kept & set(os.listdir(tmp))
-    if clash:
-        raise OutputPathError(
-            f"The output written for {target} holds {_listing(list(clash))}, which are kept from the existing folder."
-        )
+    if clash := kept & set(os.listdir(tmp)):  # renamed in, they would replace the kept ones
+        raise OutputPathError(f"The output written for {target} holds {_listing(list(clash))}, kept from the folder.")
     old = _sibling(target, "old")
     old.mkdir()
     moved_out: list[str] = []

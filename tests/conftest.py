@@ -137,6 +137,7 @@ def run_script(script: str, *args: str, timeout: int = 300, check: bool = True, 
 def run_in_process(script: str, *args: str) -> None:
     """Runs `python examples/<script> args...` in this process (as python runs it, with examples/ on the path)."""
     argv, path, sys.argv = sys.argv, list(sys.path), [str(EXAMPLES / script), *args]
+    sys.path.insert(0, str(EXAMPLES))  # runpy does not, python does: the scripts import their neighbours
     try:
         runpy.run_path(str(EXAMPLES / script), run_name="__main__")
     finally:

@@ -1,18 +1,17 @@
-"""examples/app.py: its functions called directly (the library's images, bad inputs, Stop, the Space it writes), and
-the app served on a free local port and used in a real headless browser (Debian's Chromium driven by Playwright).
+"""examples/app.py as a user runs it: served on a free local port and asked through gradio_client (the library's images,
+partial rows, bad inputs, Stop), in a real headless browser (Debian's Chromium driven by Playwright), and
+`python examples/app.py --write_space DIR` (the Space it writes, what it refuses).
 
 The browser test saves a screenshot of the page; `APP_SCREENSHOT=docs/app.png pytest tests/test_app.py -k browser`
 writes it where README.md shows it."""
 
 import ast
 import os
-import queue
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -21,14 +20,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_DIMS
+from conftest import EXAMPLES, TINY_DIMS, run_script, script_env, snapshot
 
 gr = pytest.importorskip("gradio", reason='the app needs gradio: pip install "image_gpt_hf[app]"')
+gradio_client = pytest.importorskip("gradio_client")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-
-import app  # noqa: E402
 from image_gpt_hf import (  # noqa: E402
     ImageGPTConfig,
     ImageGPTForCausalImageModeling,
@@ -40,7 +36,8 @@ from image_gpt_hf.generation import complete, sample  # noqa: E402
 from image_gpt_hf.palette import load_sklearn_digits  # noqa: E402
 
 N_PX = 32  # 1,024 pixels: long enough for a request to be stopped halfway, on the tiny dims
-FACTOR = app.VIEW_SIDE // N_PX
+FACTOR = 256 // N_PX  # the app shows images enlarged to about 256 pixels a side
+GRAY = 128  # the rows not generated yet
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 
 
@@ -59,7 +56,10 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
-    return app.load_model(str(checkpoint))
+    """The checkpoint as a user of the library loads it: what the app's images must equal."""
+    return ImageGPTForCausalImageModeling.from_pretrained(checkpoint).eval(), ImageGPTImageProcessor.from_pretrained(
+        checkpoint
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,85 +73,118 @@ def pixels(images):
     return [np.asarray(image) for image in images]
 
 
-def test_completions_are_the_librarys(loaded, digit):
+def library(loaded, digit, rows, count, seed, temperature=1.0, top_k=0):
     model, processor = loaded
-    updates = list(app.complete_images(model, processor, str(digit), 20, 3, 0.9, 5, 11))
-    gallery, status = updates[-1]
+    _, enlarged = complete(model, PIL.Image.open(digit), processor=processor, primer_rows=rows, num_completions=count,
+                           temperature=temperature, top_k=top_k, seed=seed, upscale=FACTOR, progress=False)  # fmt: skip
+    return pixels(enlarged)
+
+
+# ------------------------------------------------------------------------------------------------ served, by its API
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    """`python examples/app.py --model <tiny checkpoint> --port <free port>`, as a user starts it; its log is kept."""
+    port, log_path = free_port(), tmp_path_factory.mktemp("server") / "app.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "app.py"), "--model", str(checkpoint), "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT,
+            # One thread: the server shares the cores with this test, which computes the library's images.
+            env=script_env(GRADIO_ANALYTICS_ENABLED="False"),
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"The app did not start; its log:\n{log_path.read_text()}")
+            time.sleep(1)
+    yield url, log_path
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return gradio_client.Client(server[0], verbose=False)
+
+
+def readable(item) -> bool:
+    """Whether an image of an intermediate update came back whole (the client may fetch one the page has replaced)."""
+    path = item["image"]["path"] if isinstance(item["image"], dict) else item["image"]
+    return os.path.getsize(path) > 0
+
+
+def shown(gallery) -> tuple[list[np.ndarray], list[str]]:
+    """A gallery the API returned: its images (as the page shows them) and captions."""
+    images = [
+        np.asarray(
+            PIL.Image.open(item["image"]["path"] if isinstance(item["image"], dict) else item["image"]).convert("RGB")
+        )
+        for item in gallery
+    ]
+    return images, [item["caption"] for item in gallery]
+
+
+def ask_completion(client, digit, rows, count, temperature, top_k, seed):
+    upload = gradio_client.handle_file(str(digit))
+    return client.submit(upload, rows, count, temperature, top_k, seed, api_name="/complete")
+
+
+def test_completions_are_the_librarys_and_fill_in_row_by_row(client, loaded, digit):
+    job = ask_completion(client, digit, 20, 3, 0.9, 5, 11)
+    gallery, status = job.result(timeout=300)
     assert status.startswith("Done: 3 x 12 rows in") and "tokens/s" in status
-    assert [caption for _, caption in gallery] == ["given rows", "1 of 3", "2 of 3", "3 of 3"]
-
-    images, enlarged = complete(
-        model, PIL.Image.open(digit), processor=processor, primer_rows=20, num_completions=3, temperature=0.9,
-        top_k=5, seed=11, upscale=FACTOR, progress=False,
-    )  # fmt: skip
-    assert [image.size for image, _ in gallery] == [(N_PX * FACTOR, N_PX * FACTOR)] * 4
-    assert all(np.array_equal(a, b) for a, b in zip(pixels(image for image, _ in gallery[1:]), pixels(enlarged)))
-    given = np.asarray(gallery[0][0])
-    assert np.array_equal(given[: 20 * FACTOR], np.asarray(enlarged[0])[: 20 * FACTOR])
-    assert (given[20 * FACTOR :] == app.NEUTRAL_GRAY).all()
-
+    images, captions = shown(gallery)
+    assert captions == ["given rows", "1 of 3", "2 of 3", "3 of 3"]
+    expected = library(loaded, digit, 20, 3, 11, temperature=0.9, top_k=5)
+    assert all(np.array_equal(a, b) for a, b in zip(images[1:], expected, strict=True))
+    assert np.array_equal(images[0][: 20 * FACTOR], expected[0][: 20 * FACTOR])
+    assert (images[0][20 * FACTOR :] == GRAY).all()
     # Every partial image is the final one's top rows over neutral gray: the rows appear as they are generated.
-    assert len(updates) > 2
-    for partial, _ in updates[:-1]:
-        for (image, _), final in zip(partial[1:], enlarged):
-            image, final = np.asarray(image), np.asarray(final)
-            done = int(np.argmax((image == app.NEUTRAL_GRAY).all(axis=(1, 2)))) or len(image)
-            assert np.array_equal(image[:done], final[:done]) and (image[done:] == app.NEUTRAL_GRAY).all()
+    partials = [(item, final) for update in job.outputs()[:-1] for item, final in zip(update[0][1:], expected)]
+    partials = [(item, final) for item, final in partials if readable(item)]
+    assert len(partials) > 2
+    for item, final in partials:
+        for image in shown([item])[0]:
+            done = int(np.argmax((image == GRAY).all(axis=(1, 2)))) or len(image)
+            assert np.array_equal(image[:done], final[:done]) and (image[done:] == GRAY).all()
 
 
-def test_a_page_that_falls_behind_gets_the_given_rows_and_the_final_images(loaded, digit, monkeypatch):
-    class Behind(queue.Queue):
-        """Answers nothing until generation is done: every row update is then behind the next one."""
-
-        def __init__(self):
-            super().__init__()
-            self.done = threading.Event()
-
-        def put(self, item, *args, **kwargs):
-            super().put(item, *args, **kwargs)
-            if item[0] == "done":
-                self.done.set()
-
-        def get(self, *args, **kwargs):
-            self.done.wait()
-            return super().get(*args, **kwargs)
-
-    monkeypatch.setattr(app.queue, "Queue", Behind)
-    model, processor = loaded
-    updates = list(app.complete_images(model, processor, str(digit), 28, 2, 1.0, 0, 5))
-    assert len(updates) == 1  # only the final images: the rows in between were skipped
-    gallery, status = updates[0]
-    _, enlarged = complete(model, PIL.Image.open(digit), processor=processor, primer_rows=28, num_completions=2,
-                           top_k=0, seed=5, upscale=FACTOR, progress=False)  # fmt: skip
-    assert [caption for _, caption in gallery] == ["given rows", "1 of 2", "2 of 2"]
-    assert np.array_equal(np.asarray(gallery[0][0])[: 28 * FACTOR], np.asarray(enlarged[0])[: 28 * FACTOR])
-    assert all(np.array_equal(a, b) for a, b in zip(pixels(image for image, _ in gallery[1:]), pixels(enlarged)))
-
-
-def test_samples_are_the_librarys(loaded):
-    model, processor = loaded
-    gallery, status = list(app.sample_images(model, processor, 2, 1.0, 0, 4))[-1]
+def test_samples_are_the_librarys(client, loaded):
+    gallery, status = client.predict(2, 1.0, 0, 4, api_name="/sample")
     assert status.startswith("Done: 2 x 32 rows")
-    images, enlarged = sample(model, 2, processor=processor, top_k=0, seed=4, upscale=FACTOR, progress=False)
-    assert [caption for _, caption in gallery] == ["1 of 2", "2 of 2"]
-    assert all(np.array_equal(a, b) for a, b in zip(pixels(image for image, _ in gallery), pixels(enlarged)))
-
-
-def test_stop_ends_generation_and_the_next_request_runs(loaded, digit, capsys):
     model, processor = loaded
-    updates = app.sample_images(model, processor, 8, 1.0, 0, 0)
-    _, status = next(updates)
-    assert status.startswith("Row 0 of 32")
-    start = time.perf_counter()
-    updates.close()  # what Gradio does on Stop: the generator is closed, which ends generate() at its next token
-    assert time.perf_counter() - start < 5
-    stopped = capsys.readouterr().out
-    assert "Stopped a request at row 0 of 32" in stopped
-    # The next request runs and still gives the library's images.
-    gallery, _ = list(app.complete_images(model, processor, str(digit), 30, 1, 1.0, 0, 2))[-1]
-    _, enlarged = complete(model, PIL.Image.open(digit), processor=processor, primer_rows=30, top_k=0, seed=2,
-                           upscale=FACTOR, progress=False)  # fmt: skip
-    assert np.array_equal(np.asarray(gallery[1][0]), np.asarray(enlarged[0]))
+    _, enlarged = sample(model, 2, processor=processor, top_k=0, seed=4, upscale=FACTOR, progress=False)
+    images, captions = shown(gallery)
+    assert captions == ["1 of 2", "2 of 2"] and all(np.array_equal(a, b) for a, b in zip(images, pixels(enlarged)))
+
+
+def test_stop_ends_generation_and_the_next_request_runs(server, client, loaded, digit):
+    job = client.submit(8, 1.0, 0, 0, api_name="/sample")
+    deadline = time.monotonic() + 120
+    while not job.outputs():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    job.cancel()  # what Stop does: the request's generator is closed, which ends generate() at its next token
+    deadline = time.monotonic() + 30
+    while "Stopped a request" not in server[1].read_text():
+        assert time.monotonic() < deadline, f"the request was not stopped; the app's log:\n{server[1].read_text()}"
+        time.sleep(0.2)
+    gallery, _ = ask_completion(client, digit, 30, 1, 1.0, 0, 2).result(timeout=300)
+    assert np.array_equal(shown(gallery)[0][1], library(loaded, digit, 30, 1, 2)[0])
 
 
 def write_bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
@@ -174,41 +207,40 @@ def write_bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
 
 
 @pytest.mark.parametrize("case", ["not an image", "animated", "16-bit", "too many pixels"])
-def test_bad_uploads_get_a_message(loaded, tmp_path, case):
+def test_bad_uploads_get_a_message(client, tmp_path, case):
     path, message = write_bad_inputs(tmp_path)[case]
-    with pytest.raises(gr.Error, match=re.escape(message)):
-        next(app.complete_images(*loaded, str(path), 16, 1, 1.0, 0, 0))
+    with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(message)):
+        ask_completion(client, path, 16, 1, 1.0, 0, 0).result(timeout=120)
 
 
-def test_a_large_jpeg_is_read_downscaled(tmp_path):
+def test_a_large_jpeg_is_read_downscaled(client, tmp_path):
     path = tmp_path / "large.jpg"
     PIL.Image.new("RGB", (8000, 6000), "orange").save(path)
-    image = app.read_image(path)
-    assert image.width * image.height <= app.MAX_PIXELS and image.size == (4000, 3000)
+    _, status = ask_completion(client, path, 31, 1, 1.0, 0, 0).result(timeout=300)
+    assert status.startswith("Done")
 
 
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        ((None, 16, 1, 1.0, 0, 0), "Upload an image"),
-        (("DIGIT", 32, 1, 1.0, 0, 0), "Keep 0 to 31 rows, got 32"),
-        (("DIGIT", 16, 9, 1.0, 0, 0), "Choose 1 to 8 images, got 9"),
-        (("DIGIT", 16, 1, 0.0, 0, 0), "temperature must be positive"),
-        (("DIGIT", 16, 1, 1.0, 17, 0), "Top-k must be from 0 .* to 16"),
-        (("DIGIT", 16, 1, 1.0, 0, 0.5), "seed must be a whole number"),
-        (("DIGIT", 16, 1, 1.0, 0, float("nan")), "seed must be a whole number, got nan"),
-        (("DIGIT", 16, 1, 1.0, float("inf"), 0), "top-k must be a whole number, got inf"),
-        (("DIGIT", 16, 1, 1.0, 0, 2**70), "seed must be from 0 to 2\\*\\*63 - 1"),
-        (("DIGIT", 16, 1, 1.0, 0, -1), "seed must be from 0"),
+        ((32, 1, 1.0, 0, 0), "Value 32 is greater than maximum value 31"),
+        ((16, 9, 1.0, 0, 0), "Value 9 is greater than maximum value 8"),
+        ((16, 1, 0.0, 0, 0), "Value 0.0 is less than minimum value 0.1"),
+        ((16, 1, 1.0, 17, 0), "Value 17 is greater than maximum value 16"),
+        ((16.5, 1, 1.0, 0, 0), "whole number of rows"),
+        ((16, 1, 1.0, 0, 2**70), "seed must be from 0 to 2\\*\\*63 - 1"),
+        ((16, 1, 1.0, 0, -1), "seed must be from 0"),
     ],
 )
-def test_bad_settings_get_a_message(loaded, digit, arguments, message):
-    arguments = [str(digit) if value == "DIGIT" else value for value in arguments]
-    with pytest.raises(gr.Error, match=message):
-        next(app.complete_images(*loaded, *arguments))
+def test_bad_settings_get_a_message(client, digit, arguments, message):
+    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+        ask_completion(client, digit, *arguments).result(timeout=120)
 
 
-def test_checkpoints_the_app_cannot_run_are_refused_at_start(tmp_path, checkpoint, monkeypatch):
+# ------------------------------------------------------------------------------------- started, and --write_space
+
+
+def test_checkpoints_the_app_cannot_run_are_refused_at_start(tmp_path, checkpoint):
     processor = ImageGPTImageProcessor.from_pretrained(checkpoint)
     for name, model in [
         ("base", ImageGPTModel(ImageGPTConfig(**TINY_DIMS))),
@@ -216,36 +248,23 @@ def test_checkpoints_the_app_cannot_run_are_refused_at_start(tmp_path, checkpoin
     ]:
         model.save_pretrained(tmp_path / name)
         processor.save_pretrained(tmp_path / name)
-    with pytest.raises(SystemExit, match="has no LM head"):
-        app.main(["--model", str(tmp_path / "base")])
-    with pytest.raises(SystemExit, match="needs an autoregressive config"):
-        app.main(["--model", str(tmp_path / "bert")])
     ImageGPTForCausalImageModeling.from_pretrained(checkpoint).save_pretrained(tmp_path / "no_processor")
-    with pytest.raises(SystemExit, match="Cannot load the image processor"):
-        app.main(["--model", str(tmp_path / "no_processor")])
-    with pytest.raises(SystemExit, match="Cannot load an autoregressive Image GPT"):
-        app.main(["--model", str(tmp_path)])  # a folder with no checkpoint
-    monkeypatch.chdir(tmp_path)  # no demo_output here
-    with pytest.raises(SystemExit, match="No model at demo_output/pretrained: `make demo` writes it"):
-        app.main([])
+    for folder, message in [
+        ("base", "has no LM head"),
+        ("bert", "is a BERT-objective model; this needs an AR one"),
+        ("no_processor", "has no preprocessor_config.json with a palette"),
+        (".", "Cannot load a model config"),  # a folder with no checkpoint
+    ]:
+        assert message in run_script("app.py", "--model", str(tmp_path / folder), check=False)
+    # Without --model, in a folder where `make demo` has not run:
+    result = subprocess.run([sys.executable, str(EXAMPLES / "app.py")], cwd=tmp_path, env=script_env(),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0 and "No model at demo_output/pretrained: `make demo` writes it" in result.stderr
 
 
-def test_examples_are_held_out_digits_for_8px_models_and_photos_otherwise(tmp_path):
-    from image_gpt_hf.data import load_digits
-
-    (tmp_path / "digits").mkdir(), (tmp_path / "photos").mkdir()
-    digits = app.example_images(8, str(tmp_path / "digits"))
-    held_out = load_digits()["test"]
-    assert len(digits) == 6
-    for path, example in zip(digits, held_out):
-        assert np.array_equal(np.asarray(PIL.Image.open(path)), np.asarray(example["image"]))
-    photos = app.example_images(32, str(tmp_path / "photos"))
-    assert [Path(path).name for path in photos] == ["chelsea.png", "coffee.png", "rocket.png"]
-
-
-def test_write_space(tmp_path):
+def test_write_space_of_a_hub_model(tmp_path):
     space = tmp_path / "space"
-    app.main(["--model", "openai/imagegpt-small", "--write_space", str(space)])
+    run_script("app.py", "--model", "openai/imagegpt-small", "--write_space", str(space))
     readme = (space / "README.md").read_text()
     assert readme.startswith("---\n") and "\nsdk: gradio\n" in readme and "\napp_file: app.py\n" in readme
     requirements = (space / "requirements.txt").read_text().split()
@@ -257,55 +276,48 @@ def test_write_space(tmp_path):
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
     }
     assert assignments["DEFAULT_MODEL"] == "openai/imagegpt-small"
-    with pytest.raises(SystemExit, match="is not empty"):
-        app.main(["--write_space", str(space)])
+    assert "is not an empty folder" in run_script("app.py", "--write_space", str(space), check=False)
+    (tmp_path / "file").write_text("mine")
+    assert "is not an empty folder" in run_script("app.py", "--write_space", str(tmp_path / "file"), check=False)
+    assert (tmp_path / "file").read_text() == "mine"
 
 
-def test_a_space_of_a_local_checkpoint_carries_it(tmp_path, checkpoint, monkeypatch):
+def test_a_space_of_a_local_checkpoint_carries_only_what_it_serves(tmp_path, checkpoint):
+    run = tmp_path / "run"  # a training run's output folder: the model, and its training state beside it
+    shutil.copytree(checkpoint, run)
+    (run / "checkpoints" / "step_2").mkdir(parents=True)
+    (run / "checkpoints" / "step_2" / "optimizer.bin").write_bytes(b"optimizer state")
+    (run / ".lock").write_text("")
+    (run / "all_results.json").write_text("{}")
     space = tmp_path / "space"
-    app.main(["--model", str(checkpoint), "--write_space", str(space)])
+    run_script("app.py", "--model", str(run), "--write_space", str(space))
     assert sorted(p.name for p in (space / "model").iterdir()) == sorted(p.name for p in Path(checkpoint).iterdir())
     assert "DEFAULT_MODEL = 'model'" in (space / "app.py").read_text()
-    monkeypatch.chdir(space)  # where the Space runs app.py
-    model, _ = app.load_model("model")
+    copied = ImageGPTForCausalImageModeling.from_pretrained(space / "model")
     original = ImageGPTForCausalImageModeling.from_pretrained(checkpoint)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), original.state_dict().values()))
+
+
+def test_a_space_is_never_written_inside_its_sources_nor_for_a_model_it_cannot_serve(tmp_path, checkpoint):
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    before = snapshot(model)
+    output = run_script("app.py", "--model", str(model), "--write_space", str(model / "space"), check=False)
+    assert f"is inside {model}" in output and snapshot(model) == before
+    processor = ImageGPTImageProcessor.from_pretrained(checkpoint)
+    for name, headless in [
+        ("bert", ImageGPTForMaskedImageModeling(ImageGPTConfig(**TINY_DIMS, objective="bert"))),
+        ("base", ImageGPTModel(ImageGPTConfig(**TINY_DIMS))),
+    ]:
+        headless.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+        output = run_script(
+            "app.py", "--model", str(tmp_path / name), "--write_space", str(tmp_path / "s"), check=False
+        )
+        assert ("BERT-objective" if name == "bert" else "has no LM head") in output and not (tmp_path / "s").exists()
 
 
 # ------------------------------------------------------------------------------------------------ in a real browser
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    """`python examples/app.py --model <tiny checkpoint> --port <free port>`, as a user starts it; its log is kept."""
-    port, log_path = free_port(), tmp_path_factory.mktemp("server") / "app.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "examples" / "app.py"), "--model", str(checkpoint), "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT,
-            # One thread: the server shares the cores with this test, which computes the library's images.
-            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"The app did not start; its log:\n{log_path.read_text()}")
-            time.sleep(1)
-    yield url, log_path
-    process.terminate()
-    process.wait(timeout=30)
 
 
 def browser_or_skip():
@@ -343,18 +355,12 @@ def request_completion(page, url: str, digit: Path, rows: int, count: int, seed:
 def test_app_in_a_real_browser(server, loaded, digit, tmp_path):
     sync_playwright = browser_or_skip()
     url, log_path = server
-    model, processor = loaded
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"]  # fmt: skip
     start = time.perf_counter()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-
-        def library(rows, count, seed):
-            _, enlarged = complete(model, PIL.Image.open(digit), processor=processor, primer_rows=rows,
-                                   num_completions=count, top_k=0, seed=seed, upscale=FACTOR, progress=False)  # fmt: skip
-            return [np.asarray(image) for image in enlarged]
 
         def finished(page, count):
             page.locator("#complete-status", has_text="Done").wait_for(timeout=300_000)
@@ -364,7 +370,9 @@ def test_app_in_a_real_browser(server, loaded, digit, tmp_path):
 
         # Upload a digit, keep 20 of its 32 rows, 3 completions, seed 7: the library's images.
         request_completion(page, url, digit, rows=20, count=3, seed=7)
-        assert all(np.array_equal(a, b) for a, b in zip(finished(page, 3), library(20, 3, 7), strict=True))
+        assert all(
+            np.array_equal(a, b) for a, b in zip(finished(page, 3), library(loaded, digit, 20, 3, 7), strict=True)
+        )
         screenshot = Path(os.environ.get("APP_SCREENSHOT", tmp_path / "app.png"))
         page.screenshot(path=str(screenshot), full_page=True)
         print(f"screenshot: {screenshot}")
@@ -384,7 +392,11 @@ def test_app_in_a_real_browser(server, loaded, digit, tmp_path):
         other = browser.new_context().new_page()
         request_completion(page, url, digit, rows=24, count=2, seed=3)
         request_completion(other, url, digit, rows=24, count=2, seed=4)
-        assert all(np.array_equal(a, b) for a, b in zip(finished(page, 2), library(24, 2, 3), strict=True))
-        assert all(np.array_equal(a, b) for a, b in zip(finished(other, 2), library(24, 2, 4), strict=True))
+        assert all(
+            np.array_equal(a, b) for a, b in zip(finished(page, 2), library(loaded, digit, 24, 2, 3), strict=True)
+        )
+        assert all(
+            np.array_equal(a, b) for a, b in zip(finished(other, 2), library(loaded, digit, 24, 2, 4), strict=True)
+        )
         browser.close()
     print(f"browser test: {time.perf_counter() - start:.0f} s")

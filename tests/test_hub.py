@@ -8,10 +8,7 @@ answers the file-resolution endpoint from local folders), so its layout is exact
 
 import hashlib
 import json
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import httpx2
@@ -19,12 +16,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_DIMS
-from huggingface_hub import CommitInfo, HfApi, RepoUrl, constants, hf_hub_download, scan_cache_dir
+from conftest import TINY_DIMS, builtin, run_without_package
+from huggingface_hub import CommitInfo, HfApi, RepoUrl, constants, hf_hub_download
 from huggingface_hub.utils import set_client_factory
 from huggingface_hub.utils._http import default_client_factory
 from huggingface_hub.utils.sha import git_hash
 from safetensors.torch import save_file
+from test_configuration import OPENAI_SMALL_CONFIG
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -33,15 +31,8 @@ from transformers import (
     ImageGPTImageProcessorPil,
     pipeline,
 )
-from transformers.models.imagegpt import modeling_imagegpt as hf
-from transformers.models.imagegpt.configuration_imagegpt import ImageGPTConfig as HFConfig
 
-from image_gpt_hf import (
-    ImageGPTConfig,
-    ImageGPTForCausalImageModeling,
-    ImageGPTImageProcessor,
-    ImageGPTModel,
-)
+from image_gpt_hf import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor, ImageGPTModel
 from image_gpt_hf.pipelines import ImageGPTFeatureExtractionPipeline
 
 DIMS = TINY_DIMS
@@ -149,24 +140,6 @@ def hub_cache(checkpoints, tmp_path_factory):
 # ------------------------------------------------------------------------------------------- loading by repo id
 
 
-def test_cache_is_laid_out_as_huggingface_hub_lays_it_out(hub_cache, checkpoints):
-    cache, hub = hub_cache
-    repo = cache / "models--org--igpt-tiny"
-    assert (repo / "refs" / "main").read_text() == COMMIT
-    snapshot = repo / "snapshots" / COMMIT
-    names = {p.name for p in snapshot.iterdir()}
-    assert names == set(hub.files["org/igpt-tiny"])
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_imagegpt.py"} <= names
-    for path in snapshot.iterdir():
-        data = hub.files["org/igpt-tiny"][path.name]
-        blob = hashlib.sha256(data).hexdigest() if path.name.endswith(LFS_SUFFIXES) else git_hash(data)
-        assert path.is_symlink() and os.readlink(path) == f"../../blobs/{blob}", path
-        assert (repo / "blobs" / blob).read_bytes() == data
-    report = scan_cache_dir(cache)
-    assert not report.warnings
-    assert {r.repo_id for r in report.repos} == {"org/igpt-tiny", "org/igpt-tiny-pipeline"}
-
-
 def test_load_by_repo_id_offline_with_the_package(hub_cache, checkpoints, no_network, monkeypatch):
     cache, _ = hub_cache
     _, model, processor = checkpoints
@@ -198,7 +171,6 @@ def test_load_by_repo_id_offline_with_the_package(hub_cache, checkpoints, no_net
 
 REMOTE_SCRIPT = """
 import sys
-sys.modules["image_gpt_hf"] = None  # importing the package is impossible in this process
 import numpy as np, PIL.Image, torch
 from transformers import AutoImageProcessor, AutoModelForCausalLM, pipeline
 
@@ -223,22 +195,8 @@ def test_load_by_repo_id_offline_with_remote_code_where_the_package_cannot_be_im
     cache, _ = hub_cache
     _, model, processor = checkpoints
     image().save(tmp_path / "image.png")
-    env = {
-        **os.environ,
-        "HF_HUB_CACHE": str(cache),
-        "HF_HUB_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-    }
     out = tmp_path / "out.pt"
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), str(out), str(tmp_path / "image.png")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_without_package(REMOTE_SCRIPT, str(out), str(tmp_path / "image.png"), cwd=tmp_path, HF_HUB_CACHE=str(cache))
     results = torch.load(out)
     ids = processor(PIL.Image.open(tmp_path / "image.png"), return_tensors="pt")["input_ids"]
     assert torch.equal(results["ids"], ids)
@@ -250,34 +208,14 @@ def test_load_by_repo_id_offline_with_remote_code_where_the_package_cannot_be_im
 # ------------------------------------------------------------------------------- openai/imagegpt-small's layout
 
 
-def openai_style_folder(folder: Path, weights: str, processor_style: str) -> hf.ImageGPTForCausalImageModeling:
-    """A tiny folder with the files of the Hub's `openai/imagegpt-small`, as transformers 4 wrote them."""
+def openai_style_folder(folder: Path, weights: str, processor_style: str) -> torch.nn.Module:
+    """A tiny folder with the files of the Hub's `openai/imagegpt-small`, as transformers 4 wrote them, and
+    transformers' own model of its weights."""
     torch.manual_seed(1)
-    reference = hf.ImageGPTForCausalImageModeling(HFConfig(**DIMS)).eval()
+    config = builtin("configuration_imagegpt").ImageGPTConfig(**DIMS)
+    reference = builtin("modeling_imagegpt").ImageGPTForCausalImageModeling(config).eval()
     folder.mkdir(parents=True)
-    config = {
-        "activation_function": "quick_gelu",
-        "architectures": ["ImageGPTForCausalImageModeling"],
-        "attn_pdrop": 0.1,
-        "embd_pdrop": 0.1,
-        "initializer_range": 0.02,
-        "layer_norm_epsilon": 1e-05,
-        "model_type": "imagegpt",
-        "n_embd": DIMS["n_embd"],
-        "n_head": DIMS["n_head"],
-        "n_inner": None,
-        "n_layer": DIMS["n_layer"],
-        "n_positions": DIMS["n_positions"],
-        "reorder_and_upcast_attn": False,
-        "resid_pdrop": 0.1,
-        "scale_attn_by_inverse_layer_idx": False,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-        "transformers_version": "4.16.0.dev0",
-        "use_cache": True,
-        "vocab_size": DIMS["vocab_size"],
-    }
+    config = {**OPENAI_SMALL_CONFIG, **DIMS}  # its config.json, with the tiny sizes
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     state = {key: value.clone() for key, value in reference.state_dict().items()}
     if weights == "pytorch_model.bin":

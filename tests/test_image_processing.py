@@ -8,13 +8,10 @@ test_palette_search.py.
 
 import base64
 import builtins
+import http.server
 import json
-import os
-import re
 import socket
-import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -24,13 +21,13 @@ import PIL.Image
 import PIL.ImageOps
 import pytest
 import torch
+from conftest import builtin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from skimage import data as skdata
 from transformers import AutoImageProcessor, pipeline
 from transformers.dynamic_module_utils import get_imports
 from transformers.models.auto.video_processing_auto import AutoVideoProcessor
-from transformers.models.imagegpt.image_processing_pil_imagegpt import ImageGPTImageProcessorPil
 
 from image_gpt_hf import ImageGPTConfig, ImageGPTImageProcessor, ImageGPTModel, image_processing_imagegpt
 from image_gpt_hf.image_processing_imagegpt import ImageGPTImageProcessorPil as OursPil
@@ -92,9 +89,14 @@ def ours_for(palette, **kwargs) -> ImageGPTImageProcessor:
     return ImageGPTImageProcessor(clusters=palette, size=kwargs.pop("size", {"height": N_PX, "width": N_PX}), **kwargs)
 
 
-def reference_for(palette, **kwargs) -> ImageGPTImageProcessorPil:
+def reference_class():
+    """transformers' own processor class (the test skips where the release no longer has it)."""
+    return builtin("image_processing_pil_imagegpt").ImageGPTImageProcessorPil
+
+
+def reference_for(palette, **kwargs):
     """transformers' own processor, configured as from a preprocessor_config.json (palette as a list of lists)."""
-    return ImageGPTImageProcessorPil(
+    return reference_class()(
         clusters=palette.tolist(), size=kwargs.pop("size", {"height": N_PX, "width": N_PX}), **kwargs
     )
 
@@ -124,20 +126,9 @@ def test_ids_identical_to_transformers_when_resizing(rgb_photos, photo_palette, 
     np.testing.assert_array_equal(ids(ours_for(photo_palette, resample=resample), images), expected)
 
 
-def test_gray_rgba_and_digit_images_match_transformers_on_their_rgb_conversion(photos, random_palette):
-    ours, reference = ours_for(random_palette), reference_for(random_palette)
-    # PIL images of modes L and RGBA: transformers converts them itself when asked to.
-    for image in (PIL.Image.fromarray(photos["camera"]), PIL.Image.fromarray(photos["logo"])):
-        np.testing.assert_array_equal(ids(ours, image), ids(reference, image, do_convert_rgb=True))
-    # Arrays: gray is replicated, alpha composited onto white (rounded), as transformers' `convert_to_rgb` does.
-    gray = photos["camera"]
-    np.testing.assert_array_equal(ids(ours, gray), ids(reference, np.stack([gray] * 3, -1)))
-    rgba = photos["logo"]
-    alpha = rgba[..., 3:] / 255.0
-    on_white = np.round(alpha * rgba[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    np.testing.assert_array_equal(ids(ours, rgba), ids(reference, on_white))
-    # scikit-learn's 8x8 digits (17 gray levels) against a gray palette, where ties are everywhere; as they are and
-    # upsampled to n_px.
+def test_digit_images_match_transformers_on_their_rgb_conversion():
+    # Gray and RGBA pictures of every kind are compared below (property-based); here scikit-learn's 8x8 digits (17
+    # gray levels) against a gray palette, where ties are everywhere; as they are and upsampled to n_px.
     digits = list(load_sklearn_digits()[:64])
     gray_palette = np.repeat(np.linspace(-1, 1, 16)[:, None], 3, axis=1)
     as_rgb = [np.stack([digit] * 3, -1) for digit in digits]
@@ -162,13 +153,9 @@ def test_every_input_format_gives_the_same_ids(small_images, random_palette):
     stacked = np.stack(small_images)  # (B, H, W, 3)
     formats = {
         "list of HWC arrays": small_images,
-        "list of CHW arrays": [image.transpose(2, 0, 1) for image in small_images],
         "4-D HWC array": stacked,
         "4-D CHW tensor": torch.from_numpy(stacked).permute(0, 3, 1, 2),
         "list of CHW tensors": [torch.from_numpy(image).permute(2, 0, 1) for image in small_images],
-        "float64 array in [0, 255]": stacked.astype(np.float64),
-        "float32 tensor in [0, 255]": torch.from_numpy(stacked).float(),
-        "uint16 array": stacked.astype(np.uint16) * 257,
         "nested lists": [small_images[:10], small_images[10:]],
         "datasets Column": datasets.Dataset.from_dict({"image": list(stacked)}).cast_column("image", datasets.Image())[
             "image"
@@ -176,8 +163,6 @@ def test_every_input_format_gives_the_same_ids(small_images, random_palette):
     }
     for name, images in formats.items():
         np.testing.assert_array_equal(ids(processor, images), expected, err_msg=name)
-    # Floats in [0, 1] (as transformers' rescale makes them) with do_rescale=False are the same images.
-    np.testing.assert_array_equal(ids(processor, (stacked * (1 / 255)).astype(np.float32), do_rescale=False), expected)
     # One image (not a batch) gives a batch of one.
     np.testing.assert_array_equal(ids(processor, small_images[3]), expected[3:4])
 
@@ -262,12 +247,8 @@ def test_data_urls_and_file_errors(tmp_path, small_images, random_palette):
     np.testing.assert_array_equal(
         ids(processor, [str(tmp_path / "image.png"), url]), ids(processor, small_images[:1] * 2)
     )
-    missing = str(tmp_path / "missing.png")
-    with pytest.raises(FileNotFoundError, match=re.escape(f"No image file at {missing!r}")):
-        processor([small_images[0], missing])
-    (tmp_path / "notes.txt").write_text("not an image")
-    with pytest.raises(ValueError, match="Could not read an image from .*notes.txt.*cannot identify image file"):
-        load_image_file(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        processor([small_images[0], str(tmp_path / "missing.png")])
 
 
 @pytest.fixture
@@ -298,13 +279,51 @@ def test_a_url_whose_server_never_answers_times_out_with_the_call_timeout_or_the
 ):
     processor = ours_for(random_palette)
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"did not answer within 0\.5 s; pass a larger `timeout`"):
+    with pytest.raises(TimeoutError, match=r"did not send its image within 0\.5 s; pass a larger `timeout`"):
         processor(silent_server, timeout=0.5)
     assert time.monotonic() - start < 5
     # Without `timeout`, the default bounds the wait (shortened here from its 10 s).
     monkeypatch.setattr(image_processing_imagegpt, "URL_TIMEOUT", 0.3)
     with pytest.raises(TimeoutError, match=r"within 0\.3 s"):
         processor([np.zeros((8, 8, 3), np.uint8), silent_server])
+
+
+class Trickle(http.server.BaseHTTPRequestHandler):
+    """Sends a PNG's headers, then one byte every 0.3 s: each read is quick, the whole never comes."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            for _ in range(100):  # bounded: the test is over long before
+                self.wfile.write(b"\x89")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_url_that_trickles_bytes_times_out_at_the_deadline_and_a_closed_port_is_named(random_palette):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, outcome = f"http://127.0.0.1:{server.server_address[1]}/image.png", []
+    start = time.monotonic()
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(TimeoutError, load_image_file, url, 1.0)))
+    reader.daemon = True
+    reader.start()
+    reader.join(10)  # each read takes 0.3 s of its 1 s timeout: without a deadline this never ends
+    server.shutdown()
+    assert outcome and "did not send its image within 1.0 s" in str(outcome[0].value)
+    assert time.monotonic() - start < 3
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{free.getsockname()[1]}/image.png"
+    with pytest.raises(OSError, match=f"Could not read the image at '{closed}'.*refused"):
+        ours_for(random_palette)(closed)
 
 
 # ------------------------------------------------------------------------------------------------------- decoding
@@ -403,47 +422,23 @@ def test_a_saved_random_crop_loads_when_off_and_is_refused_with_where_it_went_wh
         assert not any("random_crop" in key for key in loaded.to_dict())
         np.testing.assert_array_equal(ids(loaded, small_images[:3]), ids(ours_for(palette), small_images[:3]))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, "do_random_crop": True, **crops}))
-    message = r"training script's transform \(examples/pretrain.py and examples/finetune.py.*\"do_random_crop\": false"
+    message = 'random crops, which belong in the training script now: set "do_random_crop": false'
     with pytest.raises(ValueError, match=message):
         ImageGPTImageProcessor.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=message):
         AutoImageProcessor.from_pretrained(tmp_path)
 
 
-def test_transformers_loads_our_folder_and_gives_the_same_ids(tmp_path, small_images, random_palette):
-    ours_for(random_palette).save_pretrained(tmp_path)
-    reference = ImageGPTImageProcessorPil.from_pretrained(tmp_path)
+def test_folders_load_both_ways_with_transformers_and_give_the_same_ids(tmp_path, small_images, random_palette):
+    ours_for(random_palette).save_pretrained(tmp_path / "ours")
+    reference = reference_class().from_pretrained(tmp_path / "ours")
     np.testing.assert_array_equal(ids(reference, small_images), ids(ours_for(random_palette), small_images))
-
-
-def test_a_folder_saved_by_transformers_loads_and_gives_the_same_ids(tmp_path, small_images, random_palette):
-    reference = reference_for(random_palette, size={"height": 16, "width": 16})
-    reference.save_pretrained(tmp_path)
-    loaded = ImageGPTImageProcessor.from_pretrained(tmp_path)
+    reference_for(random_palette, size={"height": 16, "width": 16}).save_pretrained(tmp_path / "theirs")
+    loaded = ImageGPTImageProcessor.from_pretrained(tmp_path / "theirs")
     assert (loaded.size.height, loaded.size.width) == (16, 16)
-    np.testing.assert_array_equal(ids(loaded, small_images), ids(reference, small_images))
-
-
-@pytest.mark.parametrize("size, with_type", [({"height": N_PX, "width": N_PX}, True), (N_PX, False)])
-def test_openai_preprocessor_config_loads_unchanged(tmp_path, small_images, random_palette, size, with_type):
-    # Written like openai/imagegpt-small's preprocessor_config.json; older ones have the int form of `size` and only
-    # the feature extractor's type.
-    config = {
-        "clusters": random_palette.tolist(),
-        "do_normalize": True,
-        "do_resize": True,
-        "feature_extractor_type": "ImageGPTFeatureExtractor",
-        "resample": 2,
-        "size": size,
-    }
-    if with_type:
-        config["image_processor_type"] = "ImageGPTImageProcessor"
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
-    expected = ids(ImageGPTImageProcessorPil.from_pretrained(tmp_path), small_images)
-    for loaded in (AutoImageProcessor.from_pretrained(tmp_path), ImageGPTImageProcessor.from_pretrained(tmp_path)):
-        assert isinstance(loaded, ImageGPTImageProcessor)
-        assert (loaded.size.height, loaded.size.width) == (N_PX, N_PX)
-        np.testing.assert_array_equal(ids(loaded, small_images), expected)
+    np.testing.assert_array_equal(
+        ids(loaded, small_images), ids(reference_class().from_pretrained(tmp_path / "theirs"), small_images)
+    )
 
 
 def test_loading_a_saved_checkpoint_never_asks_to_run_its_code(tmp_path, monkeypatch):
@@ -462,112 +457,68 @@ def test_loading_a_saved_checkpoint_never_asks_to_run_its_code(tmp_path, monkeyp
     assert prompts == []
 
 
-def test_remote_code_loads_without_the_package(tmp_path, small_images, random_palette):
-    ours_for(random_palette).save_pretrained(tmp_path / "processor")
-    ImageGPTConfig.from_preset("tiny", n_px=N_PX, palette_size=512).save_pretrained(tmp_path / "processor")
-    np.save(tmp_path / "images.npy", np.stack(small_images[:4]))
-    script = textwrap.dedent(
-        f"""
-        import builtins, sys
-        sys.modules["image_gpt_hf"] = None  # importing the package is impossible in this process
-        try:
-            import image_gpt_hf
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("image_gpt_hf was importable")
-        def refuse(prompt=""):
-            raise SystemExit("asked: " + prompt)
-        builtins.input = refuse
-        import numpy as np
-        from transformers import AutoImageProcessor
-        from transformers.models.auto.video_processing_auto import AutoVideoProcessor
-        folder = {str(tmp_path / "processor")!r}
-        try:
-            AutoVideoProcessor.from_pretrained(folder)
-        except ValueError:
-            pass
-        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-        assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
-        assert type(processor).__name__ == "ImageGPTImageProcessor"
-        images = np.load({str(tmp_path / "images.npy")!r})
-        np.save(sys.argv[1], processor(images, return_tensors="np")["input_ids"])
-        """
-    )
-    out = tmp_path / "ids.npy"
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(out)], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_array_equal(np.load(out), ids(ours_for(random_palette), small_images[:4]))
-
-
 # ------------------------------------------------------------------------------------------------ bad input
 
 
 def bad_input_cases(palette):
+    """Each a result that would otherwise be silently wrong (or an error that would not say what to do)."""
     good = np.zeros((8, 8, 3), dtype=np.uint8)
     processor = ImageGPTImageProcessor(clusters=palette, size=8)
     return {
-        "empty batch": (lambda: processor([]), "Got an empty batch"),
-        "empty 4-D batch": (lambda: processor(np.zeros((0, 8, 8, 3), np.uint8)), "Got an empty batch"),
-        "palette shape": (
-            lambda: ImageGPTImageProcessor(clusters=np.zeros((16, 4))),
-            r"must have shape \(num_colors, 3\) with num_colors >= 1, got shape \(16, 4\)",
-        ),
+        "palette shape": (lambda: ImageGPTImageProcessor(clusters=np.zeros((16, 4))), r"got shape \(16, 4\)"),
         "empty palette": (lambda: ImageGPTImageProcessor(clusters=np.zeros((0, 3))), r"got shape \(0, 3\)"),
-        "ragged palette": (lambda: ImageGPTImageProcessor(clusters=[[0, 0, 0], [0, 0]]), "could not read it"),
-        "palette range": (lambda: ImageGPTImageProcessor(clusters=np.full((4, 3), 1.5)), r"must lie in \[-1, 1\]"),
-        "palette nan": (lambda: ImageGPTImageProcessor(clusters=[[0, 0, 0], [np.nan, 0, 0]]), r"NaN or inf\) in rows"),
-        "palette at call": (lambda: processor(good, clusters=np.full((4, 3), -2.0)), r"must lie in \[-1, 1\]"),
+        "palette range": (
+            lambda: ImageGPTImageProcessor(clusters=np.full((4, 3), 1.5)),
+            r"in \[-1, 1\].*\[1.5, 1.5\]",
+        ),
+        "palette nan": (lambda: ImageGPTImageProcessor(clusters=[[0, 0, 0], [np.nan, 0, 0]]), r"\[nan, nan\]"),
+        "palette complex": (lambda: ImageGPTImageProcessor(clusters=np.full((4, 3), 0.5j)), "complex128 values"),
+        "palette at call": (lambda: processor(good, clusters=np.full((4, 3), -2.0)), r"must be .* in \[-1, 1\]"),
         "no palette": (lambda: ImageGPTImageProcessor(size=8)(good), "Color quantization needs a palette"),
         "ambiguous layout": (
             lambda: processor([np.zeros((9, 9, 3)), np.zeros((3, 5, 4), np.uint8)]),
-            r"channel axis of an image of shape \(3, 5, 4\).*Pass `input_data_format=",
+            r"channel axis of an image of shape \(3, 5, 4\): pass `input_data_format=",
         ),
-        "bad layout": (lambda: processor(good, input_data_format="none"), "input_data_format"),
-        "unsupported type": (lambda: processor({"image": good}), "Unsupported image type dict"),
-        "5-D array": (lambda: processor(np.zeros((1, 1, 8, 8, 3), np.uint8)), r"got shape \(1, 1, 8, 8, 3\)"),
+        "unsupported type": (lambda: processor({"image": good}), "Unsupported image dict"),
         "no rgb conversion": (
             lambda: processor(np.zeros((8, 8), np.uint8), do_convert_rgb=False),
-            r"1 channel\(s\) and `do_convert_rgb=False`",
+            r"1 channel\(s\).*with `do_convert_rgb=True`",
         ),
         "no rgb conversion, PIL": (
             lambda: processor(PIL.Image.new("LA", (8, 8)), do_convert_rgb=False),
-            r"2 channel\(s\) and `do_convert_rgb=False`",
+            r"2 channel\(s\)",
         ),
         "sizes differ": (
             lambda: processor([good, np.zeros((9, 9, 3), np.uint8)], do_resize=False, return_tensors="np"),
             "different sizes",
         ),
-        "size not positive": (lambda: processor(good, size={"height": 0, "width": 8}), "`size` must be positive"),
-        "size longest edge only": (lambda: processor(good, size={"longest_edge": 8}), "`size` must be {'height'"),
+        # 2x8 and 8x2 hold 16 pixels each: stacked, their ids would pass for one raster.
+        "shapes differ": (
+            lambda: processor(
+                [np.zeros((2, 8, 3), np.uint8), np.zeros((8, 2, 3), np.uint8)], do_resize=False, return_tensors="pt"
+            ),  # fmt: skip
+            r"different sizes \[\(2, 8\), \(8, 2\)\]",
+        ),
+        # Resized, an empty image or a size of 0 would pass for an image.
+        "empty image": (lambda: processor([good, np.zeros((0, 8, 3), np.uint8)]), r"empty image \(no pixels\)"),
+        "empty PIL image": (lambda: processor(PIL.Image.new("RGB", (0, 5))), r"empty image \(no pixels\)"),
+        "size 0": (lambda: processor(good, size={"height": 0, "width": 8}), "height and width must be > 0"),
         "crop too large": (
             lambda: processor(good, do_center_crop=True, crop_size={"height": 9, "width": 9}),
             r"`crop_size` \(9x9\) is larger than the resized image \(8x8\)",
         ),
         # Parameters are checked at construction and at each call, before any image is read.
-        "std zero": (lambda: ImageGPTImageProcessor(image_std=[0, 0, 0]), r"`image_std` must be finite and nonzero"),
-        "std zero at call": (lambda: processor(good, image_std=[0.5, 0.0, 0.5]), "`image_std` must be finite"),
-        "rescale factor zero": (
-            lambda: ImageGPTImageProcessor(rescale_factor=0),
-            "`rescale_factor` must be positive .*, got 0;",
-        ),
+        "std zero": (lambda: ImageGPTImageProcessor(image_std=[0, 0, 0]), r"`image_std` finite and nonzero"),
         "rescale factor at call": (lambda: processor(good, rescale_factor=-1 / 255), "`rescale_factor` must be"),
-        "timeout": (lambda: processor(good, timeout=0), "`timeout` must be a positive number"),
-        "chunk size": (lambda: processor(good, quantize_chunk_size=0), "`quantize_chunk_size` must be a positive"),
         "padding": (lambda: processor(good, do_pad=True, pad_size={"height": 9, "width": 9}), "`do_pad=True`"),
         "decode id too large": (lambda: processor.decode([0] * 63 + [len(palette)]), "must be palette ids"),
         "decode negative id": (lambda: processor.decode([-1] * 64), r"must be palette ids in \[0, 512\), got \[-1\]"),
         "decode float ids": (lambda: processor.decode(np.zeros(64)), "must be integer palette ids"),
-        "decode size": (lambda: processor.decode([0] * 63, size=(8, 8)), "does not hold sequences of 63 ids"),
-        "decode size, one key": (lambda: processor.decode([0] * 64, size={"height": 8}), "`size` must be the images'"),
-        "decode size, three values": (lambda: processor.decode([0] * 64, size=(8, 8, 1)), "`size` must be the"),
-        "decode size, negative": (lambda: processor.decode([0] * 64, size=(-8, -8)), r"positive integers, got \(-8"),
-        "decode size, float": (lambda: processor.decode([0] * 64, size=8.0), r"`size` must be .* got 8\.0"),
-        "decode not square": (lambda: processor.decode([0] * 60), "Cannot tell the image size of sequences of 60"),
-        "decode output type": (lambda: processor.decode([0] * 64, output_type="pt"), "`output_type` must be"),
+        "decode grid": (lambda: processor.decode(np.zeros((1, 8, 8), int)), r"\(\[batch,\] length\)"),
+        "decode size": (lambda: processor.decode([0] * 63, size=(8, 8)), "sequences of 63 ids: pass a `size`"),
+        "decode size, negative": (lambda: processor.decode([0] * 64, size=(-8, -8)), r"got \(-8, -8\)"),
+        "decode not square": (lambda: processor.decode([0] * 60), "image size of sequences of 60 ids"),
+        "decode SOS": (lambda: processor.decode(np.full(64, len(palette))), rf"SOS token \(id {len(palette)}\)"),
     }
 
 
@@ -576,11 +527,6 @@ def test_bad_input_raises_a_clear_value_error(random_palette, case):
     call, message = bad_input_cases(random_palette)[case]
     with pytest.raises(ValueError, match=message):
         call()
-
-
-def test_sos_token_is_named_when_decoding(random_palette):
-    with pytest.raises(ValueError, match=re.escape("SOS token (id 512)")):
-        ours_for(random_palette).decode(np.full(N_PX * N_PX, 512))
 
 
 # ------------------------------------------------------------------------------------------- property-based
@@ -657,7 +603,7 @@ def test_any_representation_of_a_picture_gives_transformers_ids_of_its_rgb(pictu
 
 @st.composite
 def broken_images(draw):
-    """(an image the processor cannot read, the call's options, the exception, a pattern of its message)."""
+    """(an image the processor cannot read, the call's options, a pattern of its ValueError's message)."""
     height, width = draw(st.integers(5, 12)), draw(st.integers(5, 12))
     value = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
     out_of_range = draw(st.sampled_from([-1.0, 255.5 * 1.01, 1e6]))
@@ -671,67 +617,45 @@ def broken_images(draw):
         return array
 
     kinds = {
-        "non-finite": lambda: (with_value(rgb.astype(np.float32), value), {}, ValueError, "non-finite pixel values"),
-        "non-finite tensor": lambda: (
-            torch.from_numpy(with_value(rgb.astype(np.float64), value)),
-            {},
-            ValueError,
-            "non-finite pixel values",
-        ),
+        "non-finite": lambda: (with_value(rgb.astype(np.float32), value), {}, "Pixel values must be finite"),
         "float out of range": lambda: (
             with_value(rgb.astype(np.float64), out_of_range),
             {},
-            ValueError,
-            r"Float pixel values must lie in \[0, 255\]",
+            r"Pixel values must be finite, floats in \[0, 255\]",
         ),
         "float out of [0, 1] without rescaling": lambda: (
             with_value(rgb.astype(np.float32), 2.0),
             {"do_rescale": False},
-            ValueError,
-            r"Float pixel values must lie in \[0, 1\]",
+            r"floats in \[0, 1\]",
         ),
         "integer out of range": lambda: (
             with_value(rgb.astype(np.int64), big),
             {},
-            ValueError,
-            rf"Integer pixel values must lie in \[0, 255\].*got values in \[0, {big}\]",
+            rf"Integer pixel values must lie in \[0, 255\], got \[0, {big}\]",
         ),
         "negative integer": lambda: (
             with_value(rgb.astype(np.int16), -1),
             {},
-            ValueError,
-            r"Integer pixel values must lie in \[0, 255\].*\[-1, 0\]",
+            r"values must lie in \[0, 255\], got \[-1, 0\]",
         ),
         "PIL I out of range": lambda: (
             PIL.Image.fromarray(with_value(rgb.astype(np.int32), big)[..., 0]),
             {},
-            ValueError,
-            r"Integer pixel values must lie in \[0, 255\]",
-        ),
-        "5 channels": lambda: (
-            np.zeros((height, width, 5), np.uint8),
-            {},
-            ValueError,
-            "Cannot infer the channel axis",
+            r"values must lie in \[0, 255\]",
         ),
         "5 channels, channels last": lambda: (
             np.zeros((height, width, 5), np.uint8),
             {"input_data_format": "channels_last"},
-            ValueError,
-            "An image has 1, 2, 3 or 4 channels, got 5",
+            r"image of 5 channel\(s\)",
         ),
         "2 channels": lambda: (
             np.zeros((height, width, 2), np.uint8),
             {},
-            ValueError,
-            r"2 for gray \+ alpha\)\. Pass `input_data_format",
+            "Cannot infer the channel axis .*: pass `input_data_format",
         ),
-        "empty": lambda: (np.zeros((0, width, 3), np.uint8), {}, ValueError, r"empty image \(no pixels\)"),
-        "empty PIL": lambda: (PIL.Image.new("RGB", (0, height)), {}, ValueError, r"empty image \(no pixels\)"),
-        "complex": lambda: (rgb.astype(np.complex64), {}, ValueError, "Unsupported pixel dtype complex64"),
-        "1-D": lambda: (np.zeros(width, np.uint8), {}, ValueError, r"got shape \(\d+,\)"),
-        "missing file": lambda: ("/nonexistent/missing.png", {}, FileNotFoundError, "No image file at"),
-        "not an image": lambda: (3.5, {}, ValueError, "Unsupported image type float"),
+        "complex": lambda: (rgb.astype(np.complex64), {}, "Unsupported pixel dtype complex64"),
+        "1-D": lambda: (np.zeros(width, np.uint8), {}, r"Unsupported image ndarray\(\d+,\)"),
+        "not an image": lambda: (3.5, {}, "Unsupported image float"),
     }
     return kinds[draw(st.sampled_from(sorted(kinds)))]()
 
@@ -739,21 +663,8 @@ def broken_images(draw):
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(broken=broken_images(), position=st.integers(0, 2))
 def test_an_unreadable_image_in_a_batch_raises_its_specific_error(broken, position):
-    image, options, error, message = broken
+    image, options, message = broken
     batch = [np.zeros((8, 8, 3), np.uint8)] * 2
     batch.insert(position, image)
-    with pytest.raises(error, match=message):
-        ImageGPTImageProcessor(clusters=PALETTE_16, size=8)(batch, **options)
-
-
-@pytest.mark.parametrize(
-    "clusters, message",
-    [
-        (np.full((4, 3), 0.5 + 0.25j), "complex numbers"),
-        (np.zeros((4, 3), dtype=bool), "holds bool values"),
-        (np.array([["a", "b", "c"]]), "holds <U1 values"),
-    ],
-)
-def test_palette_of_other_than_real_numbers_is_refused(clusters, message):
     with pytest.raises(ValueError, match=message):
-        ImageGPTImageProcessor(clusters=clusters)
+        ImageGPTImageProcessor(clusters=PALETTE_16, size=8)(batch, **options)

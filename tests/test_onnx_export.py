@@ -16,7 +16,6 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-import onnx  # noqa: E402
 from conftest import TINY_DIMS  # noqa: E402
 from transformers import GPT2Config, pipeline  # noqa: E402
 
@@ -28,7 +27,7 @@ from image_gpt_hf import (  # noqa: E402
     ImageGPTImageProcessor,
     ImageGPTModel,
 )
-from image_gpt_hf.onnx_export import ONNX_FILE, _check_opset, export_onnx, greedy_generate, main  # noqa: E402
+from image_gpt_hf.onnx_export import ONNX_FILE, export_onnx, greedy_generate, main  # noqa: E402
 
 DIMS = {**TINY_DIMS, "n_layer": 2, "n_head": 2}
 TOL = 1e-4
@@ -94,19 +93,8 @@ def feature_exports(checkpoints, tmp_path_factory):
     """Feature-extraction exports of the AR checkpoint (through the command line, with two extra layers) and of the
     BERT checkpoint (through the library)."""
     root = tmp_path_factory.mktemp("onnx_features")
-    main(
-        [
-            "--model_name_or_path",
-            os.fspath(checkpoints["ar"]),
-            "--output_dir",
-            os.fspath(root / "ar"),
-            "--task",
-            "feature-extraction",
-            "--layers",
-            "0",
-            "-1",
-        ]
-    )
+    main(["--model_name_or_path", os.fspath(checkpoints["ar"]), "--output_dir", os.fspath(root / "ar")]
+         + ["--task", "feature-extraction", "--layers", "0", "-1"])  # fmt: skip
     export_onnx(checkpoints["bert"], root / "bert", "feature-extraction", layers=[1])
     return {"ar": (root / "ar", [0, 2]), "bert": (root / "bert", [1])}
 
@@ -218,8 +206,6 @@ def test_greedy_generate_refuses_what_it_cannot_decode(lm_export, feature_export
     sos = np.full((2, 1), model.config.sos_token_id)
     with pytest.raises(ValueError, match="max_length.*n_positions \\+ 1 = 65"):
         greedy_generate(folder, sos, max_length=66)
-    with pytest.raises(ValueError, match="outside \\[0, 17\\)"):
-        greedy_generate(folder, sos + 1)
     with pytest.raises(ValueError, match="'feature-extraction' export.*--task causal-lm"):
         greedy_generate(feature_exports["bert"][0], sos)
 
@@ -255,14 +241,6 @@ def test_a_failed_check_writes_nothing(checkpoints, tmp_path):
 # ------------------------------------------------------------------------------------------------ refusals (fast)
 
 
-def test_folder_without_config_is_refused(tmp_path):
-    (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="folder without config.json"):
-        export_onnx(tmp_path / "weights", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
 def test_other_model_type_is_refused(tmp_path):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="'gpt2' checkpoint, not an Image GPT one"):
@@ -284,8 +262,6 @@ def test_in_memory_models_are_checked():
         export_onnx(model, "unused", "image-classification")
     with pytest.raises(ValueError, match="torch.bfloat16.*model.float\\(\\)"):
         export_onnx(model.to(torch.bfloat16), "unused")
-    with pytest.raises(ValueError, match="Image GPT model of this package"):
-        export_onnx(torch.nn.Linear(2, 2), "unused")
     assert not os.path.exists("unused")
 
 
@@ -293,11 +269,8 @@ def test_in_memory_models_are_checked():
     ("options", "message"),
     [
         ({"task": "masked-im"}, "--task 'masked-im' is not one of"),
-        ({"task": "causal-lm", "layers": [1]}, "--layers .* feature-extraction only"),
-        ({"layers": []}, "--layers is empty"),
-        ({"opset": 17}, "--opset 17 is not supported.*18 to"),
-        ({"opset": 99}, "--opset 99 is not supported"),
-        ({"atol": 0.0}, "--atol must be positive"),
+        ({"task": "causal-lm", "layers": [1]}, "--layers .* feature-extraction, not"),
+        ({"layers": [3]}, "Layer 3 is not a hidden-state index of a 2-layer model"),
     ],
 )
 def test_unsupported_options_are_refused(checkpoints, tmp_path, options, message):
@@ -306,19 +279,12 @@ def test_unsupported_options_are_refused(checkpoints, tmp_path, options, message
     assert not (tmp_path / "out").exists()
 
 
-def test_a_layer_the_model_lacks_is_refused(checkpoints, tmp_path):
-    with pytest.raises(ValueError, match="Layer 3 is not a hidden-state index of a 2-layer model"):
-        export_onnx(checkpoints["ar"], tmp_path / "out", layers=[3])
+@pytest.mark.slow
+def test_an_opset_the_exporter_cannot_write_is_refused(checkpoints, tmp_path):
+    """The exporter falls back to another opset than the one asked for (a warning, not an error): refused."""
+    with pytest.raises(ValueError, match="wrote opset .* instead of the requested --opset 17"):
+        export_onnx(checkpoints["ar"], tmp_path / "out", opset=17)
     assert not (tmp_path / "out").exists()
-
-
-def test_exported_opset_must_be_the_requested_one():
-    """The exporter falls back to another opset when it cannot convert one (a warning, not an error): refused."""
-    graph = onnx.helper.make_graph([], "empty", [], [])
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
-    assert _check_opset(proto, None) == 18 and _check_opset(proto, 18) == 18
-    with pytest.raises(ValueError, match="wrote opset 18 instead of the requested --opset 26"):
-        _check_opset(proto, 26)
 
 
 def test_cli_keeps_an_existing_folder(checkpoints, tmp_path, capsys):
@@ -335,6 +301,6 @@ def test_cli_keeps_an_existing_folder(checkpoints, tmp_path, capsys):
 
 def test_cli_reports_a_bad_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="igpt-export-onnx: --model_name_or_path .* folder without config.json"):
+    with pytest.raises(SystemExit, match="igpt-export-onnx: .*config.json"):
         main(["--model_name_or_path", os.fspath(tmp_path / "empty"), "--output_dir", os.fspath(tmp_path / "out")])
     assert not (tmp_path / "out").exists()

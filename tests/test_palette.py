@@ -112,12 +112,6 @@ def test_sample_pixels_is_a_seeded_uniform_subsample(digits):
     assert abs((sample == -1).all(axis=1).mean() - background) < 0.03
 
 
-def test_more_colors_than_the_data_has_is_a_clear_error(digits):
-    with pytest.raises(ValueError, match=r"num_colors=18 .* only 17 distinct colors"):
-        fit_palette(digits, num_colors=18, n_px=8)
-    assert fit_palette(digits, num_colors=17, n_px=8).shape == (17, 3)
-
-
 def test_quantization_error_is_the_mean_distance_to_the_nearest_color():
     pixels = np.array([[0, 0, 0], [1, 1, 1], [1, 1, 1], [-1, -1, -1]], dtype=np.float32)
     assert quantization_error(pixels, np.array([[0.0, 0.0, 0.0]])) == pytest.approx(3 * np.sqrt(3) / 4)
@@ -135,26 +129,10 @@ def test_saved_palette_loads_as_a_processor(tmp_path, digits):
     assert tokens.shape == (5, 64) and tokens.max() < 12
 
 
-def test_missing_sklearn_is_a_clear_import_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sklearn", None)
-    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
-    with pytest.raises(ImportError, match="scikit-learn"):
-        fit_palette_to_pixels(np.zeros((4, 3), np.float32), 1)
-
-
 def test_cli_on_the_bundled_digits(tmp_path, capsys, digits):
     main(
-        [
-            "--sklearn_digits",
-            "--num_colors",
-            "16",
-            "--n_px",
-            "16",
-            "--max_pixels",
-            "50000",
-            "--output_dir",
-            str(tmp_path),
-        ]
+        ["--sklearn_digits", "--num_colors", "16", "--n_px", "16", "--max_pixels", "50000"]
+        + ["--output_dir", str(tmp_path)]
     )
     printed = capsys.readouterr().out
     palette = np.load(tmp_path / PALETTE_FILE)
@@ -169,10 +147,11 @@ def test_cli_on_the_bundled_digits(tmp_path, capsys, digits):
     assert processor(digits[0], return_tensors="np")["input_ids"].shape == (1, 256)
 
 
-def test_cli_reports_too_many_colors(tmp_path):
-    with pytest.raises(SystemExit, match=r"num_colors=64 .* only 17 distinct colors"):
-        main(["--sklearn_digits", "--num_colors", "64", "--n_px", "8", "--output_dir", str(tmp_path)])
+def test_cli_reports_more_colors_than_the_data_has(tmp_path, digits):
+    with pytest.raises(SystemExit, match="Cannot fit 18 colors to 17 distinct ones"):
+        main(["--sklearn_digits", "--num_colors", "18", "--n_px", "8", "--output_dir", str(tmp_path)])
     assert not (tmp_path / PALETTE_FILE).exists()
+    assert fit_palette(digits, num_colors=17, n_px=8).shape == (17, 3)
 
 
 @pytest.mark.slow
@@ -242,17 +221,12 @@ def test_cli_checks_every_argument_before_reading_data(tmp_path, monkeypatch):
     for argv, message in [
         ([*base, str(tmp_path / "a_file")], "exists and is not a folder"),
         ([*base, str(tmp_path / "a_file" / "out")], "is not a folder"),
-        ([*base, str(tmp_path / "out"), "--batch_size", "0"], "`batch_size` must be positive"),
         ([*base, str(tmp_path / "out"), "--pixel_budget", "10"], "`pixel_budget` must be at least n_px * n_px = 64"),
-        ([*base, str(tmp_path / "out"), "--pixel_budget", "-1"], "--pixel_budget must be a number of pixels"),
-        ([*base, str(tmp_path / "out"), "--num_colors", "0"], "`num_colors` must be positive"),
     ]:
         with pytest.raises(SystemExit) as error:
             main(argv)
         assert message in str(error.value)
-    with pytest.raises(SystemExit, match="--image_dir .*a_file is not a folder"):
-        main(["--image_dir", str(tmp_path / "a_file"), "--output_dir", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match="Cannot load --dataset_name .*no_such_dataset"):
+    with pytest.raises(SystemExit, match="no_such_dataset"):
         main(["--dataset_name", str(tmp_path / "no_such_dataset"), "--output_dir", str(tmp_path / "out")])
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
@@ -263,7 +237,7 @@ def test_cli_names_a_bad_image_file(tmp_path, monkeypatch, photo_crops):
     with pytest.raises(SystemExit) as error:
         main(["--image_dir", str(tmp_path / "images"), "--num_colors", "4", "--output_dir", str(tmp_path / "out")])
     message = str(error.value)
-    assert str(tmp_path / "images" / "00.png") in message and "scale it down" in message
+    assert str(tmp_path / "images" / "00.png") in message and "decompression bomb" in message
     assert not (tmp_path / "out").exists()
     monkeypatch.undo()
     data = (tmp_path / "images" / "00.png").read_bytes()

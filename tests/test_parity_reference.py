@@ -6,18 +6,17 @@ loads those folders and must give the stored numbers always; where the built-in 
 same folders too, and must still give them.
 """
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import builtin
 from safetensors.torch import load_file
 
 from image_gpt_hf import ImageGPTForCausalImageModeling, ImageGPTForImageClassification
 
 FIXTURE = Path(__file__).parent / "fixtures" / "parity_reference"
 TOL = 1e-5
-HAS_BUILT_IN = importlib.util.find_spec("transformers.models.imagegpt") is not None
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +69,8 @@ def test_this_package_computes_the_stored_numbers(reference):
     assert_matches(classifier_outputs(classifier, reference), reference)
 
 
-@pytest.mark.skipif(not HAS_BUILT_IN, reason="this transformers release has no built-in ImageGPT")
 def test_the_built_in_still_computes_the_stored_numbers(reference):
-    from transformers.models.imagegpt import modeling_imagegpt as hf
-
+    hf = builtin("modeling_imagegpt")
     causal = hf.ImageGPTForCausalImageModeling.from_pretrained(FIXTURE / "causal").eval()
     assert_matches(causal_outputs(causal, reference), reference)
     classifier = hf.ImageGPTForImageClassification.from_pretrained(FIXTURE / "classifier").eval()

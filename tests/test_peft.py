@@ -10,13 +10,11 @@ run the same steps on the same batches; run with `-s` to see both results.
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_without_package
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
 from image_gpt_hf import (
@@ -58,24 +56,23 @@ def digits():
     return ids, labels, order[:1400], order[1400:]
 
 
-def train(model, ids, targets, indices, lr, loss_of):
-    torch.manual_seed(1)  # the same batches for LoRA and full fine-tuning
+def train(model, ids, targets, indices, lr, steps=STEPS, seed: int | None = 1):
+    """AdamW on `steps` random batches of `indices` (seeded: the same batches for LoRA and full fine-tuning), on the
+    model's loss for `targets`: class labels, or the ids themselves for the language model."""
+    if seed is not None:
+        torch.manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr)
     model.train()
-    for _ in range(STEPS):
+    for _ in range(steps):
         batch = indices[torch.randint(0, len(indices), (BATCH,))]
-        loss_of(model, ids[batch], targets[batch]).backward()
+        model(input_ids=ids[batch], labels=targets[batch], prepend_sos=True).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     return model.eval()
 
 
-def lm_loss(model, ids, _):
+def lm_loss(model, ids):
     return model(input_ids=ids, labels=ids, prepend_sos=True).loss
-
-
-def clf_loss(model, ids, labels):
-    return model(input_ids=ids, labels=labels, prepend_sos=True).loss
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +81,7 @@ def base(digits, tmp_path_factory):
     ids, labels, train_idx, _ = digits
     torch.manual_seed(0)
     model = ImageGPTForCausalImageModeling(ImageGPTConfig(**DIMS))
-    old = train_idx[labels[train_idx] < 5]
-    optimizer = torch.optim.AdamW(model.parameters(), 3e-3)
-    for _ in range(300):
-        batch = old[torch.randint(0, len(old), (BATCH,))]
-        lm_loss(model, ids[batch], None).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train(model, ids, ids, train_idx[labels[train_idx] < 5], 3e-3, steps=300, seed=None)  # batches after the init
     folder = tmp_path_factory.mktemp("peft") / "base"
     model.save_pretrained(folder)
     return folder
@@ -110,7 +101,7 @@ def classifiers(base, digits):
         model = ImageGPTForImageClassification.from_pretrained(base, num_labels=10)
         if kind == "lora":
             model = peft.get_peft_model(model, lora_config(model, r=RANK, alpha=ALPHA))
-        train(model, ids, labels, train_idx, LR[kind], clf_loss)
+        train(model, ids, labels, train_idx, LR[kind])
         with torch.no_grad():
             predictions = model(input_ids=ids[test_idx], prepend_sos=True).logits.argmax(-1)
         results[kind] = (model, (predictions == labels[test_idx]).float().mean().item())
@@ -124,14 +115,14 @@ def causal_models(base, digits):
     results = {}
     with torch.no_grad():
         before = AutoModelForCausalLM.from_pretrained(base).eval()
-        results["before"] = (before, lm_loss(before, ids[held_out], None).item())
+        results["before"] = (before, lm_loss(before, ids[held_out]).item())
     for kind in ("lora", "full"):
         model = AutoModelForCausalLM.from_pretrained(base)
         if kind == "lora":
             model = peft.get_peft_model(model, lora_config(model, r=RANK, alpha=ALPHA))
-        train(model, ids, labels, new, LR[kind], lm_loss)
+        train(model, ids, ids, new, LR[kind])
         with torch.no_grad():
-            results[kind] = (model, lm_loss(model, ids[held_out], None).item())
+            results[kind] = (model, lm_loss(model, ids[held_out]).item())
     return results
 
 
@@ -148,6 +139,12 @@ def test_lora_config_targets_the_four_projections_of_every_block():
     assert wrapped == expected
     # The causal model's LM head comes pretrained: nothing besides the adapter trains.
     assert lora_config(ImageGPTForCausalImageModeling(ImageGPTConfig(**DIMS))).modules_to_save is None
+    # Names as peft matches them (whole, or the end of a module's name); one that matches no projection is refused.
+    model = ImageGPTForImageClassification(ImageGPTConfig(**DIMS, num_labels=10))
+    assert lora_config(model, target_modules=["c_attn", "mlp.c_proj"]).target_modules == {"c_attn", "mlp.c_proj"}
+    for wrong in (["attn.c_attn", "atn.c_proj"], ["score"], ["h.0"]):
+        with pytest.raises(ValueError, match=rf"LoRA target modules \['{wrong[-1]}'\] name no projection"):
+            lora_config(model, target_modules=wrong)
 
 
 @pytest.mark.parametrize("preset", ["small", "medium", "large"])
@@ -161,10 +158,7 @@ def test_paper_sizes_train_a_small_share_at_the_default_rank(preset):
 def test_lora_classifier_is_close_to_full_fine_tuning(classifiers):
     lora, lora_accuracy = classifiers["lora"]
     _, full_accuracy = classifiers["full"]
-    print(
-        f"\ntrainable {share(lora):.1%}; digits accuracy after {STEPS} steps: LoRA {lora_accuracy:.3f}, full "
-        f"{full_accuracy:.3f}"
-    )
+    print(f"\ntrainable {share(lora):.1%}; digits accuracy after {STEPS} steps: LoRA {lora_accuracy:.3f}, full {full_accuracy:.3f}")  # fmt: skip
     assert share(lora) < 0.05
     assert lora_accuracy > 0.3  # chance: 0.1
     assert lora_accuracy > full_accuracy - 0.05
@@ -174,10 +168,7 @@ def test_lora_continued_pretraining_is_close_to_full(causal_models):
     before = causal_models["before"][1]
     lora, lora_loss = causal_models["lora"]
     _, full_loss = causal_models["full"]
-    print(
-        f"\ntrainable {share(lora):.1%}; held-out loss on the new digits: before {before:.3f}, after {STEPS} steps "
-        f"LoRA {lora_loss:.3f}, full {full_loss:.3f}"
-    )
+    print(f"\ntrainable {share(lora):.1%}; held-out loss on new digits: before {before:.3f}, after {STEPS} steps LoRA {lora_loss:.3f}, full {full_loss:.3f}")  # fmt: skip
     assert share(lora) < 0.05
     assert lora_loss < before - 0.1
     assert lora_loss < full_loss * 1.05  # within 5% of full fine-tuning's loss
@@ -185,22 +176,19 @@ def test_lora_continued_pretraining_is_close_to_full(causal_models):
 
 # ------------------------------------------------------------------------------------- save, reload, merge, load
 
-WITHOUT_THE_PACKAGE = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["image_gpt_hf"] = None  # importing the package is impossible in this process
-    import torch
-    import transformers
+LOAD_WITHOUT_THE_PACKAGE = """
+import json, sys
+import torch
+import transformers
 
-    folders, ids, out = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
-    results = {}
-    with torch.no_grad():
-        for folder, auto_class in folders:
-            model = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True).eval()
-            results[folder] = (type(model).__module__, model(ids).logits)
-    torch.save(results, out)
-    """
-)
+folders, ids, out = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
+results = {}
+with torch.no_grad():
+    for folder, auto_class in folders:
+        model = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True).eval()
+        results[folder] = (type(model).__module__, model(ids).logits)
+torch.save(results, out)
+"""
 
 
 def round_trip(adapted, base_folder, auto_class, ids, tmp_path, **base_kwargs):
@@ -223,27 +211,17 @@ def round_trip(adapted, base_folder, auto_class, ids, tmp_path, **base_kwargs):
     with torch.no_grad():
         for name, model in (("reloaded", reloaded), ("merged", merged), ("loaded", loaded)):
             torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=TOL, rtol=0, msg=name)
-    print(
-        f"\nadapter {adapter_size / 1024:.1f} KiB, base {os.path.getsize(base_folder / 'model.safetensors') / 1024:.1f} KiB"
-    )
+    print(f"\nadapter {adapter_size / 1024:.1f} KiB, base {os.path.getsize(base_folder / 'model.safetensors') / 1024:.1f} KiB")  # fmt: skip
     return expected, type(loaded)
 
 
-def test_adapters_reload_merge_and_load_with_and_without_the_package(
-    classifiers, causal_models, base, digits, tmp_path
-):
+def test_adapters_reload_merge_and_load_with_and_without_the_package(classifiers, causal_models, base, digits, tmp_path):  # fmt: skip
     ids = digits[0][digits[3][:4]]
     folders, expected = [], {}
     for name, adapted, auto_class, cls, base_kwargs in (
-        (
-            "classifier",
-            classifiers["lora"][0],
-            AutoModelForImageClassification,
-            ImageGPTForImageClassification,
-            {"num_labels": 10},
-        ),
+        ("classifier", classifiers["lora"][0], AutoModelForImageClassification, ImageGPTForImageClassification, {"num_labels": 10}),
         ("causal", causal_models["lora"][0], AutoModelForCausalLM, ImageGPTForCausalImageModeling, {}),
-    ):
+    ):  # fmt: skip
         logits, loaded_type = round_trip(adapted, base, auto_class, ids, tmp_path / name, **base_kwargs)
         assert loaded_type is cls
         folder = str(tmp_path / name / "merged")
@@ -251,17 +229,7 @@ def test_adapters_reload_merge_and_load_with_and_without_the_package(
         expected[folder] = logits
 
     out = tmp_path / "results.pt"
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_THE_PACKAGE, json.dumps(folders), json.dumps(ids.tolist()), str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_package(LOAD_WITHOUT_THE_PACKAGE, json.dumps(folders), json.dumps(ids.tolist()), str(out), cwd=tmp_path)  # fmt: skip
     for folder, (where, logits) in torch.load(out).items():
         assert where.startswith("transformers_modules"), where
         torch.testing.assert_close(logits, expected[folder], atol=TOL, rtol=0)

@@ -3,17 +3,16 @@ classification, and both again in a process where `image_gpt_hf` cannot be impor
 
 import json
 import os
-import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_DIMS
+from conftest import TINY_DIMS, run_without_package
 from transformers import ImageFeatureExtractionPipeline, pipeline
 from transformers.dynamic_module_utils import get_imports
+from transformers.utils import logging as transformers_logging
 
 from image_gpt_hf import (
     ImageGPTConfig,
@@ -164,26 +163,31 @@ def test_head_models_give_the_features_of_their_decoder(checkpoint):
 
 
 @pytest.mark.parametrize("layer", [None, 2])
-def test_pooling_an_image_of_another_size_is_refused_and_its_pixels_are_not(checkpoint, layer):
+def test_an_image_of_another_size_is_pooled_as_given_with_a_warning(checkpoint, layer, caplog):
     _, model, processor, _, _ = checkpoint
     small = PIL.Image.fromarray(np.random.default_rng(2).integers(0, 256, (4, 4, 3), dtype=np.uint8))
     extractor = ImageGPTFeatureExtractionPipeline(
         model=model, image_processor=processor, layer=layer, image_processor_kwargs={"do_resize": False}
     )
-    with pytest.raises(ValueError, match=r"whole image: 64 ids \(`n_positions`\) for this model, got 16 ids"):
-        extractor(small, pool=True)
-    ids = processor(small, do_resize=False, return_tensors="pt")["input_ids"]  # (1, 16): per pixel, any length
+    ids = processor(small, do_resize=False, return_tensors="pt")["input_ids"]  # (1, 16)
     expected = model(ids).last_hidden_state if layer is None else layer_features(model, ids, layer)
     torch.testing.assert_close(extractor(small, return_tensors=True), expected, atol=TOL, rtol=0)
+    transformers_logging.warning_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        pooled = extractor(small, pool=True, return_tensors=True)
+    assert "Pooling 16 positions, not a whole image of n_positions=64" in caplog.text
+    middle = layer_features(model, ids, DIMS["n_layer"] // 2 if layer is None else layer)
+    torch.testing.assert_close(pooled, middle.mean(1), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("layer", [5, -6, "2", 1.0, True])
+@pytest.mark.parametrize("layer", [5, -6, "2", 1.0])
 def test_invalid_layers_are_refused_before_any_forward_pass(checkpoint, layer):
     folder, model, processor, paths, _ = checkpoint
-    with pytest.raises(ValueError, match="layer|Layer"):
+    error = ValueError if isinstance(layer, int) else TypeError
+    with pytest.raises(error, match="layer|integer"):
         ImageGPTFeatureExtractionPipeline(model=model, image_processor=processor, layer=layer)
     extractor = ImageGPTFeatureExtractionPipeline(model=model, image_processor=processor)
-    with pytest.raises(ValueError, match="layer|Layer"):
+    with pytest.raises(error, match="layer|integer"):
         extractor(paths[0], layer=layer)
 
 
@@ -193,21 +197,11 @@ def test_save_pretrained_ships_the_pipeline_as_remote_code(checkpoint, tmp_path)
     extractor.save_pretrained(tmp_path)
 
     files = set(os.listdir(tmp_path))
-    assert {
-        "pipelines.py",
-        "modeling_imagegpt.py",
-        "configuration_imagegpt.py",
-        "image_processing_imagegpt.py",
-    } <= files
-    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
+    sources = {"pipelines.py", "modeling_imagegpt.py", "configuration_imagegpt.py", "image_processing_imagegpt.py"}
+    assert sources | {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["custom_pipelines"] == {
-        "image-feature-extraction": {
-            "impl": "pipelines.ImageGPTFeatureExtractionPipeline",
-            "pt": ["AutoModel"],
-            "type": "image",
-        }
-    }
+    entry = {"impl": "pipelines.ImageGPTFeatureExtractionPipeline", "pt": ["AutoModel"], "type": "image"}
+    assert config["custom_pipelines"] == {"image-feature-extraction": entry}
     assert config["auto_map"]["AutoModel"] == "modeling_imagegpt.ImageGPTModel"
     # Remote code may import only what any transformers user has (besides the standard library).
     assert set(get_imports(tmp_path / "pipelines.py")) - set(sys.stdlib_module_names) == {"torch", "transformers"}
@@ -252,13 +246,6 @@ def test_image_classification_pipeline_uses_id2label(checkpoint, classifier_chec
 
 REMOTE_SCRIPT = """
 import sys
-sys.modules["image_gpt_hf"] = None  # importing the package is impossible in this process
-try:
-    import image_gpt_hf
-except ImportError:
-    pass
-else:
-    raise SystemExit("image_gpt_hf was importable")
 import torch
 from transformers import pipeline
 
@@ -298,17 +285,9 @@ def test_pipelines_with_remote_code_where_the_package_cannot_be_imported(checkpo
     ImageGPTFeatureExtractionPipeline(model=model, image_processor=processor).save_pretrained(saved_pipeline)
 
     out = tmp_path / "results.pt"
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    args = [str(folder), str(saved_pipeline), str(classifier_folder), str(out), *paths]
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_without_package(
+        REMOTE_SCRIPT, str(folder), str(saved_pipeline), str(classifier_folder), str(out), *paths, cwd=tmp_path
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     results = torch.load(out)
 
     first = ids[:1]

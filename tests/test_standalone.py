@@ -145,16 +145,9 @@ def test_the_package_stands_without_the_built_in_imagegpt(tmp_path):
 
     out = tmp_path / "results.pt"
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_THE_BUILT_IN, json.dumps(folders), str(image_path), str(tmp_path / "processor")]
-        + [str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=600,
-    )
+    arguments = [json.dumps(folders), str(image_path), str(tmp_path / "processor"), str(out)]
+    result = subprocess.run([sys.executable, "-c", WITHOUT_THE_BUILT_IN, *arguments], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = torch.load(out, weights_only=False)
 

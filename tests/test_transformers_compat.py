@@ -20,7 +20,6 @@ from image_gpt_hf.transformers_compat import (
     cache_output,
     mask_cache_argument,
     output_cache,
-    resolve_cache,
 )
 
 DIMS = {**TINY_DIMS, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 2}
@@ -55,17 +54,6 @@ def test_masking_utilities_take_the_cache_without_a_warning(create_mask):
             **mask_cache_argument(None),
         )
     assert mask.shape[-2:] == (3, 3) and bool((mask[0, 0, :, 0] < 0).all())  # the padded key is masked everywhere
-
-
-@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # tested below
-def test_resolve_cache_takes_either_name_once():
-    cache = DynamicCache()
-    assert resolve_cache(cache, None) is cache
-    assert resolve_cache(None, cache) is cache
-    assert resolve_cache(cache, cache) is cache
-    assert resolve_cache(None, None) is None
-    with pytest.raises(ValueError, match="not both"):
-        resolve_cache(cache, DynamicCache())
 
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])
