@@ -315,7 +315,10 @@ def main(argv=None) -> dict[str, float]:
             stream = train_dataset.shuffle(args.seed, buffer_size=args.shuffle_buffer_size)
             stream = split_dataset_by_node(stream, rank, world)
             stream.set_epoch(epoch)
-            loader = DataLoader(stream, args.per_device_train_batch_size, collate_fn=collate, **loading)
+            off_global_rng = torch.Generator().manual_seed(args.seed)  # (a DataLoader draws its workers' seed)
+            loader = DataLoader(
+                stream, args.per_device_train_batch_size, collate_fn=collate, generator=off_global_rng, **loading
+            )
             return itertools.islice(loader, skip, batches_per_epoch)
 
     # AdamW (no weight decay on biases and norms) and the schedule, sized by the prepared
