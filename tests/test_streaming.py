@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import EXAMPLES, ROOT, launch, refusal, run_in_process, run_script, script_env
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.slow  # pretraining runs
 
@@ -155,3 +156,17 @@ def test_streams_it_cannot_use_are_refused_by_name(two_processes, shards, tmp_pa
         r"were tokenized for another model: their palette \w+ \(the model's: \w+\), n_px 8 \(the model's: 4\)\.",
         message,
     )
+
+
+def test_map_style_shards_train_and_log_throughput_and_mfu(shards, tmp_path):
+    run = ["--shards_dir", str(shards), *MODEL, "--max_train_steps", "4", "--logging_steps", "2", "--peak_tflops", "1"]
+    log = run_script("pretrain.py", *run, "--save_data_order", "--output_dir", str(tmp_path / "out"))
+    order = data_order(tmp_path / "out", 0)
+    assert len(order) == 4 and len({i for _, batch in order for i in batch}) == 4 * 64  # shuffled, without repeats
+    steps = re.findall(r"step (\d+): .*images_per_s ([\d.e+]+), tokens_per_s ([\d.e+]+), mfu ([\d.e+-]+)", log)
+    assert [int(step) for step, *_ in steps] == [2, 4]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # FLOPs per token: 6 N + 12 L d T
+    flops = 6 * model.num_parameters(exclude_embeddings=True) + 12 * 2 * 32 * 16
+    for _, images, tokens, mfu in steps:  # 16 tokens an image (4x4); MFU: tokens/s x FLOPs per token / 1e12 FLOP/s
+        assert float(tokens) == pytest.approx(16 * float(images), rel=1e-3)
+        assert float(mfu) == pytest.approx(float(tokens) * flops / 1e12, rel=2e-3)
