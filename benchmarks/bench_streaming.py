@@ -1,6 +1,7 @@
 """Tokenized shards at scale: tokenization throughput with 1 and 2 processes (examples/tokenize_images.py on crops of
 the bundled photos), reading throughput map-style against streamed (examples/s through a DataLoader, batch 64), and
-the peak memory of streaming 10,000 against 200,000 rows (it must not grow with the data).
+the peak memory of streaming 10,000 against 200,000 rows (it must not grow with the data), and pretraining throughput
+(examples/pretrain.py --shards_dir, map-style against --streaming, from the same shards of the digits).
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_streaming.py [--images 2000] [--rows 10000 200000]
 
@@ -8,6 +9,7 @@ Prints a Markdown table (append it to benchmarks/RESULTS.md with `--results benc
 """
 
 import argparse
+import os
 import re
 import resource
 import subprocess
@@ -62,6 +64,16 @@ def tokenize_rate(images: Path, palette: Path, processes: int, output: Path) -> 
     return sum(1 for _ in images.rglob("*.png")) / float(seconds[1])
 
 
+def pretrain_rate(shards: Path, streaming: bool, output: Path) -> float:
+    """images/s of examples/pretrain.py on `shards` over steps 21-40 (its logged rate), a tiny model, batch 32."""
+    run = [sys.executable, str(ROOT / "examples" / "pretrain.py"), "--shards_dir", str(shards), "--max_train_steps"]
+    run += ["40", "--config_overrides", "n_layer=2,n_embd=32,n_head=2", "--per_device_train_batch_size", "32"]
+    run += ["--logging_steps", "20", "--max_eval_samples", "32", "--output_dir", str(output)]
+    run += ["--streaming"] if streaming else []
+    log = subprocess.run(run, check=True, capture_output=True, text=True)
+    return float(re.findall(r"images_per_s ([\d.e+]+)", log.stdout + log.stderr)[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000, help="Photo crops to tokenize.")
@@ -94,6 +106,14 @@ def main():
             rate, _ = read_rate(files, streaming)
             table.append(f"| read 20,000 rows, {'streamed' if streaming else 'map-style'}, batch 64 | "
                          f"{rate:,.0f} examples/s |")  # fmt: skip
+        digits = tmp / "digits"
+        tokenize = [sys.executable, str(ROOT / "examples" / "tokenize_images.py"), "--output_dir", str(digits)]
+        subprocess.run(tokenize, check=True, capture_output=True)
+        for streaming in (False, True):  # (the rate of steps 21-40: startup and evaluation left out)
+            rate, load = pretrain_rate(digits, streaming, tmp / f"run{streaming}"), os.getloadavg()[0]
+            how = "streamed" if streaming else "map-style"
+            row = f"| pretrain 2 layers on the digits' shards (8x8, batch 32), {how} |"
+            table.append(f"{row} {rate:,.0f} images/s, load average {load:.1f} |")
         for rows in args.rows:
             (tmp / f"rows{rows}").mkdir()
             write_rows(tmp / f"rows{rows}", rows, args.seq_len)

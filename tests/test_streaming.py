@@ -64,10 +64,11 @@ def test_an_interrupted_streamed_run_resumes_to_the_uninterrupted_runs_weights(s
     epoch_0 = [i for _, batch in whole[:22] for i in batch]
     assert len(set(epoch_0)) == 22 * 64 and set(epoch_0) <= set(range(1437))  # each example at most once
     assert [i for _, batch in whole[22:] for i in batch] != epoch_0[: 8 * 64]  # epoch 1: another order
-    shutil.copytree(tmp_path / "whole" / "checkpoints" / "checkpoint_0", tmp_path / "resumed" / "checkpoints" / "checkpoint_0")  # fmt: skip
+    first = tmp_path / "whole" / "checkpoints" / "checkpoint_0"
+    shutil.copytree(first, tmp_path / "resumed" / "checkpoints" / "checkpoint_0")
     run_in_process("pretrain.py", *streamed(shards, tmp_path / "resumed", *run, "--resume_from_checkpoint", "latest"))
     assert data_order(tmp_path / "resumed", 0) == whole[15:]
-    assert not same_weights(tmp_path / "whole", tmp_path / "whole" / "checkpoints" / "checkpoint_0")  # it trained on
+    assert not same_weights(tmp_path / "whole", first)  # it trained on
     assert same_weights(tmp_path / "whole", tmp_path / "resumed")
 
 
