@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import math
 import os
+import time
 
 import datasets
 import numpy as np
@@ -29,6 +31,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, set_seed
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, get_scheduler
@@ -47,6 +50,7 @@ from image_gpt_hf.generation import openai_generation_config
 from image_gpt_hf.model_card import write_model_card
 from image_gpt_hf.palette import fit_palette
 from image_gpt_hf.safe_io import check_output_path, staged_dir
+from image_gpt_hf.shards import MANIFEST, load_shards, plan_processes
 from image_gpt_hf.training import DIGITS, TrainingRun, class_labels, decode_images, load_image_dataset
 from training_run import RUN_FLAGS, check_finite, make_accelerator, training_parser
 
@@ -71,7 +75,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--class_conditional", action="store_true", help="Condition on the class labels (a new AR model).")
     add("--class_dropout", type=float, default=0.1, help="With --class_conditional: how often the class is dropped.")
     add("--label_column_name", default="label", help="With --class_conditional: the column of class labels.")
+    # Tokenized shards (examples/tokenize_images.py), read map-style or streamed; throughput.
+    add("--shards_dir", default=None, help="Shards of tokenize_images.py: their ids, palette and n_px.")
+    add("--streaming", action="store_true", help="Stream --shards_dir: each process reads its own shards.")
+    add("--shuffle_buffer_size", type=int, default=10_000, help="Streaming: examples in the shuffle buffer.")
+    add("--allow_shard_reread", action="store_true", help="Streaming: allow more processes than shards.")
+    add("--save_data_order", action="store_true", help="Write each process's example indices to data_order/.")
+    add("--peak_tflops", type=float, default=None, help="A device's peak TFLOP/s: logs the MFU.")
     args = parser.parse_args(argv)
+    if args.shards_dir:
+        clash = ["train_dir", "validation_dir", "processor_name_or_path", "palette_size", "n_px", "no_random_crop"]
+        clash = [
+            f"--{name}"
+            for name in clash + ["max_train_samples", "dataset_config_name", "class_conditional"]
+            if getattr(args, name)
+        ]
+        clash += ["--dataset_name"] * (args.dataset_name != DIGITS)
+        clash += ["--random_crop_scale"] * (tuple(args.random_crop_scale) != (0.5, 1.0))
+        if clash:
+            raise ValueError(
+                f"--shards_dir {args.shards_dir} brings the images (tokenized, center-cropped), their palette and "
+                f"n_px: drop {', '.join(clash)}."
+            )
+    if args.streaming and (missing := [name for name in ("shards_dir", "max_train_steps") if not getattr(args, name)]):
+        raise ValueError(
+            "--streaming reads --shards_dir and needs --max_train_steps (a stream has no length to count epochs by): "
+            f"give --{' and --'.join(missing)}."
+        )
 
     # The errors argparse cannot see, before anything is loaded.
     if args.model_name_or_path is not None and (args.config_name is not None or args.config_overrides is not None):
@@ -152,8 +182,11 @@ def main(argv=None) -> dict[str, float]:
             raise ValueError(f"{args.processor_name_or_path!r} has no palette ('clusters') in its processor config.")
     if processor is None and checkpoint and (palette := TrainingRun.saved(checkpoint)["palette"]):
         processor = ImageGPTImageProcessor(clusters=palette)  # the palette this run fitted
-    digits = args.dataset_name == DIGITS and args.train_dir is None
-    n_px = args.n_px or (base.n_px if base else 8 if digits else 32)
+    if args.shards_dir:  # their processor (a model's own is checked against the shards by load_shards)
+        manifest = json.loads(open(os.path.join(args.shards_dir, MANIFEST)).read())
+        processor = processor or ImageGPTImageProcessor.from_pretrained(args.shards_dir)
+    digits = args.dataset_name == DIGITS and args.train_dir is None and not args.shards_dir
+    n_px = args.n_px or (base.n_px if base else manifest["n_px"] if args.shards_dir else 8 if digits else 32)
     if base is not None and n_px != base.n_px:
         raise ValueError(
             f"--n_px {n_px} differs from the config's n_px {base.n_px} ({source}, n_positions={base.n_positions}): the "
@@ -180,7 +213,9 @@ def main(argv=None) -> dict[str, float]:
     # Data: "train" and "validation" splits, the image column (and, class-conditional, the labels and their names).
     with accelerator.main_process_first():
         names = inspect.signature(load_image_dataset).parameters  # the data flags, by name
-        dataset, eval_split, image_column = load_image_dataset(**{k: v for k, v in vars(args).items() if k in names})
+        data_flags = {k: v for k, v in vars(args).items() if k in names}
+        data = load_image_dataset(**data_flags) if not args.shards_dir else ({}, "validation", None)
+        dataset, eval_split, image_column = data
     label_column = label_ids = None
     if args.class_conditional:  # the labels' names become the config's id2label
         label_column, class_names, label_ids = class_labels(dataset, args.label_column_name)
@@ -229,9 +264,13 @@ def main(argv=None) -> dict[str, float]:
     names = RUN_FLAGS + (["mask_prob"] if objective == "bert" else [])
     names += ["class_conditional", "class_dropout", "label_column_name"] if args.class_conditional else []
     flags = {f"--{name}": getattr(args, name) for name in names}
-    data = (dataset["train"], [image_column] + [label_column] * args.class_conditional)
+    data = (dataset["train"], [image_column] + [label_column] * args.class_conditional) if dataset else None
     fingerprint = bool(checkpoint or args.checkpointing_steps)
     flags["image_column"], palette = image_column, np.asarray(processor.clusters).tolist()
+    if args.shards_dir:  # the shards' manifest stands for the images: their palette, source and bytes
+        shards = manifest["splits"]["train"]["shards"]
+        flags |= {f"--{name}": getattr(args, name) for name in ("shards_dir", "streaming", "shuffle_buffer_size")}
+        flags["shards"] = [manifest["palette"], manifest["source"]["fingerprint"], [s["sha256"] for s in shards]]
     run = TrainingRun(accelerator, "pretrain.py", config, processor, flags, data, fingerprint, palette=palette)
     _lock = run.start(args.output_dir, checkpoint, args.overwrite, clear=(TRACKER_DIR,))  # held while main() runs
 
@@ -265,25 +304,56 @@ def main(argv=None) -> dict[str, float]:
         crops = [random_resized_crop(image, args.random_crop_scale, generator) for image in decode(batch)]
         return encode(crops, batch)
 
-    train_dataset = undecoded["train"].add_column("index", list(range(len(undecoded["train"]))))
-    train_dataset = train_dataset.with_transform(train_transforms)
-    eval_dataset = undecoded["validation"].with_transform(lambda batch: encode(decode(batch), batch, **center))
+    if not args.shards_dir:
+        train_dataset = undecoded["train"].add_column("index", list(range(len(undecoded["train"]))))
+        train_dataset = train_dataset.with_transform(train_transforms)
+        eval_dataset = undecoded["validation"].with_transform(lambda batch: encode(decode(batch), batch, **center))
     masking = {"mask_probability": args.mask_prob} if objective == "bert" else {}
     masking |= {"class_conditional": args.class_conditional, "class_dropout": args.class_dropout}
-    collator = ImageGPTDataCollator(objective=objective, **masking, seed=args.seed)
+    collator = collate = ImageGPTDataCollator(objective=objective, **masking, seed=args.seed)
+    if args.shards_dir:  # ids already; map-style, or streamed: each process reads its own shards (stream_epoch)
+        train_dataset = load_shards(args.shards_dir, config, processor, streaming=args.streaming)
+        eval_dataset = load_shards(args.shards_dir, config, processor, split="validation")
+        if args.max_eval_samples is not None:
+            eval_dataset = eval_dataset.select(range(min(args.max_eval_samples, len(eval_dataset))))
+
+        def collate(examples: list[dict]) -> dict:  # the collator's batch, with the examples' indices
+            return collator(examples) | {"index": torch.as_tensor([example["index"] for example in examples])}
+
     # Epoch 0: fixed masks; every class given (evaluate() also measures without them).
     eval_collator = ImageGPTDataCollator(objective=objective, **masking | {"class_dropout": 0.0}, seed=args.seed)
     order = torch.Generator().manual_seed(args.seed)  # keeps the data order off the global RNG (dropout)
     loading = {"num_workers": args.dataloader_num_workers}
-    train_dataloader = DataLoader(
-        train_dataset, args.per_device_train_batch_size, shuffle=True, collate_fn=collator, generator=order, **loading
-    )
+    train_dataloader = None  # streamed: a DataLoader per epoch (stream_epoch)
+    if not args.streaming:
+        sampling = {"shuffle": True, "collate_fn": collate, "generator": order}
+        train_dataloader = DataLoader(train_dataset, args.per_device_train_batch_size, **sampling, **loading)
     eval_dataloader = DataLoader(eval_dataset, args.per_device_eval_batch_size, collate_fn=eval_collator, **loading)
     train_dataloader, eval_dataloader = accelerator.prepare(train_dataloader, eval_dataloader)
+    batches_per_epoch = len(train_dataloader) if train_dataloader else 0
+    if args.streaming:  # not prepared (that would split the stream again); as many batches on every process
+        rank, world = accelerator.process_index, accelerator.num_processes
+        logger.info(plan_processes(len(shards), world, args.allow_shard_reread))
+        rows = sorted(shard["num_examples"] for shard in shards)  # the fewest a process can be given:
+        least = sum(rows[: len(rows) // world]) if len(rows) % world == 0 else sum(rows) // world
+        batches_per_epoch = least // args.per_device_train_batch_size // args.gradient_accumulation_steps
+        if batches_per_epoch == 0:
+            raise ValueError(f"{least} examples per process make no batch: lower --per_device_train_batch_size.")
+        batches_per_epoch *= args.gradient_accumulation_steps
+
+        def stream_epoch(epoch: int, skip: int):  # the same batches for one seed, epoch, rank and world
+            stream = train_dataset.shuffle(args.seed, buffer_size=args.shuffle_buffer_size)
+            stream = split_dataset_by_node(stream, rank, world)
+            stream.set_epoch(epoch)
+            off_global_rng = torch.Generator().manual_seed(args.seed)  # (a DataLoader draws its workers' seed)
+            loader = DataLoader(
+                stream, args.per_device_train_batch_size, collate_fn=collate, generator=off_global_rng, **loading
+            )
+            return itertools.islice(loader, skip, batches_per_epoch)
 
     # AdamW (no weight decay on biases and norms) and the schedule, sized by the prepared
     # (per-process) DataLoader.
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -303,24 +373,40 @@ def main(argv=None) -> dict[str, float]:
 
     # Training, from the checkpoint when resuming: the batches of its epoch that it has seen are skipped unloaded.
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** Running training: {len(train_dataset)} examples, {num_train_epochs} epochs")
+    examples = sum(rows) if args.streaming else len(train_dataset)
+    logger.info(f"***** Running training: {examples} examples, {num_train_epochs} epochs")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
-    run.resume(checkpoint, len(train_dataloader))
+    run.resume(checkpoint, batches_per_epoch)
     completed_steps, starting_epoch = run["completed_steps"], run["epoch"]
     progress_bar = tqdm(
         total=max_train_steps, initial=completed_steps, desc="train", disable=not accelerator.is_local_main_process
     )
     running, metrics = [], {}
+    clock, logged = time.perf_counter(), completed_steps
+    # FLOPs per token: 6 per weight outside the embeddings (forward and backward) and the attention's 12 * L * d * T.
+    flops_per_token = 6 * accelerator.unwrap_model(model).num_parameters(exclude_embeddings=True)
+    flops_per_token += 12 * config.n_layer * config.n_embd * config.n_positions
+    order_dir = os.path.join(args.output_dir, TRACKER_DIR, "data_order")  # --save_data_order: a line per batch
+    if args.save_data_order:
+        os.makedirs(order_dir, exist_ok=True)
     model.train()
     for epoch in range(starting_epoch, num_train_epochs):
         if completed_steps >= max_train_steps:
             break
         epoch_now[0] = collator.epoch = epoch  # new crops and masks every epoch, the same ones after a resume
-        train_dataloader.set_epoch(epoch)
         seen = run["seen"] if epoch == starting_epoch else 0
-        for batch in accelerator.skip_first_batches(train_dataloader, seen) if seen else train_dataloader:
+        if args.streaming:
+            batches = stream_epoch(epoch, seen)
+        else:
+            train_dataloader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(train_dataloader, seen) if seen else train_dataloader
+        for batch in batches:
             seen += 1
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            if (indices := batch.pop("index", None)) is not None and args.save_data_order:
+                with open(os.path.join(order_dir, f"process_{accelerator.process_index}.txt"), "a") as file:
+                    file.write(f"{epoch} {' '.join(map(str, indices.tolist()))}\n")
             with accelerator.accumulate(model):
                 # AR: OpenAI's loss over all n pixels (config.prepend_sos); BERT: the masked pixels of each image.
                 loss = model(**batch).loss
@@ -336,12 +422,17 @@ def main(argv=None) -> dict[str, float]:
                 continue
             completed_steps += 1
             progress_bar.update(1)
-            done, end_of_epoch = completed_steps >= max_train_steps, seen >= len(train_dataloader)
+            done, end_of_epoch = completed_steps >= max_train_steps, seen >= batches_per_epoch
             logs = {}
             if completed_steps % args.logging_steps == 0 or done:
                 logs = {"train_loss": accelerator.reduce(torch.stack(running).mean(), "mean").item()}
                 logs |= {"lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
-                running = []
+                running, elapsed = [], time.perf_counter() - clock
+                images = (completed_steps - logged) * total_batch_size  # (logged: at the last log)
+                logs |= {"images_per_s": images / elapsed, "tokens_per_s": images * config.n_positions / elapsed}
+                if args.peak_tflops:  # model FLOPs utilization, all processes' peak
+                    peak = args.peak_tflops * 1e12 * accelerator.num_processes
+                    logs["mfu"] = logs["tokens_per_s"] * flops_per_token / peak
                 progress_bar.set_postfix(train_loss=f"{logs['train_loss']:.4f}")
             every = args.checkpointing_steps
             if (end_of_epoch or done) if every == "epoch" else every and completed_steps % int(every) == 0:
@@ -352,6 +443,7 @@ def main(argv=None) -> dict[str, float]:
                 logger.info(f"step {completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
                 if args.with_tracking:
                     accelerator.log(logs, step=completed_steps)
+                clock, logged = time.perf_counter(), completed_steps  # throughput leaves out evaluation and saving
             if done:
                 break
     metrics = metrics or evaluate(accelerator, model, eval_dataloader)  # (a run resumed from its last step)
@@ -363,6 +455,7 @@ def main(argv=None) -> dict[str, float]:
     # into --output_dir beside its checkpoints.
     origin = f"from {args.model_name_or_path}" if args.model_name_or_path else "from scratch"
     data_name = args.train_dir and f"the imagefolder {args.train_dir}"
+    data_name = data_name or (args.shards_dir and f"the tokenized shards {args.shards_dir}")
     data_name = data_name or ("scikit-learn handwritten digits (8x8 scans)" if digits else args.dataset_name)
     task = "unconditional-image-generation" if objective == "ar" else "masked-image-modeling"
     dataset_id = "imagefolder" if args.train_dir else args.dataset_name
@@ -373,7 +466,7 @@ def main(argv=None) -> dict[str, float]:
         "training": f"Pretrained {origin} with examples/pretrain.py, {objective.upper()} objective, {max_train_steps} "
         f"steps on {data_name} in batches of {total_batch_size} images, AdamW at peak learning rate "
         f"{args.learning_rate:g} ({args.lr_scheduler_type.value} schedule), seed {args.seed}.",
-        "datasets": [] if args.train_dir or digits else [args.dataset_name],
+        "datasets": [] if args.train_dir or args.shards_dir or digits else [args.dataset_name],
         "results": [result],
     }
     if args.model_name_or_path is None:
