@@ -1,5 +1,5 @@
 """examples/pretrain.py --shards_dir --streaming: a resumed streamed run ends with the uninterrupted run's weights,
-2 processes and 2 simulated nodes read each example at most once per epoch (from their own shards) and train alike,
+2 processes and 2 simulated nodes read each example exactly once per epoch (from their own shards) and train alike,
 and streams it cannot use are refused by name."""
 
 import re
@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -24,6 +25,19 @@ MODEL = ["--config_overrides", "n_layer=2,n_embd=32,n_head=2", "--per_device_tra
 def shards(tmp_path_factory):  # the digits at 4x4: 1,437 training images in 4 shards of 359 or 360
     output = tmp_path_factory.mktemp("shards") / "digits4"
     run_script("tokenize_images.py", "--output_dir", str(output), "--n_px", "4", "--num_shards", "4")
+    return output
+
+
+@pytest.fixture(scope="module")
+def even_shards(shards, tmp_path_factory):  # 1,024 OpenAI-layout ids at 4x4 in 4 shards of 256: 2 x 8 x 64 per epoch
+    folder = tmp_path_factory.mktemp("npy")
+    ids = np.random.default_rng(0).integers(0, 16, size=(1024 + 64, 16), dtype=np.int64)
+    np.save(folder / "cifar10_trX.npy", ids[:1024])
+    np.save(folder / "cifar10_vaX.npy", ids[1024:])
+    output, palette = folder / "shards", str(shards)  # the digits' 16-color palette
+    run_script("tokenize_images.py", "--npy_ids", str(folder / "cifar10_trX.npy"), "--validation_npy_ids",
+               str(folder / "cifar10_vaX.npy"), "--processor_name_or_path", palette, "--num_shards", "4",
+               "--output_dir", str(output))  # fmt: skip
     return output
 
 
@@ -73,9 +87,9 @@ def test_an_interrupted_streamed_run_resumes_to_the_uninterrupted_runs_weights(s
 
 
 @pytest.fixture(scope="module")
-def two_processes(shards, tmp_path_factory):  # one epoch of 11 batches on each of 2 processes (718 // 64)
+def two_processes(even_shards, tmp_path_factory):  # one epoch: 8 batches of 64 on each of 2 processes
     output = tmp_path_factory.mktemp("two") / "run"
-    log = launch("multi_cpu.yaml", "pretrain.py", *streamed(shards, output, "--max_train_steps", "11"))
+    log = launch("multi_cpu.yaml", "pretrain.py", *streamed(even_shards, output, "--max_train_steps", "8"))
     return output, log
 
 
@@ -85,21 +99,22 @@ def shard_of(shards) -> dict[int, int]:  # example index -> the number of the tr
 
 
 def check_one_epoch(output, shards) -> None:
-    """Each of the 2 processes read 11 batches of epoch 0 from 2 shards of its own; no example twice. Of the 1,437,
-    1,408 (2 x 11 x 64) are read: a process stops at the batch count that every process can fill (718 // 64 = 11)."""
+    """Each of the 2 processes read 8 batches of epoch 0 from 2 shards of its own: together every one of the 1,024
+    examples exactly once. (Where the examples do not divide into whole batches on every process, each process stops
+    at the batch count all can fill: the rest sit that epoch out, another rest the next.)"""
     orders = [data_order(output, process) for process in (0, 1)]
-    assert [[epoch for epoch, _ in order] for order in orders] == [[0] * 11] * 2
+    assert [[epoch for epoch, _ in order] for order in orders] == [[0] * 8] * 2
     read = [[i for _, batch in order for i in batch] for order in orders]
-    assert len(set(read[0] + read[1])) == len(read[0] + read[1]) == 2 * 11 * 64
+    assert sorted(read[0] + read[1]) == list(range(1024))
     shard = shard_of(shards)
     own = [{shard[i] for i in indices} for indices in read]
     assert [len(s) for s in own] == [2, 2] and not own[0] & own[1]
 
 
-def test_two_processes_read_each_example_at_most_once_from_their_own_shards(two_processes, shards):
+def test_two_processes_read_each_example_once_from_their_own_shards(two_processes, even_shards):
     output, log = two_processes
     assert "4 shards over 2 processes: each reads 2 of its own." in log
-    check_one_epoch(output, shards)
+    check_one_epoch(output, even_shards)
     assert "images_per_s" in log and "tokens_per_s" in log
 
 
@@ -109,14 +124,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_nodes_read_each_example_at_most_once_and_train_as_two_processes_do(two_processes, shards, tmp_path):
+def test_two_nodes_read_each_example_once_and_train_as_two_processes_do(two_processes, even_shards, tmp_path):
     """Two `accelerate launch` invocations as machines 0 and 1 (one process each, gloo on CPU, static rendezvous on
     127.0.0.1) are ranks 0 and 1 of the 2-process run: the same batches, the same all-reduce, the same weights."""
     output, port = tmp_path / "nodes", str(free_port())
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2"]
     launcher += ["--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port]
     launcher += ["--rdzv_backend", "static", "--same_network"]
-    script = [str(EXAMPLES / "pretrain.py"), *streamed(shards, output, "--max_train_steps", "11")]
+    script = [str(EXAMPLES / "pretrain.py"), *streamed(even_shards, output, "--max_train_steps", "8")]
     nodes = [
         subprocess.Popen(
             [*launcher, "--machine_rank", str(rank), *script],
@@ -134,7 +149,7 @@ def test_two_nodes_read_each_example_at_most_once_and_train_as_two_processes_do(
         for node in nodes:
             node.kill()
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
-    check_one_epoch(output, shards)
+    check_one_epoch(output, even_shards)
     for process in (0, 1):
         assert data_order(output, process) == data_order(two_processes[0], process)
     assert same_weights(output, two_processes[0])
