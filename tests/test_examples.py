@@ -161,29 +161,6 @@ def resume_refusal(resumable, tmp_path, *changes: str, train_dir: Path | None = 
     return message
 
 
-def test_accelerate_configs_parse_with_accelerates_loader():
-    from accelerate.commands.config.config_args import load_config_from_file
-    from accelerate.utils import DistributedType
-
-    expected = {
-        "cpu.yaml": (DistributedType.NO, 1, True),
-        "multi_cpu.yaml": (DistributedType.MULTI_GPU, 2, True),  # torchrun; the scripts join on gloo (see file)
-        "gpu.yaml": (DistributedType.NO, 1, False),
-        "multi_gpu.yaml": (DistributedType.MULTI_GPU, 8, False),
-        "fsdp.yaml": (DistributedType.FSDP, 8, False),
-    }
-    found = sorted(p.name for p in (EXAMPLES / "accelerate_configs").glob("*.yaml"))
-    assert found == sorted(expected)
-    for name, (distributed_type, num_processes, use_cpu) in expected.items():
-        config = load_config_from_file(str(EXAMPLES / "accelerate_configs" / name))
-        assert (config.distributed_type, config.num_processes, config.use_cpu) == (distributed_type, num_processes, use_cpu)  # fmt: skip
-    fsdp = load_config_from_file(str(EXAMPLES / "accelerate_configs" / "fsdp.yaml")).fsdp_config
-    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "ImageGPTBlock"
-    from image_gpt_hf import ImageGPTPreTrainedModel
-
-    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] in ImageGPTPreTrainedModel._no_split_modules
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input: a clear error before any training starts, and nothing of the user's lost
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from conftest import EXAMPLES
 
+from image_gpt_hf import ImageGPTPreTrainedModel
+
 CONFIGS = sorted((EXAMPLES / "accelerate_configs").glob("*.yaml"))
 # What a name promises: (a pattern of the file name, the check).
 PROMISES = [
@@ -18,7 +20,7 @@ PROMISES = [
     ("node", lambda c: c.num_machines == 2 and c.main_process_ip and c.main_process_port and c.rdzv_backend),
     ("node", lambda c: c.machine_rank == 0 and c.num_processes % c.num_machines == 0),
     ("fsdp", lambda c: c.distributed_type.value == "FSDP" and c.fsdp_config["fsdp_reshard_after_forward"]),
-    ("fsdp", lambda c: c.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "ImageGPTBlock"),
+    ("fsdp", lambda c: c.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] in ImageGPTPreTrainedModel._no_split_modules),
     ("deepspeed", lambda c: c.distributed_type.value == "DEEPSPEED"),
     ("zero2", lambda c: c.deepspeed_config["zero_stage"] == 2),
     ("zero3", lambda c: c.deepspeed_config["zero_stage"] == 3 and c.deepspeed_config["zero3_save_16bit_model"]),
