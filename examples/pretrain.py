@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--palette_size", type=int, default=None)
     add("--palette_max_pixels", type=int, default=1_000_000, help="Pixels sampled for the palette's k-means.")
     add("--class_conditional", action="store_true", help="Condition on the class labels (a new AR model).")
-    add("--class_dropout", type=float, default=0.1, help="With --class_conditional: how often the class is dropped.")
+    add("--class_dropout", type=float, default=None, help="--class_conditional: how often to drop the class (0.1).")
     add("--label_column_name", default="label", help="With --class_conditional: the column of class labels.")
     # Tokenized shards (examples/tokenize_images.py), read map-style or streamed; throughput.
     add("--shards_dir", default=None, help="Shards of tokenize_images.py: their ids, palette and n_px.")
@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"--shards_dir {args.shards_dir} brings the images (tokenized, center-cropped), their palette and "
                 f"n_px: drop {', '.join(clash)}."
             )
+    if args.class_dropout is not None and not args.class_conditional:
+        raise ValueError(f"--class_dropout {args.class_dropout} drops the class of --class_conditional runs: drop it.")
+    args.class_dropout = 0.1 if args.class_dropout is None else args.class_dropout
     if args.streaming and (missing := [name for name in ("shards_dir", "max_train_steps") if not getattr(args, name)]):
         raise ValueError(
             "--streaming reads --shards_dir and needs --max_train_steps (a stream has no length to count epochs by): "

@@ -295,6 +295,8 @@ def test_flags_without_effect_are_refused(tiny_checkpoint, tmp_path):
         assert "--n_px 8 differs from the config's n_px 4" in message and "n_positions=16" in message
     message = refusal("pretrain.py", *TINY_MODEL, "--mask_prob", "0.3", *out)
     assert "--mask_prob 0.3 masks pixels for the BERT objective, but this run's objective is 'ar'" in message
+    message = refusal("pretrain.py", *TINY_MODEL, "--class_dropout", "0.3", *out)
+    assert "--class_dropout 0.3 drops the class of --class_conditional runs: drop it" in message
     message = refusal("finetune.py", "--model_name_or_path", str(tiny_checkpoint), "--mask_prob", "0.3", *out)
     assert "--mask_prob 0.3 masks pixels for a BERT model's generative loss, but this run is an AR model" in message
     bert = tmp_path / "bert"
